@@ -1,0 +1,45 @@
+# Thin wrappers: the real commands live in the `aiorch` CLI and pytest.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast lint bench flower migrate clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch and torchvision are pinned as a pair that installs from this machine's disk.
+	$(PY) -m pip install -q -e '.[gpu,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install aiorch with engines and dev tools
+
+run: $(STAMP) ## migrate and start API, workers, scheduler and Flower on the embedded default
+	$(VENV)/bin/aiorch up
+
+test: $(STAMP) ## run the whole test suite against this machine's Postgres and RabbitMQ
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## unit tests only (no worker processes)
+	$(PY) -m pytest -q -m "not integration"
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: $(STAMP) ## throughput and latency benchmark; prints a table, writes bench-results/
+	$(PY) -m tests.bench.run
+
+flower: $(STAMP) ## Flower on 127.0.0.1:5555 with basic auth
+	$(VENV)/bin/aiorch flower
+
+migrate: $(STAMP) ## upgrade the configured database to the latest schema
+	$(VENV)/bin/aiorch migrate
+
+clean: ## remove the virtualenv and ./var
+	rm -rf $(VENV) var

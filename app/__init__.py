@@ -1,0 +1,43 @@
+"""The Flask API: app factory, blueprints, auth and errors. Never imports the engines or torch."""
+
+from __future__ import annotations
+
+from celery import Celery
+from flask import Flask
+
+from app import blocking, jobs, management, provider_webhooks, system
+from app.auth import authenticate
+from app.errors import JsonApi, register_error_handlers
+from app.services import Services
+from config import Settings
+
+
+def create_app(settings: Settings | None = None, celery: Celery | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask("aiorch")
+    app.config.update(
+        API_TITLE="aiorch",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/v1",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        MAX_CONTENT_LENGTH=settings.max_input_bytes * 2,
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["aiorch"] = Services.build(settings, celery)
+    api = JsonApi(app, spec_kwargs={"info": {"description": "Self-hosted AI image job platform"}})
+    api.spec.components.security_scheme("ApiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})
+    api.spec.components.security_scheme("Bearer", {"type": "http", "scheme": "bearer"})
+    api.spec.options["security"] = [{"ApiKey": []}, {"Bearer": []}]
+    api.register_blueprint(jobs.blp)
+    api.register_blueprint(jobs.legacy)
+    api.register_blueprint(management.blp)
+    api.register_blueprint(blocking.blp)
+    app.register_blueprint(system.blp)
+    app.register_blueprint(provider_webhooks.blp)
+    app.before_request(authenticate)
+    register_error_handlers(app)
+    return app

@@ -1,0 +1,338 @@
+"""The ``aiorch`` command: serve, worker, beat, migrate, keys, and ``up`` (everything at once)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+
+from config import QUEUES, Settings
+from config.logs import configure_logging
+
+GPU_QUEUES = [q for q in QUEUES if q.startswith("gpu.")]
+
+
+def settings_from_env() -> Settings:
+    return Settings.from_env()
+
+
+@click.group()
+def main() -> None:
+    """aiorch: a self-hosted AI image job platform."""
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the database schema."""
+    from models.db import Database
+    from models.migrate import upgrade
+
+    settings = settings_from_env()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings)
+    upgrade(db)
+    click.echo(f"database at head: {db.engine.url.render_as_string(hide_password=True)}")
+
+
+@main.command()
+@click.option("--workers", default=2, show_default=True, help="gunicorn worker processes")
+@click.option(
+    "--threads", default=16, show_default=True, help="threads per process (blocking endpoints wait)"
+)
+def serve(workers: int, threads: int) -> None:
+    """Run the API with gunicorn."""
+    from gunicorn.app.base import BaseApplication
+
+    from app import create_app
+
+    settings = settings_from_env()
+    configure_logging(settings.log_level, settings.log_json)
+
+    class _Server(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{settings.host}:{settings.port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", threads)
+            self.cfg.set("timeout", int(settings.sync_timeout) + 30)
+            self.cfg.set("accesslog", None)
+
+        def load(self) -> Any:
+            return create_app(settings)
+
+    _Server().run()
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--queues", "-Q", default="cpu", show_default=True, help="comma-separated queues")
+@click.option("--concurrency", "-c", type=int, default=None, help="processes (default: 1 for GPU queues)")
+@click.option("--name", "-n", default=None, help="worker node name")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+def worker(queues: str, concurrency: int | None, name: str | None, extra: tuple[str, ...]) -> None:
+    """Run a Celery worker on the given queues."""
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in names if q not in QUEUES]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown queue {unknown[0]}; known: {', '.join(QUEUES)}", param_hint="--queues"
+        )
+    settings = settings_from_env()
+    if concurrency is None:
+        # One process per GPU: CUDA contexts and model caches are per process.
+        concurrency = settings.worker_concurrency or (1 if any(q.startswith("gpu.") for q in names) else 2)
+    label = name or f"{'gpu' if any(q.startswith('gpu.') for q in names) else 'cpu'}@%h"
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.worker:celery",
+        "worker",
+        "-Q",
+        ",".join(names),
+        "-c",
+        str(concurrency),
+        "-n",
+        label,
+        "--pool",
+        "prefork",
+        "-E",
+        "--without-mingle",
+        "--loglevel",
+        settings.log_level,
+        *extra,
+    ]
+    os.execv(sys.executable, argv)
+
+
+@main.command()
+def beat() -> None:
+    """Run the periodic scheduler (expiry, re-publish, retention, webhook retries)."""
+    settings = settings_from_env()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    schedule = settings.var_dir / "celerybeat-schedule"
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks.worker:celery",
+            "beat",
+            "-s",
+            str(schedule),
+            "--loglevel",
+            settings.log_level,
+        ],
+    )
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys stored in the database."""
+
+
+@keys.command("create")
+@click.argument("client")
+@click.option("--label", default=None)
+def keys_create(client: str, label: str | None) -> None:
+    """Create a key for CLIENT and print it once."""
+    from models.db import Database
+    from models.keys import KeyRing
+
+    row, key = KeyRing(Database(settings_from_env())).create(client, label)
+    click.echo(f"id={row.id} client={client}\n{key}")
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (prefixes only)."""
+    from models.db import Database
+    from models.keys import KeyRing
+
+    for row in KeyRing(Database(settings_from_env())).list():
+        state = "revoked" if row.revoked_at else "active"
+        click.echo(f"{row.id}\t{row.client_id}\t{row.prefix}…\t{state}\t{row.label or ''}")
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key by id."""
+    from models.db import Database
+    from models.keys import KeyRing
+
+    if not KeyRing(Database(settings_from_env())).revoke(key_id):
+        raise click.ClickException(f"no active key with id {key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+@main.group()
+def models() -> None:
+    """The model store in AIORCH_MODELS_DIR (nothing is downloaded unless you pull)."""
+
+
+@models.command("list")
+@click.option("--type", "model_type", default=None, help="only this type (diffusers, lora, realesrgan, onnx)")
+def models_list(model_type: str | None) -> None:
+    """List installed models and built-in engines."""
+    from tasks.model_registry import list_models
+
+    for entry in list_models(settings_from_env(), model_type):
+        click.echo(
+            f"{entry['id']}\t{entry['type']}\t{','.join(entry['tasks'])}\t{entry['base_model_type'] or ''}"
+        )
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--id", "model_id", default=None, help="model id (default: from the file or folder name)")
+@click.option("--type", "model_type", default=None, help="detected from the files when not given")
+def models_add(path: str, model_id: str | None, model_type: str | None) -> None:
+    """Register a local diffusers folder, Real-ESRGAN .pth, LoRA or ONNX file."""
+    from tasks.model_registry import add_model
+
+    try:
+        entry = add_model(settings_from_env(), path, model_id, model_type)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"added {entry['id']} ({entry['type']}; tasks: {', '.join(entry['tasks']) or 'none'})")
+
+
+@models.command("pull")
+@click.argument("repo")
+@click.option("--id", "model_id", default=None)
+@click.option("--revision", default=None)
+@click.option("--offline", is_flag=True, help="only use what the local Hugging Face cache already holds")
+def models_pull(repo: str, model_id: str | None, revision: str | None, offline: bool) -> None:
+    """Download a Hugging Face repository into the store (needs the network unless --offline)."""
+    from tasks.model_registry import pull_model
+
+    try:
+        entry = pull_model(settings_from_env(), repo, model_id, revision, offline)
+    except Exception as exc:  # network and hub errors alike: say what failed, no traceback
+        raise click.ClickException(f"pull failed: {exc}") from None
+    click.echo(f"pulled {entry['id']} ({entry['type']})")
+
+
+@models.command("remove")
+@click.argument("model_id")
+def models_remove(model_id: str) -> None:
+    """Forget a model (its files stay on disk)."""
+    from tasks.model_registry import remove_model
+
+    try:
+        remove_model(settings_from_env(), model_id)
+    except (LookupError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"removed {model_id}")
+
+
+def ensure_dev_key(settings: Settings) -> str | None:
+    """With no key configured anywhere, create one for client ``dev`` and keep it in var/."""
+    from models.db import Database
+    from models.keys import KeyRing
+
+    ring = KeyRing(Database(settings), settings.api_keys)
+    keyfile = settings.var_dir / "dev-api-key"
+    if keyfile.exists():
+        key = keyfile.read_text().strip()
+        if ring.client_for(key):
+            return key
+    if ring.any_configured():
+        return None
+    _row, key = ring.create("dev", "created by make run")
+    keyfile.write_text(key + "\n")
+    keyfile.chmod(0o600)
+    return key
+
+
+@main.command()
+@click.option("--flower/--no-flower", default=True, help="also start Flower on 127.0.0.1")
+def up(flower: bool) -> None:
+    """Migrate, then run the API, a cpu worker, a GPU-queues worker and the scheduler together."""
+    settings = settings_from_env()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    exe = [sys.executable, "-m", "app.cli"]
+    subprocess.run([*exe, "migrate"], check=True)
+    key = ensure_dev_key(settings)
+    commands = {
+        "api": [*exe, "serve"],
+        "cpu": [*exe, "worker", "-Q", "cpu", "-c", "2", "-n", "cpu@%h"],
+        "gpu": [*exe, "worker", "-Q", ",".join(GPU_QUEUES), "-c", "1", "-n", "gpu@%h"],
+        "beat": [*exe, "beat"],
+    }
+    if flower:
+        commands["flower"] = [*exe, "flower"]
+    procs = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+    click.echo(f"aiorch API on http://{settings.host}:{settings.port}  (docs: /v1/docs)")
+    if key:
+        click.echo(f"development API key (kept in {settings.var_dir / 'dev-api-key'}): {key}")
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    click.echo(f"{name} exited with {proc.returncode}; stopping the rest", err=True)
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@main.command()
+def flower() -> None:
+    """Run Flower on 127.0.0.1 with basic auth, watching this platform's broker."""
+    settings = settings_from_env()
+    password = settings.flower_password
+    if not password:
+        keyfile = settings.var_dir / "flower-password"
+        if not keyfile.exists():
+            import secrets
+
+            keyfile.write_text(secrets.token_urlsafe(16) + "\n")
+            keyfile.chmod(0o600)
+        password = keyfile.read_text().strip()
+        click.echo(
+            f"Flower: http://127.0.0.1:{settings.flower_port} user {settings.flower_user}, "
+            f"password in {keyfile}"
+        )
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks.worker:celery",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={settings.flower_port}",
+            f"--basic-auth={settings.flower_user}:{password}",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The one error shape: ``{"error": {"code", "message", "details"?}}`` for every failure.
+
+flask-smorest's own errors (webargs validation), Flask's 404/405 and anything raised with
+``abort`` all pass through ``error_response``; an unexpected exception becomes a plain 500 with
+no stack trace in the body (the trace goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from flask.typing import ResponseReturnValue
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+log = logging.getLogger("aiorch.api")
+
+DEFAULT_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    501: "not_implemented",
+    503: "service_unavailable",
+    504: "timeout",
+}
+DEFAULT_MESSAGES = {
+    400: "The request is malformed.",
+    401: "A valid API key is required (X-API-Key or Authorization: Bearer).",
+    404: "Not found.",
+    405: "This method is not allowed on this URL.",
+    413: "The request body is too large.",
+    422: "The request has invalid fields.",
+    500: "Something went wrong on our side.",
+}
+
+
+def error_body(
+    status: int, code: str | None = None, message: str | None = None, details: Any = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {
+        "code": code or DEFAULT_CODES.get(status, "error"),
+        "message": message or DEFAULT_MESSAGES.get(status, "The request failed."),
+    }
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def error_response(exc: HTTPException) -> ResponseReturnValue:
+    status = exc.code or 500
+    data = getattr(exc, "data", None) or {}
+    details = data.get("details")
+    messages = data.get("messages")
+    if details is None and messages is not None:
+        # webargs nests field errors under the location ("json", "query"); clients want fields.
+        details = (
+            messages.get("json") or messages.get("query") or messages
+            if isinstance(messages, dict)
+            else messages
+        )
+    message = data.get("message")
+    if message is None and status not in DEFAULT_MESSAGES and exc.description:
+        message = exc.description
+    response = jsonify(error_body(status, data.get("code"), message, details))
+    response.status_code = status
+    for name, value in (data.get("headers") or {}).items():
+        response.headers[name] = value
+    if status == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+class JsonApi(Api):
+    """flask-smorest's Api with our error shape instead of its own."""
+
+    def handle_http_exception(self, error: HTTPException) -> ResponseReturnValue:
+        return error_response(error)
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(HTTPException, error_response)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> ResponseReturnValue:
+        if isinstance(exc, HTTPException):
+            return error_response(exc)
+        log.exception("unhandled error")
+        return error_response(InternalServerError())

@@ -1,0 +1,296 @@
+"""The jobs resource: create (with Idempotency-Key), read, list, cancel, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from flask import current_app, g, request
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+from kombu.exceptions import OperationalError
+from marshmallow import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app.schemas import JobCreateSchema, JobListSchema, JobQueryArgsSchema, JobSchema, check_webhook_url
+from app.services import Services
+from models.db import utcnow
+from models.jobs import Job, WebhookDelivery
+from models.jobstore import ClaimRefused, new_id, predict_seconds
+from models.public import iso, job_object
+from models.state import FINAL_STATUSES, JobStatus
+from tasks import catalog
+from tasks.celery_app import FINISH, PREPARE, publish
+from tasks.model_registry import has_model_for
+
+log = logging.getLogger("aiorch.api")
+blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Asynchronous jobs")
+legacy = Blueprint("tasks", __name__, url_prefix="/tasks", description="Seed 000 job deletion")
+
+RETRY_AFTER_BROKER = "5"
+
+
+def services() -> Services:
+    return current_app.extensions["aiorch"]
+
+
+def owned_job(job_id: str) -> Job:
+    """The caller's job, or 404 (another client's job is not found, never forbidden)."""
+    with services().db.session() as session:
+        job = session.get(Job, job_id) if len(job_id) == 32 else None
+    if job is None or job.client_id != g.client_id:
+        abort(404, code="job_not_found", message=f"No job {job_id}.")
+    return job
+
+
+def request_fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[str, Any], int]:
+    """Validate, INSERT, COMMIT, then publish; the shared path of POST /v1/jobs and the blocking
+    endpoints. Returns (job object, HTTP status)."""
+    svc = services()
+    settings = svc.settings
+    try:
+        spec = catalog.resolve(
+            body["task"],
+            debug_tasks=settings.debug_tasks,
+            has_model=lambda s: has_model_for(settings, s.name, s.model_types),
+            routes=settings.routes,
+        )
+    except catalog.UnknownTask as exc:
+        abort(
+            422,
+            code="unknown_task",
+            message=str(exc),
+            details={"task": [f"must be one of: {', '.join(catalog.known_names(settings.debug_tasks))}"]},
+        )
+    except catalog.TaskUnavailable as exc:
+        abort(501, code="task_not_installed", message=str(exc), details={"task": [str(exc)]})
+    try:
+        check_webhook_url(body.get("webhook_url"), settings.allow_private_urls)
+        payload = spec.schema(allow_private_urls=settings.allow_private_urls).load(body["payload"])  # type: ignore[call-arg]
+    except ValidationError as exc:
+        details = exc.messages if "webhook_url" in exc.messages else {"payload": exc.messages}
+        abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)
+    del payload  # validated here; workers validate again from the stored raw payload
+
+    fingerprint = request_fingerprint(body)
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 255:
+            abort(400, code="invalid_idempotency_key", message="Idempotency-Key must be 1 to 255 characters.")
+        existing = _idempotent_match(svc, idempotency_key, fingerprint)
+        if existing is not None:
+            return existing, 200
+
+    now = utcnow()
+    job = Job(
+        id=new_id(),
+        client_id=g.client_id,
+        task=body["task"],
+        engine_task=spec.name,
+        queue=spec.queue,
+        status=JobStatus.QUEUED.value,
+        stage="prepare",
+        progress=0,
+        priority=body["priority"],
+        payload=body["payload"],
+        meta=body["metadata"],
+        webhook_url=body.get("webhook_url"),
+        webhook_events=body.get("webhook_events"),
+        idempotency_key=idempotency_key,
+        request_hash=fingerprint,
+        attempts=0,
+        cancel_requested=False,
+        created_at=now,
+        queued_at=now,
+        updated_at=now,
+        dispatched_at=now,
+    )
+    try:
+        with svc.db.session() as session:
+            job.predict_time = predict_seconds(session, spec.name)
+            session.add(job)
+    except IntegrityError:
+        # Another request with the same Idempotency-Key won the race.
+        existing = _idempotent_match(svc, idempotency_key or "", fingerprint)
+        if existing is None:
+            raise
+        return existing, 200
+    # Published only after COMMIT: a worker can never receive an id whose row it cannot see.
+    try:
+        publish(svc.celery, PREPARE, job.id, "cpu", job.priority)
+    except (OperationalError, OSError):
+        log.warning("broker unreachable; job %s withdrawn", job.id)
+        svc.store.delete(job.id)
+        abort(
+            503,
+            code="broker_unavailable",
+            message="The job queue is unreachable; retry shortly.",
+            headers={"Retry-After": RETRY_AFTER_BROKER},
+        )
+    return {**job_object(job), "reused": False}, 202
+
+
+def _idempotent_match(svc: Services, key: str, fingerprint: str) -> dict[str, Any] | None:
+    with svc.db.session() as session:
+        job = session.scalar(select(Job).where(Job.client_id == g.client_id, Job.idempotency_key == key))
+    if job is None:
+        return None
+    if job.request_hash != fingerprint:
+        abort(
+            409,
+            code="idempotency_key_reused",
+            message="This Idempotency-Key was used with a different request body.",
+        )
+    return {**job_object(job), "reused": True}
+
+
+@blp.route("")
+class Jobs(MethodView):
+    @blp.arguments(JobCreateSchema)
+    @blp.response(202, JobSchema)
+    @blp.alt_response(200, schema=JobSchema, description="An earlier job with the same Idempotency-Key")
+    def post(self, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """Create a job"""
+        return create_job(body, request.headers.get("Idempotency-Key"))
+
+    @blp.arguments(JobQueryArgsSchema, location="query")
+    @blp.response(200, JobListSchema)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List jobs, newest first"""
+        query = select(Job).where(Job.client_id == g.client_id)
+        if "ids" in args:
+            ids = [part for part in args["ids"].split(",") if part]
+            query = query.where(Job.id.in_(ids))
+        if "status" in args:
+            query = query.where(Job.status == args["status"])
+        if "task" in args:
+            name = args["task"]
+            if name not in catalog.known_names(services().settings.debug_tasks):
+                abort(
+                    422,
+                    code="unknown_task",
+                    message=f"unknown task {name!r}",
+                    details={"task": ["unknown task"]},
+                )
+            query = query.where(Job.task == name)
+        if "before" in args:
+            query = query.where(Job.created_at < args["before"])
+        limit = args["limit"]
+        with services().db.session() as session:
+            rows = list(
+                session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+            )
+        return {"jobs": [job_object(job) for job in rows[:limit]], "have_next": len(rows) > limit}
+
+
+@blp.route("/<job_id>")
+class JobById(MethodView):
+    @blp.response(200, JobSchema)
+    def get(self, job_id: str) -> dict[str, Any]:
+        """Get a job"""
+        return job_object(owned_job(job_id))
+
+    @blp.response(204)
+    def delete(self, job_id: str) -> None:
+        """Delete a job and its output files"""
+        delete_job(job_id)
+
+
+@blp.route("/<job_id>/cancel")
+class JobCancel(MethodView):
+    @blp.response(200, JobSchema)
+    def post(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job"""
+        owned_job(job_id)
+        svc = services()
+        try:
+            status = svc.store.cancel(job_id)
+        except ClaimRefused as exc:
+            abort(409, code="job_finished", message=f"The job cannot be cancelled: {exc.reason}.")
+        if status == JobStatus.CANCELLED.value:
+            try:
+                publish(svc.celery, FINISH, job_id, "cpu")
+            except (OperationalError, OSError):
+                log.warning("finish for cancelled job %s not published", job_id)
+        return job_object(owned_job(job_id))
+
+
+def delete_job(job_id: str) -> None:
+    owned_job(job_id)
+    svc = services()
+    names = svc.store.delete(job_id)
+    svc.storage.delete_outputs(names)
+    svc.storage.remove_inputs(job_id)
+
+
+@legacy.route("/<job_id>")
+class LegacyTask(MethodView):
+    @legacy.response(204)
+    def delete(self, job_id: str) -> None:
+        """Delete a job (seed 000 spelling)"""
+        delete_job(job_id)
+
+
+@blp.route("/<job_id>/deliveries")
+class JobDeliveries(MethodView):
+    @blp.response(200)
+    def get(self, job_id: str) -> dict[str, Any]:
+        """List webhook delivery attempts"""
+        owned_job(job_id)
+        with services().db.session() as session:
+            rows = list(
+                session.scalars(
+                    select(WebhookDelivery)
+                    .where(WebhookDelivery.job_id == job_id)
+                    .order_by(WebhookDelivery.id)
+                )
+            )
+        return {
+            "deliveries": [
+                {
+                    "id": row.id,
+                    "event": row.event,
+                    "event_id": row.event_id,
+                    "attempt": row.attempt,
+                    "url": row.url,
+                    "ok": row.ok,
+                    "status_code": row.status_code,
+                    "error": row.error,
+                    "duration_ms": row.duration_ms,
+                    "created_at": iso(row.created_at),
+                    "next_retry_at": iso(row.next_retry_at),
+                }
+                for row in rows
+            ]
+        }
+
+
+@blp.route("/<job_id>/deliveries/redeliver")
+class JobRedeliver(MethodView):
+    @blp.response(202)
+    def post(self, job_id: str) -> dict[str, Any]:
+        """Send the job's webhook event again"""
+        job = owned_job(job_id)
+        if not job.webhook_url:
+            abort(409, code="no_webhook_url", message="The job has no webhook_url.")
+        if job.status not in FINAL_STATUSES:
+            abort(409, code="job_not_finished", message="The job has not reached a final status yet.")
+        from tasks.webhooks import redeliver
+
+        svc = services()
+        try:
+            event_id = redeliver(svc.db, svc.celery, job)
+        except (OperationalError, OSError):
+            abort(
+                503,
+                code="broker_unavailable",
+                message="The job queue is unreachable; retry shortly.",
+                headers={"Retry-After": RETRY_AFTER_BROKER},
+            )
+        return {"event_id": event_id, "status": "scheduled"}

@@ -1,0 +1,56 @@
+"""Health, readiness and output files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, send_file
+from flask.typing import ResponseReturnValue
+from flask_smorest import abort
+from sqlalchemy import text
+
+blp = Blueprint("system", __name__)
+
+
+@blp.get("/healthz")
+def healthz() -> dict[str, Any]:
+    return {"ok": True}
+
+
+@blp.get("/readyz")
+def readyz() -> ResponseReturnValue:
+    svc = current_app.extensions["aiorch"]
+    checks: dict[str, str] = {}
+    try:
+        with svc.db.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # any driver error means not ready
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        with svc.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"error: {type(exc).__name__}"
+    ready = all(value == "ok" for value in checks.values())
+    if not ready:
+        abort(
+            503,
+            code="not_ready",
+            message="A dependency is unreachable.",
+            details=checks,
+            headers={"Retry-After": "5"},
+        )
+    return {"ok": True, "checks": checks}
+
+
+@blp.get("/files/<name>")
+def files(name: str) -> ResponseReturnValue:
+    svc = current_app.extensions["aiorch"]
+    path = svc.storage.path_for(name)
+    if path is None or not path.is_file():
+        abort(404, code="file_not_found", message="No such file (it may have expired).")
+    response = send_file(path, conditional=True, max_age=3600)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response

@@ -1,0 +1,203 @@
+"""The one typed settings object. Nothing else in aiorch reads the environment.
+
+Every value comes from an ``AIORCH_*`` variable through an explicit converter, so a typo in a
+number fails at start-up with the variable's name instead of deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from config.routes import NO_ROUTES, Routes, RoutesError, load_routes
+
+QUEUES = ("cpu", "gpu.diffusion", "gpu.superres", "gpu.faceswap", "gpu.vision")
+
+
+class SettingsError(ValueError):
+    """A configuration variable holds a value aiorch cannot use."""
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def _int(name: str, raw: str, *, low: int | None = None, high: int | None = None) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(name: str, raw: str, *, low: float = 0.0) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < low:
+        raise SettingsError(f"{name} must be at least {low}, got {value}")
+    return value
+
+
+def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    """``client-a:key-a,client-b:key-b`` -> ((client, key), ...)."""
+    pairs = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        client, sep, key = item.partition(":")
+        if not sep or not client.strip() or not key.strip():
+            raise SettingsError(f"{name} entries must look like client:key, got {item!r}")
+        pairs.append((client.strip(), key.strip()))
+    return tuple(pairs)
+
+
+def _blocklist(raw: str) -> tuple[str, ...]:
+    """Comma-separated terms, or ``@/path/file`` with one term per line (``#`` comments)."""
+    if raw.startswith("@"):
+        try:
+            lines = Path(raw[1:]).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SettingsError(f"AIORCH_PROMPT_BLOCKLIST: cannot read {raw[1:]}: {exc}") from None
+        items = [line.split("#", 1)[0] for line in lines]
+    else:
+        items = raw.split(",")
+    return tuple(term.strip().lower() for term in items if term.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable about one aiorch process."""
+
+    var_dir: Path = Path("var")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str = ""
+    broker_url: str = ""
+    api_keys: tuple[tuple[str, str], ...] = ()
+    storage_dir: Path = Path("var/storage")
+    public_url: str = ""
+    webhook_secret: str | None = None
+    models_dir: Path = Path("var/models")
+    allow_private_urls: bool = False
+    # Inputs: the limits every image passes before an engine sees it.
+    max_input_bytes: int = 25 * 1024 * 1024
+    max_input_pixels: int = 40_000_000
+    min_input_side: int = 16
+    fetch_timeout: float = 20.0
+    # Jobs.
+    max_attempts: int = 3
+    job_ttl: float = 24 * 3600.0
+    republish_after: float = 300.0
+    result_retention: float = 7 * 24 * 3600.0
+    sync_timeout: float = 120.0
+    webhook_timeout: float = 10.0
+    webhook_retry_base: float = 10.0
+    # Workers.
+    broker_poll_interval: float = 0.05
+    worker_concurrency: int = 0
+    debug_tasks: bool = False
+    # Content safety: prompts containing any of these words or phrases are refused (rejected).
+    prompt_blocklist: tuple[str, ...] = ()
+    log_json: bool = True
+    log_level: str = "INFO"
+    flower_user: str = "admin"
+    flower_password: str = ""
+    flower_port: int = 5555
+    # Remote providers and which backend serves which task (config/routes.py); None: all local.
+    routes_file: Path | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def routes(self) -> Routes:
+        """The parsed routes file (read once per settings object; ``from_env`` reads it eagerly)."""
+        if self.routes_file is None:
+            return NO_ROUTES
+        try:
+            return load_routes(self.routes_file)
+        except RoutesError as exc:
+            raise SettingsError(f"AIORCH_ROUTES_FILE: {exc}") from None
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite") or self.broker_url.startswith("filesystem")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.var_dir / "broker"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.storage_dir / "files"
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.storage_dir / "inputs"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(key: str, default: str = "") -> str:
+            return env.get(f"AIORCH_{key}", default)
+
+        var_dir = Path(get("VAR_DIR", "var")).resolve()
+        port = _int("AIORCH_PORT", get("PORT", "8000"), low=1, high=65535)
+        host = get("HOST", "127.0.0.1")
+        storage = Path(get("STORAGE_DIR") or var_dir / "storage").resolve()
+        routes_file = get("ROUTES_FILE")
+        settings = cls(
+            var_dir=var_dir,
+            host=host,
+            port=port,
+            database_url=get("DATABASE_URL") or f"sqlite:///{var_dir / 'aiorch.db'}",
+            broker_url=get("BROKER_URL") or "filesystem://",
+            api_keys=_api_keys("AIORCH_API_KEYS", get("API_KEYS")),
+            storage_dir=storage,
+            public_url=(get("PUBLIC_URL") or f"http://{host}:{port}").rstrip("/"),
+            webhook_secret=get("WEBHOOK_SECRET") or None,
+            models_dir=Path(get("MODELS_DIR") or var_dir / "models").resolve(),
+            allow_private_urls=_bool("AIORCH_ALLOW_PRIVATE_URLS", get("ALLOW_PRIVATE_URLS", "0")),
+            max_input_bytes=_int("AIORCH_MAX_INPUT_BYTES", get("MAX_INPUT_BYTES", str(25 << 20)), low=1024),
+            max_input_pixels=_int("AIORCH_MAX_INPUT_PIXELS", get("MAX_INPUT_PIXELS", "40000000"), low=1),
+            min_input_side=_int("AIORCH_MIN_INPUT_SIDE", get("MIN_INPUT_SIDE", "16"), low=1),
+            fetch_timeout=_float("AIORCH_FETCH_TIMEOUT", get("FETCH_TIMEOUT", "20"), low=0.1),
+            max_attempts=_int("AIORCH_MAX_ATTEMPTS", get("MAX_ATTEMPTS", "3"), low=1, high=100),
+            job_ttl=_float("AIORCH_JOB_TTL", get("JOB_TTL", str(24 * 3600)), low=1),
+            republish_after=_float("AIORCH_REPUBLISH_AFTER", get("REPUBLISH_AFTER", "300"), low=1),
+            result_retention=_float(
+                "AIORCH_RESULT_RETENTION", get("RESULT_RETENTION", str(7 * 86400)), low=1
+            ),
+            sync_timeout=_float("AIORCH_SYNC_TIMEOUT", get("SYNC_TIMEOUT", "120"), low=0.1),
+            webhook_timeout=_float("AIORCH_WEBHOOK_TIMEOUT", get("WEBHOOK_TIMEOUT", "10"), low=0.1),
+            webhook_retry_base=_float("AIORCH_WEBHOOK_RETRY_BASE", get("WEBHOOK_RETRY_BASE", "10"), low=0.01),
+            broker_poll_interval=_float("AIORCH_BROKER_POLL_INTERVAL", get("BROKER_POLL_INTERVAL", "0.05")),
+            worker_concurrency=_int("AIORCH_WORKER_CONCURRENCY", get("WORKER_CONCURRENCY", "0"), low=0),
+            debug_tasks=_bool("AIORCH_DEBUG_TASKS", get("DEBUG_TASKS", "0")),
+            prompt_blocklist=_blocklist(get("PROMPT_BLOCKLIST")),
+            log_json=_bool("AIORCH_LOG_JSON", get("LOG_JSON", "1")),
+            log_level=get("LOG_LEVEL", "INFO").upper(),
+            flower_user=get("FLOWER_USER", "admin"),
+            flower_password=get("FLOWER_PASSWORD"),
+            flower_port=_int("AIORCH_FLOWER_PORT", get("FLOWER_PORT", "5555"), low=1, high=65535),
+            routes_file=Path(routes_file).resolve() if routes_file else None,
+        )
+        # Read now, so a bad routes file stops the process at start-up with the entry's name.
+        settings.routes  # noqa: B018
+        return settings

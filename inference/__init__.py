@@ -1,0 +1,1 @@
+"""Engines: pure image work on decoded inputs. Never imports Flask, Celery or SQLAlchemy."""

@@ -1,0 +1,542 @@
+"""The model store: which weights live in the models directory, and what each one is for.
+
+The store is a JSON manifest (``models.json``) inside the models directory. The API, the CLI and
+every worker read the same file, so a model added by ``aiorch models add`` is seen by running
+processes without a restart: each read checks the file's identity (inode, size, mtime) and
+reloads it when another process replaced it. Writes take an advisory lock and replace the file
+atomically, so concurrent writers never lose an entry and readers never see half a file.
+
+Engines that need no weights (the Lanczos upscaler) are listed as built-ins so ``GET
+/v1/models`` shows every backend that can run, but they are not in the manifest and cannot be
+removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import struct
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "models.json"
+MANIFEST_VERSION = 1
+
+# What the platform's tasks can do with each kind of model. A diffusers base model serves all
+# four diffusion tasks through one loaded pipeline (see inference/diffusion.py).
+DIFFUSION_TASKS = ("generate", "inpaint", "remove_object", "outpaint")
+INPAINT_TASKS = ("inpaint", "remove_object", "outpaint")
+MODEL_TYPES = ("diffusers", "lora", "realesrgan", "onnx", "detector", "builtin")
+
+# ONNX files carry no declaration of their purpose; these name hints cover the models operators
+# install for the platform's tasks. Anything else gets no tasks until the operator names them.
+_ONNX_TASK_HINTS = (
+    (re.compile(r"u2net|rmbg|birefnet|isnet|modnet|silueta", re.I), ("remove_background",)),
+    (re.compile(r"inswapper|simswap|faceswap", re.I), ("faceswap", "faceswap_multi")),
+    (re.compile(r"scrfd|retinaface|yunet|det_\d+|face_?det", re.I), ("face_detect",)),
+    (re.compile(r"esrgan|upscal|swinir|\bx[234]\b", re.I), ("upscale",)),
+)
+
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+class ModelStoreError(ValueError):
+    """The operation on the store cannot be done (bad path, unknown type, duplicate id...)."""
+
+
+class ModelNotFound(LookupError):
+    """No model with that id is in the store."""
+
+    def __init__(self, model_id: str):
+        super().__init__(f"no model with id {model_id!r}")
+        self.model_id = model_id
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model: its id, what it is, which tasks it serves and where its files are."""
+
+    id: str
+    name: str
+    type: str
+    tasks: tuple[str, ...]
+    path: str | None
+    base_model_type: str | None = None
+    description: str = ""
+    size_bytes: int = 0
+    source: str | None = None
+    added_at: str | None = None
+    # Facts an engine needs that only some types have (an upscaler's scale, a pipeline class).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tasks"] = list(self.tasks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelEntry:
+        return cls(
+            id=data["id"],
+            name=data.get("name") or data["id"],
+            type=data["type"],
+            tasks=tuple(data.get("tasks") or ()),
+            path=data.get("path"),
+            base_model_type=data.get("base_model_type"),
+            description=data.get("description") or "",
+            size_bytes=int(data.get("size_bytes") or 0),
+            source=data.get("source"),
+            added_at=data.get("added_at"),
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+BUILTIN_MODELS: tuple[ModelEntry, ...] = (
+    ModelEntry(
+        id="lanczos",
+        name="Lanczos resampling",
+        type="builtin",
+        tasks=("upscale",),
+        path=None,
+        description="Weight-free Lanczos upscaler with optional unsharp mask (inference/lanczos.py).",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing, in the seeds' ``{data, have_next}`` shape."""
+
+    data: list[ModelEntry]
+    have_next: bool
+
+
+@dataclass(frozen=True)
+class Detected:
+    type: str
+    tasks: tuple[str, ...]
+    base_model_type: str | None
+    extra: dict[str, Any]
+
+
+class ModelStore:
+    """The manifest of the models in ``models_dir``, shared by every process that opens it."""
+
+    def __init__(self, models_dir: Path, *, include_builtin: bool = True):
+        self.models_dir = Path(models_dir)
+        self.manifest_path = self.models_dir / MANIFEST_NAME
+        self.include_builtin = include_builtin
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._entries: dict[str, ModelEntry] = {}
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def list(self, *, type: str | None = None, task: str | None = None) -> list[ModelEntry]:
+        """Every model, built-ins first then by id, optionally of one type and/or serving one task."""
+        entries = list(BUILTIN_MODELS) if self.include_builtin else []
+        entries += sorted(self._current().values(), key=lambda e: e.id)
+        if type is not None:
+            entries = [e for e in entries if e.type == type]
+        if task is not None:
+            entries = [e for e in entries if task in e.tasks]
+        return entries
+
+    def page(
+        self, *, size: int = 20, offset: int = 0, type: str | None = None, task: str | None = None
+    ) -> Page:
+        """``size`` entries from ``offset`` (the seed's ``size``/``offset``/``have_next`` paging)."""
+        if size < 1:
+            raise ModelStoreError(f"size must be at least 1, got {size}")
+        if offset < 0:
+            raise ModelStoreError(f"offset must not be negative, got {offset}")
+        entries = self.list(type=type, task=task)
+        return Page(data=entries[offset : offset + size], have_next=offset + size < len(entries))
+
+    def get(self, model_id: str) -> ModelEntry:
+        for builtin in BUILTIN_MODELS if self.include_builtin else ():
+            if builtin.id == model_id:
+                return builtin
+        try:
+            return self._current()[model_id]
+        except KeyError:
+            raise ModelNotFound(model_id) from None
+
+    def __contains__(self, model_id: object) -> bool:
+        try:
+            self.get(str(model_id))
+        except ModelNotFound:
+            return False
+        return True
+
+    def resolve_path(self, entry: ModelEntry) -> Path:
+        """The absolute path of a model's files (manifest paths are relative to the models dir)."""
+        if entry.path is None:
+            raise ModelStoreError(f"model {entry.id!r} has no files")
+        path = Path(entry.path)
+        return path if path.is_absolute() else self.models_dir / path
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def add(
+        self,
+        path: str | Path,
+        id: str | None = None,
+        type: str | None = None,
+        *,
+        name: str | None = None,
+        tasks: Iterable[str] | None = None,
+        base_model_type: str | None = None,
+        description: str = "",
+        source: str | None = None,
+        replace: bool = False,
+    ) -> ModelEntry:
+        """Register the model at ``path``; its type, tasks and base model are read from its files
+        unless given. Paths inside the models dir are stored relative to it, so the directory can
+        be mounted elsewhere (a container) and the manifest still holds."""
+        path = Path(path).expanduser()
+        if not path.is_absolute() and not path.exists() and (self.models_dir / path).exists():
+            path = self.models_dir / path
+        path = path.resolve()
+        if not path.exists():
+            raise ModelStoreError(f"no such file or folder: {path}")
+        if type is not None and type not in MODEL_TYPES[:-1]:
+            raise ModelStoreError(f"unknown model type {type!r}; one of {', '.join(MODEL_TYPES[:-1])}")
+        detected = detect_model(path, type)
+        model_id = id or _slug(path.stem if path.is_file() else path.name)
+        if not _ID_RE.match(model_id):
+            raise ModelStoreError(
+                f"model id {model_id!r} must be 1-128 lowercase letters, digits, '.', '_' or '-'"
+            )
+        if any(b.id == model_id for b in BUILTIN_MODELS):
+            raise ModelStoreError(f"model id {model_id!r} is a built-in engine")
+        try:
+            stored_path = str(path.relative_to(self.models_dir.resolve()))
+        except ValueError:
+            stored_path = str(path)
+        entry = ModelEntry(
+            id=model_id,
+            name=name or model_id,
+            type=detected.type,
+            tasks=tuple(tasks) if tasks is not None else detected.tasks,
+            path=stored_path,
+            base_model_type=base_model_type or detected.base_model_type,
+            description=description,
+            size_bytes=_disk_size(path),
+            source=source,
+            added_at=datetime.now(UTC).isoformat(),
+            extra=detected.extra,
+        )
+        with self._locked_manifest() as entries:
+            if model_id in entries and not replace:
+                raise ModelStoreError(f"model id {model_id!r} already exists; pass another id")
+            entries[model_id] = entry
+        return entry
+
+    def remove(self, model_id: str) -> ModelEntry:
+        """Drop a model from the manifest; its files stay where they are (the operator owns them)."""
+        if any(b.id == model_id for b in BUILTIN_MODELS):
+            raise ModelStoreError(f"{model_id!r} is a built-in engine and cannot be removed")
+        with self._locked_manifest() as entries:
+            try:
+                return entries.pop(model_id)
+            except KeyError:
+                raise ModelNotFound(model_id) from None
+
+    def pull(
+        self,
+        hf_repo: str,
+        *,
+        id: str | None = None,
+        type: str | None = None,
+        revision: str | None = None,
+        cache_dir: Path | None = None,
+        allow_patterns: Sequence[str] | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        **add_kwargs: Any,
+    ) -> ModelEntry:
+        """Download ``hf_repo`` from the Hugging Face Hub into the models dir and register it.
+
+        Files go to an HF cache inside the models dir (``<models_dir>/hub`` unless ``cache_dir``),
+        so every worker that mounts the models dir sees them, and a second pull of the same
+        revision downloads nothing. ``local_files_only`` resolves the snapshot from that cache
+        without touching the network (used by tests and air-gapped installs)."""
+        from huggingface_hub import snapshot_download  # only the CLI pulls; workers never import it
+
+        cache = Path(cache_dir) if cache_dir is not None else self.models_dir / "hub"
+        if allow_patterns is None:
+            # A diffusers repo often holds the same weights three times (.bin, .safetensors,
+            # fp16 variants) plus a single-file checkpoint; safetensors and configs are enough.
+            allow_patterns = ["*.json", "*.txt", "*.safetensors", "*.model", "*.onnx", "*.pth"]
+        try:
+            folder = snapshot_download(
+                repo_id=hf_repo,
+                revision=revision,
+                cache_dir=str(cache),
+                allow_patterns=list(allow_patterns),
+                local_files_only=local_files_only,
+                token=token,
+            )
+        except Exception as exc:  # the hub raises many types (offline, 404, auth); one message each
+            raise ModelStoreError(f"could not pull {hf_repo!r}: {exc}") from exc
+        path = Path(folder)
+        # A repo that holds a single weight file (a LoRA, an ONNX model) registers that file.
+        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        weights = [p for p in files if p.suffix in (".safetensors", ".onnx", ".pth", ".pt")]
+        if not (path / "model_index.json").exists() and len(weights) == 1:
+            path = weights[0]
+        model_id = id or _slug(hf_repo.split("/")[-1])
+        source = f"hf:{hf_repo}" + (f"@{revision}" if revision else "")
+        return self.add(path, id=model_id, type=type, source=source, **add_kwargs)
+
+    # -- the manifest file -------------------------------------------------------------------
+
+    def _current(self) -> dict[str, ModelEntry]:
+        """The manifest's entries, re-read only when the file changed since the last read."""
+        with self._lock:
+            stamp = _file_stamp(self.manifest_path)
+            if stamp != self._stamp:
+                self._entries = _read_manifest(self.manifest_path) if stamp else {}
+                self._stamp = stamp
+            return self._entries
+
+    @contextlib.contextmanager
+    def _locked_manifest(self) -> Iterator[dict[str, ModelEntry]]:
+        """Read-modify-write under an exclusive lock on a side file, then replace atomically."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.models_dir / f".{MANIFEST_NAME}.lock"
+        with open(lock_path, "a") as lock_file, self._lock:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                entries = _read_manifest(self.manifest_path) if self.manifest_path.exists() else {}
+                yield entries
+                _write_manifest(self.manifest_path, entries)
+                self._entries = entries
+                self._stamp = _file_stamp(self.manifest_path)
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    # The inode changes on every atomic replace, so two writes within one mtime tick still differ.
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_manifest(path: Path) -> dict[str, ModelEntry]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelStoreError(f"cannot read the model manifest {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise ModelStoreError(f"the model manifest {path} has no 'models' list")
+    return {entry.id: entry for entry in map(ModelEntry.from_dict, data["models"])}
+
+
+def _write_manifest(path: Path, entries: dict[str, ModelEntry]) -> None:
+    body = {"version": MANIFEST_VERSION, "models": [entries[k].to_dict() for k in sorted(entries)]}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(body, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
+    return slug[:128] or "model"
+
+
+def _disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    # follow symlinks: an HF snapshot folder is made of links into the blob store
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# -- type detection ------------------------------------------------------------------------------
+
+
+def detect_model(path: Path, type: str | None = None) -> Detected:
+    """Work out what the files at ``path`` are: a diffusers pipeline folder, a LoRA, a Real-ESRGAN
+    ``.pth`` state dict or an ONNX model. ``type`` forces the type (the files must still fit)."""
+    if path.is_dir():
+        if (path / "model_index.json").exists():
+            found = _detect_diffusers(path)
+        else:
+            loras = sorted(path.glob("*.safetensors"))
+            if len(loras) != 1:
+                raise ModelStoreError(
+                    f"{path} is a folder without model_index.json (not a diffusers pipeline) and "
+                    "without exactly one .safetensors file; pass the weight file itself"
+                )
+            found = detect_model(loras[0], type)
+    elif path.suffix == ".onnx":
+        found = _detect_onnx(path)
+    elif path.suffix in (".pth", ".pt"):
+        found = _detect_torch_state_dict(path)
+    elif path.suffix == ".safetensors":
+        found = _detect_safetensors(path)
+    else:
+        raise ModelStoreError(
+            f"cannot tell what {path.name} is; supported: a diffusers folder, "
+            ".safetensors LoRA, Real-ESRGAN .pth, .onnx"
+        )
+    if type is not None and type != found.type:
+        raise ModelStoreError(f"{path.name} looks like a {found.type!r} model, not {type!r}")
+    return found
+
+
+def _detect_diffusers(folder: Path) -> Detected:
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    cls_name = str(index.get("_class_name", ""))
+    unet_config: dict[str, Any] = {}
+    if (folder / "unet" / "config.json").exists():
+        unet_config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    in_channels = int(unet_config.get("in_channels", 4))
+    cross_dim = unet_config.get("cross_attention_dim")
+    if "XL" in cls_name:
+        base = "sdxl"
+    elif cls_name.startswith("StableDiffusion") and not cls_name.startswith("StableDiffusion3"):
+        # SD 2.x shares SD 1.5's pipeline class; only its text width (1024) tells them apart.
+        base = "sd2" if cross_dim == 1024 else "sd15"
+    else:
+        base = re.sub(r"(Inpaint|Img2Img)?Pipeline$", "", cls_name).lower() or "unknown"
+    tasks: tuple[str, ...]
+    if base in ("sd15", "sd2", "sdxl"):
+        # A 9-channel UNet is an inpainting model: it cannot denoise from text alone.
+        tasks = INPAINT_TASKS if in_channels == 9 else DIFFUSION_TASKS
+    else:
+        tasks = ("generate",)
+    extra = {"pipeline_class": cls_name, "unet_in_channels": in_channels}
+    return Detected("diffusers", tasks, base, extra)
+
+
+def _detect_onnx(path: Path) -> Detected:
+    for pattern, tasks in _ONNX_TASK_HINTS:
+        if pattern.search(path.stem):
+            return Detected("onnx", tasks, None, {})
+    return Detected("onnx", (), None, {})
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The tensor table of a .safetensors file: name -> {dtype, shape, data_offsets}."""
+    # The header is a little-endian u64 length then JSON: reading it needs no torch and no
+    # loading of the (possibly gigabytes of) tensor data.
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        if length > 100 * 1024 * 1024:
+            raise ModelStoreError(f"{path.name} is not a safetensors file (header too large)")
+        header = json.loads(fh.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _detect_safetensors(path: Path) -> Detected:
+    try:
+        header = safetensors_header(path)
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelStoreError(f"cannot read {path.name} as safetensors: {exc}") from exc
+    keys = list(header)
+    if any("lora" in k for k in keys):
+        return Detected("lora", DIFFUSION_TASKS, _lora_base_model(header), {})
+    if _looks_like_esrgan(keys):
+        return Detected(
+            "realesrgan", ("upscale",), None, _esrgan_facts({k: v["shape"] for k, v in header.items()})
+        )
+    raise ModelStoreError(
+        f"{path.name} is a safetensors file but neither a LoRA nor an ESRGAN state dict; "
+        "single-file checkpoints must be converted to a diffusers folder"
+    )
+
+
+def _lora_base_model(header: dict[str, Any]) -> str | None:
+    keys = list(header)
+    if any("te2" in k or "text_encoder_2" in k for k in keys):
+        return "sdxl"
+    # The down projection of a cross-attention key reads the text encoder's width.
+    for key, info in header.items():
+        if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key):
+            width = info["shape"][-1]
+            return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(width)
+    return None
+
+
+def _looks_like_detector(keys: Iterable[str]) -> bool:
+    keys = set(keys)
+    ssd = any(k.startswith("head.classification_head") for k in keys)
+    rcnn = any(k.startswith("roi_heads.box_predictor") for k in keys)
+    return ssd or rcnn
+
+
+def _detector_facts(path: Path, keys: Iterable[str]) -> dict[str, Any]:
+    """A detector is useless without its label map: ``<stem>.labels.json`` or ``labels.json`` beside it."""
+    for candidate in (path.with_name(path.stem + ".labels.json"), path.with_name("labels.json")):
+        if candidate.is_file():
+            arch = "ssdlite" if any(k.startswith("head.classification_head") for k in keys) else "faster_rcnn"
+            return {"arch_family": arch, "labels": candidate.name}
+    raise ModelStoreError(
+        f"{path.name} is a detector; put its label map (a JSON list or object) beside it as "
+        f"{path.stem}.labels.json or labels.json"
+    )
+
+
+def _looks_like_esrgan(keys: Iterable[str]) -> bool:
+    keys = set(keys)
+    rrdb = "conv_first.weight" in keys and any(k.startswith("body.") for k in keys)
+    compact = "body.0.weight" in keys and not any(k.startswith("conv_first") for k in keys)
+    return rrdb or compact
+
+
+def _esrgan_facts(shapes: dict[str, list[int]]) -> dict[str, Any]:
+    if "conv_first.weight" in shapes:
+        # RRDBNet folds x2/x1 models with pixel-unshuffle: 3 input channels -> x4, 12 -> x2, 48 -> x1.
+        in_ch = shapes["conv_first.weight"][1]
+        blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("body.") and k.split(".")[1].isdigit()}
+        return {"arch": "RRDBNet", "scale": {3: 4, 12: 2, 48: 1}.get(in_ch), "num_block": len(blocks)}
+    # SRVGGNetCompact ends with a conv to 3 * scale^2 channels before its pixel shuffle.
+    last = max((int(k.split(".")[1]), k) for k in shapes if k.startswith("body.") and k.endswith(".weight"))
+    out_ch = shapes[last[1]][0]
+    scale = round((out_ch / 3) ** 0.5)
+    return {"arch": "SRVGGNetCompact", "scale": scale if 3 * scale * scale == out_ch else None}
+
+
+def _detect_torch_state_dict(path: Path) -> Detected:
+    import torch  # heavy, and only needed for this one format
+
+    try:
+        # weights_only refuses pickled code: an operator-supplied file must not run anything.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors alike for a bad file
+        raise ModelStoreError(f"cannot read {path.name} as a PyTorch state dict: {exc}") from exc
+    if isinstance(state, dict):
+        # "model" is how torchvision's reference training scripts wrap a detector's weights.
+        for wrapper in ("params_ema", "params", "state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if isinstance(state, dict) and _looks_like_detector(state):
+        return Detected("detector", ("scan_objects",), None, _detector_facts(path, state))
+    if not isinstance(state, dict) or not _looks_like_esrgan(state):
+        raise ModelStoreError(f"{path.name} is not a Real-ESRGAN/ESRGAN or torchvision detector state dict")
+    shapes = {k: list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    return Detected("realesrgan", ("upscale",), None, _esrgan_facts(shapes))

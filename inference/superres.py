@@ -1,0 +1,423 @@
+"""Neural super-resolution with the Real-ESRGAN family of models.
+
+Weights are read with spandrel rather than the ``realesrgan`` package: spandrel recognises the
+RRDB (``RealESRGAN_x4plus``, ``RealESRGAN_x2plus``, ``RealESRGAN_x4plus_anime_6B``) and compact
+(``realesr-general-x4v3``) checkpoints by their state-dict keys, unwraps ``params_ema`` /
+``params``, unpickles with an allow-list, and imports nothing that current torchvision removed.
+``realesrgan`` 0.3.0 imports ``torchvision.transforms.functional_tensor`` (gone from torchvision)
+and drags in basicsr, whose source build needs ``--no-build-isolation``; the inference it adds on
+top of the network (tiling, alpha, 16-bit) is reimplemented here where it can be tested.
+
+The model always runs at its native factor; an asked ``scale`` in (1, 4] is then reached with an
+antialiased Lanczos resize, as Real-ESRGAN's own ``outscale`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from inference.base import (
+    EngineError,
+    EngineResult,
+    InvalidInput,
+    NullControl,
+    OutputImage,
+    RunControl,
+    check_stop,
+)
+from inference.lanczos import LanczosUpscaler
+
+log = logging.getLogger(__name__)
+
+BACKEND = "realesrgan"
+
+# spandrel architecture ids that make up the Real-ESRGAN family; anything else spandrel can read
+# (SwinIR, HAT, ...) is refused so ``backend`` never names an engine that did not run.
+_FAMILY_ARCHS = {"ESRGAN": "rrdb", "Compact": "compact"}
+
+# Best first for general photos. The anime model is tuned for flat line art and smears photo
+# texture, so it is only the default when nothing else is installed.
+MODEL_PREFERENCE = (
+    "RealESRGAN_x4plus",
+    "realesr-general-x4v3",
+    "RealESRGAN_x2plus",
+    "RealESRGAN_x4plus_anime_6B",
+)
+_X2_MODEL = "RealESRGAN_x2plus"
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class FaceRestorer(Protocol):
+    """A face-restoration model (GFPGAN, CodeFormer, ...) applied to the upscaled RGB image."""
+
+    name: str
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """Return an image of the same size with the faces in it restored."""
+
+
+class Upscaler:
+    """Upscale an image by ``scale`` in (1, 4] with a Real-ESRGAN-family model.
+
+    The model is loaded once in ``__init__`` and reused for every call. ``tile_size`` bounds the
+    input area the network sees at once (``None`` never tiles); each tile is extended by
+    ``tile_overlap`` input pixels on every side and only its centre is kept, so the network sees
+    the same neighbourhood as in an untiled run and no seams appear.
+    """
+
+    name = BACKEND
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        model_id: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        tile_size: int | None = 512,
+        tile_overlap: int = 32,
+        max_side: int = 8192,
+        min_side: int = 8,
+        max_native_pixels: int = 100_000_000,
+        alpha_upsampler: str = "model",
+        face_restorer: FaceRestorer | None = None,
+    ):
+        if tile_size is not None and tile_size < 16:
+            raise ValueError(f"tile_size must be at least 16 or None, got {tile_size}")
+        if tile_overlap < 0:
+            raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
+        if alpha_upsampler not in ("model", "lanczos"):
+            raise ValueError(f"alpha_upsampler must be 'model' or 'lanczos', got {alpha_upsampler!r}")
+        path = Path(model_path)
+        self.model_id = model_id or path.stem
+        self.device = torch.device(device)
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.max_side = max_side
+        self.min_side = min_side
+        self.max_native_pixels = max_native_pixels
+        self.alpha_upsampler = alpha_upsampler
+        self.face_restorer = face_restorer
+
+        descriptor = _load_descriptor(path)
+        if dtype is None:
+            # fp16 halves memory and roughly doubles throughput on CUDA; CPU kernels for half are
+            # slow or missing, so CPU stays in fp32 unless the caller asks otherwise.
+            use_half = self.device.type == "cuda" and descriptor.supports_half
+            dtype = torch.float16 if use_half else torch.float32
+        try:
+            descriptor = descriptor.to(self.device).to(dtype).eval()
+        except Exception as exc:  # spandrel raises its own UnsupportedDtypeError, torch RuntimeError
+            raise EngineError(f"cannot place {self.model_id} on {self.device} as {dtype}: {exc}") from exc
+        self.dtype = dtype
+        self._model = descriptor
+        # The bare network too, so a memory-bounded cache that looks for modules can measure it.
+        self.network: torch.nn.Module = descriptor.model
+        self.arch = _FAMILY_ARCHS[descriptor.architecture.id]
+        self.native_scale: int = descriptor.scale
+
+    @property
+    def backend(self) -> str:
+        return f"{BACKEND}:{self.model_id}"
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the weights, for a memory-bounded model cache."""
+        return sum(p.numel() * p.element_size() for p in self.network.parameters())
+
+    def __call__(
+        self,
+        image: Image.Image,
+        scale: float,
+        *,
+        face_enhance: bool = False,
+        control: RunControl | None = None,
+    ) -> EngineResult:
+        control = control or NullControl()
+        if not 1 < scale <= 4:
+            raise InvalidInput(f"scale must be in (1, 4], got {scale}", field="scale")
+        if min(image.size) < self.min_side:
+            raise InvalidInput(
+                f"image {image.width}x{image.height} is too small; both sides must be at least "
+                f"{self.min_side} px",
+                field="image",
+            )
+        width, height = round(image.width * scale), round(image.height * scale)
+        if max(width, height) > self.max_side:
+            raise InvalidInput(
+                f"output {width}x{height} would exceed the maximum side of {self.max_side} px",
+                field="scale",
+            )
+        native_pixels = image.width * image.height * self.native_scale**2
+        if native_pixels > self.max_native_pixels:
+            raise InvalidInput(
+                f"image {image.width}x{image.height} is too large for the x{self.native_scale} model "
+                f"({native_pixels} intermediate pixels, limit {self.max_native_pixels})",
+                field="image",
+            )
+        if face_enhance and self.face_restorer is None:
+            raise InvalidInput(
+                "face_enhance needs a face-restoration model (e.g. GFPGAN or CodeFormer) and none is "
+                "installed on this worker",
+                field="face_enhance",
+            )
+
+        color, alpha, out_mode = _decode(image)
+        if face_enhance and out_mode == "I;16":
+            raise InvalidInput("face_enhance works on 8-bit images only", field="face_enhance")
+        gray = color.ndim == 2
+        model_alpha = alpha is not None and self.alpha_upsampler == "model" and np.ptp(alpha) > 0
+        color_span = (5.0, 50.0) if model_alpha else (5.0, 90.0)
+
+        control.progress(color_span[0])
+        rgb = np.repeat(color[..., None], 3, axis=2) if gray else color
+        native, tiles = self._upscale_rgb(rgb, control, color_span)
+        out = _resize(native @ _LUMA if gray else native, width, height)
+
+        out_alpha = None
+        if alpha is not None:
+            if np.ptp(alpha) == 0:
+                # Fully opaque (or uniformly translucent) alpha, the common case for RGBA PNGs:
+                # no need to spend a model pass on a constant.
+                out_alpha = np.full((height, width), alpha.flat[0], dtype=np.float32)
+            elif model_alpha:
+                # As Real-ESRGAN does: the alpha plane goes through the network as a grey image,
+                # which keeps cut-out edges as crisp as the colour edges.
+                alpha_native, alpha_tiles = self._upscale_rgb(
+                    np.repeat(alpha[..., None], 3, axis=2), control, (50.0, 90.0)
+                )
+                tiles += alpha_tiles
+                out_alpha = _resize(alpha_native @ _LUMA, width, height)
+            else:
+                out_alpha = _resize(alpha, width, height)
+
+        result = _encode(out, out_alpha, out_mode)
+        backend = self.backend
+        if face_enhance:
+            check_stop(control)
+            assert self.face_restorer is not None  # refused above otherwise
+            result = _restore_faces(result, self.face_restorer)
+            backend = f"{backend}+{self.face_restorer.name}"
+        control.progress(100)
+        meta = {
+            "width": width,
+            "height": height,
+            "scale": scale,
+            "native_scale": self.native_scale,
+            "model": self.model_id,
+            "arch": self.arch,
+            "tiles": tiles,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+        return EngineResult(backend=backend, images=[OutputImage(result, meta)])
+
+    def _upscale_rgb(
+        self, rgb: np.ndarray, control: RunControl, span: tuple[float, float]
+    ) -> tuple[np.ndarray, int]:
+        """Run the network over an HxWx3 float image in [0, 1]; returns the native-scale result."""
+        tile_size = self.tile_size
+        while True:
+            try:
+                return self._run_tiles(rgb, tile_size, control, span)
+            except torch.OutOfMemoryError:
+                # A large image on a busy GPU: retry with smaller tiles instead of failing the
+                # job; below 128 px tiles the overlap dominates and it is better to give up.
+                smaller = (tile_size or max(rgb.shape[:2])) // 2
+                if smaller < 128 or self.device.type != "cuda":
+                    raise
+                log.warning("out of GPU memory with %s px tiles, retrying with %s", tile_size, smaller)
+                torch.cuda.empty_cache()
+                tile_size = smaller
+
+    def _run_tiles(
+        self, rgb: np.ndarray, tile_size: int | None, control: RunControl, span: tuple[float, float]
+    ) -> tuple[np.ndarray, int]:
+        height, width = rgb.shape[:2]
+        n = self.native_scale
+        pad = self.tile_overlap
+        tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+        out = np.empty((height * n, width * n, 3), dtype=np.float32)
+        boxes = [
+            (y0, y1, x0, x1) for y0, y1 in _splits(height, tile_size) for x0, x1 in _splits(width, tile_size)
+        ]
+        for done, (y0, y1, x0, x1) in enumerate(boxes):
+            check_stop(control)
+            py0, py1 = max(y0 - pad, 0), min(y1 + pad, height)
+            px0, px1 = max(x0 - pad, 0), min(x1 + pad, width)
+            with torch.inference_mode():
+                piece = tensor[:, :, py0:py1, px0:px1].to(self.device, self.dtype)
+                result = self._model(piece)[0].float().cpu()
+            # Keep only the tile's own area: the overlap served as context for the network.
+            core = result[:, (y0 - py0) * n : (y1 - py0) * n, (x0 - px0) * n : (x1 - px0) * n]
+            out[y0 * n : y1 * n, x0 * n : x1 * n] = core.permute(1, 2, 0).numpy()
+            control.progress(span[0] + (span[1] - span[0]) * (done + 1) / len(boxes))
+        return out, len(boxes)
+
+
+def _load_descriptor(path: Path):
+    # Imported here so that importing this module (e.g. to list capabilities) stays cheap.
+    from spandrel import ImageModelDescriptor, ModelLoader
+
+    if not path.is_file():
+        raise EngineError(f"super-resolution model file not found: {path}", code="model_not_found")
+    try:
+        descriptor = ModelLoader("cpu").load_from_file(path)
+    except Exception as exc:
+        # A model file can fail in many ways (not a zip, pickle refused by spandrel's allow-list,
+        # unknown keys, wrong shapes); all of them mean the same thing to the job.
+        raise EngineError(
+            f"{path.name} is not a readable Real-ESRGAN model file: {type(exc).__name__}: {exc}",
+            code="invalid_model",
+        ) from exc
+    arch_id = descriptor.architecture.id
+    if not isinstance(descriptor, ImageModelDescriptor) or arch_id not in _FAMILY_ARCHS:
+        raise EngineError(
+            f"{path.name} holds a {arch_id} model, not a Real-ESRGAN (RRDB or compact) model",
+            code="invalid_model",
+        )
+    if descriptor.input_channels != 3 or descriptor.output_channels != 3:
+        raise EngineError(
+            f"{path.name} maps {descriptor.input_channels} to {descriptor.output_channels} channels; "
+            "only RGB models are supported",
+            code="invalid_model",
+        )
+    if descriptor.scale < 1:
+        raise EngineError(f"{path.name} has no upscaling factor", code="invalid_model")
+    return descriptor
+
+
+def _splits(length: int, tile: int | None) -> list[tuple[int, int]]:
+    """Cut ``length`` into near-equal parts of at most ``tile``, so no sliver tile is left over."""
+    if tile is None or length <= tile:
+        return [(0, length)]
+    count = math.ceil(length / tile)
+    edges = [round(i * length / count) for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def _decode(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Split an image into float colour (HxW or HxWx3), float alpha (HxW or None), output mode."""
+    mode = image.mode
+    if mode in _16BIT_MODES or mode == "I":
+        # Pillow opens 16-bit greyscale PNG/TIFF as I;16 or, in older paths, as 32-bit "I".
+        values = np.asarray(image).astype(np.float32)
+        return np.clip(values / 65535.0, 0.0, 1.0), None, "I;16"
+    if mode == "F":
+        raise InvalidInput(
+            "floating-point images are not supported; send an 8- or 16-bit image", field="image"
+        )
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode == "1":
+        image = image.convert("L")
+    elif mode == "La":
+        image = image.convert("LA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    array = np.asarray(image).astype(np.float32) / 255.0
+    if image.mode == "L":
+        return array, None, "L"
+    if image.mode == "LA":
+        return array[..., 0], array[..., 1], "LA"
+    if image.mode == "RGBA":
+        return array[..., :3], array[..., 3], "RGBA"
+    return array, None, "RGB"
+
+
+def _resize(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Antialiased Lanczos resize of a float HxW or HxWxC array, done in float to avoid banding."""
+    if plane.shape[1] == width and plane.shape[0] == height:
+        return plane
+    if plane.ndim == 2:
+        return np.asarray(Image.fromarray(plane).resize((width, height), Image.Resampling.LANCZOS))
+    return np.stack([_resize(plane[..., c], width, height) for c in range(plane.shape[2])], axis=2)
+
+
+def _encode(color: np.ndarray, alpha: np.ndarray | None, mode: str) -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray(_quantize(color, 65535, np.uint16))
+    planes = [color] if color.ndim == 2 else [color[..., c] for c in range(3)]
+    if alpha is not None:
+        planes.append(alpha)
+    array = _quantize(np.stack(planes, axis=2), 255, np.uint8)
+    # Pillow infers L, LA, RGB or RGBA from the uint8 array's channel count.
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+
+
+def _quantize(array: np.ndarray, top: int, dtype: type) -> np.ndarray:
+    return np.clip(np.rint(array * top), 0, top).astype(dtype)
+
+
+def _restore_faces(image: Image.Image, restorer: FaceRestorer) -> Image.Image:
+    alpha = image.getchannel("A") if "A" in image.getbands() else None
+    restored = restorer(image.convert("RGB"))
+    if restored.size != image.size:
+        raise EngineError(f"face restorer {restorer.name} changed the image size")
+    if image.mode in ("L", "LA"):
+        restored = restored.convert("L")
+    if alpha is not None:
+        restored = restored.convert("RGBA" if image.mode == "RGBA" else "LA")
+        restored.putalpha(alpha)
+    return restored
+
+
+def choose_sr_model(
+    candidates: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]],
+    *,
+    scale: float | None = None,
+) -> list[tuple[str, Path]]:
+    """Installed candidates (model id, weight file), best first.
+
+    A candidate is installed when its file exists. Known Real-ESRGAN ids rank by
+    ``MODEL_PREFERENCE``; for ``scale`` <= 2 the x2 model comes first, because it runs its trunk
+    on a quarter of the pixels and needs no downscale afterwards. Unknown ids rank after the
+    general-purpose models and before the anime one.
+    """
+    items = candidates.items() if isinstance(candidates, Mapping) else candidates
+    installed = [(model_id, Path(path)) for model_id, path in items if Path(path).is_file()]
+    order = [_canonical(m) for m in MODEL_PREFERENCE]
+    if scale is not None and scale <= 2:
+        order.remove(_canonical(_X2_MODEL))
+        order.insert(0, _canonical(_X2_MODEL))
+
+    def rank(item: tuple[str, Path]) -> float:
+        model_id = _canonical(item[0])
+        return order.index(model_id) if model_id in order else len(order) - 1.5
+
+    return sorted(installed, key=rank)
+
+
+def _canonical(model_id: str) -> str:
+    return model_id.lower().replace("-", "_")
+
+
+def default_upscaler(
+    candidates: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]],
+    *,
+    scale: float | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    max_side: int = 8192,
+    **upscaler_options,
+) -> Upscaler | LanczosUpscaler:
+    """The best installed SR model that loads, else the weight-free Lanczos engine."""
+    for model_id, path in choose_sr_model(candidates, scale=scale):
+        try:
+            return Upscaler(
+                path, model_id=model_id, device=device, dtype=dtype, max_side=max_side, **upscaler_options
+            )
+        except EngineError as exc:
+            # A broken file must not take the whole upscale task down while others work.
+            log.warning("skipping super-resolution model %s: %s", model_id, exc)
+    return LanczosUpscaler(max_side=max_side)

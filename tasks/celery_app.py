@@ -1,0 +1,122 @@
+"""The Celery app, built from ``Settings``, and the queue topology.
+
+RabbitMQ carries only job ids. Queues are durable, messages persistent, publishes confirmed;
+workers ack late with a prefetch of one, so a message is removed only after its job's outcome is
+in Postgres, and a worker that dies mid-job hands its message back to the broker.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from config import QUEUES, Settings
+
+EXCHANGE = Exchange("aiorch", type="direct", durable=True)
+MAX_PRIORITY = 9
+
+PREPARE = "aiorch.prepare_job"
+RUN = "aiorch.run_job"
+FINISH = "aiorch.finish_job"
+SWEEP = "aiorch.sweep_jobs"
+
+
+def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
+    url = settings.broker_url
+    if url.startswith("filesystem"):
+        folder = settings.broker_folder
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        from tasks import fs_transport  # registers the alias in this process
+
+        return f"{fs_transport.ALIAS}://", {
+            # One folder in and out: every process on this machine shares the same queues.
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "control_folder": str(folder / "control"),
+            "processed_folder": str(folder / "processed"),
+            # The default 1 s poll adds a second to every hop of a job's pipeline.
+            "polling_interval": settings.broker_poll_interval,
+        }
+    if url.startswith(("amqp", "pyamqp")):
+        return url, {"confirm_publish": True, "max_retries": 2}
+    return url, {}
+
+
+def queue_topology() -> list[Queue]:
+    return [
+        Queue(
+            name, EXCHANGE, routing_key=name, durable=True, queue_arguments={"x-max-priority": MAX_PRIORITY}
+        )
+        for name in QUEUES
+    ]
+
+
+def create_celery(settings: Settings) -> Celery:
+    url, transport_options = broker_options(settings)
+    app = Celery("aiorch", broker=url, set_as_current=True)
+    app.conf.update(
+        task_queues=queue_topology(),
+        task_default_queue="cpu",
+        task_default_exchange=EXCHANGE.name,
+        task_default_routing_key="cpu",
+        task_default_delivery_mode="persistent",
+        task_routes={PREPARE: {"queue": "cpu"}, FINISH: {"queue": "cpu"}, SWEEP: {"queue": "cpu"}},
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # Postgres holds every result; Celery's result backend is not used.
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        # Events let Flower and /diag/backends see workers and tasks. No "sent" event: it would
+        # cost every POST /v1/jobs a second confirmed publish (workers still report received,
+        # started and succeeded).
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        enable_utc=True,
+        timezone="UTC",
+        beat_schedule={
+            "sweep-jobs": {"task": SWEEP, "schedule": timedelta(seconds=30), "options": {"queue": "cpu"}},
+        },
+        include=["tasks.jobs", "tasks.webhooks", "tasks.diag", "tasks.remote"],
+    )
+    app.aiorch_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+def publish(
+    app: Celery,
+    task_name: str,
+    job_id: str,
+    queue: str,
+    priority: int = 0,
+    task_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> None:
+    """Send one job id to a queue; raises kombu's OperationalError when the broker is down.
+
+    ``options`` go to ``send_task`` (e.g. per-task ``soft_time_limit`` / ``time_limit``).
+    """
+    app.send_task(
+        task_name,
+        args=[job_id],
+        kwargs=task_kwargs,
+        queue=queue,
+        routing_key=queue,
+        exchange=EXCHANGE.name,
+        priority=max(0, min(MAX_PRIORITY, priority)),
+        retry=True,
+        # A short policy: a client waiting on POST /v1/jobs gets a 503 in about a second rather
+        # than hanging while the broker is away.
+        retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5},
+        **options,
+    )

@@ -1,0 +1,109 @@
+"""What a worker reports to ``GET /diag/backends`` beyond Celery's own inspect replies.
+
+Models live in the prefork children, but control commands are answered by the parent (which must
+never touch CUDA). So each child writes a small status file after every task, and the parent's
+``aiorch_info`` inspect command gathers the files of its live children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from celery.signals import task_postrun, worker_process_init
+from celery.worker.control import inspect_command
+
+_hostname: dict[str, str] = {}
+
+
+def _status_dir(settings: Any, hostname: str) -> Path:
+    return Path(settings.var_dir) / "diag" / hostname.replace("/", "_")
+
+
+def device_info() -> dict[str, Any]:
+    """Device and memory of this process; torch is consulted only if the engines already loaded it."""
+    info: dict[str, Any] = {"device": "cpu"}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        info = {
+            "device": f"cuda:{index}",
+            "device_name": torch.cuda.get_device_name(index),
+            "memory_total": total,
+            "memory_free": free,
+            "memory_allocated": torch.cuda.memory_allocated(index),
+        }
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    info["rss_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return info
+
+
+def loaded_models() -> list[dict[str, Any]]:
+    engines = sys.modules.get("tasks.engines")
+    cache = getattr(engines, "_cache", None)
+    if cache is None:
+        return []
+    try:
+        return list(cache.loaded())
+    except Exception:  # diagnostics must never fail a task
+        return []
+
+
+def write_child_status(app: Any, hostname: str) -> None:
+    settings = app.aiorch_settings
+    folder = _status_dir(settings, hostname)
+    folder.mkdir(parents=True, exist_ok=True)
+    status = {
+        "pid": os.getpid(),
+        "updated_at": time.time(),
+        **device_info(),
+        "loaded_models": loaded_models(),
+    }
+    tmp = folder / f"{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(status, default=str))
+    tmp.replace(folder / f"{os.getpid()}.json")
+
+
+@worker_process_init.connect
+def _child_started(sender: Any = None, **_: Any) -> None:
+    _hostname.clear()
+
+
+@task_postrun.connect
+def _after_task(sender: Any = None, **_: Any) -> None:
+    if sender is None or not hasattr(sender.app, "aiorch_settings"):
+        return
+    hostname = getattr(sender.request, "hostname", None) or "unknown"
+    with contextlib.suppress(OSError):
+        write_child_status(sender.app, hostname)
+
+
+@inspect_command()
+def aiorch_info(state: Any) -> dict[str, Any]:
+    """Children's device, memory and loaded models (read from their status files)."""
+    app = state.consumer.app
+    hostname = state.consumer.hostname
+    children = []
+    folder = _status_dir(app.aiorch_settings, hostname)
+    if folder.is_dir():
+        for path in folder.glob("*.json"):
+            try:
+                status = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if Path(f"/proc/{status.get('pid')}").exists():
+                children.append(status)
+            else:
+                path.unlink(missing_ok=True)  # a child that was replaced
+    return {"children": children, "parent": {"pid": os.getpid(), **device_info()}}

@@ -1,0 +1,290 @@
+"""Thin adapters from a task's validated payload to one engine call.
+
+Engines are imported inside the adapters: the API process imports ``tasks`` to publish and must
+never pull torch in, and a GPU worker must load its models in the forked child, not the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageFilter
+
+from config import Settings
+from inference.base import EngineError, EngineResult, InvalidInput, RunControl, check_stop
+
+
+@dataclass
+class EngineCall:
+    task: str
+    payload: dict[str, Any]
+    images: dict[str, Any]  # field -> PIL image, or a list of them for list fields
+    control: RunControl
+    attempt: int
+    settings: Settings
+
+
+_cache: Any = None
+
+
+def torch_device() -> str:
+    """CUDA when this process sees a GPU; imported lazily so only GPU-queue children load torch."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_cache() -> Any:
+    """The per-process cache of loaded models, bounded by the device's memory budget."""
+    global _cache
+    if _cache is None:
+        from inference.model_cache import ModelCache, default_budget_bytes
+
+        device = torch_device()
+        _cache = ModelCache(default_budget_bytes(device), device=device)
+    return _cache
+
+
+def model_store(settings: Settings) -> Any:
+    from inference.model_store import ModelStore
+
+    return ModelStore(settings.models_dir)
+
+
+def chosen_model(call: EngineCall, task: str, types: tuple[str, ...]) -> Any:
+    """The store entry named by ``payload.model``; None when the payload names none."""
+    from inference.model_store import ModelNotFound
+
+    model_id = call.payload.get("model")
+    if not model_id:
+        return None
+    try:
+        entry = model_store(call.settings).get(model_id)
+    except ModelNotFound:
+        raise InvalidInput(f"model {model_id!r} is not installed", field="model") from None
+    if entry.type not in types or task not in entry.tasks:
+        raise InvalidInput(f"model {model_id!r} ({entry.type}) does not serve {task}", field="model")
+    return entry
+
+
+def load_cached(key: str, path: Path, loader: Callable[[], Any]) -> Any:
+    from inference.model_cache import estimate_checkpoint_bytes
+
+    return model_cache().get_or_load(key, loader, estimate_checkpoint_bytes(path))
+
+
+def run_upscale(call: EngineCall) -> EngineResult:
+    from inference.lanczos import LanczosUpscaler
+
+    payload = call.payload
+    image: Image.Image = call.images["image_url"]
+    entry = chosen_model(call, "upscale", ("realesrgan", "builtin"))
+    engine: Any = None
+    if entry is None or entry.type != "builtin":
+        from inference.superres import Upscaler, choose_sr_model
+
+        store = model_store(call.settings)
+        if entry is not None:
+            candidates = [(entry.id, store.resolve_path(entry))]
+        else:
+            candidates = [
+                (e.id, store.resolve_path(e)) for e in store.list(type="realesrgan", task="upscale")
+            ]
+        device = torch_device() if candidates else "cpu"
+        for model_id, path in choose_sr_model(candidates, scale=payload["scale"]):
+            try:
+                engine = load_cached(
+                    f"sr:{model_id}", path, lambda m=model_id, p=path: Upscaler(p, model_id=m, device=device)
+                )
+                break
+            except EngineError:
+                if entry is not None:
+                    raise  # the client asked for this model: say why it cannot run
+    if engine is None:
+        if payload.get("face_enhance"):
+            raise InvalidInput(
+                "face_enhance needs a face-restoration model, and none is installed", field="face_enhance"
+            )
+        return LanczosUpscaler()(
+            image, payload["scale"], sharpen=payload.get("sharpen", 0.0), control=call.control
+        )
+    result = engine(
+        image, payload["scale"], face_enhance=payload.get("face_enhance", False), control=call.control
+    )
+    if payload.get("sharpen"):
+        # The same unsharp mask the Lanczos engine applies, so `sharpen` means one thing everywhere.
+        for output in result.images:
+            output.image = output.image.filter(
+                ImageFilter.UnsharpMask(radius=2, percent=int(payload["sharpen"] * 150), threshold=2)
+            )
+    return result
+
+
+def run_remove_background(call: EngineCall) -> EngineResult:
+    from inference.background import BackgroundRemover, GrabCutBackgroundRemover
+
+    entry = chosen_model(call, "remove_background", ("onnx",))
+    if entry is None:
+        installed = model_store(call.settings).list(type="onnx", task="remove_background")
+        entry = installed[0] if installed else None
+    engine: Any
+    if entry is None:
+        engine = GrabCutBackgroundRemover()
+    else:
+        path = model_store(call.settings).resolve_path(entry)
+        family = entry.extra.get("family", "u2net")
+        engine = load_cached(
+            f"seg:{entry.id}", path, lambda: BackgroundRemover(path, model_id=entry.id, family=family)
+        )
+    return engine(
+        call.images["image_url"], return_mask=call.payload.get("return_mask", False), control=call.control
+    )
+
+
+def run_scan_objects(call: EngineCall) -> EngineResult:
+    from inference.detection import ObjectScanner
+
+    store = model_store(call.settings)
+    entry = chosen_model(call, "scan_objects", ("detector",))
+    if entry is None:
+        installed = store.list(type="detector", task="scan_objects")
+        if not installed:
+            raise EngineError("no object detection model is installed", code="model_not_installed")
+        entry = installed[0]
+    path = store.resolve_path(entry)
+    labels = path.parent / entry.extra["labels"]
+    device = torch_device()
+    scanner = load_cached(
+        f"det:{entry.id}", path, lambda: ObjectScanner(path, labels, model_id=entry.id, device=device)
+    )
+    return scanner(
+        call.images["image_url"],
+        min_score=call.payload["min_score"],
+        max_objects=call.payload["max_objects"],
+        control=call.control,
+    )
+
+
+def face_engine(call: EngineCall) -> Any:
+    from inference.faceswap import LandmarkFaceSwapper
+
+    # The weight-free engine; the InsightFace path needs three models wired from the store.
+    return LandmarkFaceSwapper(max_faces=8)
+
+
+def face_upscaler(call: EngineCall) -> Callable[[Image.Image], Image.Image] | None:
+    """``upscale=1``: enhance swapped faces with the best installed SR model (none: skipped)."""
+    if not call.payload.get("upscale", 1):
+        return None
+    store = model_store(call.settings)
+    candidates = [(e.id, store.resolve_path(e)) for e in store.list(type="realesrgan", task="upscale")]
+    if not candidates:
+        return None
+    from inference.superres import Upscaler, choose_sr_model
+
+    model_id, path = choose_sr_model(candidates, scale=2)[0]
+    device = torch_device()
+    engine = load_cached(f"sr:{model_id}", path, lambda: Upscaler(path, model_id=model_id, device=device))
+
+    def upscale(image: Image.Image) -> Image.Image:
+        return engine(image, 2.0).images[0].image
+
+    return upscale
+
+
+def run_face_detect(call: EngineCall) -> EngineResult:
+    return face_engine(call).face_detect(call.images["image_url"], control=call.control)
+
+
+def run_faceswap(call: EngineCall) -> EngineResult:
+    p = call.payload
+    return face_engine(call).faceswap(
+        call.images["source_url"],
+        call.images["target_url"],
+        max_side=p["max_side"],
+        sharpen=p["sharpen"],
+        max_faces=p["max_faces"],
+        upscaler=face_upscaler(call),
+        control=call.control,
+    )
+
+
+def run_faceswap_multi(call: EngineCall) -> EngineResult:
+    p = call.payload
+    sources = call.images["source_urls"]
+    return face_engine(call).faceswap_multi(
+        sources,
+        call.images["target_url"],
+        p.get("swap_faces_index") or [0] * len(sources),
+        p.get("target_faces_index") or list(range(len(sources))),
+        max_side=p["max_side"],
+        sharpen=p["sharpen"],
+        upscaler=None,
+        control=call.control,
+    )
+
+
+def run_debug_sleep(call: EngineCall) -> EngineResult:
+    """Sleep in small slices so cancellation and progress behave like a real engine's steps."""
+    crash = call.payload.get("crash", "never")
+    seconds = call.payload.get("seconds", 1.0)
+    end = time.monotonic() + seconds
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        check_stop(call.control)
+        call.control.progress(100 * (1 - left / max(seconds, 1e-6)))
+        time.sleep(min(0.05, left))
+    if crash == "always" or (crash == "first" and call.attempt == 1):
+        # A hard crash, as a segfaulting CUDA kernel would do: no exception, no cleanup.
+        os.kill(os.getpid(), signal.SIGKILL)
+    return EngineResult(backend="debug_sleep", data={"slept": seconds, "attempt": call.attempt})
+
+
+_diffusion: Any = None
+
+# payload field -> engine argument, where they differ
+_DIFFUSION_ARGS = {"image_url": "image", "mask_url": "mask"}
+_NOT_FOR_ENGINE = {"format", "watermark"}
+
+
+def run_diffusion(call: EngineCall) -> EngineResult:
+    """generate / inpaint / remove_object / outpaint on one shared pipeline per base model."""
+    global _diffusion
+    from inference.diffusion import ENGINES as DIFFUSION_ENGINES
+    from inference.diffusion import DiffusionModels
+    from inference.safety import check_prompt
+
+    # Refused before any model loads: a blocked prompt never touches the GPU.
+    check_prompt([call.payload.get("prompt")], call.settings.prompt_blocklist)
+    if _diffusion is None:
+        _diffusion = DiffusionModels(model_store(call.settings), model_cache())
+    kwargs = {
+        _DIFFUSION_ARGS.get(name, name): value
+        for name, value in call.payload.items()
+        if name not in _NOT_FOR_ENGINE and value is not None
+    }
+    for field, arg in _DIFFUSION_ARGS.items():
+        if field in call.images:
+            kwargs[arg] = call.images[field]
+    engine = DIFFUSION_ENGINES[call.task](_diffusion)
+    return engine(**kwargs, control=call.control)
+
+
+ENGINES: dict[str, Callable[[EngineCall], EngineResult]] = {
+    "diffusion": run_diffusion,
+    "upscale": run_upscale,
+    "remove_background": run_remove_background,
+    "scan_objects": run_scan_objects,
+    "face_detect": run_face_detect,
+    "faceswap": run_faceswap,
+    "faceswap_multi": run_faceswap_multi,
+    "debug_sleep": run_debug_sleep,
+}

@@ -1,0 +1,426 @@
+"""The job pipeline as Celery tasks: prepare (cpu) -> run (the task's queue) -> finish (cpu).
+
+Each task takes a job id, never an object; loads the row; moves it through ``models.jobstore``
+(conditional UPDATEs, so a redelivered or duplicated message cannot run a finished job); calls one
+engine; and holds no database session while the engine works.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from kombu.exceptions import OperationalError
+from marshmallow import ValidationError
+from PIL import Image
+
+from config import Settings
+from config.logs import bind_job
+from inference.base import Cancelled, ContentRejected, EngineError, EngineResult
+from inference.watermark import add_label
+from models.db import Database
+from models.jobs import StoredFile
+from models.jobstore import Claim, ClaimRefused, JobStore
+from models.state import JobStatus
+from tasks import catalog
+from tasks.celery_app import FINISH, PREPARE, RUN, SWEEP, publish
+from tasks.engines import ENGINES, EngineCall
+from tasks.inputs import FetchCancelled, Fetcher, InputProblem, TransientFetchError
+from tasks.storage import Storage, default_format, encode_image
+
+log = logging.getLogger("aiorch.tasks")
+
+PROGRESS_INTERVAL = 0.5  # seconds between progress writes: never a database write per step
+
+
+class Runtime:
+    """What a worker process needs, built lazily in the process that uses it (after fork)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.db = Database(settings)
+        self.store = JobStore(self.db, settings.max_attempts)
+        self.storage = Storage(settings)
+        self.fetcher = Fetcher(settings, resolve_asset=self._asset_path)
+
+    def _asset_path(self, asset_id: str) -> Any:
+        with self.db.session() as session:
+            row = session.get(StoredFile, asset_id)
+            return None if row is None else self.storage.path_for(row.name)
+
+
+_runtimes: dict[int, Runtime] = {}
+
+
+@worker_process_init.connect
+def _forget_parent_runtime(**_: Any) -> None:
+    # A forked child must not reuse the parent's database connections.
+    _runtimes.clear()
+
+
+class JobTask(Task):
+    """Base for the pipeline tasks: late acks, requeue when the worker process dies."""
+
+    abstract = True
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+
+    @property
+    def runtime(self) -> Runtime:
+        settings: Settings = self.app.aiorch_settings  # type: ignore[attr-defined]
+        key = id(settings)
+        if key not in _runtimes:
+            _runtimes[key] = Runtime(settings)
+        return _runtimes[key]
+
+
+class JobControl:
+    """The ``RunControl`` engines see: throttled progress writes and a cached cancel flag.
+
+    Progress and the cancel check share one clock: a progress write also reads the flag, so an
+    engine calling both every step costs at most two small queries a second.
+    """
+
+    def __init__(self, store: JobStore, claim: Claim, on_progress: Any = None):
+        self.store = store
+        self.claim = claim
+        self.on_progress = on_progress
+        self._last_write = 0.0
+        self._last_read = 0.0
+        self._stop = False
+
+    def progress(self, percent: float) -> None:
+        now = time.monotonic()
+        if now - self._last_write >= PROGRESS_INTERVAL:
+            self._last_write = self._last_read = now
+            self._stop = self.store.report_progress(self.claim, int(percent)) or self._stop
+            if self.on_progress is not None:
+                self.on_progress()
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self._stop and now - self._last_read >= PROGRESS_INTERVAL:
+            self._last_read = now
+            self._stop = self.store.cancel_requested(self.claim.job_id)
+        return self._stop
+
+
+def validate_payload(spec: catalog.TaskSpec, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    schema = spec.schema(allow_private_urls=settings.allow_private_urls)  # type: ignore[call-arg]
+    return schema.load(payload)
+
+
+# -- prepare ----------------------------------------------------------------------------------------
+
+
+@shared_task(
+    bind=True, base=JobTask, name=PREPARE, queue="cpu", soft_time_limit=180, time_limit=210, max_retries=4
+)
+def prepare_job(self: JobTask, job_id: str) -> None:
+    """Fetch and check the job's inputs into storage, then publish it to its run queue."""
+    rt = self.runtime
+    job = rt.store.get(job_id)
+    if job is None or job.status != JobStatus.QUEUED.value or job.stage != "prepare":
+        return
+    with bind_job(job_id=job_id, task=job.task, worker=self.request.hostname or ""):
+        spec = catalog.TASKS[job.engine_task]
+        try:
+            payload = validate_payload(spec, job.payload, rt.settings)
+            inputs = _fetch_inputs(rt, job_id, spec, payload)
+        except ValidationError as exc:
+            _fail_before_run(
+                rt,
+                self.app,
+                job_id,
+                {"code": "invalid_payload", "message": "The payload is invalid.", "details": exc.messages},
+            )
+            return
+        except InputProblem as exc:
+            log.info("input refused: %s", exc.message)
+            _fail_before_run(rt, self.app, job_id, exc.as_error())
+            return
+        except FetchCancelled:
+            rt.storage.remove_inputs(job_id)
+            return
+        except TransientFetchError as exc:
+            if self.request.retries >= self.max_retries:
+                _fail_before_run(rt, self.app, job_id, {"code": "input_unreachable", "message": str(exc)})
+                return
+            log.warning("input fetch failed, retrying: %s", exc)
+            raise self.retry(countdown=min(30, 2**self.request.retries), exc=exc) from None
+        if not rt.store.set_prepared(job_id, inputs):
+            # Cancelled (or expired) while the inputs were downloading: it stays that way.
+            rt.storage.remove_inputs(job_id)
+            return
+        route = rt.settings.routes.for_task(job.task, job.engine_task)
+        if route is not None and route.remote_first:
+            # A remote provider serves it: submit and poll on the cpu queue (tasks/remote.py), which
+            # hands the job back to RUN if the route falls through to "local".
+            from tasks.remote import SUBMIT_REMOTE
+
+            publish(self.app, SUBMIT_REMOTE, job_id, "cpu", job.priority)
+            return
+        publish(self.app, RUN, job_id, job.queue, job.priority, **_limits(spec))
+
+
+def _fetch_inputs(
+    rt: Runtime, job_id: str, spec: catalog.TaskSpec, payload: dict[str, Any]
+) -> dict[str, Any]:
+    folder = rt.storage.input_dir(job_id)
+    stored: dict[str, Any] = {}
+
+    def should_stop() -> bool:
+        return rt.store.cancel_requested(job_id)
+
+    for field in spec.inputs:
+        value = payload.get(field)
+        if value is None:
+            continue
+        refs = value if isinstance(value, list) else [value]
+        paths = []
+        for index, ref in enumerate(refs):
+            label = f"{field}[{index}]" if isinstance(value, list) else field
+            checked = rt.fetcher.load(ref, label, should_stop)
+            path = folder / f"{field}_{index}.{checked.ext}"
+            path.write_bytes(checked.data)
+            paths.append(
+                {"path": str(path), "ext": checked.ext, "width": checked.width, "height": checked.height}
+            )
+        stored[field] = paths if isinstance(value, list) else paths[0]
+    return stored
+
+
+def _fail_before_run(rt: Runtime, app: Any, job_id: str, error: dict[str, Any]) -> None:
+    rt.storage.remove_inputs(job_id)
+    if rt.store.fail_unclaimed(job_id, JobStatus.FAILED, error):
+        _publish_finish(app, job_id)
+
+
+def _publish_finish(app: Any, job_id: str) -> None:
+    try:
+        publish(app, FINISH, job_id, "cpu")
+    except OperationalError:
+        # The job's outcome is already in the database; only the notification waits for the
+        # sweep to find it.
+        log.warning("could not publish finish for %s", job_id)
+
+
+# -- run --------------------------------------------------------------------------------------------
+
+
+@shared_task(bind=True, base=JobTask, name=RUN, soft_time_limit=600, time_limit=660)
+def run_job(self: JobTask, job_id: str, recovered: bool = False) -> None:
+    """Claim the job, run its engine, store the outputs and the final status."""
+    rt = self.runtime
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or recovered
+    try:
+        claim = rt.store.claim(job_id, redelivered=redelivered)
+    except ClaimRefused as refused:
+        log.info("not running %s: %s", job_id, refused.reason)
+        if refused.finalized:
+            rt.storage.remove_inputs(job_id)
+            _publish_finish(self.app, job_id)
+        return
+    job = rt.store.get(job_id)
+    assert job is not None
+    with bind_job(job_id=job_id, task=job.task, worker=self.request.hostname or ""):
+        spec = catalog.TASKS[job.engine_task]
+        control = JobControl(rt.store, claim, _progress_events(rt, self.app, job))
+        status, result, error, backend, files = JobStatus.FAILED, None, None, None, []
+        try:
+            payload = validate_payload(spec, job.payload, rt.settings)
+            images = _open_inputs(job.inputs or {})
+            call = EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings)
+            outcome = ENGINES[spec.engine or ""](call)
+            backend = outcome.backend
+            result, files = _store_outputs(rt, job_id, job.client_id, outcome, payload, job.inputs or {})
+            status = JobStatus.SUCCEEDED
+        except Cancelled:
+            status, error = (
+                JobStatus.CANCELLED,
+                {"code": "cancelled", "message": "The job was cancelled while running."},
+            )
+        except ContentRejected as exc:
+            status, error = JobStatus.REJECTED, {"code": exc.code, "message": str(exc)}
+        except EngineError as exc:
+            error = {"code": exc.code, "message": str(exc)}
+            if exc.field:
+                error["details"] = {"field": exc.field}
+        except SoftTimeLimitExceeded:
+            error = {"code": "timeout", "message": f"The job ran longer than {spec.soft_time_limit} s."}
+        except Exception as exc:  # an engine bug fails this job; the worker goes on with the next
+            log.exception("engine crashed")
+            error = {"code": "engine_error", "message": f"{type(exc).__name__}: {exc}"[:500]}
+        if not rt.store.finish(
+            claim,
+            status,
+            result=result,
+            error=error,
+            backend=backend,
+            files=files,
+            retention=rt.settings.result_retention,
+        ):
+            # Fenced off: cancelled or re-claimed meanwhile. Our outputs are not the job's.
+            rt.storage.delete_outputs([f.name for f in files])
+            return
+        rt.storage.remove_inputs(job_id)
+        _publish_finish(self.app, job_id)
+
+
+def _progress_events(rt: Runtime, app: Any, job: Any) -> Any:
+    """Opt-in ``job.started`` now and a ``job.progress`` callback (throttled by JobControl)."""
+    wanted = set(job.webhook_events or ()) if job.webhook_url else set()
+    if not wanted:
+        return None
+    from tasks.webhooks import schedule_event
+
+    def send(event: str) -> None:
+        current = rt.store.get(job.id)
+        if current is not None:
+            try:
+                schedule_event(app, current, event)
+            except OperationalError:
+                log.warning("progress event for %s not published", job.id)
+
+    send("job.started")
+    return (lambda: send("job.progress")) if "job.progress" in wanted else None
+
+
+def _open_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    def open_one(entry: dict[str, Any]) -> Image.Image:
+        with open(entry["path"], "rb") as handle:
+            image = Image.open(io.BytesIO(handle.read()))
+            image.load()
+        return image
+
+    return {
+        field: [open_one(e) for e in value] if isinstance(value, list) else open_one(value)
+        for field, value in inputs.items()
+    }
+
+
+def _store_outputs(
+    rt: Runtime,
+    job_id: str,
+    client_id: str,
+    outcome: EngineResult,
+    payload: dict[str, Any],
+    inputs: dict[str, Any],
+) -> tuple[dict[str, Any], list[StoredFile]]:
+    first_input = next(iter(inputs.values()), None)
+    input_ext = first_input.get("ext") if isinstance(first_input, dict) else None
+    watermark = payload.get("watermark")
+    outputs, rows = [], []
+    for output in outcome.images:
+        image = output.image
+        if watermark:
+            image = add_label(image, **watermark)
+        fmt = payload.get("format") or default_format(image, input_ext)
+        saved = rt.storage.save_output(encode_image(image, fmt), fmt)
+        meta = {
+            **output.meta,
+            "width": image.width,
+            "height": image.height,
+            "backend": outcome.backend,
+            "format": fmt,
+        }
+        outputs.append({"url": rt.storage.url_for(saved.name), "filename": saved.name, "meta": meta})
+        rows.append(
+            StoredFile(
+                name=saved.name,
+                job_id=job_id,
+                client_id=client_id,
+                content_type=saved.content_type,
+                size=saved.size,
+            )
+        )
+    result: dict[str, Any] = {"ok": True, "status": JobStatus.SUCCEEDED.value}
+    if outputs:
+        result.update(outputs[0])
+    else:
+        result["meta"] = {"backend": outcome.backend}
+    if len(outputs) > 1:
+        result["files"] = outputs
+    if outcome.data:
+        result.update(outcome.data)
+    return result, rows
+
+
+# -- finish -----------------------------------------------------------------------------------------
+
+
+@shared_task(bind=True, base=JobTask, name=FINISH, queue="cpu", soft_time_limit=60, time_limit=90)
+def finish_job(self: JobTask, job_id: str) -> None:
+    """After a job reached a final status: notify its webhook (delivery has its own retries)."""
+    rt = self.runtime
+    job = rt.store.get(job_id)
+    if job is None:
+        return
+    rt.storage.remove_inputs(job_id)
+    from tasks.webhooks import schedule_event
+
+    schedule_event(self.app, job)
+
+
+# -- sweeps -----------------------------------------------------------------------------------------
+
+
+@shared_task(bind=True, base=JobTask, name=SWEEP, queue="cpu", soft_time_limit=120, time_limit=150)
+def sweep_jobs(self: JobTask) -> dict[str, int]:
+    """Periodic: expire jobs past their TTL, re-publish jobs whose message was lost, recover runs
+    whose worker vanished, and delete output files past their retention."""
+    rt = self.runtime
+    return sweep(rt, self.app)
+
+
+def sweep(rt: Runtime, app: Any) -> dict[str, int]:
+    expired = rt.store.expire_queued(rt.settings.job_ttl)
+    for job_id in expired:
+        rt.storage.remove_inputs(job_id)
+        _publish_finish(app, job_id)
+    republished = 0
+    for job_id, stage, queue, priority in rt.store.stuck_jobs(rt.settings.republish_after):
+        try:
+            if stage == "prepare":
+                publish(app, PREPARE, job_id, "cpu", priority)
+            else:
+                spec = catalog.TASKS[rt.store.get(job_id).engine_task]  # type: ignore[union-attr]
+                publish(app, RUN, job_id, queue, priority, **_limits(spec))
+        except OperationalError:
+            break
+        rt.store.mark_dispatched(job_id)
+        republished += 1
+    recovered = 0
+    for job_id, queue, priority, engine_task, silent_for in rt.store.running_silence():
+        spec = catalog.TASKS[engine_task]
+        # A running job silent past its hard time limit lost its worker (progress writes
+        # refresh updated_at); on the embedded transport its message died with the worker.
+        if silent_for < spec.time_limit + 60:
+            continue
+        try:
+            publish(app, RUN, job_id, queue, priority, task_kwargs={"recovered": True}, **_limits(spec))
+        except OperationalError:
+            break
+        recovered += 1
+    removed = rt.store.expired_files()
+    rt.storage.delete_outputs(removed)
+    from tasks.webhooks import due_deliveries
+
+    retried = due_deliveries(rt, app)
+    return {
+        "expired": len(expired),
+        "republished": republished,
+        "recovered": recovered,
+        "files_removed": len(removed),
+        "webhooks_retried": retried,
+    }
+
+
+def _limits(spec: catalog.TaskSpec) -> dict[str, int]:
+    return {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}

@@ -1,0 +1,201 @@
+"""Payload schemas per task, shared by the API (to refuse bad input with a 422) and the workers
+(which validate again, since a job row may come from an older API or another instance).
+
+Parameter names follow the seeds: seed 000 for faceswap and upscale, the SenseTime seed (001) and
+the Zhinian seed (003) for generation, inpainting and outpainting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+IMAGE_FORMATS = ("jpg", "png", "webp")
+ALIGNS = ("topleft", "top", "topright", "left", "middle", "right", "bottomleft", "bottom", "bottomright")
+WATERMARK_POSITIONS = ("topleft", "topright", "bottomleft", "bottomright", "bottom", "top", "middle")
+
+
+def literal_private_host(host: str) -> bool:
+    """True for hosts that are private without a DNS look-up (IP literals, localhost names)."""
+    host = host.strip("[]").lower()
+    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not address.is_global
+
+
+class InputRef(fields.String):
+    """An input image: an http(s) URL, a ``data:`` URI, or ``asset://<id>``.
+
+    Private targets given as literals are refused here when the schema's context forbids them;
+    names that resolve to private addresses are caught when the worker fetches them.
+    """
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if text.startswith("data:"):
+            if ";base64," not in text[:100]:
+                raise ValidationError("data: URIs must be base64 encoded (data:<type>;base64,...)")
+            return text
+        if text.startswith("asset://"):
+            if not text[len("asset://") :].strip():
+                raise ValidationError("asset:// needs an asset id")
+            return text
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValidationError("must be an http(s) URL, a data: URI or asset://<id>")
+        if not self.parent_allows_private() and literal_private_host(parts.hostname):
+            raise ValidationError("private, loopback and link-local addresses are not allowed")
+        return text
+
+    def parent_allows_private(self) -> bool:
+        root = self.root
+        return bool(getattr(root, "allow_private_urls", False))
+
+
+class WatermarkSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    text = fields.String(load_default="AI generated", validate=validate.Length(min=1, max=64))
+    position = fields.String(load_default="bottomright", validate=validate.OneOf(WATERMARK_POSITIONS))
+    opacity = fields.Float(load_default=0.6, validate=validate.Range(min=0.05, max=1.0))
+
+
+class BasePayload(Schema):
+    """Fields every image task takes."""
+
+    class Meta:
+        unknown = RAISE
+
+    format = fields.String(validate=validate.OneOf(IMAGE_FORMATS))
+    watermark = fields.Nested(WatermarkSchema, allow_none=True)
+
+    def __init__(self, *args: Any, allow_private_urls: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.allow_private_urls = allow_private_urls
+
+
+def _unit(**kw: Any) -> fields.Float:
+    return fields.Float(validate=validate.Range(min=0.0, max=1.0), **kw)
+
+
+class UpscalePayload(BasePayload):
+    image_url = InputRef(required=True)
+    scale = fields.Float(load_default=2.0, validate=validate.Range(min=1.0, max=4.0, min_inclusive=False))
+    model = fields.String(validate=validate.Length(min=1, max=128))
+    sharpen = _unit(load_default=0.0)
+    face_enhance = fields.Boolean(load_default=False)
+
+
+class GenerateKnobs(BasePayload):
+    prompt = fields.String(validate=validate.Length(max=2000))
+    negative_prompt = fields.String(validate=validate.Length(max=2000))
+    width = fields.Integer(validate=[validate.Range(min=64, max=2048)])
+    height = fields.Integer(validate=[validate.Range(min=64, max=2048)])
+    steps = fields.Integer(validate=validate.Range(min=1, max=150))
+    cfg_scale = fields.Float(validate=validate.Range(min=0.0, max=30.0))
+    seed = fields.Integer(validate=validate.Range(min=0, max=2**32 - 1))
+    samples = fields.Integer(load_default=1, validate=validate.Range(min=1, max=8))
+    scheduler = fields.String(validate=validate.Length(max=64))
+    model = fields.String(validate=validate.Length(min=1, max=128))
+    loras = fields.List(fields.Dict(), validate=validate.Length(max=8))
+
+    @validates_schema
+    def _multiples_of_8(self, data: dict[str, Any], **_: Any) -> None:
+        for name in ("width", "height"):
+            if name in data and data[name] % 8:
+                raise ValidationError("must be a multiple of 8", field_name=name)
+
+
+class GeneratePayload(GenerateKnobs):
+    prompt = fields.String(required=True, validate=validate.Length(min=1, max=2000))
+    image_url = InputRef()
+    image_strength = _unit()
+
+
+class InpaintPayload(GenerateKnobs):
+    image_url = InputRef(required=True)
+    mask_url = InputRef(required=True)
+    mask_mode = fields.String(load_default="white", validate=validate.OneOf(("white", "black")))
+    strength = _unit()
+
+
+class RemoveObjectPayload(BasePayload):
+    image_url = InputRef(required=True)
+    mask_url = InputRef(required=True)
+    mask_mode = fields.String(load_default="white", validate=validate.OneOf(("white", "black")))
+    model = fields.String(validate=validate.Length(min=1, max=128))
+
+
+class OutpaintPayload(GenerateKnobs):
+    image_url = InputRef(required=True)
+    ratio = fields.Float(validate=validate.Range(min=1.0, max=5.0, min_inclusive=False))
+    align = fields.String(load_default="middle", validate=validate.OneOf(ALIGNS))
+
+    @validates_schema
+    def _ratio_or_size(self, data: dict[str, Any], **_: Any) -> None:
+        if "ratio" not in data and not ("width" in data and "height" in data):
+            raise ValidationError("give either ratio or both width and height", field_name="ratio")
+
+
+class RemoveBackgroundPayload(BasePayload):
+    image_url = InputRef(required=True)
+    return_mask = fields.Boolean(load_default=False)
+    model = fields.String(validate=validate.Length(min=1, max=128))
+
+
+class ScanObjectsPayload(BasePayload):
+    image_url = InputRef(required=True)
+    min_score = _unit(load_default=0.3)
+    max_objects = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    model = fields.String(validate=validate.Length(min=1, max=128))
+
+
+class FaceDetectPayload(BasePayload):
+    image_url = InputRef(required=True)
+
+
+class FaceswapPayload(BasePayload):
+    source_url = InputRef(required=True)
+    target_url = InputRef(required=True)
+    upscale = fields.Integer(load_default=1, validate=validate.OneOf((0, 1)))
+    max_side = fields.Integer(load_default=1080, validate=validate.Range(min=64, max=8192))
+    sharpen = _unit(load_default=0.0)
+    max_faces = fields.Integer(load_default=0, validate=validate.Range(min=0, max=64))
+
+
+class FaceswapMultiPayload(BasePayload):
+    source_urls = fields.List(InputRef(), required=True, validate=validate.Length(min=1, max=8))
+    target_url = InputRef(required=True)
+    swap_faces_index = fields.List(fields.Integer(validate=validate.Range(min=0)))
+    target_faces_index = fields.List(fields.Integer(validate=validate.Range(min=0)))
+    sharpen = _unit(load_default=0.0)
+    max_side = fields.Integer(load_default=1080, validate=validate.Range(min=64, max=8192))
+
+    @validates_schema
+    def _lengths(self, data: dict[str, Any], **_: Any) -> None:
+        count = len(data.get("source_urls", []))
+        for name in ("swap_faces_index", "target_faces_index"):
+            if name in data and len(data[name]) != count:
+                raise ValidationError(f"must have one entry per source_urls item ({count})", field_name=name)
+
+
+class DebugSleepPayload(Schema):
+    """The diagnostic task (only with AIORCH_DEBUG_TASKS): sleeps, reporting progress, and can
+    kill its own worker process, which is how the fault tests exercise redelivery."""
+
+    class Meta:
+        unknown = RAISE
+
+    seconds = fields.Float(load_default=1.0, validate=validate.Range(min=0.0, max=600.0))
+    crash = fields.String(load_default="never", validate=validate.OneOf(("never", "always", "first")))
+
+    def __init__(self, *args: Any, allow_private_urls: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)

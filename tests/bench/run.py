@@ -1,0 +1,707 @@
+"""``make bench``: throughput and latency of the real platform against floors measured in the same run.
+
+    python -m tests.bench.run                  # a private Postgres database + RabbitMQ vhost (dropped after)
+    python -m tests.bench.run --embedded       # SQLite + kombu filesystem transport in a temp var dir
+    python -m tests.bench.run --database-url postgresql://... --broker-url amqp://...   # existing ones
+
+1. ``POST /v1/jobs`` throughput and p50/p99 at 1, 8 and 32 concurrent keep-alive clients, the API
+   under gunicorn with no workers, against a floor: the same INSERT + COMMIT (SQLAlchemy, a Job
+   row like the API's) + ``tasks.celery_app.publish`` of the prepare task, at the same concurrency.
+2. submit -> ``succeeded`` of a tiny upscale job (32x32 PNG data: URI, scale 2) through the API and
+   real workers, polling every 10 ms, against a raw Celery round trip on the same broker (a trivial
+   task on ``create_celery(settings)``, run by its own worker process with the same pool flags).
+3. Webhook delay: receive time at a real receiver minus the body's ``finished_at_ms``.
+4. API RSS: gunicorn master + workers (VmRSS summed; PSS alongside, which counts shared pages once).
+
+Prints a table and writes ``bench-results/bench-<timestamp>.json``. Every ratio compares numbers
+measured in this run on this machine.
+
+With ``--broker-url`` the aiorch queues of that broker are purged after part 1 (its messages point
+at rows of this benchmark): point it at a broker no other platform is using. With
+``--database-url`` the benchmark's rows (client ``bench``) are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import http.client
+import io
+import json
+import os
+import platform as host_platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+from sqlalchemy import delete, select
+
+from config import QUEUES, Settings
+from models.db import Database, utcnow
+from models.jobs import Job, StoredFile, WebhookDelivery
+from models.jobstore import DEFAULT_PREDICT_SECONDS, new_id
+from models.migrate import upgrade
+from tasks import catalog
+from tasks.celery_app import PREPARE, create_celery, publish
+from tests.bench import infra
+from tests.bench.raw_celery import PING, RAW_QUEUE, build
+from tests.bench.stats import closed_loop, percentile, summary_ms
+from tests.support.platform import FINAL, ROOT, Platform, free_port
+from tests.support.servers import WebhookReceiver
+
+CLIENT = "bench"
+KEY = "bench-key-" + uuid.uuid4().hex
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.monotonic() - STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- set-up -----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--embedded", action="store_true",
+                        help="SQLite + kombu filesystem transport in a temp var dir (the Settings defaults)")
+    parser.add_argument("--database-url", help="an existing database (default: a private Postgres database)")
+    parser.add_argument("--broker-url", help="an existing broker (default: a private RabbitMQ vhost); "
+                                             "its aiorch queues are purged")
+    parser.add_argument("--levels", default="1,8,32", help="client concurrencies of part 1 (default 1,8,32)")
+    parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per level (default 6)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each level")
+    parser.add_argument("--jobs", type=int, default=30, help="sequential tiny jobs in part 2 (default 30)")
+    parser.add_argument("--webhooks", type=int, default=30,
+                        help="sequential webhook jobs in part 3 (default 30)")
+    parser.add_argument("--poll", type=float, default=0.01, help="GET /v1/jobs/{id} interval in part 2 (s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the JSON goes")
+    parser.add_argument("--keep-logs", action="store_true", help="copy the process logs next to the JSON")
+    return parser.parse_args(argv)
+
+
+def bench_settings(var: Path, port: int, database_url: str | None, broker_url: str | None) -> Settings:
+    """Settings the way an operator sets them: from ``AIORCH_*`` variables (defaults fill the rest)."""
+    env = {
+        "AIORCH_VAR_DIR": str(var),
+        "AIORCH_PORT": str(port),
+        "AIORCH_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "AIORCH_API_KEYS": f"{CLIENT}:{KEY}",
+        "AIORCH_ALLOW_PRIVATE_URLS": "1",  # the webhook receiver listens on 127.0.0.1
+        "AIORCH_LOG_JSON": "1",
+    }
+    if database_url:
+        env["AIORCH_DATABASE_URL"] = database_url
+    if broker_url:
+        env["AIORCH_BROKER_URL"] = broker_url
+    return Settings.from_env(env)
+
+
+def tiny_png_uri(side: int = 32) -> str:
+    from PIL import Image
+
+    image = Image.new("RGB", (side, side))
+    image.putdata([(x * 8 % 256, y * 8 % 256, (x + y) * 4 % 256) for y in range(side) for x in range(side)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def start_raw_worker(plat: Platform) -> None:
+    """Spawn the floor's worker with the flags ``Platform.start_worker`` gives the platform's."""
+    plat._spawn("raw", [sys.executable, "-m", "celery", "-A", "tests.bench.raw_worker:app", "worker",
+                        "-Q", RAW_QUEUE, "-c", "1", "-n", "raw@bench", "--pool", "prefork",
+                        "--without-mingle", "--without-gossip", "-E", "--loglevel", "INFO"])
+
+
+def wait_ready(plat: Platform, name: str, offset: int = 0, timeout: float = 60.0) -> None:
+    log = plat.logs / f"{name}.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and b" ready." in log.read_bytes()[offset:]:
+            return
+        if plat.procs[name].poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"worker {name} did not start:\n" + plat.log(name))
+
+
+class Supervisor:
+    """Notices a worker process that exited, records why (the last error in its log) and starts
+    it again with the same flags, so one crash costs one job, not the rest of the run."""
+
+    GPU_QUEUES = "gpu.diffusion,gpu.superres,gpu.faceswap,gpu.vision"  # as Platform.start_workers
+
+    def __init__(self, plat: Platform):
+        self.plat = plat
+        self.crashes: list[dict[str, Any]] = []
+
+    def dead(self) -> list[str]:
+        procs = self.plat.procs
+        return [n for n in ("cpu", "gpu", "raw") if n in procs and procs[n].poll() is not None]
+
+    def revive(self) -> list[str]:
+        names = self.dead()
+        for name in names:
+            proc = self.plat.procs.pop(name)
+            log = self.plat.logs / f"{name}.log"
+            text = log.read_text(errors="replace") if log.exists() else ""
+            last = next((line for line in reversed(text.splitlines())
+                         if '"critical"' in line or '"error"' in line), "")
+            try:
+                reason = json.loads(last).get("msg", last)[:300] if last else "no error logged"
+            except ValueError:
+                reason = last[:300]
+            self.crashes.append({"worker": name, "returncode": proc.returncode, "reason": reason,
+                                 "at_s": round(time.monotonic() - STARTED, 1)})
+            say(f"worker {name} exited (rc {proc.returncode}): {reason}; restarting it")
+            if name == "raw":
+                offset = log.stat().st_size if log.exists() else 0
+                start_raw_worker(self.plat)
+                wait_ready(self.plat, "raw", offset)
+            elif name == "cpu":
+                self.plat.start_worker("cpu", "cpu", 2)
+            else:
+                self.plat.start_worker("gpu", self.GPU_QUEUES, 1)
+        return names
+
+
+# -- part 1: POST /v1/jobs against INSERT + COMMIT + publish -----------------------------------------
+
+def part_submit(plat: Platform, settings: Settings, payload: dict[str, Any], levels: list[int],
+                warmup: float, duration: float) -> dict[str, Any]:
+    body = json.dumps({"task": "upscale", "payload": payload}).encode()
+    headers = {"Content-Type": "application/json", "X-API-Key": KEY}
+    api_pid = plat.procs["api"].pid
+    spec = catalog.resolve("upscale")
+    predict = DEFAULT_PREDICT_SECONDS["upscale"]
+    fingerprint = uuid.uuid4().hex + uuid.uuid4().hex
+
+    floor_db = Database(settings)
+    floor_celery = create_celery(settings)
+
+    def api_op() -> Any:
+        conn = [http.client.HTTPConnection("127.0.0.1", settings.port, timeout=30)]
+
+        def op() -> None:
+            try:
+                conn[0].request("POST", "/v1/jobs", body=body, headers=headers)
+                response = conn[0].getresponse()
+                data = response.read()
+            except (http.client.HTTPException, OSError):
+                conn[0].close()
+                conn[0] = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=30)
+                raise
+            if response.status != 202:
+                raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+
+        return op
+
+    split: dict[str, list[float]] = {"db": [], "publish": []}
+
+    def floor_op() -> Any:
+        def op() -> None:
+            t0 = time.perf_counter()
+            now = utcnow()
+            job = Job(
+                id=new_id(), client_id=CLIENT, task="upscale", engine_task=spec.name, queue=spec.queue,
+                status="queued", stage="prepare", progress=0, priority=0, payload=payload, meta={},
+                webhook_url=None, webhook_events=None, idempotency_key=None, request_hash=fingerprint,
+                attempts=0, cancel_requested=False, created_at=now, queued_at=now, updated_at=now,
+                dispatched_at=now, predict_time=predict,
+            )
+            with floor_db.session() as session:
+                session.add(job)
+            t1 = time.perf_counter()
+            publish(floor_celery, PREPARE, job.id, "cpu", job.priority)
+            split["db"].append(t1 - t0)
+            split["publish"].append(time.perf_counter() - t1)
+
+        return op
+
+    # Connections, imports and first-request costs are paid before anything is measured.
+    for make in (api_op, floor_op):
+        op = make()
+        for _ in range(20):
+            op()
+
+    levels_out = []
+    try:
+        for concurrency in levels:
+            split["db"].clear()
+            split["publish"].clear()
+            floor = closed_loop(concurrency, floor_op, warmup, duration)
+            say(f"floor  c={concurrency:<3} {floor.throughput:8.1f}/s  p50 "
+                f"{summary_ms(floor.latencies_s)['p50_ms']} ms  errors {floor.errors}  "
+                f"bench CPU {1000 * floor.client_cpu_s / max(1, floor.all_ops):.1f} ms/op")
+            pids = infra.process_tree(api_pid)
+            api_cpu0 = infra.cpu_seconds(pids)
+            api = closed_loop(concurrency, api_op, warmup, duration)
+            api_cpu = infra.cpu_seconds(pids) - api_cpu0
+            say(f"API    c={concurrency:<3} {api.throughput:8.1f}/s  p50 "
+                f"{summary_ms(api.latencies_s)['p50_ms']} ms  errors {api.errors}  "
+                f"API CPU {1000 * api_cpu / max(1, api.all_ops):.1f} ms/request")
+            api_d, floor_d = api.as_dict(), floor.as_dict()
+            # CPU seconds of the gunicorn processes (resp. of the benchmark process running the floor)
+            # over warm-up + window, per operation finished in that time.
+            api_d["api_process_cpu_s"] = round(api_cpu, 3)
+            api_d["api_cpu_ms_per_request"] = round(1000 * api_cpu / api.all_ops, 3) if api.all_ops else None
+            floor_d["bench_cpu_ms_per_op"] = (round(1000 * floor.client_cpu_s / floor.all_ops, 3)
+                                              if floor.all_ops else None)
+            floor_d["split"] = {"insert_commit": summary_ms(split["db"]),
+                                "publish": summary_ms(split["publish"])}
+            levels_out.append({
+                "concurrency": concurrency,
+                "api": api_d,
+                "floor": floor_d,
+                "throughput_ratio": round(api.throughput / floor.throughput, 3) if floor.throughput else None,
+            })
+        depths = infra.queue_depths(floor_celery, list(QUEUES))
+    finally:
+        floor_db.dispose()
+    return {"levels": levels_out, "queue_depths_after": depths, "publisher": floor_celery}
+
+
+# -- part 2: tiny upscale job against a raw Celery round trip -----------------------------------------
+
+class RawRoundTrip:
+    def __init__(self, settings: Settings):
+        self.app = build(settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+
+    def once(self, crashed: Any = lambda: False, timeout: float = 20.0) -> tuple[float, float] | None:
+        """(send -> the benchmark hears the task ran, send -> task body started) in seconds, or
+        None when a worker died meanwhile (its message is lost with it)."""
+        token = uuid.uuid4().hex
+        sent_wall = time.time()
+        t0 = time.perf_counter()
+        publish(self.app, PING, token, RAW_QUEUE, task_kwargs={"port": self.port})
+        deadline = t0 + timeout
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"raw task {token} did not run within {timeout}s")
+            if crashed():
+                return None
+            self.sock.settimeout(min(left, 0.2))
+            try:
+                data, _ = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            message = json.loads(data)
+            if message.get("token") == token:
+                return time.perf_counter() - t0, message["executed_at"] - sent_wall
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(Exception), self.app.connection_for_write() as conn:
+            self.app.amqp.queues[RAW_QUEUE].bind(conn.default_channel).delete()
+
+
+def run_job(http: requests.Session, base: str, payload: dict[str, Any], poll: float,
+            crashed: Any = lambda: False, timeout: float = 20.0, **extra: Any) -> dict[str, Any]:
+    """Submit one job and poll it to a final status; a job not final after ``timeout`` is
+    reported with status ``timeout`` (a lost message, a dead consumer), not raised."""
+    headers = {"X-API-Key": KEY}
+    t0 = time.perf_counter()
+    response = http.post(base + "/v1/jobs", json={"task": "upscale", "payload": payload, **extra},
+                         headers=headers, timeout=15)
+    if response.status_code != 202:
+        raise RuntimeError(f"submit answered {response.status_code}: {response.text[:300]}")
+    job_id = response.json()["job_id"]
+    submit_s = time.perf_counter() - t0
+    polls = 0
+    while True:
+        job = http.get(f"{base}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
+        polls += 1
+        if job["status"] in FINAL:
+            observed_wall_ms = time.time() * 1000
+            elapsed = time.perf_counter() - t0
+            break
+        if time.perf_counter() - t0 > timeout:
+            return {"job_id": job_id, "status": "timeout",
+                    "error": f"still {job['status']} after {timeout:g} s"}
+        if crashed():
+            return {"job_id": job_id, "status": "lost",
+                    "error": f"still {job['status']} when a worker process exited"}
+        time.sleep(poll)
+    created, started, finished = job.get("created_at_ms"), job.get("started_at_ms"), job.get("finished_at_ms")
+    return {
+        "job_id": job_id, "status": job["status"], "error": job.get("error"), "elapsed_s": elapsed,
+        "submit_s": submit_s, "polls": polls,
+        # Server-side split (ms): queued -> claimed by the run task (prepare hop + run hop),
+        # engine run (claim -> final write), final write -> the poll that saw it.
+        "queued_to_started_ms": started - created if started and created else None,
+        "started_to_finished_ms": finished - started if finished and started else None,
+        "finished_to_observed_ms": observed_wall_ms - finished if finished else None,
+    }
+
+
+def part_latency(plat: Platform, sup: Supervisor, raw: RawRoundTrip, payload: dict[str, Any], n: int,
+                 poll: float) -> dict[str, Any]:
+    http = requests.Session()
+    crashed = lambda: bool(sup.dead())  # noqa: E731
+    for _ in range(3):  # forked children import the engine and open connections on first use
+        raw.once(crashed)
+        run_job(http, plat.base_url, payload, poll, crashed)
+        sup.revive()
+    jobs, raws, raw_exec, failures = [], [], [], []
+    raw_lost = streak = 0
+    for _ in range(n):
+        measured = raw.once(crashed)
+        if measured is None:
+            raw_lost += 1
+        else:
+            raws.append(measured[0])
+            raw_exec.append(measured[1])
+        if sup.revive():
+            continue
+        job = run_job(http, plat.base_url, payload, poll, crashed)
+        sup.revive()
+        if job["status"] == "succeeded":
+            jobs.append(job)
+            streak = 0
+        else:
+            failures.append({"job_id": job["job_id"], "status": job["status"], "error": job["error"]})
+            say(f"job {job['job_id']} ended {job['status']}: {job['error']}")
+            streak += 1
+            if streak >= 3:
+                failures.append({"aborted": "three jobs in a row did not succeed; part 2 stopped early"})
+                break
+    http.close()
+    job_lat = summary_ms([j["elapsed_s"] for j in jobs])
+    raw_lat = summary_ms(raws)
+
+    def split(key: str) -> dict[str, Any]:
+        values = [j[key] for j in jobs if j[key] is not None]
+        return {"p50_ms": percentile(values, 50), "p99_ms": percentile(values, 99)}
+
+    return {
+        "job": job_lat,
+        "raw_round_trip": raw_lat,
+        "raw_send_to_executed": summary_ms(raw_exec),
+        "ratio_p50": round(job_lat["p50_ms"] / raw_lat["p50_ms"], 3) if jobs and raw_lat["p50_ms"] else None,
+        "ratio_p99": round(job_lat["p99_ms"] / raw_lat["p99_ms"], 3) if jobs and raw_lat["p99_ms"] else None,
+        "submit_request": summary_ms([j["submit_s"] for j in jobs]),
+        "split": {k: split(k) for k in
+                  ("queued_to_started_ms", "started_to_finished_ms", "finished_to_observed_ms")},
+        "polls_per_job_p50": percentile([float(j["polls"]) for j in jobs], 50),
+        "failures": failures,
+        "raw_lost": raw_lost,
+    }
+
+
+# -- part 3: webhook delay after finished_at ---------------------------------------------------------
+
+def part_webhooks(plat: Platform, sup: Supervisor, payload: dict[str, Any], n: int) -> dict[str, Any]:
+    receiver = WebhookReceiver().start()
+    http = requests.Session()
+    headers = {"X-API-Key": KEY}
+    delays, totals, problems = [], [], []
+    try:
+        for index in range(n + 2):  # the first two warm the cpu worker's webhook path up
+            t0 = time.perf_counter()
+            response = http.post(plat.base_url + "/v1/jobs", headers=headers, timeout=15,
+                                 json={"task": "upscale", "payload": payload, "webhook_url": receiver.url})
+            if response.status_code != 202:
+                raise RuntimeError(f"submit answered {response.status_code}: {response.text[:300]}")
+            job_id = response.json()["job_id"]
+            deadline = time.monotonic() + 15
+            hit = None
+            while hit is None and time.monotonic() < deadline and not sup.dead():
+                hit = next((r for r in list(receiver.received) if r.json().get("job_id") == job_id), None)
+                if hit is None:
+                    time.sleep(0.001)
+            if hit is None and sup.revive():
+                problems.append(f"job {job_id} lost: a worker process exited")
+                continue
+            if hit is None:
+                problems.append(f"no webhook for {job_id} within 15 s")
+                say(problems[-1])
+                if len(problems) >= 3 and all(p.startswith("no webhook") for p in problems[-3:]):
+                    problems.append("aborted: three jobs in a row without a webhook")
+                    break
+                continue
+            total = time.perf_counter() - t0
+            event = hit.json()
+            if event.get("status") != "succeeded" or event.get("finished_at_ms") is None:
+                problems.append(f"{job_id}: {event.get('status')} {event.get('error')}")
+                continue
+            if index >= 2:
+                delays.append((hit.at * 1000 - event["finished_at_ms"]) / 1000)
+                totals.append(total)
+    finally:
+        http.close()
+        receiver.stop()
+    return {"delay_after_finished_at": summary_ms(delays), "submit_to_webhook": summary_ms(totals),
+            "problems": problems[:10], "deliveries_received": len(receiver.received)}
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+def fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:,.1f}" if abs(value) >= 100 else f"{value:.2f}"
+    else:
+        text = str(value)
+    return f"{text}{unit}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+
+    def row(metric: str, value: Any, floor: Any, ratio: Any, target: str, ok: bool | None,
+            unit: str = "") -> None:
+        rows.append({"metric": metric, "value": value, "floor": floor, "ratio": ratio, "target": target,
+                     "pass": ok, "unit": unit})
+
+    for level in results.get("submit", {}).get("levels", []):
+        c, api, floor = level["concurrency"], level["api"], level["floor"]
+        ratio = level["throughput_ratio"]
+        row(f"POST /v1/jobs c={c} throughput", api["throughput_per_s"], floor["throughput_per_s"], ratio,
+            ">= 0.5x floor", None if ratio is None else ratio >= 0.5 and api["errors"] == 0, "/s")
+        for q in ("p50", "p99"):
+            a, f = api["latency"][f"{q}_ms"], floor["latency"][f"{q}_ms"]
+            row(f"POST /v1/jobs c={c} {q}", a, f, round(a / f, 2) if a and f else None, "info", None, " ms")
+    lat = results.get("latency")
+    if lat:
+        row("tiny upscale submit->succeeded p50", lat["job"]["p50_ms"], lat["raw_round_trip"]["p50_ms"],
+            lat["ratio_p50"], "<= 2x raw", None if lat["ratio_p50"] is None else lat["ratio_p50"] <= 2.0,
+            " ms")
+        row("tiny upscale submit->succeeded p99", lat["job"]["p99_ms"], lat["raw_round_trip"]["p99_ms"],
+            lat["ratio_p99"], "info", None, " ms")
+        lost = len([f for f in lat["failures"] if "job_id" in f])
+        row("tiny upscale jobs not succeeded", lost, None, None, "0", lost == 0 and not lat["failures"])
+    hooks = results.get("webhooks")
+    if hooks:
+        d = hooks["delay_after_finished_at"]
+        row("webhook delay after finished_at p50", d["p50_ms"], None, None, "info", None, " ms")
+        row("webhook delay after finished_at p99", d["p99_ms"], None, None, "<= 100 ms",
+            None if d["p99_ms"] is None else d["p99_ms"] <= 100 and not hooks["problems"], " ms")
+    if "worker_crashes" in results:
+        crashes = results["worker_crashes"]
+        row("worker crashes during parts 2-3", len(crashes), None, None, "0", not crashes)
+    if "processes_exited" in results:
+        dead = results["processes_exited"]
+        row("platform processes alive at the end", "all" if not dead else
+            "exited: " + ", ".join(f"{n} (rc {rc})" for n, rc in dead.items()), None, None, "all", not dead)
+    rss = results.get("api_memory")
+    if rss:
+        worst = max(m["rss_mb"] for m in rss.values())
+        row("API RSS (gunicorn master + workers)", worst, None, None, "<= 120 MB", worst <= 120, " MB")
+        pss = max(m["pss_mb"] for m in rss.values())
+        row("API PSS (shared pages counted once)", pss, None, None, "info", None, " MB")
+
+    details = []
+    for level in results.get("submit", {}).get("levels", []):
+        api, floor = level["api"], level["floor"]
+        details.append(
+            f"c={level['concurrency']:<3} API CPU {fmt(api.get('api_cpu_ms_per_request'), ' ms')}/request "
+            f"(gunicorn processes); floor CPU {fmt(floor.get('bench_cpu_ms_per_op'), ' ms')}/op; floor split "
+            f"p50 INSERT+COMMIT {fmt(floor['split']['insert_commit']['p50_ms'], ' ms')}, "
+            f"publish {fmt(floor['split']['publish']['p50_ms'], ' ms')}; errors API {api['errors']} "
+            f"floor {floor['errors']}")
+    if lat:
+        sp = lat["split"]
+        details.append(
+            f"job split p50: queued->started {fmt(sp['queued_to_started_ms']['p50_ms'], ' ms')} "
+            f"(prepare + run hops), "
+            f"started->finished {fmt(sp['started_to_finished_ms']['p50_ms'], ' ms')}, "
+            f"finished->seen by poll {fmt(sp['finished_to_observed_ms']['p50_ms'], ' ms')}; "
+            f"POST {fmt(lat['submit_request']['p50_ms'], ' ms')}; raw send->task body "
+            f"{fmt(lat['raw_send_to_executed']['p50_ms'], ' ms')}; failed jobs {len(lat['failures'])}")
+    for crash in results.get("worker_crashes", []):
+        details.append(f"worker crash: {crash['worker']} rc {crash['returncode']} at {crash['at_s']} s: "
+                       f"{crash['reason'][:160]} (restarted by the benchmark)")
+    if lat and lat.get("raw_lost"):
+        details.append(f"raw floor: {lat['raw_lost']} round trips lost to worker crashes "
+                       "(not in the floor numbers)")
+    if hooks:
+        details.append(f"webhooks: submit->received p50 {fmt(hooks['submit_to_webhook']['p50_ms'], ' ms')}, "
+                       f"deliveries {hooks['deliveries_received']}, problems {len(hooks['problems'])}")
+    if rss:
+        for when, mem in rss.items():
+            parts = ", ".join(f"{p['role']} {fmt((p['rss_kb'] or 0) / 1024, ' MB')}"
+                              for p in mem["processes"])
+            details.append(f"API memory {when}: RSS {fmt(mem['rss_mb'], ' MB')} ({parts}), "
+                           f"PSS {fmt(mem['pss_mb'], ' MB')}")
+
+    headers = ("metric", "value", "floor", "ratio", "target", "result")
+    lines = [[r["metric"], fmt(r["value"], r["unit"]), fmt(r["floor"], r["unit"]), fmt(r["ratio"], "x"),
+              r["target"], verdict(r["pass"])] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
+           "  ".join("-" * w for w in widths)]
+    for line in lines:
+        out.append("  ".join(cell.rjust(w) if 0 < i < 4 else cell.ljust(w)
+                             for i, (cell, w) in enumerate(zip(line, widths, strict=True))))
+    if details:
+        out.append("")
+        out.extend(details)
+    return "\n".join(out), rows
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    signal.signal(signal.SIGTERM, _terminate)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_id = uuid.uuid4().hex[:10]
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "revision": git_revision(),
+        "host": {"cpus": os.cpu_count(), "python": host_platform.python_version(),
+                 "loadavg_start": os.getloadavg()},
+        "parameters": {"levels": levels, "duration_s": args.duration, "warmup_s": args.warmup,
+                       "jobs": args.jobs, "webhooks": args.webhooks, "poll_s": args.poll},
+    }
+    payload = {"image_url": tiny_png_uri(), "scale": 2}
+    status = 1
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aiorch-bench-")))
+        var = tmp / "var"
+        database_url, broker_url = args.database_url, args.broker_url
+        if not database_url and not args.embedded:
+            database_url = stack.enter_context(infra.private_database(f"aiorch_bench_{run_id}"))
+        if not broker_url and not args.embedded:
+            broker_url = stack.enter_context(infra.private_vhost(f"aiorch_bench_{run_id}"))
+        port = free_port()
+        settings = bench_settings(var, port, database_url, broker_url)
+        var.mkdir(parents=True)
+        results["database"] = redact(settings.database_url)
+        results["broker"] = redact(settings.broker_url)
+        results["mode"] = "embedded" if settings.embedded else "server"
+        say(f"database {results['database']}  broker {results['broker']}")
+
+        db = Database(settings)
+        stack.callback(db.dispose)
+        upgrade(db)
+        if args.database_url:
+            stack.callback(_delete_bench_rows, db)
+        plat = Platform(settings, tmp / "logs")
+        stack.callback(plat.stop)
+        if args.keep_logs:
+            stack.callback(_keep_logs, plat.logs, args.out / f"bench-{stamp}-logs")
+        try:
+            plat.start_api()
+            say(f"API up on {plat.base_url} (gunicorn, 1 worker x 16 threads); "
+                "part 1: POST /v1/jobs, no workers")
+            submit = part_submit(plat, settings, payload, levels, args.warmup, args.duration)
+            publisher = submit.pop("publisher")
+            results["submit"] = submit
+            results["api_memory"] = {"after_submit_load": infra.memory(plat.procs["api"].pid)}
+            results["purged_after_part1"] = infra.purge(publisher, list(QUEUES))
+            say(f"purged {results['purged_after_part1']}; starting workers")
+
+            start_raw_worker(plat)
+            plat.start_workers()
+            wait_ready(plat, "raw")
+            sup = Supervisor(plat)
+            results["worker_crashes"] = sup.crashes
+            raw = RawRoundTrip(settings)
+            stack.callback(raw.close)
+            say(f"part 2: {args.jobs} tiny upscale jobs, alternating with raw Celery round trips")
+            results["latency"] = part_latency(plat, sup, raw, payload, args.jobs, args.poll)
+            say(f"job p50 {results['latency']['job']['p50_ms']} ms, raw p50 "
+                f"{results['latency']['raw_round_trip']['p50_ms']} ms")
+            say(f"part 3: {args.webhooks} jobs with a webhook")
+            results["webhooks"] = part_webhooks(plat, sup, payload, args.webhooks)
+            results["api_memory"]["after_all"] = infra.memory(plat.procs["api"].pid)
+            status = 0
+        except BaseException as exc:
+            results["error"] = f"{type(exc).__name__}: {exc}"
+            for name in ("api", "cpu", "gpu", "raw"):
+                tail = plat.log(name)
+                if tail:
+                    print(f"--- {name} log (tail) ---\n{tail[-1500:]}", file=sys.stderr)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            # A worker that died mid-run (its log says why) explains lost jobs and missing webhooks.
+            results["processes_exited"] = {name: proc.returncode for name, proc in plat.procs.items()
+                                           if proc.poll() is not None}
+            trouble = (results["processes_exited"] or results.get("worker_crashes") or "error" in results
+                       or results.get("latency", {}).get("failures")
+                       or results.get("webhooks", {}).get("problems"))
+            if trouble and not args.keep_logs:
+                _keep_logs(plat.logs, args.out / f"bench-{stamp}-logs")
+                results["logs"] = str(args.out / f"bench-{stamp}-logs")
+            results["host"]["loadavg_end"] = os.getloadavg()
+            results["elapsed_s"] = round(time.monotonic() - STARTED, 1)
+            text, rows = table(results)
+            results["table"] = rows
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"bench-{stamp}.json"
+            path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+            print()
+            print(f"aiorch bench  {results['mode']}  db={results['database']}  broker={results['broker']}  "
+                  f"rev={results['revision']}  cpus={os.cpu_count()}  "
+                  f"load {results['host']['loadavg_start'][0]:.2f}->{results['host']['loadavg_end'][0]:.2f}")
+            print(text)
+            if "error" in results:
+                print(f"\nERROR: {results['error']}")
+            if "logs" in results:
+                print(f"process logs kept in {results['logs']}")
+            print(f"\nwrote {path}")
+    say("cleaned up")
+    return status
+
+
+def _delete_bench_rows(db: Database) -> None:
+    with db.session() as session:
+        ids = select(Job.id).where(Job.client_id == CLIENT).scalar_subquery()
+        session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id.in_(ids)))
+        session.execute(delete(StoredFile).where(StoredFile.job_id.in_(ids)))
+        session.execute(delete(Job).where(Job.client_id == CLIENT))
+
+
+def _keep_logs(source: Path, target: Path) -> None:
+    if source.exists():
+        shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Shared fixtures: a private Postgres database and RabbitMQ vhost per run, migrated to head.
+
+Every run creates ``aiorch_t_<random>`` on the machine's Postgres and a vhost of the same name on
+its RabbitMQ, and drops both at the end, so parallel runs never see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from config import Settings
+from models.db import Database
+from models.migrate import upgrade
+
+PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
+RUN_ID = uuid.uuid4().hex[:10]
+KEYS = (("alice", "alice-key-0123456789"), ("bob", "bob-key-0123456789"))
+
+
+def _pg_admin(sql: str) -> None:
+    conn = psycopg2.connect(PG_ADMIN)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql)
+    finally:
+        conn.close()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"aiorch_t_{RUN_ID}"
+    _pg_admin(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@contextlib.contextmanager
+def _vhost(suffix: str) -> Iterator[str]:
+    vhost = f"aiorch_t_{RUN_ID}_{suffix}"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """The vhost of unit tests: messages they publish pile up unconsumed, harmlessly."""
+    with _vhost("unit") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def worker_amqp_url() -> Iterator[str]:
+    """The vhost the integration suite's real workers consume from."""
+    with _vhost("int") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def base_settings(pg_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    var = tmp_path_factory.mktemp("var")
+    settings = Settings(
+        var_dir=var,
+        port=8000,
+        database_url=pg_url,
+        broker_url=amqp_url,
+        api_keys=KEYS,
+        storage_dir=var / "storage",
+        public_url="http://127.0.0.1:8000",
+        models_dir=var / "models",
+        allow_private_urls=True,
+        debug_tasks=True,
+        log_json=False,
+    )
+    db = Database(settings)
+    upgrade(db)
+    db.dispose()
+    return settings
+
+
+@pytest.fixture
+def settings(base_settings: Settings) -> Settings:
+    return base_settings
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    database = Database(settings)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture(scope="session")
+def astronaut_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("images") / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((96, 96)).save(path)
+    return path

@@ -1,0 +1,310 @@
+"""A fake SenseTime Miaohua API following seed 001.
+
+Auth is checked for real: the bearer JWT's HS256 signature is recomputed here with the secret key
+of its ``iss`` (by hand, not with PyJWT, so the client's use of PyJWT is checked against an
+independent implementation), ``exp`` is required and enforced, ``nbf`` is honoured. Failures answer
+error code 16 as the seed's error table says.
+
+Behaviour the tests steer:
+- jobs answer PENDING, then RUNNING, then SUCCESS over ``polls_to_finish`` + 1 polls;
+- a prompt containing ``BLOCKED`` is refused at submit with code 18 (sensitive words);
+- a prompt containing ``NSFW-OUTPUT`` finishes FAILED with image error_code ``Sensitive``;
+- ``faults.add("rate_limit" | "server_error" | "slow" | "malformed", on=...)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from flask import Response, jsonify, request
+
+from tests.fakes.common import FakeClock, FakeProvider, slow
+
+BATCH_LIMIT = 50
+_IMAGE_FAMILIES = {"imgenstd", "erase", "outpaint", "inpaint", "sup_res", "split", "stylization"}
+# What each submit endpoint requires, per the seed's parameter tables.
+_REQUIRED = {
+    ("imgenstd", "imgen"): ("model_id", "prompt"),
+    ("erase", "imgen"): ("model_id", "img_url", "mask_img_url"),
+    ("outpaint", "imgen"): ("model_id", "img_url"),
+    ("outpaint", "imgen_free"): ("model_id", "img_url", "width", "height"),
+    ("inpaint", "imgen"): ("model_id", "img_url", "mask_img_url", "prompt"),
+    ("sup_res", "imgen"): ("model_id", "img_url"),
+    ("split", "imgen"): ("model_id", "img_url"),
+    ("stylization", "imgen"): ("model_id", "img_url"),
+}
+
+
+def _b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+class SenseTimeFake(FakeProvider):
+    def __init__(
+        self,
+        *,
+        keys: dict[str, str] | None = None,
+        clock: FakeClock | None = None,
+        model_count: int = 230,
+    ):
+        super().__init__(clock=clock)
+        self.keys = keys or {"test-ak": "test-sk"}
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.batch_sizes: list[int] = []
+        self.tokens: list[str] = []
+        self.model_pages: list[tuple[int, int]] = []
+        self.models = [
+            {
+                "id": f"model{i:03d}",
+                "name": f"Model {i}",
+                "description": "",
+                "base_model_type": "mini1.5",
+                "model_type": "LORA" if i % 3 == 0 else "Checkpoint",
+                "trigger_words": "",
+            }
+            for i in range(model_count)
+        ]
+        self._routes()
+
+    def reset(self) -> None:
+        super().reset()
+        with self.lock:
+            self.tasks.clear()
+            self.batch_sizes.clear()
+            self.tokens.clear()
+            self.model_pages.clear()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def error(code: int, message: str, status: int, headers: dict | None = None) -> Response:
+        response = jsonify({"error": {"code": code, "message": message, "details": ["trace_id:fake"]}})
+        response.status_code = status
+        for name, value in (headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    def _check_token(self) -> str | None:
+        """The reason the bearer token is refused, or None when it is valid."""
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            return "missing bearer token"
+        token = header[len("Bearer ") :]
+        parts = token.split(".")
+        if len(parts) != 3:
+            return "malformed token"
+        try:
+            head = json.loads(_b64url_decode(parts[0]))
+            claims = json.loads(_b64url_decode(parts[1]))
+            signature = _b64url_decode(parts[2])
+        except (ValueError, json.JSONDecodeError):
+            return "malformed token"
+        if head.get("alg") != "HS256":
+            return "alg must be HS256"
+        secret = self.keys.get(claims.get("iss"))
+        if secret is None:
+            return "unknown iss"
+        expected = hmac.new(secret.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, signature):
+            return "bad signature"
+        now = self.clock()
+        if not isinstance(claims.get("exp"), int) or claims["exp"] <= now:
+            return "token expired"
+        if isinstance(claims.get("nbf"), int) and claims["nbf"] > now:
+            return "token not yet valid"
+        self.tokens.append(token)
+        return None
+
+    def _gate(self, endpoint: str) -> Response | None:
+        """Auth, then any injected fault for this endpoint kind."""
+        self.requests.append({"method": request.method, "path": request.path, "endpoint": endpoint})
+        reason = self._check_token()
+        if reason:
+            return self.error(16, f"Unauthenticated: {reason}", 401)
+        fault = self.faults.take(endpoint)
+        slow(fault)
+        if fault is None or fault.kind == "slow":
+            return None
+        if fault.kind == "rate_limit":
+            headers = (
+                {"Retry-After": str(fault.params["retry_after"])} if "retry_after" in fault.params else {}
+            )
+            return self.error(8, "Too Many Requests", 429, headers)
+        if fault.kind == "server_error":
+            return self.error(2, "Internal Error", 500)
+        if fault.kind == "malformed":
+            return Response("{not json", status=200, content_type="application/json")
+        raise AssertionError(f"unknown fault {fault.kind}")
+
+    def _new_task(self, family: str, body: dict[str, Any]) -> Response:
+        prompt = str(body.get("prompt") or "")
+        if "BLOCKED" in prompt:
+            return self.error(18, "触发敏感词", 400)
+        task_id = f"st-{self.next_id():05d}"
+        with self.lock:
+            self.tasks[task_id] = {
+                "family": family,
+                "polls": 0,
+                "body": body,
+                "samples": int(body.get("samples") or 1),
+                "fmt": "PNG" if body.get("format") == "PNG" else "JPEG",
+                "sensitive": "NSFW-OUTPUT" in prompt,
+            }
+        return jsonify({"task_id": task_id})
+
+    def _advance(self, task_id: str) -> dict[str, Any]:
+        """One poll of a task: count it and produce the state the seed's result body shows."""
+        with self.lock:
+            task = self.tasks[task_id]
+            task["polls"] += 1
+            if task["polls"] == 1:
+                state = "PENDING"
+            elif task["polls"] <= self.polls_to_finish:
+                state = "RUNNING"
+            else:
+                state = "FAILED" if task["sensitive"] else "SUCCESS"
+            if state in ("SUCCESS", "FAILED") and "images" not in task:
+                task["images"] = [self._image(task, i) for i in range(task["samples"])]
+            return {"state": state, "images": task.get("images", []) if state != "PENDING" else []}
+
+    def _image(self, task: dict[str, Any], index: int) -> dict[str, Any]:
+        if task["sensitive"]:
+            return {"index": index, "seed": 1000 + index, "small": "", "raw": "", "error_code": "Sensitive"}
+        name = self.store_image(fmt=task["fmt"], seed=index)
+        small = self.store_image(fmt=task["fmt"], size=(16, 12), seed=index)
+        base = request.host_url
+        return {
+            "index": index,
+            "seed": 1000 + index,
+            "small": f"{base}files/{small}",
+            "raw": f"{base}files/{name}",
+            "error_code": "",
+        }
+
+    def _result_body(self, task_id: str) -> dict[str, Any]:
+        state = self._advance(task_id)
+        message = {"SUCCESS": "OK", "FAILED": "generation failed"}.get(state["state"], "")
+        return {
+            "state": state["state"],
+            "state_message": message,
+            "task_id": task_id,
+            "images": state["images"],
+        }
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def _routes(self) -> None:
+        app = self.app
+
+        @app.post("/v1/<family>/<action>")
+        def submit(family: str, action: str):
+            required = _REQUIRED.get((family, action))
+            if family == "face" and action in ("imggen", "detect"):
+                required = ("model_id", "base_img", "faces") if action == "imggen" else ("img_url",)
+            if required is None:
+                return self.error(12, "Not Implemented", 404)
+            denied = self._gate("submit")
+            if denied is not None:
+                return denied
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict):
+                return self.error(3, "Invalid Params: body must be a JSON object", 400)
+            missing = [name for name in required if body.get(name) in (None, "", [])]
+            if missing:
+                return self.error(3, f"Invalid Params: missing {', '.join(missing)}", 400)
+            if family == "face" and action == "imggen" and len(body["faces"]) > 4:
+                return self.error(3, "Invalid Params: at most 4 faces", 400)
+            samples = body.get("samples", 1)
+            if not isinstance(samples, int) or not 1 <= samples <= 8:
+                return self.error(3, "Invalid Params: samples must be in [1, 8]", 400)
+            key = f"face.{action}" if family == "face" else family
+            return self._new_task(key, body)
+
+        @app.get("/v1/<family>/result/<task_id>")
+        def result(family: str, task_id: str):
+            denied = self._gate("poll")
+            if denied is not None:
+                return denied
+            task = self.tasks.get(task_id)
+            if task is None or task["family"] not in (family, f"{family}.free"):
+                return self.error(5, "task not found", 404)
+            return jsonify(self._result_body(task_id))
+
+        @app.get("/v1/<family>/results")
+        def results(family: str):
+            denied = self._gate("batch")
+            if denied is not None:
+                return denied
+            # The seed sends the ids as a JSON body on GET.
+            body = request.get_json(silent=True) or {}
+            ids = body.get("task_ids")
+            if not isinstance(ids, list) or not ids:
+                return self.error(3, "Invalid Params: task_ids required", 400)
+            if len(ids) > BATCH_LIMIT:
+                return self.error(3, f"Invalid Params: at most {BATCH_LIMIT} task_ids", 400)
+            self.batch_sizes.append(len(ids))
+            found = [
+                i for i in ids if i in self.tasks and self.tasks[i]["family"] in (family, f"{family}.free")
+            ]
+            return jsonify({"results": [self._result_body(task_id) for task_id in found]})
+
+        @app.get("/v1/face/imggen/<task_id>")
+        def faceswap_result(task_id: str):
+            denied = self._gate("poll")
+            if denied is not None:
+                return denied
+            if self.tasks.get(task_id, {}).get("family") != "face.imggen":
+                return self.error(5, "task not found", 404)
+            state = self._advance(task_id)
+            if state["state"] != "SUCCESS":
+                return jsonify({"task": {"state": 0, "img_url": "", "img_raw_url": ""}})
+            image = state["images"][0]
+            return jsonify({"task": {"state": 1, "img_url": image["small"], "img_raw_url": image["raw"]}})
+
+        @app.get("/v1/face/detect/<task_id>")
+        def detect_result(task_id: str):
+            denied = self._gate("poll")
+            if denied is not None:
+                return denied
+            if self.tasks.get(task_id, {}).get("family") != "face.detect":
+                return self.error(5, "task not found", 404)
+            state = self._advance(task_id)
+            if state["state"] != "SUCCESS":
+                return jsonify({"state": 0, "faces": []})
+            faces = [
+                {"index": 0, "coords": {"x1": 10, "y1": 12, "x2": 40, "y2": 44}},
+                {"index": 1, "coords": {"x1": 50, "y1": 8, "x2": 80, "y2": 41}},
+            ]
+            return jsonify({"state": 1, "faces": faces})
+
+        @app.get("/v1/<kind>/models")
+        def models(kind: str):
+            denied = self._gate("models")
+            if denied is not None:
+                return denied
+            try:
+                size = int(request.args.get("size", 10))
+                offset = int(request.args.get("offset", 0))
+            except ValueError:
+                return self.error(3, "Invalid Params: size and offset are integers", 400)
+            if not 1 <= size <= 100 or offset < 0:
+                return self.error(3, "Invalid Params: size in 1~100, offset >= 0", 400)
+            mtp = request.args.get("mtp", "ALL")
+            pool = [m for m in self.models if mtp == "ALL" or m["model_type"] == mtp]
+            self.model_pages.append((size, offset))
+            page = pool[offset : offset + size]
+            return jsonify({"have_next": offset + size < len(pool), "data": page})
+
+        @app.get("/files/<name>")
+        def files(name: str):
+            # Output links are public storage URLs: no token needed, and none expected.
+            fault = self.faults.take("download")
+            slow(fault)
+            if name not in self.files:
+                return Response("gone", status=404)
+            data, content_type = self.files[name]
+            return Response(data, content_type=content_type)

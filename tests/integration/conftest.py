@@ -1,0 +1,53 @@
+"""Integration fixtures: the real API and real workers over the run's Postgres and RabbitMQ."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from config import Settings
+from tests.support.platform import Platform, free_port
+from tests.support.servers import ImageServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory, astronaut_png: Path) -> Iterator[ImageServer]:
+    folder = tmp_path_factory.mktemp("served")
+    shutil.copy(astronaut_png, folder / "astronaut.png")
+    # Big enough that /slow/ takes several seconds to drip out.
+    from PIL import Image
+
+    Image.open(astronaut_png).convert("RGB").resize((400, 400)).save(folder / "big.png")
+    server = ImageServer(folder).start()
+    yield server
+    server.stop()
+
+
+def platform_settings(base: Settings, tmp: Path, **overrides: object) -> Settings:
+    port = free_port()
+    return base.with_overrides(
+        port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        var_dir=tmp,
+        storage_dir=tmp / "storage",
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def platform(
+    base_settings: Settings, worker_amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    tmp = tmp_path_factory.mktemp("platform")
+    plat = Platform(platform_settings(base_settings, tmp, broker_url=worker_amqp_url), tmp / "logs")
+    try:
+        plat.start_api()
+        plat.start_workers()
+        yield plat
+    finally:
+        plat.stop()

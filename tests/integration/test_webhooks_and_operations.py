@@ -1,0 +1,365 @@
+"""Webhooks, blocking endpoints and the operators' endpoints against a real worker fleet."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from config import Settings
+from tasks.celery_app import create_celery
+from tasks.jobs import Runtime, sweep
+from tests.conftest import KEYS
+from tests.integration.conftest import platform_settings
+from tests.support.platform import Platform
+from tests.support.servers import ImageServer, WebhookReceiver
+
+pytestmark = pytest.mark.integration
+ALICE = KEYS[0][1]
+H = {"X-API-Key": ALICE}
+SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+SEED_FIELDS = [
+    "event",
+    "event_id",
+    "ts",
+    "job_id",
+    "task",
+    "status",
+    "progress",
+    "ok",
+    "created_at",
+    "created_at_ms",
+    "queued_at",
+    "queued_at_ms",
+    "started_at",
+    "started_at_ms",
+    "finished_at",
+    "finished_at_ms",
+    "duration",
+    "predict_time",
+    "eta_utc",
+    "result",
+    "error",
+    "predictTime",
+]
+
+
+@pytest.fixture(scope="module")
+def platform(
+    base_settings: Settings, worker_amqp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    tmp = tmp_path_factory.mktemp("ops")
+    settings = platform_settings(
+        base_settings,
+        tmp,
+        broker_url=worker_amqp_url,
+        webhook_secret=SECRET,
+        webhook_timeout=1.0,
+        webhook_retry_base=0.5,
+        sync_timeout=3.0,
+    )
+    plat = Platform(settings, tmp / "logs")
+    try:
+        plat.start_api()
+        plat.start_workers()
+        yield plat
+    finally:
+        plat.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    rec = WebhookReceiver().start()
+    yield rec
+    rec.stop()
+
+
+def deliveries(platform: Platform, job_id: str) -> list[dict]:
+    return requests.get(f"{platform.base_url}/v1/jobs/{job_id}/deliveries", headers=H, timeout=5).json()[
+        "deliveries"
+    ]
+
+
+def test_finished_webhook_has_the_seed_body_and_a_standard_signature(
+    platform: Platform, images: ImageServer, receiver: WebhookReceiver
+) -> None:
+    job_id = platform.submit(
+        ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=receiver.url
+    ).json()["job_id"]
+    job = platform.wait(ALICE, job_id)
+    [hit] = receiver.wait_for(1)
+    payload = Webhook(SECRET).verify(hit.body, {k.lower(): v for k, v in hit.headers.items()})
+    assert list(payload)[: len(SEED_FIELDS) - 1] == SEED_FIELDS[:-1] and "predictTime" in payload
+    assert payload["event"] == "job.finished" and len(payload["event_id"]) == 32
+    assert hit.headers["webhook-id"] == payload["event_id"]
+    assert payload["predictTime"] == payload["predict_time"] == job["predict_time"]
+    for name in ("job_id", "status", "result", "finished_at", "duration", "ok"):
+        assert payload[name] == job[name]
+    tampered = hit.body.replace(b"succeeded", b"failed")
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(tampered, {k.lower(): v for k, v in hit.headers.items()})
+
+
+def test_failing_receiver_is_retried_with_the_same_id_and_every_attempt_logged(
+    platform: Platform, images: ImageServer
+) -> None:
+    receiver = WebhookReceiver(plan=lambda n: 500 if n <= 2 else 204).start()
+    try:
+        job_id = platform.submit(
+            ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=receiver.url
+        ).json()["job_id"]
+        hits = receiver.wait_for(3, timeout=30)
+        assert len({h.headers["webhook-id"] for h in hits}) == 1
+        assert len({h.body for h in hits}) == 1  # the same event, byte for byte
+        time.sleep(0.5)
+        log = deliveries(platform, job_id)
+        assert [(d["attempt"], d["status_code"], d["ok"]) for d in log] == [
+            (1, 500, False),
+            (2, 500, False),
+            (3, 204, True),
+        ]
+        assert all(d["duration_ms"] is not None for d in log)
+        # Redeliver sends the same event again.
+        again = requests.post(
+            f"{platform.base_url}/v1/jobs/{job_id}/deliveries/redeliver", headers=H, timeout=5
+        )
+        assert again.status_code == 202 and again.json()["event_id"] == hits[0].headers["webhook-id"]
+        assert receiver.wait_for(4)[-1].headers["webhook-id"] == hits[0].headers["webhook-id"]
+    finally:
+        receiver.stop()
+
+
+def test_a_hanging_receiver_times_out_and_does_not_hold_up_gpu_work(
+    platform: Platform, images: ImageServer
+) -> None:
+    receiver = WebhookReceiver(plan=lambda n: "hang" if n == 1 else 200, hang_seconds=5).start()
+    try:
+        first = platform.submit(
+            ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=receiver.url
+        ).json()["job_id"]
+        platform.wait(ALICE, first)
+        started = time.monotonic()
+        other = platform.submit(ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}).json()[
+            "job_id"
+        ]
+        assert platform.wait(ALICE, other)["status"] == "succeeded"
+        assert time.monotonic() - started < 5
+        receiver.wait_for(2, timeout=20)
+        time.sleep(0.3)
+        log = deliveries(platform, first)
+        assert log[0]["ok"] is False and "timed out" in log[0]["error"].lower()
+        assert log[-1]["ok"] is True
+    finally:
+        receiver.stop()
+
+
+def test_progress_events_only_when_asked(platform: Platform, receiver: WebhookReceiver) -> None:
+    platform.submit(
+        ALICE,
+        "debug_sleep",
+        {"seconds": 1.6},
+        webhook_url=receiver.url,
+        webhook_events=["job.started", "job.progress"],
+    )
+    hits = receiver.wait_for(3, timeout=20)
+    deadline = time.monotonic() + 10
+    while hits[-1].json()["event"] != "job.finished" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        hits = list(receiver.received)
+    events = [h.json()["event"] for h in hits]
+    assert events[0] == "job.started" and events[-1] == "job.finished" and "job.progress" in events
+    stamps = [h.json()["ts"] for h in hits if h.json()["event"] == "job.progress"]
+    assert len(stamps) <= 5  # at most one per 500 ms over ~1.6 s
+
+    plain = WebhookReceiver().start()
+    try:
+        platform.submit(ALICE, "debug_sleep", {"seconds": 0.8}, webhook_url=plain.url)
+        plain.wait_for(1, timeout=20)
+        time.sleep(0.5)
+        assert [h.json()["event"] for h in plain.received] == ["job.finished"]
+    finally:
+        plain.stop()
+
+
+def test_blocking_endpoint_returns_the_final_job(platform: Platform, images: ImageServer) -> None:
+    response = requests.post(
+        f"{platform.base_url}/upscale",
+        json={"image_url": images.url("img/astronaut.png"), "scale": 2},
+        headers=H,
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded" and job["result"]["meta"]["width"] == 192
+
+
+def test_blocking_endpoint_times_out_with_504_and_the_job_goes_on(
+    platform: Platform, images: ImageServer
+) -> None:
+    started = time.monotonic()
+    response = requests.post(
+        f"{platform.base_url}/upscale", json={"image_url": images.url("slow/big.png")}, headers=H, timeout=30
+    )
+    assert response.status_code == 504
+    assert 2.5 < time.monotonic() - started < 10
+    job_id = response.json()["error"]["details"]["job_id"]
+    assert platform.job(ALICE, job_id)["status"] in ("queued", "running")
+    requests.post(f"{platform.base_url}/v1/jobs/{job_id}/cancel", headers=H, timeout=5)
+
+
+def test_blocking_endpoints_for_missing_engines_say_which_task(platform: Platform) -> None:
+    response = requests.post(
+        f"{platform.base_url}/ahv/image", json={"prompt": "a cat"}, headers=H, timeout=10
+    )
+    assert response.status_code == 501
+    assert "ahv_image" in response.json()["error"]["message"]
+    assert requests.post(f"{platform.base_url}/upscale", json={}, headers=H, timeout=10).status_code == 422
+    assert requests.post(f"{platform.base_url}/upscale", json={}, timeout=10).status_code == 401
+
+
+def test_stats_and_backends_see_the_real_workers(platform: Platform, images: ImageServer) -> None:
+    platform.wait(
+        ALICE,
+        platform.submit(ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}).json()["job_id"],
+    )
+    stats = requests.get(f"{platform.base_url}/stats", headers=H, timeout=10).json()
+    assert stats["counts"]["by_status"]["succeeded"] >= 1 and stats["recent"]
+    assert set(stats["queues"]) >= {"cpu", "gpu.superres"} and all(
+        isinstance(v, int) for v in stats["queues"].values()
+    )
+    diag = requests.get(f"{platform.base_url}/diag/backends", headers=H, timeout=10).json()
+    by_name = {w["name"]: w for w in diag["workers"]}
+    assert set(by_name) == {"cpu@test", "gpu@test"}
+    assert by_name["cpu@test"]["queues"] == ["cpu"] and by_name["cpu@test"]["concurrency"] == 2
+    assert "gpu.superres" in by_name["gpu@test"]["queues"] and by_name["gpu@test"]["concurrency"] == 1
+    assert by_name["gpu@test"]["last_heartbeat"] is not None
+    assert by_name["gpu@test"]["devices"] and by_name["gpu@test"]["devices"][0]["device"] == "cpu"
+
+
+def test_metrics_parse_as_prometheus_text(
+    platform: Platform, images: ImageServer, receiver: WebhookReceiver
+) -> None:
+    job_id = platform.submit(
+        ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=receiver.url
+    ).json()["job_id"]
+    platform.wait(ALICE, job_id)
+    receiver.wait_for(1)
+    time.sleep(0.3)
+    text = requests.get(f"{platform.base_url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {
+        "aiorch_jobs",
+        "aiorch_job_duration_seconds",
+        "aiorch_job_predict_time_seconds",
+        "aiorch_webhook_attempts",
+        "aiorch_queue_depth",
+    } <= set(families)
+    jobs = {(s.labels["task"], s.labels["status"]): s.value for s in families["aiorch_jobs"].samples}
+    assert jobs[("upscale", "succeeded")] >= 1
+    buckets = [
+        s
+        for s in families["aiorch_job_duration_seconds"].samples
+        if s.name.endswith("_bucket") and s.labels["task"] == "upscale"
+    ]
+    assert buckets[-1].labels["le"] == "+Inf" and float(buckets[-1].value) >= 1
+    assert [b.value for b in buckets] == sorted(b.value for b in buckets)  # cumulative
+    assert "600.0" in {b.labels["le"] for b in buckets}  # buckets reach GPU-scale minutes
+
+
+def test_capabilities_and_models(platform: Platform) -> None:
+    caps = requests.get(f"{platform.base_url}/v1/capabilities", headers=H, timeout=10).json()["tasks"]
+    upscale = next(t for t in caps if t["task"] == "upscale")
+    assert upscale["installed"] is True and upscale["queue"] == "gpu.superres"
+    assert {p["name"] for p in upscale["parameters"]} >= {"image_url", "scale", "format", "watermark"}
+    assert any(t["task"] == "generate" for t in caps)
+    models = requests.get(f"{platform.base_url}/v1/models?size=1&offset=0", headers=H, timeout=10).json()
+    assert isinstance(models["data"], list) and isinstance(models["have_next"], bool)
+    assert any(
+        m["id"] == "lanczos"
+        for m in requests.get(f"{platform.base_url}/v1/models", headers=H, timeout=10).json()["data"]
+    )
+
+
+def test_retention_sweep_deletes_expired_outputs(platform: Platform, images: ImageServer) -> None:
+    job = platform.wait(
+        ALICE,
+        platform.submit(ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}).json()["job_id"],
+    )
+    assert job["expires_at"] is not None and job["expires_at"] > job["finished_at"]
+    assert requests.get(job["result"]["url"], timeout=5).status_code == 200
+    runtime = Runtime(platform.settings)
+    from sqlalchemy import update
+
+    from models.db import utcnow
+    from models.jobs import StoredFile
+
+    with runtime.db.session() as session:  # as if the retention period had passed
+        session.execute(
+            update(StoredFile).where(StoredFile.job_id == job["job_id"]).values(expires_at=utcnow())
+        )
+    report = sweep(runtime, create_celery(platform.settings))
+    assert report["files_removed"] >= 1
+    assert requests.get(job["result"]["url"], timeout=5).status_code == 404
+
+
+def test_worker_logs_are_json_lines_carrying_the_job(platform: Platform, images: ImageServer) -> None:
+    import json
+
+    job_id = platform.submit(ALICE, "upscale", {"image_url": images.url("text")}).json()["job_id"]
+    assert platform.wait(ALICE, job_id)["status"] == "failed"
+    time.sleep(0.3)
+    lines = [json.loads(line) for line in platform.log("cpu").splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("job_id") == job_id]
+    assert mine, "no log line carries the job id"
+    assert all(line["task"] == "upscale" and line["worker"] == "cpu@test" for line in mine)
+    assert {"ts", "level", "logger", "msg"} <= set(mine[0])
+
+
+def test_flower_shows_the_rabbitmq_workers_behind_basic_auth(platform: Platform) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.platform import ROOT, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks.worker:celery",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={port}",
+            "--basic-auth=ops:secret-pw",
+        ],
+        cwd=ROOT,
+        env=platform._env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/api/workers?refresh=1"
+        deadline = time.monotonic() + 60
+        workers: dict = {}
+        while time.monotonic() < deadline and len(workers) < 2:
+            try:
+                assert requests.get(url, timeout=5).status_code == 401
+                workers = requests.get(url, auth=("ops", "secret-pw"), timeout=10).json()
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        assert set(workers) == {"cpu@test", "gpu@test"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)

@@ -1,0 +1,193 @@
+"""Runs the real thing for integration tests: the API under gunicorn and Celery worker processes,
+configured through ``AIORCH_*`` variables exactly as an operator would."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+FINAL = {"succeeded", "failed", "rejected", "cancelled", "expired"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``Settings.from_env()`` equal ``settings``."""
+    env = {
+        "AIORCH_VAR_DIR": str(settings.var_dir),
+        "AIORCH_HOST": settings.host,
+        "AIORCH_PORT": str(settings.port),
+        "AIORCH_DATABASE_URL": settings.database_url,
+        "AIORCH_BROKER_URL": settings.broker_url,
+        "AIORCH_API_KEYS": ",".join(f"{c}:{k}" for c, k in settings.api_keys),
+        "AIORCH_STORAGE_DIR": str(settings.storage_dir),
+        "AIORCH_PUBLIC_URL": settings.public_url,
+        "AIORCH_MODELS_DIR": str(settings.models_dir),
+        "AIORCH_ALLOW_PRIVATE_URLS": "1" if settings.allow_private_urls else "0",
+        "AIORCH_MAX_ATTEMPTS": str(settings.max_attempts),
+        "AIORCH_DEBUG_TASKS": "1" if settings.debug_tasks else "0",
+        "AIORCH_SYNC_TIMEOUT": str(settings.sync_timeout),
+        "AIORCH_WEBHOOK_TIMEOUT": str(settings.webhook_timeout),
+        "AIORCH_WEBHOOK_RETRY_BASE": str(settings.webhook_retry_base),
+        "AIORCH_RESULT_RETENTION": str(settings.result_retention),
+        "AIORCH_REPUBLISH_AFTER": str(settings.republish_after),
+        "AIORCH_JOB_TTL": str(settings.job_ttl),
+        "AIORCH_LOG_JSON": "1",
+        "AIORCH_FETCH_TIMEOUT": str(settings.fetch_timeout),
+        "AIORCH_BROKER_POLL_INTERVAL": str(settings.broker_poll_interval),
+    }
+    if settings.prompt_blocklist:
+        env["AIORCH_PROMPT_BLOCKLIST"] = ",".join(settings.prompt_blocklist)
+    if settings.webhook_secret:
+        env["AIORCH_WEBHOOK_SECRET"] = settings.webhook_secret
+    if settings.routes_file is not None:
+        env["AIORCH_ROUTES_FILE"] = str(settings.routes_file)
+    return env
+
+
+@dataclass
+class Platform:
+    settings: Settings
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AIORCH_")}
+        env.update(settings_env(self.settings))
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (the process owns it)
+        # A session of its own, so SIGKILL can take the worker with its pool children.
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=self._env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_api(self) -> None:
+        self._spawn("api", [sys.executable, "-m", "app.cli", "serve", "--workers", "1", "--threads", "16"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.base_url + "/healthz", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        raise RuntimeError("API did not start:\n" + self.log("api"))
+
+    def start_worker(self, name: str, queues: str, concurrency: int = 1) -> None:
+        log = self.logs / f"{name}.log"
+        before = log.stat().st_size if log.exists() else 0
+        self._spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks.worker:celery",
+                "worker",
+                "-Q",
+                queues,
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}@test",
+                "--pool",
+                "prefork",
+                "--without-mingle",
+                "--without-gossip",
+                "-E",
+                "--loglevel",
+                "INFO",
+            ],
+        )
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if log.exists() and b" ready." in log.read_bytes()[before:]:
+                return
+            if self.procs[name].poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"worker {name} did not start:\n" + self.log(name))
+
+    def start_workers(self) -> None:
+        self.start_worker("cpu", "cpu", 2)
+        self.start_worker("gpu", "gpu.diffusion,gpu.superres,gpu.faceswap,gpu.vision", 1)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    # -- client helpers ---------------------------------------------------------------------------
+    def headers(self, key: str) -> dict[str, str]:
+        return {"X-API-Key": key}
+
+    def submit(self, key: str, task: str, payload: dict[str, Any], **extra: Any) -> requests.Response:
+        return requests.post(
+            self.base_url + "/v1/jobs",
+            json={"task": task, "payload": payload, **extra},
+            headers=self.headers(key),
+            timeout=15,
+        )
+
+    def job(self, key: str, job_id: str) -> dict[str, Any]:
+        response = requests.get(f"{self.base_url}/v1/jobs/{job_id}", headers=self.headers(key), timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def wait(
+        self, key: str, job_id: str, statuses: set[str] = FINAL, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.job(key, job_id)
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.05)
+        raise AssertionError(
+            f"job {job_id} still {job.get('status')} after {timeout}s; worker logs:\n"
+            + self.log("gpu")[-1500:]
+            + self.log("cpu")[-1500:]
+        )

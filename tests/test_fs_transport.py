@@ -1,0 +1,59 @@
+"""The embedded broker: producers and consumers in separate processes never see half a message."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+from kombu import Connection
+
+from config import Settings
+from tasks.celery_app import broker_options
+
+COUNT = 400
+
+
+def _options(folder: Path) -> tuple[str, dict]:
+    return broker_options(Settings(var_dir=folder, broker_url="filesystem://", broker_poll_interval=0.01))
+
+
+def _produce(folder: str, tag: str) -> None:
+    url, options = _options(Path(folder))
+    with Connection(url, transport_options=options) as conn:
+        queue = conn.SimpleQueue("race")
+        for i in range(COUNT):
+            queue.put({"tag": tag, "i": i, "pad": "x" * 2000})
+        queue.close()
+
+
+def _consume(folder: str, out: multiprocessing.Queue) -> None:
+    url, options = _options(Path(folder))
+    seen = 0
+    with Connection(url, transport_options=options) as conn:
+        queue = conn.SimpleQueue("race")
+        try:
+            while True:
+                message = queue.get(timeout=3)
+                message.ack()
+                seen += 1
+        except queue.Empty:
+            pass
+        finally:
+            queue.close()
+    out.put(seen)
+
+
+def test_concurrent_producers_and_consumers_lose_and_break_nothing(tmp_path: Path) -> None:
+    url, _ = _options(tmp_path)
+    assert url == "aiorchfs://"
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    consumers = [ctx.Process(target=_consume, args=(str(tmp_path), results)) for _ in range(2)]
+    producers = [ctx.Process(target=_produce, args=(str(tmp_path), tag)) for tag in "ab"]
+    for proc in consumers + producers:
+        proc.start()
+    for proc in producers + consumers:
+        proc.join(timeout=90)
+        assert proc.exitcode == 0  # a consumer that read an empty file would have died
+    assert sum(results.get(timeout=5) for _ in consumers) == 2 * COUNT
+    assert not [p for p in (tmp_path / "broker" / "queue").iterdir() if p.name.startswith(".tmp-")]

@@ -1,0 +1,70 @@
+"""Settings come only from AIORCH_* variables, through converters that name the bad variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import Settings, SettingsError
+
+
+def test_defaults_are_the_embedded_platform(tmp_path) -> None:
+    settings = Settings.from_env({"AIORCH_VAR_DIR": str(tmp_path)})
+    assert settings.port == 8000
+    assert settings.database_url == f"sqlite:///{tmp_path / 'aiorch.db'}"
+    assert settings.broker_url == "filesystem://"
+    assert settings.public_url == "http://127.0.0.1:8000"
+    assert settings.allow_private_urls is False and settings.webhook_secret is None
+    assert settings.storage_dir == tmp_path / "storage"
+
+
+def test_values_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "AIORCH_PORT": "9001",
+            "AIORCH_API_KEYS": "client-a:key-a, client-b:key-b",
+            "AIORCH_ALLOW_PRIVATE_URLS": "true",
+            "AIORCH_PUBLIC_URL": "https://cdn.example.com/",
+            "AIORCH_WEBHOOK_SECRET": "whsec_abc",
+            "AIORCH_DATABASE_URL": "postgresql://u@h/db",
+        }
+    )
+    assert settings.port == 9001
+    assert settings.api_keys == (("client-a", "key-a"), ("client-b", "key-b"))
+    assert settings.allow_private_urls is True
+    assert settings.public_url == "https://cdn.example.com"
+    assert settings.webhook_secret == "whsec_abc"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("AIORCH_PORT", "eighty"),
+        ("AIORCH_PORT", "70000"),
+        ("AIORCH_API_KEYS", "nokey"),
+        ("AIORCH_ALLOW_PRIVATE_URLS", "maybe"),
+        ("AIORCH_MAX_ATTEMPTS", "0"),
+        ("AIORCH_SYNC_TIMEOUT", "-1"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_only_config_reads_the_environment() -> None:
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = []
+    for package in ("app", "models", "tasks", "inference"):
+        for path in (root / package).rglob("*.py"):
+            if re.search(r"os\.environ|os\.getenv", path.read_text()):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []

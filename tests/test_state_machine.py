@@ -1,0 +1,122 @@
+"""The job state machine and the conditional claims built on it, on the run's Postgres."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.db import Database, utcnow
+from models.jobs import Job
+from models.jobstore import ClaimRefused, JobStore, new_id
+from models.state import FINAL_STATUSES, IllegalTransition, JobStatus, sources_of, transition
+
+
+def make_job(db: Database, **overrides: object) -> str:
+    now = utcnow()
+    values = dict(
+        id=new_id(),
+        client_id="alice",
+        task="upscale",
+        engine_task="upscale",
+        queue="gpu.superres",
+        status="queued",
+        stage="run",
+        progress=0,
+        priority=0,
+        payload={},
+        meta={},
+        attempts=0,
+        cancel_requested=False,
+        created_at=now,
+        queued_at=now,
+        updated_at=now,
+    )
+    values.update(overrides)
+    with db.session() as session:
+        session.add(Job(**values))
+    return str(values["id"])
+
+
+def test_final_statuses_have_no_way_out() -> None:
+    job = Job(id="x" * 32, status="succeeded")
+    for target in JobStatus:
+        with pytest.raises(IllegalTransition):
+            transition(job, target, utcnow())
+
+
+def test_transition_sets_timestamps() -> None:
+    now = utcnow()
+    job = Job(id="x" * 32, status="queued", progress=10)
+    transition(job, JobStatus.RUNNING, now)
+    assert job.started_at == now and job.finished_at is None
+    transition(job, JobStatus.SUCCEEDED, now)
+    assert job.finished_at == now and job.progress == 100
+
+
+def test_sources_of_matches_the_table() -> None:
+    assert sources_of(JobStatus.RUNNING) == ("queued",)
+    assert set(sources_of(JobStatus.CANCELLED)) == {"queued", "running"}
+    assert sources_of(JobStatus.EXPIRED) == ("queued",)
+    assert all(status not in sources_of(target) for status in FINAL_STATUSES for target in JobStatus)
+
+
+def test_a_job_is_claimed_once_and_a_stale_copy_is_refused(db: Database) -> None:
+    store = JobStore(db, max_attempts=3)
+    job_id = make_job(db)
+    claim = store.claim(job_id, redelivered=False)
+    assert claim.attempt == 1
+    with pytest.raises(ClaimRefused):
+        store.claim(job_id, redelivered=False)  # a duplicate message of a running job
+
+
+def test_a_redelivered_claim_fences_off_the_earlier_run(db: Database) -> None:
+    store = JobStore(db, max_attempts=3)
+    job_id = make_job(db)
+    first = store.claim(job_id, redelivered=False)
+    second = store.claim(job_id, redelivered=True)
+    assert second.attempt == 2
+    assert store.finish(first, JobStatus.SUCCEEDED, result={"ok": True}) is False
+    assert store.finish(second, JobStatus.SUCCEEDED, result={"ok": True}) is True
+    assert store.get(job_id).status == "succeeded"
+
+
+def test_attempt_limit_fails_the_job(db: Database) -> None:
+    store = JobStore(db, max_attempts=2)
+    job_id = make_job(db)
+    store.claim(job_id, redelivered=False)
+    store.claim(job_id, redelivered=True)
+    with pytest.raises(ClaimRefused) as refused:
+        store.claim(job_id, redelivered=True)
+    assert refused.value.finalized
+    job = store.get(job_id)
+    assert job.status == "failed" and job.error["code"] == "worker_lost" and job.attempts == 2
+
+
+def test_finished_and_cancelled_jobs_are_never_claimed(db: Database) -> None:
+    store = JobStore(db)
+    done = make_job(db, status="succeeded", stage="done")
+    with pytest.raises(ClaimRefused):
+        store.claim(done, redelivered=True)
+    queued = make_job(db)
+    assert store.cancel(queued) == "cancelled"
+    with pytest.raises(ClaimRefused):
+        store.claim(queued, redelivered=True)
+    assert store.get(queued).status == "cancelled"
+
+
+def test_cancelling_a_running_job_flags_it_and_its_finish_is_cancelled(db: Database) -> None:
+    store = JobStore(db)
+    job_id = make_job(db)
+    claim = store.claim(job_id, redelivered=False)
+    assert store.cancel(job_id) == "running"
+    assert store.cancel_requested(job_id) is True
+    assert store.finish(claim, JobStatus.CANCELLED, error={"code": "cancelled", "message": "x"})
+    with pytest.raises(ClaimRefused):
+        store.cancel(job_id)
+
+
+def test_progress_is_clamped_below_100_until_success(db: Database) -> None:
+    store = JobStore(db)
+    job_id = make_job(db)
+    claim = store.claim(job_id, redelivered=False)
+    store.report_progress(claim, 150)
+    assert store.get(job_id).progress == 99
