@@ -60,6 +60,10 @@ class Job(Base):
     # The provider's id of a job handed to a remote backend (``backend`` names the provider). Stored
     # before the first poll, so polling resumes after a worker restart; indexed for webhooks.
     remote_id: Mapped[str | None] = mapped_column(String(512), nullable=True, index=True)
+    # When the provider is next due to be asked about a remote job. One poll task looks up every
+    # job of its provider that is due (a batch call where the provider has one) and moves this on,
+    # so the other jobs' own poll chains know they were just polled.
+    next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     predict_time: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
