@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint bench flower migrate clean
+.PHONY: help install run test test-fast lint bench bench-gpu flower migrate clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ lint: $(STAMP) ## ruff and mypy
 
 bench: $(STAMP) ## throughput and latency benchmark; prints a table, writes bench-results/
 	$(PY) -m tests.bench.run
+
+bench-gpu: $(STAMP) ## GPU engines via a real worker vs the raw library call (CPU smoke run without CUDA)
+	$(PY) -m tests.bench.gpu
 
 flower: $(STAMP) ## Flower on 127.0.0.1:5555 with basic auth
 	$(VENV)/bin/aiorch flower
