@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -33,7 +34,7 @@ from inference.base import (
     RunControl,
     check_stop,
 )
-from inference.lanczos import LanczosUpscaler
+from inference.lanczos import LanczosUpscaler, capped_size
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,38 @@ _X2_MODEL = "RealESRGAN_x2plus"
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class UpscaleRequest:
+    """One image of a batch, with its own asked scale."""
+
+    image: Image.Image
+    scale: float
+    face_enhance: bool = False
+
+
+@dataclass
+class _Prepared:
+    """A checked, decoded request: what the network pass and the finishing step need."""
+
+    scale: float
+    face_enhance: bool
+    width: int
+    height: int
+    capped: bool
+    color: np.ndarray  # HxW (grey) or HxWx3, float in [0, 1]
+    alpha: np.ndarray | None
+    out_mode: str
+    model_alpha: bool
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return _as_rgb(self.color) if self.color.ndim == 2 else self.color
+
+
+def _as_rgb(plane: np.ndarray) -> np.ndarray:
+    return np.repeat(plane[..., None], 3, axis=2)
 
 
 class FaceRestorer(Protocol):
@@ -144,6 +177,94 @@ class Upscaler:
         control: RunControl | None = None,
     ) -> EngineResult:
         control = control or NullControl()
+        job = self._prepare(UpscaleRequest(image, scale, face_enhance))
+        color_span = (5.0, 50.0) if job.model_alpha else (5.0, 90.0)
+        control.progress(color_span[0])
+        native, tiles = self._upscale_rgb(job.rgb, control, color_span)
+        alpha_native = None
+        if job.model_alpha:
+            assert job.alpha is not None
+            alpha_native, alpha_tiles = self._upscale_rgb(_as_rgb(job.alpha), control, (50.0, 90.0))
+            tiles += alpha_tiles
+        result = self._finish(job, native, alpha_native, tiles=tiles, batch_size=1, control=control)
+        control.progress(100)
+        return result
+
+    def upscale_batch(
+        self,
+        requests: Sequence[UpscaleRequest],
+        *,
+        max_batch: int = 8,
+        control: RunControl | None = None,
+    ) -> list[EngineResult | EngineError]:
+        """Upscale several images, stacking same-size ones into one forward pass.
+
+        Images that fit in one tile are grouped by size and run ``max_batch`` at a time as one
+        (N, 3, H, W) tensor: on a GPU one large launch keeps the device busy where N small ones
+        leave it idle between kernels. Larger images run alone, tiled as in ``__call__``. Each
+        request gets its own outcome: the result, or the ``EngineError`` that refused it, so one
+        bad image does not fail the others. ``Cancelled`` (and engine crashes) end the whole call.
+        """
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        control = control or NullControl()
+        outcomes: list[EngineResult | EngineError | None] = [None] * len(requests)
+        jobs: dict[int, _Prepared] = {}
+        for index, request in enumerate(requests):
+            try:
+                jobs[index] = self._prepare(request)
+            except EngineError as exc:
+                outcomes[index] = exc
+        # Planes that go through the network: each image's colour, and its alpha when it varies.
+        planes: list[tuple[int, str, np.ndarray]] = []
+        for index, job in jobs.items():
+            planes.append((index, "color", job.rgb))
+            if job.model_alpha:
+                assert job.alpha is not None
+                planes.append((index, "alpha", _as_rgb(job.alpha)))
+        by_size: dict[tuple[int, int], list[tuple[int, str, np.ndarray]]] = {}
+        alone = []
+        for plane in planes:
+            if self.tile_size is None or max(plane[2].shape[:2]) <= self.tile_size:
+                by_size.setdefault(plane[2].shape[:2], []).append(plane)
+            else:
+                alone.append(plane)
+        chunks = [group[k : k + max_batch] for group in by_size.values() for k in range(0, len(group), max_batch)]
+        steps = len(chunks) + len(alone)
+        native: dict[tuple[int, str], np.ndarray] = {}
+        tiles: dict[int, int] = dict.fromkeys(jobs, 0)
+        batch_sizes: dict[int, int] = dict.fromkeys(jobs, 1)
+        control.progress(5)
+        for done, chunk in enumerate(chunks):
+            check_stop(control)
+            for (index, kind, _), out in zip(chunk, self._forward_batch([p[2] for p in chunk]), strict=True):
+                native[index, kind] = out
+                tiles[index] += 1
+                if kind == "color":
+                    batch_sizes[index] = len(chunk)
+            control.progress(5 + 85 * (done + 1) / steps)
+        for done, (index, kind, rgb) in enumerate(alone, start=len(chunks)):
+            native[index, kind], count = self._upscale_rgb(rgb, control, (5.0, 5.0))
+            tiles[index] += count
+            control.progress(5 + 85 * (done + 1) / steps)
+        for index, job in jobs.items():
+            try:
+                outcomes[index] = self._finish(
+                    job,
+                    native[index, "color"],
+                    native.get((index, "alpha")),
+                    tiles=tiles[index],
+                    batch_size=batch_sizes[index],
+                    control=control,
+                )
+            except EngineError as exc:
+                outcomes[index] = exc
+        control.progress(100)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _prepare(self, request: UpscaleRequest) -> _Prepared:
+        """Check one request up front (before any GPU work) and decode its image."""
+        image, scale, face_enhance = request.image, request.scale, request.face_enhance
         if not 1 < scale <= 4:
             raise InvalidInput(f"scale must be in (1, 4], got {scale}", field="scale")
         if min(image.size) < self.min_side:
@@ -152,12 +273,7 @@ class Upscaler:
                 f"{self.min_side} px",
                 field="image",
             )
-        width, height = round(image.width * scale), round(image.height * scale)
-        if max(width, height) > self.max_side:
-            raise InvalidInput(
-                f"output {width}x{height} would exceed the maximum side of {self.max_side} px",
-                field="scale",
-            )
+        width, height, capped = capped_size(image.width, image.height, scale, self.max_side)
         native_pixels = image.width * image.height * self.native_scale**2
         if native_pixels > self.max_native_pixels:
             raise InvalidInput(
@@ -171,56 +287,73 @@ class Upscaler:
                 "installed on this worker",
                 field="face_enhance",
             )
-
         color, alpha, out_mode = _decode(image)
         if face_enhance and out_mode == "I;16":
             raise InvalidInput("face_enhance works on 8-bit images only", field="face_enhance")
-        gray = color.ndim == 2
-        model_alpha = alpha is not None and self.alpha_upsampler == "model" and np.ptp(alpha) > 0
-        color_span = (5.0, 50.0) if model_alpha else (5.0, 90.0)
+        # As Real-ESRGAN does: a varying alpha plane goes through the network as a grey image,
+        # which keeps cut-out edges as crisp as the colour edges.
+        model_alpha = alpha is not None and self.alpha_upsampler == "model" and bool(np.ptp(alpha) > 0)
+        return _Prepared(scale, face_enhance, width, height, capped, color, alpha, out_mode, model_alpha)
 
-        control.progress(color_span[0])
-        rgb = np.repeat(color[..., None], 3, axis=2) if gray else color
-        native, tiles = self._upscale_rgb(rgb, control, color_span)
+    def _finish(
+        self,
+        job: _Prepared,
+        native: np.ndarray,
+        alpha_native: np.ndarray | None,
+        *,
+        tiles: int,
+        batch_size: int,
+        control: RunControl,
+    ) -> EngineResult:
+        width, height = job.width, job.height
+        gray = job.color.ndim == 2
         out = _resize(native @ _LUMA if gray else native, width, height)
-
         out_alpha = None
-        if alpha is not None:
-            if np.ptp(alpha) == 0:
+        if job.alpha is not None:
+            if alpha_native is not None:
+                out_alpha = _resize(alpha_native @ _LUMA, width, height)
+            elif np.ptp(job.alpha) == 0:
                 # Fully opaque (or uniformly translucent) alpha, the common case for RGBA PNGs:
                 # no need to spend a model pass on a constant.
-                out_alpha = np.full((height, width), alpha.flat[0], dtype=np.float32)
-            elif model_alpha:
-                # As Real-ESRGAN does: the alpha plane goes through the network as a grey image,
-                # which keeps cut-out edges as crisp as the colour edges.
-                alpha_native, alpha_tiles = self._upscale_rgb(
-                    np.repeat(alpha[..., None], 3, axis=2), control, (50.0, 90.0)
-                )
-                tiles += alpha_tiles
-                out_alpha = _resize(alpha_native @ _LUMA, width, height)
+                out_alpha = np.full((height, width), job.alpha.flat[0], dtype=np.float32)
             else:
-                out_alpha = _resize(alpha, width, height)
-
-        result = _encode(out, out_alpha, out_mode)
+                out_alpha = _resize(job.alpha, width, height)
+        result = _encode(out, out_alpha, job.out_mode)
         backend = self.backend
-        if face_enhance:
+        if job.face_enhance:
             check_stop(control)
-            assert self.face_restorer is not None  # refused above otherwise
+            assert self.face_restorer is not None  # refused in _prepare otherwise
             result = _restore_faces(result, self.face_restorer)
             backend = f"{backend}+{self.face_restorer.name}"
-        control.progress(100)
         meta = {
             "width": width,
             "height": height,
-            "scale": scale,
+            "scale": job.scale,
             "native_scale": self.native_scale,
             "model": self.model_id,
             "arch": self.arch,
             "tiles": tiles,
+            "batch_size": batch_size,
+            "capped": job.capped,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
         return EngineResult(backend=backend, images=[OutputImage(result, meta)])
+
+    def _forward_batch(self, planes: list[np.ndarray]) -> list[np.ndarray]:
+        """One forward pass over same-size HxWx3 planes; halves the batch on CUDA out-of-memory."""
+        try:
+            stacked = np.stack([plane.transpose(2, 0, 1) for plane in planes])
+            with torch.inference_mode():
+                result = self._model(torch.from_numpy(stacked).to(self.device, self.dtype)).float().cpu()
+            return [result[k].permute(1, 2, 0).numpy() for k in range(len(planes))]
+        except torch.OutOfMemoryError:
+            if len(planes) == 1 or self.device.type != "cuda":
+                raise
+            log.warning("out of GPU memory with a batch of %s, splitting it", len(planes))
+            torch.cuda.empty_cache()
+            half = len(planes) // 2
+            return self._forward_batch(planes[:half]) + self._forward_batch(planes[half:])
 
     def _upscale_rgb(
         self, rgb: np.ndarray, control: RunControl, span: tuple[float, float]

@@ -188,11 +188,27 @@ def test_too_small_image_is_refused(weights):
         Upscaler(weights["identity-x4v3"])(Image.new("RGB", (4, 30)), 2)
 
 
-def test_output_above_max_side_is_refused_before_running(weights, photo):
+def test_output_above_max_side_is_capped_to_it_keeping_the_aspect_ratio(weights, photo):
     upscaler = Upscaler(weights["identity-x4v3"], max_side=100)
-    with pytest.raises(InvalidInput, match="maximum side of 100") as caught:
-        upscaler(photo, 3, control=RecordingControl())
-    assert caught.value.field == "scale"
+    result = upscaler(photo, 3, control=RecordingControl())  # asks 144x120
+
+    out = result.images[0]
+    assert out.image.size == (100, 83)
+    assert out.meta["capped"] is True and (out.meta["width"], out.meta["height"]) == (100, 83)
+    assert upscaler(photo, 2).images[0].meta["capped"] is False  # 96x80 fits
+
+
+def test_lanczos_caps_its_output_the_same_way():
+    result = LanczosUpscaler(max_side=100)(Image.new("RGB", (48, 40)), 3)
+    assert result.images[0].image.size == (100, 83) and result.images[0].meta["capped"] is True
+
+
+def test_lanczos_keeps_sixteen_bit_greyscale_values_instead_of_clipping_them():
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).astype(np.uint16)  # up to 61380
+    out = LanczosUpscaler()(Image.fromarray(ramp), 2).images[0].image
+    values = np.asarray(out)
+    assert out.size == (64, 64) and values.dtype == np.uint16
+    assert values.max() > 60000 and abs(float(values.mean()) - float(ramp.mean())) < 300
 
 
 def test_native_intermediate_above_limit_is_refused(weights, photo):
@@ -317,3 +333,72 @@ def test_cuda_runs_in_fp16_and_agrees_with_cpu(weights, photo):
     out_gpu = as_float(gpu(photo, 4).images[0].image)
     out_cpu = as_float(cpu(photo, 4).images[0].image)
     assert np.abs(out_gpu - out_cpu).max() <= 3 / 255
+
+
+def _batch_inputs() -> list[Image.Image]:
+    """Four same-size images (two RGB, one grey, one with varying alpha) and one other size."""
+    rgba = Image.fromarray(smooth_rgb(40, 48, seed=3)).convert("RGBA")
+    rgba.putalpha(Image.fromarray(smooth_rgb(40, 48, seed=4)[..., 0]))
+    return [
+        Image.fromarray(smooth_rgb(40, 48, seed=1)),
+        Image.fromarray(smooth_rgb(40, 48, seed=2)),
+        Image.fromarray(smooth_rgb(40, 48, seed=5)).convert("L"),
+        rgba,
+        Image.fromarray(smooth_rgb(24, 32, seed=6)),
+    ]
+
+
+def test_batched_run_stacks_same_size_images_into_one_forward_and_matches_single_runs(weights):
+    from inference.superres import UpscaleRequest
+
+    upscaler = Upscaler(weights["RealESRGAN_x4plus"], model_id="RealESRGAN_x4plus")
+    images = _batch_inputs()
+    scales = [2, 4, 3, 2, 2]
+    shapes: list[tuple[int, ...]] = []
+    hook = upscaler.network.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
+    try:
+        batched = upscaler.upscale_batch([UpscaleRequest(i, s) for i, s in zip(images, scales, strict=True)])
+    finally:
+        hook.remove()
+    # Four 40x48 colour planes plus the RGBA image's alpha plane: one pass of 5; the 24x32 alone.
+    assert sorted(shapes) == [(1, 3, 24, 32), (5, 3, 40, 48)]
+    for image, scale, outcome in zip(images, scales, batched, strict=True):
+        assert not isinstance(outcome, Exception), outcome
+        single = upscaler(image, scale).images[0]
+        got = outcome.images[0]
+        assert got.image.size == single.image.size and got.image.mode == single.image.mode == image.mode
+        assert np.abs(as_float(got.image) - as_float(single.image)).max() <= 1 / 255 + 1e-6
+        assert got.meta["batch_size"] == (1 if image.size == (32, 24) else 5)
+    assert upscaler(images[0], 2).images[0].meta["batch_size"] == 1
+
+
+def test_batched_run_respects_max_batch_and_refuses_bad_requests_one_by_one(weights):
+    from inference.superres import UpscaleRequest
+
+    upscaler = Upscaler(weights["realesr-general-x4v3"], model_id="realesr-general-x4v3")
+    good = [Image.fromarray(smooth_rgb(20, 20, seed=s)) for s in range(5)]
+    requests = [UpscaleRequest(i, 2) for i in good] + [
+        UpscaleRequest(Image.new("RGB", (4, 4)), 2),
+        UpscaleRequest(good[0], 7),
+    ]
+    sizes: list[int] = []
+    hook = upscaler.network.register_forward_hook(lambda _m, args, _o: sizes.append(args[0].shape[0]))
+    try:
+        outcomes = upscaler.upscale_batch(requests, max_batch=2)
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 1]
+    assert [o.images[0].meta["batch_size"] for o in outcomes[:5]] == [2, 2, 2, 2, 1]  # type: ignore[union-attr]
+    assert isinstance(outcomes[5], InvalidInput) and "too small" in str(outcomes[5])
+    assert isinstance(outcomes[6], InvalidInput) and outcomes[6].field == "scale"
+
+
+def test_batched_run_tiles_large_images_alone_and_can_be_cancelled(weights):
+    from inference.superres import UpscaleRequest
+
+    upscaler = Upscaler(weights["identity-x4v3"], tile_size=32, tile_overlap=4)
+    big, small = Image.fromarray(smooth_rgb(64, 64)), Image.fromarray(smooth_rgb(16, 16))
+    outcomes = upscaler.upscale_batch([UpscaleRequest(big, 2), UpscaleRequest(small, 2)])
+    assert [o.images[0].meta["tiles"] for o in outcomes] == [4, 1]  # type: ignore[union-attr]
+    with pytest.raises(Cancelled):
+        upscaler.upscale_batch([UpscaleRequest(small, 2)], control=RecordingControl(stop_after=0))
