@@ -34,8 +34,10 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset(
         {JobStatus.RUNNING, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELLED, JobStatus.EXPIRED}
     ),
+    # A running job expires when its remote provider dropped it after the provider's own lifetime
+    # (Volcengine forgets a task after 12 h: ``not_found``); our queue TTL only expires queued jobs.
     JobStatus.RUNNING: frozenset(
-        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELLED}
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.REJECTED, JobStatus.CANCELLED, JobStatus.EXPIRED}
     ),
     **{status: frozenset() for status in FINAL_STATUSES},
 }

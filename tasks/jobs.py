@@ -386,12 +386,15 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
     for job_id in expired:
         rt.storage.remove_inputs(job_id)
         _publish_finish(app, job_id)
+    # Remote jobs go back to their submit or poll task on cpu (tasks/remote.py), never to RUN.
+    from tasks.remote import republish_remote, resume_remote
+
     republished = 0
     for job_id, stage, queue, priority in rt.store.stuck_jobs(rt.settings.republish_after):
         try:
             if stage == "prepare":
                 publish(app, PREPARE, job_id, "cpu", priority)
-            else:
+            elif not republish_remote(rt, app, job_id, priority):
                 spec = catalog.TASKS[rt.store.get(job_id).engine_task]  # type: ignore[union-attr]
                 publish(app, RUN, job_id, queue, priority, **_limits(spec))
         except OperationalError:
@@ -401,6 +404,15 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
     recovered = 0
     for job_id, queue, priority, engine_task, silent_for in rt.store.running_silence():
         spec = catalog.TASKS[engine_task]
+        try:
+            # A job at a provider is quiet between polls, not dead: it resumes its poll (or
+            # submit) once silent past the longest poll wait, and never runs on a local engine.
+            resumed = resume_remote(rt, app, job_id, silent_for)
+        except OperationalError:
+            break
+        if resumed is not None:
+            recovered += int(resumed)
+            continue
         # A running job silent past its hard time limit lost its worker (progress writes
         # refresh updated_at); on the embedded transport its message died with the worker.
         if silent_for < spec.time_limit + 60:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
@@ -329,6 +330,8 @@ class HttpClient:
             raise ValueError(f"{self.name}: base_url must be an http(s) URL, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
+        # Seconds every request must fit in while a caller's ``time_budget`` is open (None: none).
+        self._budget_ends: float | None = None
         self.session = session or requests.Session()
         # Injected so token refresh and 12-hour expiry are testable without waiting.
         self.clock = clock
@@ -348,8 +351,33 @@ class HttpClient:
 
     # -- transport --------------------------------------------------------------------------
 
+    @contextmanager
+    def time_budget(self, seconds: float) -> Iterator[None]:
+        """Cap the connect and read timeouts of every request inside at what is left of ``seconds``.
+
+        The submit task tries several backends within one soft time limit; each backend's
+        configured timeouts are shortened so the whole route fits, and a backend that would run
+        past the budget times out (retryably, so the route falls through) instead of the task.
+        """
+        previous = self._budget_ends
+        self._budget_ends = time.monotonic() + max(0.0, seconds)
+        try:
+            yield
+        finally:
+            self._budget_ends = previous
+
+    def _timeouts(self) -> tuple[float, float]:
+        if self._budget_ends is None:
+            return self.timeout
+        left = self._budget_ends - time.monotonic()
+        if left <= 0:
+            raise ProviderRetryableError(
+                "no time left in this attempt's budget", provider=self.name, code="provider_timeout"
+            )
+        return (min(self.timeout[0], left), min(self.timeout[1], left))
+
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", self.timeout)
+        kwargs.setdefault("timeout", self._timeouts())
         try:
             response = self.session.request(method, url, **kwargs)
         except requests.Timeout as exc:
