@@ -194,12 +194,18 @@ def models_list(model_type: str | None) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--id", "model_id", default=None, help="model id (default: from the file or folder name)")
 @click.option("--type", "model_type", default=None, help="detected from the files when not given")
-def models_add(path: str, model_id: str | None, model_type: str | None) -> None:
+@click.option(
+    "--role",
+    type=click.Choice(["face_detector", "face_recognizer", "face_swapper"]),
+    default=None,
+    help="the part an ONNX file plays in the InsightFace engine, when its name does not say",
+)
+def models_add(path: str, model_id: str | None, model_type: str | None, role: str | None) -> None:
     """Register a local diffusers folder, Real-ESRGAN .pth, LoRA or ONNX file."""
     from tasks.model_registry import add_model
 
     try:
-        entry = add_model(settings_from_env(), path, model_id, model_type)
+        entry = add_model(settings_from_env(), path, model_id, model_type, role)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"added {entry['id']} ({entry['type']}; tasks: {', '.join(entry['tasks']) or 'none'})")

@@ -73,7 +73,9 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         abort(501, code="task_not_installed", message=str(exc), details={"task": [str(exc)]})
     try:
         check_webhook_url(body.get("webhook_url"), settings.allow_private_urls)
-        payload = spec.schema(allow_private_urls=settings.allow_private_urls).load(body["payload"])  # type: ignore[call-arg]
+        payload = spec.schema(  # type: ignore[call-arg]
+            allow_private_urls=settings.allow_private_urls, max_faces=settings.max_faces
+        ).load(body["payload"])
     except ValidationError as exc:
         details = exc.messages if "webhook_url" in exc.messages else {"payload": exc.messages}
         abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)

@@ -98,6 +98,8 @@ class Settings:
     max_input_pixels: int = 40_000_000
     min_input_side: int = 16
     fetch_timeout: float = 20.0
+    # Faces: the most faces one image yields and one swap may name (seed 001 allows 4).
+    max_faces: int = 8
     # Jobs.
     max_attempts: int = 3
     job_ttl: float = 24 * 3600.0
@@ -178,6 +180,7 @@ class Settings:
             max_input_pixels=_int("AIORCH_MAX_INPUT_PIXELS", get("MAX_INPUT_PIXELS", "40000000"), low=1),
             min_input_side=_int("AIORCH_MIN_INPUT_SIDE", get("MIN_INPUT_SIDE", "16"), low=1),
             fetch_timeout=_float("AIORCH_FETCH_TIMEOUT", get("FETCH_TIMEOUT", "20"), low=0.1),
+            max_faces=_int("AIORCH_MAX_FACES", get("MAX_FACES", "8"), low=1, high=64),
             max_attempts=_int("AIORCH_MAX_ATTEMPTS", get("MAX_ATTEMPTS", "3"), low=1, high=100),
             job_ttl=_float("AIORCH_JOB_TTL", get("JOB_TTL", str(24 * 3600)), low=1),
             republish_after=_float("AIORCH_REPUBLISH_AFTER", get("REPUBLISH_AFTER", "300"), low=1),

@@ -40,9 +40,24 @@ MODEL_TYPES = ("diffusers", "lora", "realesrgan", "onnx", "detector", "builtin")
 # install for the platform's tasks. Anything else gets no tasks until the operator names them.
 _ONNX_TASK_HINTS = (
     (re.compile(r"u2net|rmbg|birefnet|isnet|modnet|silueta", re.I), ("remove_background",)),
-    (re.compile(r"inswapper|simswap|faceswap", re.I), ("faceswap", "faceswap_multi")),
-    (re.compile(r"scrfd|retinaface|yunet|det_\d+|face_?det", re.I), ("face_detect",)),
     (re.compile(r"esrgan|upscal|swinir|\bx[234]\b", re.I), ("upscale",)),
+)
+
+# The InsightFace engine (inference/faceswap/insight.py) is three ONNX models, one per role; the
+# entry records its role in ``extra["role"]`` so the worker can assemble the engine. Names are
+# those of the insightface packs (buffalo_l's det_10g and w600k_r50, antelopev2's scrfd_10g and
+# glintr100) and of inswapper_128. Only files in SCRFD's output layout fit the detector role
+# (OpenCV's YuNet does not), and only inswapper fits the swapper role (SimSwap is another model).
+FACE_SWAP_TASKS = ("faceswap", "faceswap_multi")
+FACE_ROLES = {
+    "face_detector": ("face_detect", *FACE_SWAP_TASKS),
+    "face_recognizer": FACE_SWAP_TASKS,
+    "face_swapper": FACE_SWAP_TASKS,
+}
+_ONNX_FACE_ROLE_HINTS = (
+    (re.compile(r"inswapper", re.I), "face_swapper"),
+    (re.compile(r"scrfd|retinaface|det_\d+|face_?det", re.I), "face_detector"),
+    (re.compile(r"w600k|glint|arcface|webface|ms1m", re.I), "face_recognizer"),
 )
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -198,10 +213,12 @@ class ModelStore:
         description: str = "",
         source: str | None = None,
         replace: bool = False,
+        role: str | None = None,
     ) -> ModelEntry:
         """Register the model at ``path``; its type, tasks and base model are read from its files
         unless given. Paths inside the models dir are stored relative to it, so the directory can
-        be mounted elsewhere (a container) and the manifest still holds."""
+        be mounted elsewhere (a container) and the manifest still holds. ``role`` names the part
+        an ONNX file plays in the InsightFace engine (``FACE_ROLES``) when its name does not say."""
         path = Path(path).expanduser()
         if not path.is_absolute() and not path.exists() and (self.models_dir / path).exists():
             path = self.models_dir / path
@@ -211,6 +228,10 @@ class ModelStore:
         if type is not None and type not in MODEL_TYPES[:-1]:
             raise ModelStoreError(f"unknown model type {type!r}; one of {', '.join(MODEL_TYPES[:-1])}")
         detected = detect_model(path, type)
+        if role is not None:
+            if detected.type != "onnx":
+                raise ModelStoreError(f"a role is for ONNX face models; {path.name} is {detected.type!r}")
+            detected = _detect_onnx(path, role)
         model_id = id or _slug(path.stem if path.is_file() else path.name)
         if not _ID_RE.match(model_id):
             raise ModelStoreError(
@@ -431,7 +452,13 @@ def _detect_diffusers(folder: Path) -> Detected:
     return Detected("diffusers", tasks, base, extra)
 
 
-def _detect_onnx(path: Path) -> Detected:
+def _detect_onnx(path: Path, role: str | None = None) -> Detected:
+    if role is None:
+        role = next((r for pattern, r in _ONNX_FACE_ROLE_HINTS if pattern.search(path.stem)), None)
+    if role is not None:
+        if role not in FACE_ROLES:
+            raise ModelStoreError(f"unknown role {role!r}; one of {', '.join(FACE_ROLES)}")
+        return Detected("onnx", FACE_ROLES[role], None, {"role": role})
     for pattern, tasks in _ONNX_TASK_HINTS:
         if pattern.search(path.stem):
             return Detected("onnx", tasks, None, {})

@@ -6,6 +6,7 @@ never pull torch in, and a GPU worker must load its models in the forked child, 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -18,6 +19,8 @@ from PIL import Image, ImageFilter
 
 from config import Settings
 from inference.base import EngineError, EngineResult, InvalidInput, RunControl, check_stop
+
+log = logging.getLogger("aiorch.engines")
 
 
 @dataclass
@@ -171,63 +174,117 @@ def run_scan_objects(call: EngineCall) -> EngineResult:
     )
 
 
+_landmark_engines: dict[int, Any] = {}
+
+
 def face_engine(call: EngineCall) -> Any:
-    from inference.faceswap import LandmarkFaceSwapper
+    """The InsightFace engine when the store holds all three of its ONNX models, else the
+    weight-free landmark engine. Both are built once per worker process and kept."""
+    from inference.faceswap import InsightFaceSwapper, LandmarkFaceSwapper
+    from inference.model_store import FACE_ROLES
 
-    # The weight-free engine; the InsightFace path needs three models wired from the store.
-    return LandmarkFaceSwapper(max_faces=8)
+    limit = call.settings.max_faces
+    store = model_store(call.settings)
+    paths: dict[str, tuple[str, Path]] = {}
+    for entry in store.list(type="onnx"):
+        role = entry.extra.get("role")
+        if role in FACE_ROLES and role not in paths and store.resolve_path(entry).is_file():
+            paths[role] = (entry.id, store.resolve_path(entry))
+    if len(paths) == len(FACE_ROLES):
+        (det_id, det), (rec_id, rec), (swap_id, swap) = (
+            paths[r] for r in ("face_detector", "face_recognizer", "face_swapper")
+        )
+        size = sum(path.stat().st_size for _, path in paths.values())
+        try:
+            return model_cache().get_or_load(
+                f"face:insightface:{det_id}+{rec_id}+{swap_id}:{limit}",
+                lambda: InsightFaceSwapper(det, rec, swap, max_faces=limit),
+                size,
+            )
+        except EngineError as exc:
+            # A broken file must not stop every face job: the weight-free engine still serves
+            # them, and result.meta.backend says which engine ran.
+            log.warning("InsightFace models unusable, using the landmark engine: %s", exc)
+    if limit not in _landmark_engines:
+        # The Haar cascades take ~0.1 s to parse; once per worker process, not per job.
+        _landmark_engines[limit] = LandmarkFaceSwapper(max_faces=limit)
+    return _landmark_engines[limit]
 
 
-def face_upscaler(call: EngineCall) -> Callable[[Image.Image], Image.Image] | None:
-    """``upscale=1``: enhance swapped faces with the best installed SR model (none: skipped)."""
+def face_upscaler(call: EngineCall) -> tuple[Callable[[Image.Image], Image.Image] | None, str | None]:
+    """``upscale=1``: the best installed SR model that loads, and its id, to enhance swapped
+    faces; ``(None, None)`` when upscale is 0 or no SR model can be loaded.
+
+    Upscaling is an enhancement, so, as in ``run_upscale``, a missing or broken weight file is
+    passed over for the next candidate instead of failing the swap.
+    """
     if not call.payload.get("upscale", 1):
-        return None
+        return None, None
     store = model_store(call.settings)
     candidates = [(e.id, store.resolve_path(e)) for e in store.list(type="realesrgan", task="upscale")]
     if not candidates:
-        return None
+        return None, None
     from inference.superres import Upscaler, choose_sr_model
 
-    model_id, path = choose_sr_model(candidates, scale=2)[0]
     device = torch_device()
-    engine = load_cached(f"sr:{model_id}", path, lambda: Upscaler(path, model_id=model_id, device=device))
+    for model_id, path in choose_sr_model(candidates, scale=2):
+        try:
+            engine = load_cached(
+                f"sr:{model_id}", path, lambda m=model_id, p=path: Upscaler(p, model_id=m, device=device)
+            )
+        except EngineError as exc:
+            log.warning("super-resolution model %s unusable for faceswap: %s", model_id, exc)
+            continue
 
-    def upscale(image: Image.Image) -> Image.Image:
-        return engine(image, 2.0).images[0].image
+        def upscale(image: Image.Image, engine: Any = engine) -> Image.Image:
+            return engine(image, 2.0).images[0].image
 
-    return upscale
+        return upscale, model_id
+    return None, None
+
+
+def _name_upscaler(result: EngineResult, model_id: str | None) -> EngineResult:
+    for output in result.images:
+        output.meta["upscaler"] = model_id
+    return result
 
 
 def run_face_detect(call: EngineCall) -> EngineResult:
-    return face_engine(call).face_detect(call.images["image_url"], control=call.control)
+    return face_engine(call).face_detect(
+        call.images["image_url"], max_side=call.payload["max_side"], control=call.control
+    )
 
 
 def run_faceswap(call: EngineCall) -> EngineResult:
     p = call.payload
-    return face_engine(call).faceswap(
+    upscaler, upscaler_id = face_upscaler(call)
+    result = face_engine(call).faceswap(
         call.images["source_url"],
         call.images["target_url"],
         max_side=p["max_side"],
         sharpen=p["sharpen"],
         max_faces=p["max_faces"],
-        upscaler=face_upscaler(call),
+        upscaler=upscaler,
         control=call.control,
     )
+    return _name_upscaler(result, upscaler_id)
 
 
 def run_faceswap_multi(call: EngineCall) -> EngineResult:
     p = call.payload
     sources = call.images["source_urls"]
-    return face_engine(call).faceswap_multi(
+    upscaler, upscaler_id = face_upscaler(call)
+    result = face_engine(call).faceswap_multi(
         sources,
         call.images["target_url"],
         p.get("swap_faces_index") or [0] * len(sources),
         p.get("target_faces_index") or list(range(len(sources))),
         max_side=p["max_side"],
         sharpen=p["sharpen"],
-        upscaler=None,
+        upscaler=upscaler,
         control=call.control,
     )
+    return _name_upscaler(result, upscaler_id)
 
 
 def run_debug_sleep(call: EngineCall) -> EngineResult:

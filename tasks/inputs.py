@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import urllib3
-from PIL import Image
+from PIL import Image, ImageOps
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -239,6 +239,17 @@ class Fetcher:
         except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError) as exc:
             raise TransientFetchError(f"downloading {url} failed: {exc}") from None
         return bytes(buffer)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The checked bytes as the picture a person sees: EXIF orientation applied.
+
+    Phones store portraits as landscape pixels plus an Orientation tag; an engine given the raw
+    pixels would find faces lying on their side and return boxes in the wrong frame.
+    """
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return ImageOps.exif_transpose(image)
 
 
 def check_image(data: bytes, field: str, settings: Settings) -> CheckedImage:

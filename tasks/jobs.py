@@ -7,7 +7,6 @@ engine; and holds no database session while the engine works.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any
@@ -30,7 +29,7 @@ from models.state import JobStatus
 from tasks import catalog
 from tasks.celery_app import FINISH, PREPARE, RUN, SWEEP, publish
 from tasks.engines import ENGINES, EngineCall
-from tasks.inputs import FetchCancelled, Fetcher, InputProblem, TransientFetchError
+from tasks.inputs import FetchCancelled, Fetcher, InputProblem, TransientFetchError, decode_image
 from tasks.storage import Storage, default_format, encode_image
 
 log = logging.getLogger("aiorch.tasks")
@@ -114,7 +113,9 @@ class JobControl:
 
 
 def validate_payload(spec: catalog.TaskSpec, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    schema = spec.schema(allow_private_urls=settings.allow_private_urls)  # type: ignore[call-arg]
+    schema = spec.schema(  # type: ignore[call-arg]
+        allow_private_urls=settings.allow_private_urls, max_faces=settings.max_faces
+    )
     return schema.load(payload)
 
 
@@ -297,9 +298,7 @@ def _progress_events(rt: Runtime, app: Any, job: Any) -> Any:
 def _open_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     def open_one(entry: dict[str, Any]) -> Image.Image:
         with open(entry["path"], "rb") as handle:
-            image = Image.open(io.BytesIO(handle.read()))
-            image.load()
-        return image
+            return decode_image(handle.read())
 
     return {
         field: [open_one(e) for e in value] if isinstance(value, list) else open_one(value)

@@ -21,10 +21,12 @@ def has_model_for(settings: Settings, task: str, types: tuple[str, ...]) -> bool
     return any(entry.type in types for entry in store.list(task=task))
 
 
-def add_model(settings: Settings, path: str, model_id: str | None, model_type: str | None) -> dict[str, Any]:
+def add_model(
+    settings: Settings, path: str, model_id: str | None, model_type: str | None, role: str | None = None
+) -> dict[str, Any]:
     from inference.model_store import ModelStore
 
-    return ModelStore(settings.models_dir).add(path, id=model_id, type=model_type).to_dict()
+    return ModelStore(settings.models_dir).add(path, id=model_id, type=model_type, role=role).to_dict()
 
 
 def pull_model(

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+DEFAULT_MAX_FACES = 8  # AIORCH_MAX_FACES when no settings are given (config.Settings.max_faces)
+
 IMAGE_FORMATS = ("jpg", "png", "webp")
 ALIGNS = ("topleft", "top", "topright", "left", "middle", "right", "bottomleft", "bottom", "bottomright")
 WATERMARK_POSITIONS = ("topleft", "topright", "bottomleft", "bottomright", "bottom", "top", "middle")
@@ -77,9 +79,17 @@ class BasePayload(Schema):
     format = fields.String(validate=validate.OneOf(IMAGE_FORMATS))
     watermark = fields.Nested(WatermarkSchema, allow_none=True)
 
-    def __init__(self, *args: Any, allow_private_urls: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        allow_private_urls: bool = False,
+        max_faces: int = DEFAULT_MAX_FACES,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.allow_private_urls = allow_private_urls
+        # AIORCH_MAX_FACES: the face tasks' limit, a setting, so the schema is told it.
+        self.max_faces = max_faces
 
 
 def _unit(**kw: Any) -> fields.Float:
@@ -158,30 +168,78 @@ class ScanObjectsPayload(BasePayload):
     model = fields.String(validate=validate.Length(min=1, max=128))
 
 
+FACE_INDEX_ORDER = (
+    "Face indices run left to right, then top to bottom (faces whose centres lie within half a "
+    "face width of each other form one column, read top to bottom), counted on the image shrunk "
+    "to max_side: face_detect and faceswap_multi with the same max_side number faces alike."
+)
+
+
+def _max_side() -> fields.Integer:
+    return fields.Integer(
+        load_default=1080,
+        validate=validate.Range(min=64, max=8192),
+        metadata={"description": "The image is shrunk so its longest side is at most this (never enlarged)"},
+    )
+
+
+def _upscale() -> fields.Integer:
+    return fields.Integer(
+        load_default=1,
+        validate=validate.OneOf((0, 1)),
+        metadata={"description": "1: restore detail on the swapped faces with the best installed SR model"},
+    )
+
+
 class FaceDetectPayload(BasePayload):
-    image_url = InputRef(required=True)
+    image_url = InputRef(required=True, metadata={"description": FACE_INDEX_ORDER})
+    max_side = _max_side()
 
 
 class FaceswapPayload(BasePayload):
     source_url = InputRef(required=True)
     target_url = InputRef(required=True)
-    upscale = fields.Integer(load_default=1, validate=validate.OneOf((0, 1)))
-    max_side = fields.Integer(load_default=1080, validate=validate.Range(min=64, max=8192))
+    upscale = _upscale()
+    max_side = _max_side()
     sharpen = _unit(load_default=0.0)
-    max_faces = fields.Integer(load_default=0, validate=validate.Range(min=0, max=64))
+    max_faces = fields.Integer(
+        load_default=0,
+        validate=validate.Range(min=0),
+        metadata={"description": "0: every face of the target; n: the n largest (at most AIORCH_MAX_FACES)"},
+    )
+
+    @validates_schema
+    def _face_limit(self, data: dict[str, Any], **_: Any) -> None:
+        # Refused, not capped: a client asking for 12 faces must learn it gets at most 8.
+        if data.get("max_faces", 0) > self.max_faces:
+            raise ValidationError(
+                f"must be at most {self.max_faces} (AIORCH_MAX_FACES)", field_name="max_faces"
+            )
 
 
 class FaceswapMultiPayload(BasePayload):
-    source_urls = fields.List(InputRef(), required=True, validate=validate.Length(min=1, max=8))
+    source_urls = fields.List(InputRef(), required=True, validate=validate.Length(min=1))
     target_url = InputRef(required=True)
-    swap_faces_index = fields.List(fields.Integer(validate=validate.Range(min=0)))
-    target_faces_index = fields.List(fields.Integer(validate=validate.Range(min=0)))
+    swap_faces_index = fields.List(
+        fields.Integer(validate=validate.Range(min=0)),
+        metadata={"description": "Which face of each source to take. " + FACE_INDEX_ORDER},
+    )
+    target_faces_index = fields.List(
+        fields.Integer(validate=validate.Range(min=0)),
+        metadata={"description": "Which target face each source face replaces. " + FACE_INDEX_ORDER},
+    )
+    upscale = _upscale()
     sharpen = _unit(load_default=0.0)
-    max_side = fields.Integer(load_default=1080, validate=validate.Range(min=64, max=8192))
+    max_side = _max_side()
 
     @validates_schema
     def _lengths(self, data: dict[str, Any], **_: Any) -> None:
         count = len(data.get("source_urls", []))
+        if count > self.max_faces:
+            raise ValidationError(
+                f"at most {self.max_faces} faces can be swapped at once (AIORCH_MAX_FACES)",
+                field_name="source_urls",
+            )
         for name in ("swap_faces_index", "target_faces_index"):
             if name in data and len(data[name]) != count:
                 raise ValidationError(f"must have one entry per source_urls item ({count})", field_name=name)
@@ -197,5 +255,5 @@ class DebugSleepPayload(Schema):
     seconds = fields.Float(load_default=1.0, validate=validate.Range(min=0.0, max=600.0))
     crash = fields.String(load_default="never", validate=validate.OneOf(("never", "always", "first")))
 
-    def __init__(self, *args: Any, allow_private_urls: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, allow_private_urls: bool = False, max_faces: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -317,6 +317,10 @@ class FaceSwapEngine:
         """Return the image with ``source`` put onto ``face`` and the soft alpha of the change."""
         raise NotImplementedError
 
+    def run_meta(self) -> dict[str, Any]:
+        """Facts about how this engine runs (its device) for the result's meta."""
+        return {}
+
     # -- operations ----------------------------------------------------------------------------
 
     def face_detect(
@@ -360,7 +364,7 @@ class FaceSwapEngine:
 
         The largest face of ``source`` (preferring one with landmarks) is used. ``max_faces``
         = 0 swaps every face found in the target (up to the engine's cap); n > 0 swaps the n
-        largest. ``upscaler`` (optional) restores detail on the swapped faces; ``sharpen`` in
+        largest, and n above the cap is refused. ``upscaler`` (optional) restores detail on the swapped faces; ``sharpen`` in
         [0, 1] sharpens them.
         """
         control = control or NullControl()
@@ -368,9 +372,11 @@ class FaceSwapEngine:
         sharpen = validate_sharpen(sharpen)
         if isinstance(max_faces, bool) or not isinstance(max_faces, int) or max_faces < 0:
             raise InvalidInput(f"max_faces must be an integer >= 0, got {max_faces!r}", field="max_faces")
-        # "At most n faces": asking for more than the engine's cap is not an error, the cap
-        # (what detection ever returns) already bounds it.
-        max_faces = min(max_faces, self.max_faces)
+        if max_faces > self.max_faces:
+            # Refused rather than capped: the client asked for more faces than it can get.
+            raise InvalidInput(
+                f"max_faces must be at most {self.max_faces}, got {max_faces}", field="max_faces"
+            )
         target_rgb, target_alpha = to_rgb_array(target, "target_url")
         target_rgb = fit_max_side(target_rgb, max_side)
         source_rgb, _ = to_rgb_array(source, "source_url")
@@ -539,6 +545,7 @@ class FaceSwapEngine:
             "swapped_faces_index": [index for _, index in pairs],
             "upscaled": upscaler is not None,
             "sharpen": sharpen,
+            **self.run_meta(),
         }
         return EngineResult(backend=self.backend, images=[OutputImage(image, meta)])
 

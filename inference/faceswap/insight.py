@@ -64,14 +64,23 @@ def arcface_template(size: int) -> np.ndarray:
     return template
 
 
-def default_providers() -> list[str]:
-    """CUDA when this onnxruntime build has it, with the CPU as the fallback for any op."""
-    import onnxruntime as ort
+def choose_providers(available: Sequence[str]) -> list[str]:
+    """The execution providers to ask for, given what this onnxruntime build offers.
 
-    available = ort.get_available_providers()
+    CUDA first when the build has it (a GPU worker's ``onnxruntime-gpu``), always with the CPU
+    after it: onnxruntime places any op the CUDA provider lacks on the next provider in the
+    list, so a session never fails for want of one kernel.
+    """
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def default_providers() -> list[str]:
+    """``choose_providers`` for the onnxruntime installed here."""
+    import onnxruntime as ort
+
+    return choose_providers(ort.get_available_providers())
 
 
 def _session(path: str | Path, providers: Sequence[str] | None, threads: int | None) -> Any:
@@ -305,6 +314,10 @@ class InsightFaceSwapper(FaceSwapEngine):
         self.swapper = InSwapper(swapper_path, providers=providers, threads=threads)
         self.backend = f"insightface:{Path(swapper_path).stem}"
         self.template = arcface_template(self.swapper.size)
+
+    def run_meta(self) -> dict[str, Any]:
+        # What onnxruntime actually gave the swapper, CUDA first on a GPU worker.
+        return {"providers": list(self.swapper.session.get_providers())}
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         return keep_largest(self.detector.detect(rgb), self.max_faces)

@@ -10,6 +10,8 @@ named faces.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,6 +21,7 @@ from inference.faceswap import Face, FaceDetector, InsightFaceSwapper, LandmarkF
 from inference.faceswap.common import similarity_transform
 from inference.faceswap.insight import ARCFACE_TEMPLATE_112, arcface_template
 from tests.inference.face_images import BLUE, CANVAS, GREEN, colour_pixels, group, marked_source
+from tests.inference.face_models import BOX_DISTANCE, KPS_OFFSETS, build_face_models, red_cells
 
 PLACES = [(60, 60, 1.0), (420, 300, 0.8), (720, 50, 1.1)]
 
@@ -147,15 +150,17 @@ def test_faceswap_multi_swaps_exactly_the_named_faces(engine, trio):
     assert colour_pixels(out, GREEN, rects[2]) > 40 and colour_pixels(out, BLUE, rects[2]) == 0
     assert colour_pixels(out, BLUE, rects[0]) > 40 and colour_pixels(out, GREEN, rects[0]) == 0
     # Face 1 was not named: every pixel of its picture is as it was.
-    x0, y0, x1, y1 = rects[1]
     assert np.array_equal(out[y0:y1, x0:x1], canvas[y0:y1, x0:x1])
 
 
 def test_faceswap_max_faces_swaps_only_the_largest(engine, trio):
     canvas, rects = trio
-    # Above the engine's cap of 8 it means "all of them".
-    many = engine.faceswap(Image.fromarray(marked_source(GREEN)), Image.fromarray(canvas), max_faces=20)
+    # Up to the engine's cap (8) n means "at most n"; above it, the request is refused.
+    many = engine.faceswap(Image.fromarray(marked_source(GREEN)), Image.fromarray(canvas), max_faces=8)
     assert many.images[0].meta["swapped_faces_index"] == [0, 1, 2]
+    with pytest.raises(InvalidInput) as excinfo:
+        engine.faceswap(Image.fromarray(marked_source(GREEN)), Image.fromarray(canvas), max_faces=9)
+    assert excinfo.value.field == "max_faces"
     result = engine.faceswap(Image.fromarray(marked_source(GREEN)), Image.fromarray(canvas), max_faces=1)
     out = np.asarray(result.images[0].image)
     assert result.images[0].meta["swapped_faces_index"] == [2]
@@ -284,139 +289,12 @@ def test_a_cancelled_job_stops_before_the_swap(engine, trio):
 # ---------------------------------------------------------------------------------------------
 # InsightFace path with tiny ONNX models
 
-# Landmark offsets (in stride units) the hand-set detector emits around each anchor centre.
-KPS_OFFSETS = np.array([[-1.5, -1.2], [1.5, -1.2], [0.0, 0.3], [-1.2, 1.8], [1.2, 1.8]], np.float32)
-BOX_DISTANCE = 4.0  # stride units on every side: a 64 px box at stride 8
-
-
-def _save(graph, path) -> str:
-    onnx = pytest.importorskip("onnx")  # skips only the tests that build ONNX models
-    from onnx import helper
-
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    # onnx 1.23 writes IR 14, which this onnxruntime refuses (max 13); 10 covers opset 13.
-    model.ir_version = 10
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
-
-
-def _scrfd(path) -> str:
-    """SCRFD layout, 3 strides x 2 anchors: scores, boxes, landmarks, each (N, k).
-
-    Stride 8 scores red cells: logit = 40 * (mean R - mean G) - 20 on the normalised input, so
-    an all-red 8x8 cell scores ~1 and anything grey, black or skin-free scores ~0. The box and
-    landmark heads are constant (bias only). Strides 16 and 32 never fire.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes, inits, outputs = [], [], []
-    heads = {"score": 1, "bbox": 4, "kps": 10}
-    for head, width in heads.items():
-        for stride in (8, 16, 32):
-            name = f"{head}_{stride}"
-            weight = np.zeros((2 * width, 3, stride, stride), np.float32)
-            bias = np.zeros(2 * width, np.float32)
-            if head == "score":
-                bias[:] = -20.0
-                if stride == 8:
-                    weight[:, 0] = 40.0 / (stride * stride)
-                    weight[:, 1] = -40.0 / (stride * stride)
-            elif head == "bbox":
-                bias[:] = BOX_DISTANCE
-            else:
-                bias[:] = np.tile(KPS_OFFSETS.reshape(-1), 2)
-            inits += [
-                numpy_helper.from_array(weight, f"{name}_w"),
-                numpy_helper.from_array(bias, f"{name}_b"),
-                numpy_helper.from_array(np.array([-1, width], np.int64), f"{name}_shape"),
-            ]
-            nodes += [
-                helper.make_node(
-                    "Conv", ["input.1", f"{name}_w", f"{name}_b"], [f"{name}_conv"], strides=[stride, stride]
-                ),
-                helper.make_node("Transpose", [f"{name}_conv"], [f"{name}_t"], perm=[0, 2, 3, 1]),
-                helper.make_node("Reshape", [f"{name}_t", f"{name}_shape"], [f"{name}_r"]),
-            ]
-            if head == "score":
-                nodes.append(helper.make_node("Sigmoid", [f"{name}_r"], [name]))
-            else:
-                nodes.append(helper.make_node("Identity", [f"{name}_r"], [name]))
-            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", width]))
-    graph = helper.make_graph(
-        nodes,
-        "scrfd_tiny",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "h", "w"])],
-        outputs,
-        inits,
-    )
-    return _save(graph, path)
-
-
-def _arcface(path, rng) -> str:
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = [
-        numpy_helper.from_array(rng.normal(size=(3, 512)).astype(np.float32), "w"),
-        numpy_helper.from_array(rng.normal(size=512).astype(np.float32), "b"),
-    ]
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["input.1"], ["pool"]),
-        helper.make_node("Flatten", ["pool"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "w"], ["mm"]),
-        helper.make_node("Add", ["mm", "b"], ["683"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "arcface_tiny",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 112, 112])],
-        [helper.make_tensor_value_info("683", TensorProto.FLOAT, [1, 512])],
-        inits,
-    )
-    return _save(graph, path)
-
-
-def _inswapper(path, rng) -> str:
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = [
-        numpy_helper.from_array(rng.normal(size=(3, 3, 1, 1)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(rng.normal(size=(512, 3)).astype(np.float32), "style_w"),
-        numpy_helper.from_array(np.array([1, 3, 1, 1], np.int64), "style_shape"),
-        # Last initializer, unused by the graph, as in the released model: the identity projection.
-        numpy_helper.from_array(rng.normal(size=(512, 512)).astype(np.float32), "emap"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["target", "conv_w"], ["conv"]),
-        helper.make_node("MatMul", ["source", "style_w"], ["style"]),
-        helper.make_node("Reshape", ["style", "style_shape"], ["style4"]),
-        helper.make_node("Add", ["conv", "style4"], ["mix"]),
-        helper.make_node("Sigmoid", ["mix"], ["output"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "inswapper_tiny",
-        [
-            helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
-            helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512]),
-        ],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
-        inits,
-    )
-    return _save(graph, path)
-
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory) -> dict[str, str]:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    root = tmp_path_factory.mktemp("face_models")
-    rng = np.random.default_rng(6)
-    return {
-        "detector": _scrfd(root / "det_10g.onnx"),
-        "recognition": _arcface(root / "w600k_r50.onnx", rng),
-        "swapper": _inswapper(root / "inswapper_128.onnx", rng),
-    }
+    return build_face_models(tmp_path_factory.mktemp("face_models"))
 
 
 @pytest.fixture(scope="module")
@@ -429,19 +307,9 @@ def insight(onnx_models) -> InsightFaceSwapper:
     )
 
 
-def _red_cells(cells: list[tuple[int, int]], size=(480, 640)) -> np.ndarray:
-    """A grey-and-texture picture with one red 8x8 block on each given stride-8 cell (col, row)."""
-    rng = np.random.default_rng(1)
-    image = np.clip(rng.normal(128, 30, (*size, 3)), 0, 255).astype(np.uint8)
-    image[..., 0] = image[..., 1]  # no red dominance anywhere but in the blocks
-    for col, row in cells:
-        image[row * 8 : row * 8 + 8, col * 8 : col * 8 + 8] = (255, 0, 0)
-    return image
-
-
 def test_insightface_detector_decodes_boxes_and_landmarks_exactly(insight):
     # 640x480 letterboxes into 640x640 at scale 1, so cells map to pixels one to one.
-    result = insight.face_detect(Image.fromarray(_red_cells([(50, 30), (15, 20)])))
+    result = insight.face_detect(Image.fromarray(red_cells([(50, 30), (15, 20)])))
     faces = result.data["faces"]
     assert result.backend == "insightface:inswapper_128"
     assert [f["index"] for f in faces] == [0, 1]
@@ -464,8 +332,8 @@ def test_insightface_detector_decodes_boxes_and_landmarks_exactly(insight):
 
 
 def test_insightface_pipeline_swaps_only_the_named_face(insight):
-    source = Image.fromarray(_red_cells([(40, 30)]))
-    target_rgb = _red_cells([(15, 20), (50, 30)])
+    source = Image.fromarray(red_cells([(40, 30)]))
+    target_rgb = red_cells([(15, 20), (50, 30)])
     result = insight.faceswap_multi([source], Image.fromarray(target_rgb), [0], [1])
     out = np.asarray(result.images[0].image)
     assert result.backend == "insightface:inswapper_128"
@@ -478,7 +346,7 @@ def test_insightface_pipeline_swaps_only_the_named_face(insight):
 
 
 def test_insightface_faceswap_respects_max_side_and_upscaler(insight):
-    target = Image.fromarray(_red_cells([(15, 20), (50, 30)])).resize((1280, 960), Image.Resampling.NEAREST)
+    target = Image.fromarray(red_cells([(15, 20), (50, 30)])).resize((1280, 960), Image.Resampling.NEAREST)
     calls = []
 
     def upscaler(image: Image.Image) -> Image.Image:
@@ -486,7 +354,7 @@ def test_insightface_faceswap_respects_max_side_and_upscaler(insight):
         return image.resize((image.width * 4, image.height * 4))
 
     result = insight.faceswap(
-        Image.fromarray(_red_cells([(40, 30)])), target, max_side=640, sharpen=0.3, upscaler=upscaler
+        Image.fromarray(red_cells([(40, 30)])), target, max_side=640, sharpen=0.3, upscaler=upscaler
     )
     assert result.images[0].image.size == (640, 480)
     assert result.images[0].meta["swapped_faces_index"] == [0, 1] and len(calls) == 2
@@ -518,3 +386,70 @@ def test_similarity_alignment_is_the_least_squares_fit_skimage_computes():
     # The 128 px template is the 112 one shifted 8 px right, as inswapper was trained.
     assert arcface_template(128) == pytest.approx(ARCFACE_TEMPLATE_112 + [8.0, 0.0])
     assert arcface_template(224) == pytest.approx(ARCFACE_TEMPLATE_112 * 2)
+
+
+def test_onnx_providers_put_cuda_first_only_when_onnxruntime_has_it():
+    ort = pytest.importorskip("onnxruntime")
+    from inference.faceswap.insight import choose_providers, default_providers
+
+    assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert choose_providers(
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    ) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    # This machine's onnxruntime is the CPU build: the engine asks for the CPU alone.
+    assert default_providers() == choose_providers(ort.get_available_providers())
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert default_providers() == ["CPUExecutionProvider"]
+
+
+def test_insightface_result_names_the_providers_it_ran_on(insight):
+    result = insight.faceswap_multi(
+        [Image.fromarray(red_cells([(40, 30)]))], Image.fromarray(red_cells([(15, 20)])), [0], [0]
+    )
+    assert result.images[0].meta["providers"] == ["CPUExecutionProvider"]
+
+
+def test_model_store_records_the_face_role_of_each_onnx_file(tmp_path):
+    from inference.model_store import ModelStore, ModelStoreError
+
+    paths = build_face_models(tmp_path / "m")
+    store = ModelStore(tmp_path / "m")
+    det = store.add(paths["detector"])
+    rec = store.add(paths["recognition"])
+    swap = store.add(paths["swapper"])
+    assert (det.extra["role"], rec.extra["role"], swap.extra["role"]) == (
+        "face_detector",
+        "face_recognizer",
+        "face_swapper",
+    )
+    assert "face_detect" in det.tasks and "faceswap" in rec.tasks and "faceswap_multi" in swap.tasks
+    # The other packs' names are recognised too, and a file named otherwise takes --role.
+    for name, role in [("scrfd_10g_bnkps", "face_detector"), ("glintr100", "face_recognizer")]:
+        other = tmp_path / f"{name}.onnx"
+        other.write_bytes(Path(paths["recognition"]).read_bytes())
+        assert store.add(other).extra["role"] == role
+    plain = tmp_path / "model.onnx"
+    plain.write_bytes(Path(paths["recognition"]).read_bytes())
+    assert store.add(plain, id="unnamed").extra == {} and store.get("unnamed").tasks == ()
+    entry = store.add(plain, id="my-arcface", role="face_recognizer")
+    assert store.get("my-arcface").extra["role"] == "face_recognizer" == entry.extra["role"]
+    with pytest.raises(ModelStoreError):
+        store.add(plain, id="bad-role", role="face_painter")
+
+
+def test_face_detect_and_faceswap_multi_count_faces_alike_at_the_same_max_side(engine):
+    # Two faces side by side, then the same canvas at 3x: at max_side 600 both pictures are
+    # detected at the same size, so the indices face_detect reports are the ones multi uses.
+    canvas, rects = group([(40, 40, 0.9), (330, 60, 1.0)], size=(400, 600))
+    big = Image.fromarray(canvas).resize((1800, 1200), Image.Resampling.LANCZOS)
+    faces = engine.face_detect(big, max_side=600).data["faces"]
+    assert len(faces) == 2
+    assert faces[0]["box"]["x1"] < faces[1]["box"]["x1"]
+    result = engine.faceswap_multi([Image.fromarray(marked_source(GREEN))], big, [0], [1], max_side=600)
+    out = np.asarray(result.images[0].image)
+    assert out.shape[:2] == (400, 600)
+    assert colour_pixels(out, GREEN, rects[1]) > 20
+    assert colour_pixels(out, GREEN, rects[0]) == 0

@@ -51,6 +51,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "AIORCH_JOB_TTL": str(settings.job_ttl),
         "AIORCH_LOG_JSON": "1",
         "AIORCH_FETCH_TIMEOUT": str(settings.fetch_timeout),
+        "AIORCH_MAX_FACES": str(settings.max_faces),
         "AIORCH_BROKER_POLL_INTERVAL": str(settings.broker_poll_interval),
     }
     if settings.prompt_blocklist:

@@ -1,0 +1,275 @@
+"""The face task adapters (tasks/engines.py) over a real model store and model cache, the face
+payload rules, AIORCH_MAX_FACES, and EXIF orientation of inputs.
+
+The adapters are called directly with an ``EngineCall``, as a worker calls them; the models are
+tiny ones built here and registered in a real ``models.json``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from marshmallow import ValidationError
+from PIL import Image
+
+from config import Settings
+from config.settings import SettingsError
+from inference.base import NullControl
+from tasks import engines, payloads
+from tasks.engines import EngineCall
+from tasks.inputs import decode_image
+from tests.conftest import KEYS
+from tests.inference.face_images import GREEN, colour_pixels, group, head, marked_source
+
+ALICE = {"X-API-Key": KEYS[0][1]}
+URL = "http://images.example.com/a.png"
+
+
+def call_for(settings: Settings, task: str, payload: dict[str, Any], images: dict[str, Any]) -> EngineCall:
+    schema = {
+        "faceswap": payloads.FaceswapPayload,
+        "faceswap_multi": payloads.FaceswapMultiPayload,
+        "face_detect": payloads.FaceDetectPayload,
+    }[task](allow_private_urls=True, max_faces=settings.max_faces)
+    return EngineCall(task, schema.load(payload), images, NullControl(), 1, settings)
+
+
+@pytest.fixture
+def face_settings(base_settings: Settings, tmp_path: Path) -> Settings:
+    return base_settings.with_overrides(models_dir=tmp_path / "models")
+
+
+@pytest.fixture(scope="module")
+def one_face() -> Image.Image:
+    canvas, _ = group([(60, 40, 1.0)], size=(340, 320))
+    return Image.fromarray(canvas)
+
+
+# ---------------------------------------------------------------------------------------------
+# AIORCH_MAX_FACES
+
+
+def test_max_faces_setting_defaults_to_8_and_is_read_from_aiorch_max_faces(tmp_path: Path) -> None:
+    env = {"AIORCH_VAR_DIR": str(tmp_path)}
+    assert Settings.from_env(env).max_faces == 8
+    assert Settings.from_env({**env, "AIORCH_MAX_FACES": "3"}).max_faces == 3
+    for bad in ("0", "many", "65"):
+        with pytest.raises(SettingsError, match="AIORCH_MAX_FACES"):
+            Settings.from_env({**env, "AIORCH_MAX_FACES": bad})
+
+
+def test_max_faces_over_the_limit_is_a_422_naming_the_field_not_a_silent_cap(settings: Settings) -> None:
+    from app import create_app
+
+    app = create_app(settings.with_overrides(max_faces=3))
+    client = app.test_client()
+    try:
+        body = {"task": "faceswap", "payload": {"source_url": URL, "target_url": URL, "max_faces": 4}}
+        response = client.post("/v1/jobs", json=body, headers=ALICE)
+        assert response.status_code == 422, response.get_data(as_text=True)
+        assert "max_faces" in response.get_json()["error"]["details"]["payload"]
+        body["payload"]["max_faces"] = 3
+        assert client.post("/v1/jobs", json=body, headers=ALICE).status_code == 202
+        multi = {"task": "faceswap_multi", "payload": {"source_urls": [URL] * 4, "target_url": URL}}
+        response = client.post("/v1/jobs", json=multi, headers=ALICE)
+        assert response.status_code == 422
+        assert "source_urls" in response.get_json()["error"]["details"]["payload"]
+    finally:
+        app.extensions["aiorch"].db.dispose()
+
+
+def test_face_payloads_take_max_side_and_upscale_in_both_swap_modes() -> None:
+    detect = payloads.FaceDetectPayload().load({"image_url": URL})
+    assert detect["max_side"] == 1080
+    assert payloads.FaceDetectPayload().load({"image_url": URL, "max_side": 640})["max_side"] == 640
+    multi = payloads.FaceswapMultiPayload().load({"source_urls": [URL], "target_url": URL})
+    assert multi["upscale"] == 1 and multi["max_side"] == 1080
+    with pytest.raises(ValidationError) as excinfo:
+        payloads.FaceswapMultiPayload().load({"source_urls": [URL], "target_url": URL, "upscale": 2})
+    assert "upscale" in excinfo.value.messages
+    # The index order is documented where clients read the parameters.
+    field = payloads.FaceswapMultiPayload().fields["target_faces_index"]
+    assert "left to right, then top to bottom" in field.metadata["description"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Which engine runs
+
+
+def test_face_engine_is_the_landmark_engine_until_all_three_insightface_models_are_installed(
+    face_settings: Settings,
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from inference.faceswap import InsightFaceSwapper, LandmarkFaceSwapper
+    from inference.model_store import ModelStore
+    from tests.inference.face_models import build_face_models, red_cells
+
+    root = face_settings.models_dir
+    paths = build_face_models(root)
+    store = ModelStore(root)
+    # Unique ids: the model cache is per process, and another test may have used plain ones.
+    suffix = root.parent.name[-12:].lower().replace("_", "-")
+    store.add(paths["detector"], id=f"det-{suffix}")
+    store.add(paths["recognition"], id=f"rec-{suffix}")
+
+    first = engines.face_engine(call_for(face_settings, "face_detect", {"image_url": URL}, {}))
+    assert isinstance(first, LandmarkFaceSwapper)
+    # Kept per worker process: the cascades are not parsed again for the next job.
+    assert engines.face_engine(call_for(face_settings, "face_detect", {"image_url": URL}, {})) is first
+
+    store.add(paths["swapper"], id=f"swap-{suffix}")
+    call = call_for(
+        face_settings,
+        "faceswap",
+        {"source_url": URL, "target_url": URL, "upscale": 0},
+        {
+            "source_url": Image.fromarray(red_cells([(40, 30)])),
+            "target_url": Image.fromarray(red_cells([(15, 20), (50, 30)])),
+        },
+    )
+    engine = engines.face_engine(call)
+    assert isinstance(engine, InsightFaceSwapper)
+    assert engine.max_faces == face_settings.max_faces
+    loaded = {m["id"]: m for m in engines.model_cache().loaded()}
+    key = f"face:insightface:det-{suffix}+rec-{suffix}+swap-{suffix}:{face_settings.max_faces}"
+    assert loaded[key]["bytes"] == sum(Path(p).stat().st_size for p in paths.values())
+    result = engines.run_faceswap(call)
+    assert result.backend == "insightface:inswapper_128"
+    assert result.images[0].meta["swapped_faces_index"] == [0, 1]
+    assert engines.face_engine(call) is engine
+
+    # A broken swapper file: face jobs go on, on the landmark engine, and say so.
+    Path(paths["swapper"]).write_bytes(b"not an onnx model")
+    store.remove(f"swap-{suffix}")
+    store.add(paths["detector"], id=f"det2-{suffix}")  # a fresh cache key for the broken set
+    store.add(paths["recognition"], id=f"rec2-{suffix}")
+    broken = root / "inswapper_128_broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    store.add(broken, id=f"swap2-{suffix}")
+    store.remove(f"det-{suffix}")
+    store.remove(f"rec-{suffix}")
+    assert isinstance(engines.face_engine(call), LandmarkFaceSwapper)
+
+
+def test_face_engine_limit_follows_aiorch_max_faces(face_settings: Settings, one_face: Image.Image) -> None:
+    settings = face_settings.with_overrides(max_faces=2)
+    call = call_for(settings, "face_detect", {"image_url": URL}, {"image_url": one_face})
+    assert engines.face_engine(call).max_faces == 2
+    canvas, _ = group([(20, 60, 0.6), (300, 60, 0.7), (600, 60, 0.8)], size=(400, 900))
+    call = call_for(settings, "face_detect", {"image_url": URL}, {"image_url": Image.fromarray(canvas)})
+    assert len(engines.run_face_detect(call).data["faces"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The upscaler of face swaps
+
+
+@pytest.fixture(scope="module")
+def sr_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A good x4 model, an x2 model whose file was corrupted after it was added (it ranks first
+    at scale 2), and an entry whose file was deleted: a manifest an operator can end up with."""
+    import torch
+
+    from inference.model_store import ModelStore
+    from tests.inference.tiny_vision import TinyRRDBNet, save_sr_checkpoint
+
+    root = tmp_path_factory.mktemp("sr_models")
+    store = ModelStore(root)
+    torch.manual_seed(0)
+    # Ids a worker would rank: x2plus first at scale 2, then x4plus. Suffixed "-facetest" so
+    # the process-wide model cache holds no other test's model under the same key.
+    good = save_sr_checkpoint(TinyRRDBNet(scale=4), root / "RealESRGAN_x4plus.pth")
+    store.add(good, id="realesrgan_x4plus")
+    x2 = save_sr_checkpoint(TinyRRDBNet(scale=2), root / "RealESRGAN_x2plus.pth")
+    store.add(x2, id="realesrgan_x2plus")
+    x2.write_bytes(b"\x00" * 64)
+    gone = save_sr_checkpoint(TinyRRDBNet(scale=4), root / "realesr-general-x4v3.pth")
+    store.add(gone, id="realesr-general-x4v3")
+    gone.unlink()
+    return root
+
+
+def test_faceswap_passes_over_missing_and_broken_sr_files_and_names_the_one_used(
+    base_settings: Settings, sr_models: Path, one_face: Image.Image
+) -> None:
+    settings = base_settings.with_overrides(models_dir=sr_models)
+    source = Image.fromarray(marked_source(GREEN))
+    for task, payload, images in [
+        ("faceswap", {"source_url": URL, "target_url": URL}, {"source_url": source, "target_url": one_face}),
+        (
+            "faceswap_multi",
+            {"source_urls": [URL], "target_url": URL, "upscale": 1},
+            {"source_urls": [source], "target_url": one_face},
+        ),
+    ]:
+        result = getattr(engines, f"run_{task}")(call_for(settings, task, payload, images))
+        meta = result.images[0].meta
+        assert meta["upscaled"] is True and meta["upscaler"] == "realesrgan_x4plus", task
+        assert result.images[0].image.size == one_face.size
+        off = getattr(engines, f"run_{task}")(call_for(settings, task, {**payload, "upscale": 0}, images))
+        assert off.images[0].meta["upscaled"] is False and off.images[0].meta["upscaler"] is None
+
+
+def test_faceswap_succeeds_without_upscaling_when_every_sr_file_is_broken(
+    base_settings: Settings, tmp_path: Path, one_face: Image.Image
+) -> None:
+    import torch
+
+    from inference.model_store import ModelStore
+    from tests.inference.tiny_vision import TinyRRDBNet, save_sr_checkpoint
+
+    store = ModelStore(tmp_path)
+    torch.manual_seed(0)
+    path = save_sr_checkpoint(TinyRRDBNet(scale=4), tmp_path / "RealESRGAN_x4plus.pth")
+    store.add(path, id="broken-x4-facetest")
+    path.write_bytes(b"garbage")
+    missing = save_sr_checkpoint(TinyRRDBNet(scale=4), tmp_path / "other.pth")
+    store.add(missing, id="missing-x4-facetest")
+    missing.unlink()
+    settings = base_settings.with_overrides(models_dir=tmp_path)
+    call = call_for(
+        settings,
+        "faceswap",
+        {"source_url": URL, "target_url": URL, "upscale": 1},
+        {"source_url": Image.fromarray(marked_source(GREEN)), "target_url": one_face},
+    )
+    result = engines.run_faceswap(call)
+    assert result.images[0].meta["upscaled"] is False and result.images[0].meta["upscaler"] is None
+    assert colour_pixels(np.asarray(result.images[0].image), GREEN, (0, 0, 340, 320)) > 20
+
+
+# ---------------------------------------------------------------------------------------------
+# EXIF orientation
+
+
+def _sideways_jpeg() -> bytes:
+    """An upright face stored as pixels turned 90 degrees, with the EXIF tag that turns it back
+    (Orientation 6: the viewer rotates 90 degrees clockwise), as a phone saves a portrait."""
+    canvas, _ = group([(60, 40, 1.0)], size=(340, 320))
+    stored = Image.fromarray(canvas).rotate(90, expand=True)  # counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def test_inputs_are_decoded_upright_by_their_exif_orientation(face_settings: Settings) -> None:
+    data = _sideways_jpeg()
+    raw = Image.open(io.BytesIO(data))
+    assert raw.size == (340, 320)
+    upright = decode_image(data)
+    assert upright.size == (320, 340)
+    assert np.abs(np.asarray(upright).astype(int)[40:300, 60:260] - head()).mean() < 12
+
+    def faces(image: Image.Image) -> list[dict[str, Any]]:
+        call = call_for(face_settings, "face_detect", {"image_url": URL}, {"image_url": image})
+        return engines.run_face_detect(call).data["faces"]
+
+    # The cascade finds no face lying on its side; the decoded picture has it upright.
+    assert faces(raw) == []
+    assert len(faces(upright)) == 1
