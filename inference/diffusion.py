@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops, ImageFilter
 
+from config import limits
 from inference.base import (
     Cancelled,
     ContentRejected,
@@ -47,12 +48,14 @@ from inference.model_cache import ModelCache, estimate_checkpoint_bytes
 from inference.model_store import ModelEntry, ModelNotFound, ModelStore
 
 ENGINE = "diffusers"
-MAX_PROMPT_CHARS = 2000
-MAX_SAMPLES = 8
-MAX_STEPS = 100
-MAX_LORAS = 5
-MAX_SEED = 2**32 - 1
-MIN_SIDE = 64
+# The API's payload schemas check the same numbers (config/limits.py), so what the API accepts
+# the engine runs.
+MAX_PROMPT_CHARS = limits.DIFFUSION_MAX_PROMPT_CHARS
+MAX_SAMPLES = limits.DIFFUSION_MAX_SAMPLES
+MAX_STEPS = limits.DIFFUSION_MAX_STEPS
+MAX_LORAS = limits.DIFFUSION_MAX_LORAS
+MAX_SEED = limits.DIFFUSION_MAX_SEED
+MIN_SIDE = limits.DIFFUSION_MIN_SIDE
 MAX_INPUT_SIDE = 6000  # the seeds' largest accepted input and output side
 MASK_MODES = ("white", "black")
 
@@ -70,7 +73,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 # Where the original image sits on the outpaint canvas, as fractions of the free space to its
-# left and above it. The second table takes the SenseTime seed's spellings too.
+# left and above it. The aliases take the SenseTime seed's spellings too.
 ALIGNS: dict[str, tuple[float, float]] = {
     "topleft": (0.0, 0.0),
     "top": (0.5, 0.0),
@@ -82,13 +85,8 @@ ALIGNS: dict[str, tuple[float, float]] = {
     "bottom": (0.5, 1.0),
     "bottomright": (1.0, 1.0),
 }
-_ALIGN_ALIASES = {
-    "topmiddle": "top",
-    "middleleft": "left",
-    "middleright": "right",
-    "bottommiddle": "bottom",
-    "center": "middle",
-}
+assert tuple(ALIGNS) == limits.OUTPAINT_ALIGNS
+_ALIGN_ALIASES = limits.OUTPAINT_ALIGN_ALIASES
 
 REMOVE_PROMPT = "clean empty background, seamless, natural continuation of the surroundings"
 REMOVE_NEGATIVE = "object, person, animal, text, watermark, logo, frame, artifacts, blurry"
@@ -109,8 +107,8 @@ class ModelInfo:
     @property
     def max_side(self) -> int:
         # Three times the training size: beyond that SD models tile their subject and the
-        # memory of one step grows past what a worker budgets for.
-        return self.native_side * 3
+        # memory of one step grows past what a worker budgets for. Never above the API's limit.
+        return min(self.native_side * 3, limits.DIFFUSION_MAX_SIDE)
 
     @property
     def work_side(self) -> int:
@@ -223,7 +221,13 @@ class DiffusionModels:
             where = f"loras[{i}]"
             if not isinstance(item, dict) or not isinstance(item.get("model"), str):
                 raise InvalidInput(f"{where} must be an object with a 'model' id", field=where)
-            weight = _number(f"{where}.weight", item.get("weight", 1.0), 0.0, 2.0, low_open=True)
+            weight = _number(
+                f"{where}.weight",
+                item.get("weight", 1.0),
+                0.0,
+                limits.DIFFUSION_MAX_LORA_WEIGHT,
+                low_open=True,
+            )
             try:
                 entry = self.store.get(item["model"])
             except ModelNotFound:
@@ -828,7 +832,7 @@ def _common(negative_prompt: Any, steps: Any, cfg_scale: Any, samples: Any, sche
     """Validate the knobs every engine shares; returns the pipeline's keyword arguments."""
     negative = _prompt("negative_prompt", negative_prompt)
     _integer("steps", steps, 1, MAX_STEPS)
-    _number("cfg_scale", cfg_scale, 0.0, 30.0)
+    _number("cfg_scale", cfg_scale, 0.0, limits.DIFFUSION_MAX_CFG_SCALE)
     _integer("samples", samples, 1, MAX_SAMPLES)
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise InvalidInput(

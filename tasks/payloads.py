@@ -11,12 +11,14 @@ import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
+
+from config import limits
 
 DEFAULT_MAX_FACES = 8  # AIORCH_MAX_FACES when no settings are given (config.Settings.max_faces)
 
 IMAGE_FORMATS = ("jpg", "png", "webp")
-ALIGNS = ("topleft", "top", "topright", "left", "middle", "right", "bottomleft", "bottom", "bottomright")
+ALIGNS = limits.OUTPAINT_ALIGNS
 WATERMARK_POSITIONS = ("topleft", "topright", "bottomleft", "bottomright", "bottom", "top", "middle")
 
 
@@ -104,18 +106,28 @@ class UpscalePayload(BasePayload):
     face_enhance = fields.Boolean(load_default=False)
 
 
+def _strength() -> fields.Float:
+    # (0, 1]: a strength of 0 runs no denoising step at all (the engines refuse it too).
+    return fields.Float(validate=validate.Range(min=0.0, max=1.0, min_inclusive=False))
+
+
 class GenerateKnobs(BasePayload):
-    prompt = fields.String(validate=validate.Length(max=2000))
-    negative_prompt = fields.String(validate=validate.Length(max=2000))
-    width = fields.Integer(validate=[validate.Range(min=64, max=2048)])
-    height = fields.Integer(validate=[validate.Range(min=64, max=2048)])
-    steps = fields.Integer(validate=validate.Range(min=1, max=150))
-    cfg_scale = fields.Float(validate=validate.Range(min=0.0, max=30.0))
-    seed = fields.Integer(validate=validate.Range(min=0, max=2**32 - 1))
-    samples = fields.Integer(load_default=1, validate=validate.Range(min=1, max=8))
+    # The engines' own limits (config/limits.py), so the API refuses what they would refuse.
+    prompt = fields.String(validate=validate.Length(max=limits.DIFFUSION_MAX_PROMPT_CHARS))
+    negative_prompt = fields.String(validate=validate.Length(max=limits.DIFFUSION_MAX_PROMPT_CHARS))
+    width = fields.Integer(
+        validate=[validate.Range(min=limits.DIFFUSION_MIN_SIDE, max=limits.DIFFUSION_MAX_SIDE)]
+    )
+    height = fields.Integer(
+        validate=[validate.Range(min=limits.DIFFUSION_MIN_SIDE, max=limits.DIFFUSION_MAX_SIDE)]
+    )
+    steps = fields.Integer(validate=validate.Range(min=1, max=limits.DIFFUSION_MAX_STEPS))
+    cfg_scale = fields.Float(validate=validate.Range(min=0.0, max=limits.DIFFUSION_MAX_CFG_SCALE))
+    seed = fields.Integer(validate=validate.Range(min=0, max=limits.DIFFUSION_MAX_SEED))
+    samples = fields.Integer(load_default=1, validate=validate.Range(min=1, max=limits.DIFFUSION_MAX_SAMPLES))
     scheduler = fields.String(validate=validate.Length(max=64))
     model = fields.String(validate=validate.Length(min=1, max=128))
-    loras = fields.List(fields.Dict(), validate=validate.Length(max=8))
+    loras = fields.List(fields.Dict(), validate=validate.Length(max=limits.DIFFUSION_MAX_LORAS))
 
     @validates_schema
     def _multiples_of_8(self, data: dict[str, Any], **_: Any) -> None:
@@ -125,16 +137,32 @@ class GenerateKnobs(BasePayload):
 
 
 class GeneratePayload(GenerateKnobs):
-    prompt = fields.String(required=True, validate=validate.Length(min=1, max=2000))
+    prompt = fields.String(
+        required=True, validate=validate.Length(min=1, max=limits.DIFFUSION_MAX_PROMPT_CHARS)
+    )
     image_url = InputRef()
-    image_strength = _unit()
+    image_strength = _strength()
 
 
 class InpaintPayload(GenerateKnobs):
+    class Meta(GenerateKnobs.Meta):
+        # The output has the input's size: width/height are no fields of inpaint (capabilities
+        # do not list them), and a payload giving them gets a 422 naming them (_no_size).
+        exclude = ("width", "height")
+
+    @pre_load
+    def _no_size(self, data: Any, **_: Any) -> Any:
+        if isinstance(data, dict):
+            given = [name for name in ("width", "height") if name in data]
+            if given:
+                message = "inpaint keeps the input image's size; width/height are not taken"
+                raise ValidationError({name: [message] for name in given})
+        return data
+
     image_url = InputRef(required=True)
     mask_url = InputRef(required=True)
     mask_mode = fields.String(load_default="white", validate=validate.OneOf(("white", "black")))
-    strength = _unit()
+    strength = _strength()
 
 
 class RemoveObjectPayload(BasePayload):
@@ -147,7 +175,10 @@ class RemoveObjectPayload(BasePayload):
 class OutpaintPayload(GenerateKnobs):
     image_url = InputRef(required=True)
     ratio = fields.Float(validate=validate.Range(min=1.0, max=5.0, min_inclusive=False))
-    align = fields.String(load_default="middle", validate=validate.OneOf(ALIGNS))
+    align = fields.String(
+        load_default="middle",
+        validate=validate.OneOf((*limits.OUTPAINT_ALIGNS, *limits.OUTPAINT_ALIGN_ALIASES)),
+    )
 
     @validates_schema
     def _ratio_or_size(self, data: dict[str, Any], **_: Any) -> None:
