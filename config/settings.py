@@ -54,13 +54,14 @@ def _float(name: str, raw: str, *, low: float = 0.0) -> float:
 def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     """``client-a:key-a,client-b:key-b`` -> ((client, key), ...)."""
     pairs = []
-    for item in raw.split(","):
+    for position, item in enumerate(raw.split(","), start=1):
         item = item.strip()
         if not item:
             continue
         client, sep, key = item.partition(":")
         if not sep or not client.strip() or not key.strip():
-            raise SettingsError(f"{name} entries must look like client:key, got {item!r}")
+            # The entry is named by position, never echoed: a malformed one is often a bare key.
+            raise SettingsError(f"{name} entry {position} must look like client:key")
         pairs.append((client.strip(), key.strip()))
     return tuple(pairs)
 

@@ -145,3 +145,14 @@ def test_a_remote_first_route_needs_no_local_model_but_a_local_route_does(tmp_pa
     # The canonical task's route serves its aliases too.
     routes = load(tmp_path, document(routes={"generate": [{"backend": "zn"}]})).routes
     assert catalog.resolve("ahv_image", has_model=no_model, routes=routes).name == "generate"
+
+
+@pytest.mark.parametrize(
+    "raw", ["alice:alice-key-1,sk-live-0123456789abcdef", "alice:sk-live-0123456789abcdef,:x"]
+)
+def test_a_malformed_api_keys_entry_is_named_by_position_and_never_echoed(raw: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"AIORCH_API_KEYS": raw})
+    message = str(caught.value)
+    assert "AIORCH_API_KEYS entry 2" in message
+    assert "sk-live-0123456789abcdef" not in message and "alice-key-1" not in message
