@@ -9,7 +9,9 @@ Behaviour the tests steer:
 - jobs answer PENDING, then RUNNING, then SUCCESS over ``polls_to_finish`` + 1 polls;
 - a prompt containing ``BLOCKED`` is refused at submit with code 18 (sensitive words);
 - a prompt containing ``NSFW-OUTPUT`` finishes FAILED with image error_code ``Sensitive``;
-- ``faults.add("rate_limit" | "server_error" | "slow" | "malformed", on=...)``.
+- ``faults.add("rate_limit" | "server_error" | "slow" | "malformed", on=...)``;
+- ``fetch_inputs = True`` makes a submit download its image URLs, as the real service does
+  ("必须是公开可访"): a URL it cannot fetch is refused with code 3, and ``fetched`` records what came.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hmac
 import json
 from typing import Any
 
+import requests
 from flask import Response, jsonify, request
 
 from tests.fakes.common import FakeClock, FakeProvider, slow
@@ -57,6 +60,8 @@ class SenseTimeFake(FakeProvider):
         self.batch_sizes: list[int] = []
         self.tokens: list[str] = []
         self.model_pages: list[tuple[int, int]] = []
+        self.fetch_inputs = False
+        self.fetched: list[dict[str, Any]] = []
         self.models = [
             {
                 "id": f"model{i:03d}",
@@ -77,6 +82,8 @@ class SenseTimeFake(FakeProvider):
             self.batch_sizes.clear()
             self.tokens.clear()
             self.model_pages.clear()
+            self.fetched.clear()
+            self.fetch_inputs = False
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -140,7 +147,28 @@ class SenseTimeFake(FakeProvider):
             return Response("{not json", status=200, content_type="application/json")
         raise AssertionError(f"unknown fault {fault.kind}")
 
+    def _input_urls(self, body: dict[str, Any]) -> list[str]:
+        urls = [body.get("img_url"), body.get("mask_img_url"), (body.get("base_img") or {}).get("url")]
+        urls += [face.get("url") for face in body.get("faces") or [] if isinstance(face, dict)]
+        return [url for url in urls if isinstance(url, str) and url]
+
+    def _fetch(self, url: str) -> str | None:
+        """Download one input like the real service; the reason it is refused, or None."""
+        if not url.startswith(("http://", "https://")):
+            return f"{url[:16]!r} is not a public URL"
+        try:
+            response = requests.get(url, timeout=5)
+        except requests.RequestException as exc:
+            return f"cannot fetch {url}: {type(exc).__name__}"
+        self.fetched.append({"url": url, "status": response.status_code, "body": response.content})
+        return None if response.status_code == 200 else f"{url} answered {response.status_code}"
+
     def _new_task(self, family: str, body: dict[str, Any]) -> Response:
+        if self.fetch_inputs:
+            for url in self._input_urls(body):
+                problem = self._fetch(url)
+                if problem:
+                    return self.error(3, f"Invalid Params: {problem}", 400)
         prompt = str(body.get("prompt") or "")
         if "BLOCKED" in prompt:
             return self.error(18, "触发敏感词", 400)
