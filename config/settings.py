@@ -99,6 +99,11 @@ class Settings:
     max_input_pixels: int = 40_000_000
     min_input_side: int = 16
     fetch_timeout: float = 20.0
+    # Upscaling: the longest output side (larger asks are capped to it), and batching of small
+    # same-model jobs on gpu.superres (as Ray Serve's max_batch_size / batch_wait_timeout_s).
+    max_output_side: int = 8192
+    upscale_max_batch: int = 8
+    upscale_batch_wait_ms: int = 20
     # Faces: the most faces one image yields and one swap may name (seed 001 allows 4).
     max_faces: int = 8
     # Jobs.
@@ -181,6 +186,11 @@ class Settings:
             max_input_pixels=_int("AIORCH_MAX_INPUT_PIXELS", get("MAX_INPUT_PIXELS", "40000000"), low=1),
             min_input_side=_int("AIORCH_MIN_INPUT_SIDE", get("MIN_INPUT_SIDE", "16"), low=1),
             fetch_timeout=_float("AIORCH_FETCH_TIMEOUT", get("FETCH_TIMEOUT", "20"), low=0.1),
+            max_output_side=_int("AIORCH_MAX_OUTPUT_SIDE", get("MAX_OUTPUT_SIDE", "8192"), low=64),
+            upscale_max_batch=_int("AIORCH_UPSCALE_MAX_BATCH", get("UPSCALE_MAX_BATCH", "8"), low=1, high=64),
+            upscale_batch_wait_ms=_int(
+                "AIORCH_UPSCALE_BATCH_WAIT_MS", get("UPSCALE_BATCH_WAIT_MS", "20"), low=0, high=10_000
+            ),
             max_faces=_int("AIORCH_MAX_FACES", get("MAX_FACES", "8"), low=1, high=64),
             max_attempts=_int("AIORCH_MAX_ATTEMPTS", get("MAX_ATTEMPTS", "3"), low=1, high=100),
             job_ttl=_float("AIORCH_JOB_TTL", get("JOB_TTL", str(24 * 3600)), low=1),

@@ -229,7 +229,9 @@ class Upscaler:
                 by_size.setdefault(plane[2].shape[:2], []).append(plane)
             else:
                 alone.append(plane)
-        chunks = [group[k : k + max_batch] for group in by_size.values() for k in range(0, len(group), max_batch)]
+        chunks = [
+            group[k : k + max_batch] for group in by_size.values() for k in range(0, len(group), max_batch)
+        ]
         steps = len(chunks) + len(alone)
         native: dict[tuple[int, str], np.ndarray] = {}
         tiles: dict[int, int] = dict.fromkeys(jobs, 0)

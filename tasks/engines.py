@@ -82,11 +82,13 @@ def load_cached(key: str, path: Path, loader: Callable[[], Any]) -> Any:
     return model_cache().get_or_load(key, loader, estimate_checkpoint_bytes(path))
 
 
-def run_upscale(call: EngineCall) -> EngineResult:
+def upscale_engine(call: EngineCall) -> Any:
+    """The engine an upscale call runs: the payload's model, else the best installed Real-ESRGAN
+    model for its scale, else the weight-free Lanczos engine; its output capped at
+    ``AIORCH_MAX_OUTPUT_SIDE``."""
     from inference.lanczos import LanczosUpscaler
 
     payload = call.payload
-    image: Image.Image = call.images["image_url"]
     entry = chosen_model(call, "upscale", ("realesrgan", "builtin"))
     engine: Any = None
     if entry is None or entry.type != "builtin":
@@ -114,17 +116,61 @@ def run_upscale(call: EngineCall) -> EngineResult:
             raise InvalidInput(
                 "face_enhance needs a face-restoration model, and none is installed", field="face_enhance"
             )
-        return LanczosUpscaler()(
-            image, payload["scale"], sharpen=payload.get("sharpen", 0.0), control=call.control
-        )
+        return LanczosUpscaler(max_side=call.settings.max_output_side)
+    # Set per call, not only at load: the cache may hold this model loaded by another adapter
+    # (the face swap's enhancer) with the default limit.
+    engine.max_side = call.settings.max_output_side
+    return engine
+
+
+def run_upscale(call: EngineCall) -> EngineResult:
+    payload = call.payload
+    image: Image.Image = call.images["image_url"]
+    engine = upscale_engine(call)
+    if engine.name == "lanczos":
+        return engine(image, payload["scale"], sharpen=payload.get("sharpen", 0.0), control=call.control)
     result = engine(
         image, payload["scale"], face_enhance=payload.get("face_enhance", False), control=call.control
     )
-    if payload.get("sharpen"):
+    return _sharpened(result, payload.get("sharpen", 0.0))
+
+
+def run_upscale_batch(calls: list[EngineCall], control: RunControl) -> list[EngineResult | Exception]:
+    """Several upscale jobs that share a model and an input size, in batched forward passes.
+
+    ``tasks/batching.py`` picks the jobs; each gets its own outcome (a result or the error that
+    refused its input). An exception raised here (a crash, ``Cancelled``) ends every job of the
+    batch the same way.
+    """
+    engine = upscale_engine(calls[0])
+    if engine.name == "lanczos":
+        # Nothing to stack without a network: run them one by one.
+        outcomes: list[EngineResult | Exception] = []
+        for call in calls:
+            try:
+                outcomes.append(run_upscale(call))
+            except EngineError as exc:
+                outcomes.append(exc)
+        return outcomes
+    from inference.superres import UpscaleRequest
+
+    requests = [
+        UpscaleRequest(c.images["image_url"], c.payload["scale"], c.payload.get("face_enhance", False))
+        for c in calls
+    ]
+    results = engine.upscale_batch(requests, max_batch=calls[0].settings.upscale_max_batch, control=control)
+    return [
+        r if isinstance(r, Exception) else _sharpened(r, c.payload.get("sharpen", 0.0))
+        for r, c in zip(results, calls, strict=True)
+    ]
+
+
+def _sharpened(result: EngineResult, sharpen: float) -> EngineResult:
+    if sharpen:
         # The same unsharp mask the Lanczos engine applies, so `sharpen` means one thing everywhere.
         for output in result.images:
             output.image = output.image.filter(
-                ImageFilter.UnsharpMask(radius=2, percent=int(payload["sharpen"] * 150), threshold=2)
+                ImageFilter.UnsharpMask(radius=2, percent=int(sharpen * 150), threshold=2)
             )
     return result
 
@@ -344,4 +390,9 @@ ENGINES: dict[str, Callable[[EngineCall], EngineResult]] = {
     "faceswap": run_faceswap,
     "faceswap_multi": run_faceswap_multi,
     "debug_sleep": run_debug_sleep,
+}
+
+# Engines that can run several waiting jobs as one batch (tasks/batching.py picks the jobs).
+BATCH_ENGINES: dict[str, Callable[[list[EngineCall], RunControl], list[EngineResult | Exception]]] = {
+    "upscale": run_upscale_batch,
 }

@@ -27,8 +27,9 @@ from models.jobs import StoredFile
 from models.jobstore import Claim, ClaimRefused, JobStore
 from models.state import JobStatus
 from tasks import catalog
+from tasks.batching import BatchControl, claim_partners
 from tasks.celery_app import FINISH, PREPARE, RUN, SWEEP, publish
-from tasks.engines import ENGINES, EngineCall
+from tasks.engines import BATCH_ENGINES, ENGINES, EngineCall
 from tasks.inputs import FetchCancelled, Fetcher, InputProblem, TransientFetchError, decode_image
 from tasks.storage import Storage, default_format, encode_image
 
@@ -232,15 +233,41 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False) -> None:
         return
     job = rt.store.get(job_id)
     assert job is not None
-    with bind_job(job_id=job_id, task=job.task, worker=self.request.hostname or ""):
-        spec = catalog.TASKS[job.engine_task]
-        control = JobControl(rt.store, claim, _progress_events(rt, self.app, job))
+    spec = catalog.TASKS[job.engine_task]
+    if spec.engine in BATCH_ENGINES:
+        partners = claim_partners(rt, job)
+        if partners:
+            _run_batch(self, rt, spec, [(claim, job), *partners])
+            return
+    _run_claimed(self, rt, spec, claim, job)
+
+
+def _run_claimed(
+    task: JobTask,
+    rt: Runtime,
+    spec: catalog.TaskSpec,
+    claim: Claim,
+    job: Any,
+    prepared: tuple[EngineCall, EngineResult | Exception] | None = None,
+) -> None:
+    """Run one claimed job to its final status and store its outputs.
+
+    ``prepared``: the job's call and outcome from a batched engine run (``_run_batch``), which
+    then only needs storing and finishing here, through the same error mapping.
+    """
+    job_id = job.id
+    with bind_job(job_id=job_id, task=job.task, worker=task.request.hostname or ""):
+        if prepared is None:
+            control = JobControl(rt.store, claim, _progress_events(rt, task.app, job))
         status, result, error, backend, files = JobStatus.FAILED, None, None, None, []
         try:
-            payload = validate_payload(spec, job.payload, rt.settings)
-            images = _open_inputs(job.inputs or {})
-            call = EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings)
-            outcome = ENGINES[spec.engine or ""](call)
+            if prepared is None:
+                payload = validate_payload(spec, job.payload, rt.settings)
+                images = _open_inputs(job.inputs or {})
+                call = EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings)
+                outcome = ENGINES[spec.engine or ""](call)
+            else:
+                payload, outcome = prepared[0].payload, _batched_outcome(rt, job_id, prepared[1])
             backend = outcome.backend
             result, files = _store_outputs(rt, job_id, job.client_id, outcome, payload, job.inputs or {})
             status = JobStatus.SUCCEEDED
@@ -273,7 +300,49 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False) -> None:
             rt.storage.delete_outputs([f.name for f in files])
             return
         rt.storage.remove_inputs(job_id)
-        _publish_finish(self.app, job_id)
+        _publish_finish(task.app, job_id)
+
+
+def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list[tuple[Claim, Any]]) -> None:
+    """Run claimed jobs that share a batch key (tasks/batching.py) in one engine call, then store
+    and finish each one on its own."""
+    calls: list[EngineCall] = []
+    batched: list[tuple[Claim, Any]] = []
+    for claim, job in members:
+        try:
+            payload = validate_payload(spec, job.payload, rt.settings)
+            images = _open_inputs(job.inputs or {})
+        except Exception:
+            # Bad payload or unreadable input: the single path fails it with its usual error.
+            _run_claimed(task, rt, spec, claim, job)
+            continue
+        control = JobControl(rt.store, claim, _progress_events(rt, task.app, job))
+        calls.append(EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings))
+        batched.append((claim, job))
+    if not calls:
+        return
+    leader = batched[0][1]
+    with bind_job(job_id=leader.id, task=leader.task, worker=task.request.hostname or ""):
+        log.info("running %d %s jobs as one batch", len(calls), spec.name)
+        try:
+            outcomes = BATCH_ENGINES[spec.engine or ""](calls, BatchControl([c.control for c in calls]))
+        except Exception as exc:  # Cancelled, a time limit, a crash: it ends every job of the batch
+            outcomes = [exc] * len(calls)
+    for (claim, job), call, outcome in zip(batched, calls, outcomes, strict=True):
+        if isinstance(outcome, EngineResult):
+            for output in outcome.images:
+                # Which batch it ran in, so a client or an operator can see batching happen.
+                output.meta["batch_id"] = leader.id
+        _run_claimed(task, rt, spec, claim, job, prepared=(call, outcome))
+
+
+def _batched_outcome(rt: Runtime, job_id: str, outcome: EngineResult | Exception) -> EngineResult:
+    if isinstance(outcome, Exception):
+        raise outcome
+    if rt.store.cancel_requested(job_id):
+        # Cancelled while its batch ran on: the output exists but the client no longer wants it.
+        raise Cancelled()
+    return outcome
 
 
 def _progress_events(rt: Runtime, app: Any, job: Any) -> Any:

@@ -247,3 +247,70 @@ def test_blocking_faceswap_and_diag_shows_the_loaded_model(platform: Platform, f
     gpu = next(w for w in diag["workers"] if w["name"] == "gpu@test")
     assert any(m["id"] == "sr:realesrgan_x4plus" for m in gpu["loaded_models"]), gpu
     assert all(d["device"] == "cpu" and d["rss_bytes"] > 0 for d in gpu["devices"])
+
+
+GPU_QUEUES = "gpu.diffusion,gpu.superres,gpu.faceswap,gpu.vision"
+
+
+def wait_until_prepared(settings: Settings, job_ids: list[str], timeout: float = 60.0) -> None:
+    """Until every job's inputs are fetched and it waits for a GPU worker (stage ``run``)."""
+    import time
+
+    from sqlalchemy import select
+
+    from models.db import Database
+    from models.jobs import Job
+
+    db = Database(settings)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with db.session() as session:
+                stages = set(session.scalars(select(Job.stage).where(Job.id.in_(job_ids))))
+            if stages == {"run"}:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"jobs not prepared: stages {stages}")
+    finally:
+        db.dispose()
+
+
+def test_small_upscale_jobs_waiting_together_run_as_one_batch(
+    platform: Platform, images: ImageServer
+) -> None:
+    import signal
+
+    Image.open(images.folder / "astronaut.png").convert("RGB").resize((64, 48)).save(
+        images.folder / "wide.png"
+    )
+    # The GPU worker is away while the jobs are accepted and their inputs fetched, so they all wait
+    # on gpu.superres at once; the worker that comes back claims one and takes the others along.
+    platform.kill("gpu", signal.SIGTERM)
+    try:
+        same = [
+            platform.submit(
+                ALICE, "upscale", {"image_url": images.url("img/astronaut.png"), "scale": s}
+            ).json()["job_id"]
+            for s in (2, 2, 1.5, 2)
+        ]
+        other_size = platform.submit(ALICE, "upscale", {"image_url": images.url("img/wide.png")}).json()[
+            "job_id"
+        ]
+        wait_until_prepared(platform.settings, [*same, other_size])
+    finally:
+        platform.start_worker("gpu", GPU_QUEUES, 1)
+
+    jobs = [platform.wait(ALICE, job_id, timeout=120) for job_id in same]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 4, jobs
+    metas = [j["result"]["meta"] for j in jobs]
+    assert [m["batch_size"] for m in metas] == [4, 4, 4, 4]
+    assert len({m["batch_id"] for m in metas}) == 1 and metas[0]["batch_id"] in same
+    assert all(m["backend"] == "realesrgan:realesrgan_x4plus" for m in metas)
+    assert [fetch(j["result"]["url"]).size for j in jobs] == [(192, 192), (192, 192), (144, 144), (192, 192)]
+    # Each job of the batch kept its own run: its own start, finish and single attempt.
+    assert all(j["attempts"] == 1 and j["started_at"] and j["finished_at"] for j in jobs)
+
+    alone = platform.wait(ALICE, other_size, timeout=60)
+    assert alone["status"] == "succeeded", alone
+    assert alone["result"]["meta"]["batch_size"] == 1 and "batch_id" not in alone["result"]["meta"]
+    assert fetch(alone["result"]["url"]).size == (128, 96)
