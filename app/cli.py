@@ -336,6 +336,8 @@ def flower() -> None:
             "--address=127.0.0.1",
             f"--port={settings.flower_port}",
             f"--basic-auth={settings.flower_user}:{password}",
+            # Queue depths of an amqp broker come from RabbitMQ's management API.
+            *([f"--broker_api={settings.broker_management_api}"] if settings.broker_management_api else []),
         ],
     )
 

@@ -13,7 +13,8 @@ from typing import Any
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from flask_smorest import Api
-from werkzeug.exceptions import HTTPException, InternalServerError
+from sqlalchemy.exc import DBAPIError
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 
 log = logging.getLogger("aiorch.api")
 
@@ -94,5 +95,40 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception) -> ResponseReturnValue:
         if isinstance(exc, HTTPException):
             return error_response(exc)
+        if (isinstance(exc, DBAPIError) and exc.connection_invalidated) or _database_unreachable(exc):
+            # The database is down or restarting: a client should retry, not report a bug.
+            log.warning("database unavailable: %s", exc.__class__.__name__)
+            unavailable = ServiceUnavailable()
+            unavailable.data = {  # type: ignore[attr-defined]
+                "code": "database_unavailable",
+                "message": "The job database is unreachable; retry shortly.",
+                "headers": {"Retry-After": "5"},
+            }
+            return error_response(unavailable)
         log.exception("unhandled error")
         return error_response(InternalServerError())
+
+
+def _database_unreachable(exc: Exception) -> bool:
+    """An OperationalError that means "no connection" (refused, reset, shut down), as opposed to
+    a bad query, which is a bug and stays a 500."""
+    from sqlalchemy.exc import OperationalError
+
+    if not isinstance(exc, OperationalError):
+        return False
+    text = str(exc.orig).lower()
+    return any(
+        marker in text
+        for marker in (
+            "could not connect",
+            "connection refused",
+            "server closed the connection",
+            "terminating connection",
+            "the database system is",
+            "connection to server",
+            "no route to host",
+            "timeout expired",
+            "database is locked",
+            "unable to open database",
+        )
+    )

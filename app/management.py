@@ -25,6 +25,7 @@ blp = Blueprint("management", __name__, description="Operators: stats, diagnosti
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 DIAG_CACHE_SECONDS = 3.0
+DIAG_REPLY_SECONDS = 1.0  # how long one broadcast waits for the workers' answers
 
 
 def services() -> Any:
@@ -86,13 +87,11 @@ def collect_backends() -> dict[str, Any]:
     with _diag.lock:
         if _diag.value is not None and time.monotonic() - _diag.at < DIAG_CACHE_SECONDS:
             return _diag.value
-        inspect = services().celery.control.inspect(timeout=1.0)
+        inspect = services().celery.control.inspect(timeout=DIAG_REPLY_SECONDS)
         try:
-            stats = inspect.stats() or {}
-            active = inspect.active() or {}
-            queues = inspect.active_queues() or {}
+            # One broadcast: every worker answers ``aiorch_info`` with its slots, queues, active
+            # jobs, children and clock (see tasks/diag.py).
             info = inspect._request("aiorch_info") or {}
-            pings = inspect.ping() or {}
         except Exception as exc:
             abort(
                 503,
@@ -102,27 +101,26 @@ def collect_backends() -> dict[str, Any]:
             )
         now = time.time()
         nodes = []
-        for name in sorted(set(stats) | set(pings)):
-            node_stats = stats.get(name, {})
-            pool = node_stats.get("pool", {})
-            running = active.get(name, [])
-            node_info = info.get(name, {})
-            children = node_info.get("children", [])
+        for name in sorted(info):
+            node = info[name]
+            children = node.get("children", [])
+            active_jobs = node.get("active_jobs") or []
             nodes.append(
                 {
                     "name": name,
-                    "queues": sorted(q["name"] for q in queues.get(name, [])),
-                    "concurrency": pool.get("max-concurrency"),
-                    "busy": len(running),
-                    "active_jobs": [(t.get("args") or [None])[0] for t in running],
+                    "queues": node.get("queues") or [],
+                    "concurrency": node.get("concurrency"),
+                    "busy": len(active_jobs),
+                    "active_jobs": active_jobs,
                     "loaded_models": [m for child in children for m in child.get("loaded_models", [])],
                     "devices": [
                         {k: v for k, v in child.items() if k != "loaded_models"} for child in children
                     ]
-                    or [node_info.get("parent", {})],
-                    "pid": node_stats.get("pid"),
-                    "uptime": node_stats.get("uptime"),
-                    "last_heartbeat": now if name in pings else None,
+                    or [node.get("parent", {})],
+                    "pid": (node.get("parent") or {}).get("pid"),
+                    "uptime": node.get("uptime"),
+                    # The worker's own clock when it answered: its latest sign of life.
+                    "last_heartbeat": node.get("now"),
                 }
             )
         _diag.value = {"workers": nodes, "checked_at": now}

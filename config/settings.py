@@ -51,6 +51,23 @@ def _float(name: str, raw: str, *, low: float = 0.0) -> float:
     return value
 
 
+def _webhook_secret(name: str, raw: str) -> str | None:
+    """A Standard Webhooks secret: base64, usually behind ``whsec_``. The verifier libraries
+    base64-decode it to get the HMAC key, so a secret that does not decode could never verify."""
+    if not raw:
+        return None
+    import base64
+    import binascii
+
+    try:
+        key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise SettingsError(f"{name} must be whsec_ followed by base64 (Standard Webhooks)") from None
+    if len(key) < 16:
+        raise SettingsError(f"{name} must hold a key of at least 16 bytes")
+    return raw
+
+
 def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     """``client-a:key-a,client-b:key-b`` -> ((client, key), ...)."""
     pairs = []
@@ -125,6 +142,9 @@ class Settings:
     flower_user: str = "admin"
     flower_password: str = ""
     flower_port: int = 5555
+    # RabbitMQ's management API, which Flower needs to show queue depths of an amqp broker;
+    # derived from the broker URL (same host and credentials, port 15672) unless set.
+    flower_broker_api: str = ""
     # Remote providers and which backend serves which task (config/routes.py); None: all local.
     routes_file: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -155,6 +175,22 @@ class Settings:
     def inputs_dir(self) -> Path:
         return self.storage_dir / "inputs"
 
+    @property
+    def broker_management_api(self) -> str | None:
+        """Flower's ``--broker_api``: the configured one, else RabbitMQ's management API on the
+        broker's host with its credentials; None for brokers Flower reads directly or not at all."""
+        if self.flower_broker_api:
+            return self.flower_broker_api
+        from urllib.parse import quote, unquote, urlsplit
+
+        parts = urlsplit(self.broker_url)
+        if parts.scheme not in ("amqp", "amqps", "pyamqp"):
+            return None
+        user = quote(unquote(parts.username or "guest"), safe="")
+        password = quote(unquote(parts.password or "guest"), safe="")
+        scheme = "https" if parts.scheme == "amqps" else "http"
+        return f"{scheme}://{user}:{password}@{parts.hostname or 'localhost'}:15672/api/"
+
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
@@ -179,7 +215,7 @@ class Settings:
             api_keys=_api_keys("AIORCH_API_KEYS", get("API_KEYS")),
             storage_dir=storage,
             public_url=(get("PUBLIC_URL") or f"http://{host}:{port}").rstrip("/"),
-            webhook_secret=get("WEBHOOK_SECRET") or None,
+            webhook_secret=_webhook_secret("AIORCH_WEBHOOK_SECRET", get("WEBHOOK_SECRET")),
             models_dir=Path(get("MODELS_DIR") or var_dir / "models").resolve(),
             allow_private_urls=_bool("AIORCH_ALLOW_PRIVATE_URLS", get("ALLOW_PRIVATE_URLS", "0")),
             max_input_bytes=_int("AIORCH_MAX_INPUT_BYTES", get("MAX_INPUT_BYTES", str(25 << 20)), low=1024),
@@ -210,6 +246,7 @@ class Settings:
             flower_user=get("FLOWER_USER", "admin"),
             flower_password=get("FLOWER_PASSWORD"),
             flower_port=_int("AIORCH_FLOWER_PORT", get("FLOWER_PORT", "5555"), low=1, high=65535),
+            flower_broker_api=get("FLOWER_BROKER_API"),
             routes_file=Path(routes_file).resolve() if routes_file else None,
         )
         # Read now, so a bad routes file stops the process at start-up with the entry's name.

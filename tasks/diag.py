@@ -89,9 +89,29 @@ def _after_task(sender: Any = None, **_: Any) -> None:
         write_child_status(sender.app, hostname)
 
 
+def _node_summary(consumer: Any) -> dict[str, Any]:
+    """What ``stats``, ``active`` and ``active_queues`` would say, gathered in this one reply so
+    ``/diag/backends`` costs one broadcast and one wait instead of four."""
+    from celery.worker import state as worker_state
+
+    summary: dict[str, Any] = {"now": time.time()}
+    with contextlib.suppress(Exception):  # diagnostics must never break the control channel
+        stats = consumer.controller.stats()
+        summary["concurrency"] = (stats.get("pool") or {}).get("max-concurrency")
+        summary["uptime"] = stats.get("uptime")
+    with contextlib.suppress(Exception):
+        summary["queues"] = sorted(q.name for q in consumer.task_consumer.queues)
+    with contextlib.suppress(Exception):
+        summary["active_jobs"] = [
+            (list(request.args) or [None])[0] for request in list(worker_state.active_requests)
+        ]
+    return summary
+
+
 @inspect_command()
 def aiorch_info(state: Any) -> dict[str, Any]:
-    """Children's device, memory and loaded models (read from their status files)."""
+    """The node's slots, queues and active jobs, and its children's device, memory and loaded
+    models (read from their status files); ``now`` is the worker's own clock, its heartbeat."""
     app = state.consumer.app
     hostname = state.consumer.hostname
     children = []
@@ -106,4 +126,8 @@ def aiorch_info(state: Any) -> dict[str, Any]:
                 children.append(status)
             else:
                 path.unlink(missing_ok=True)  # a child that was replaced
-    return {"children": children, "parent": {"pid": os.getpid(), **device_info()}}
+    return {
+        **_node_summary(state.consumer),
+        "children": children,
+        "parent": {"pid": os.getpid(), **device_info()},
+    }

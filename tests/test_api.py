@@ -266,3 +266,18 @@ def test_the_api_never_imports_torch() -> None:
         "import tasks.jobs; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_database_down_is_503_with_retry_after_not_a_500(settings: Settings) -> None:
+    # Port 1 on loopback refuses at once: the state of a Postgres that is down or restarting.
+    down = settings.with_overrides(database_url="postgresql://postgres@127.0.0.1:1/aiorch")
+    app = create_app(down)
+    client = app.test_client()
+    for response in (
+        client.get("/v1/jobs", headers=ALICE),
+        submit(client, {"task": "upscale", "payload": {"image_url": IMG}}),
+        client.get("/v1/jobs", headers={"X-API-Key": "a-key-only-the-database-could-know"}),
+    ):
+        assert_error(response, 503, "database_unavailable")
+        assert response.headers["Retry-After"] == "5"
+    app.extensions["aiorch"].db.dispose()

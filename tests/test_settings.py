@@ -24,7 +24,7 @@ def test_values_are_parsed() -> None:
             "AIORCH_API_KEYS": "client-a:key-a, client-b:key-b",
             "AIORCH_ALLOW_PRIVATE_URLS": "true",
             "AIORCH_PUBLIC_URL": "https://cdn.example.com/",
-            "AIORCH_WEBHOOK_SECRET": "whsec_abc",
+            "AIORCH_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
             "AIORCH_DATABASE_URL": "postgresql://u@h/db",
         }
     )
@@ -32,7 +32,7 @@ def test_values_are_parsed() -> None:
     assert settings.api_keys == (("client-a", "key-a"), ("client-b", "key-b"))
     assert settings.allow_private_urls is True
     assert settings.public_url == "https://cdn.example.com"
-    assert settings.webhook_secret == "whsec_abc"
+    assert settings.webhook_secret == "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,11 @@ def test_only_config_reads_the_environment() -> None:
             if re.search(r"os\.environ|os\.getenv", path.read_text()):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_flower_broker_api_is_derived_from_an_amqp_broker_url_and_absent_otherwise() -> None:
+    amqp = Settings.from_env({"AIORCH_BROKER_URL": "amqp://user:p%40ss@mq.internal:5672/vh"})
+    assert amqp.broker_management_api == "http://user:p%40ss@mq.internal:15672/api/"
+    assert Settings.from_env({}).broker_management_api is None  # the embedded filesystem transport
+    given = Settings.from_env({"AIORCH_BROKER_URL": "amqp://mq//", "AIORCH_FLOWER_BROKER_API": "http://x/api/"})
+    assert given.broker_management_api == "http://x/api/"

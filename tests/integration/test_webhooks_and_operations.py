@@ -13,8 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from app.management import DIAG_CACHE_SECONDS
 from config import Settings
-from tasks.celery_app import create_celery
+from tasks.celery_app import FINISH, create_celery, publish
 from tasks.jobs import Runtime, sweep
 from tests.conftest import KEYS
 from tests.integration.conftest import platform_settings
@@ -160,6 +161,53 @@ def test_a_hanging_receiver_times_out_and_does_not_hold_up_gpu_work(
         receiver.stop()
 
 
+def test_a_dead_receiver_does_not_delay_another_clients_webhook(
+    platform: Platform, images: ImageServer
+) -> None:
+    # Twelve of alice's jobs point at a receiver that never answers in time (1 s timeout, two cpu
+    # slots): sent one by one, their attempts alone would hold the cpu queue for six seconds or
+    # more. The per-receiver circuit breaker stops that after a couple of timeouts.
+    dead = WebhookReceiver(plan=lambda n: "hang", hang_seconds=20).start()
+    healthy = WebhookReceiver().start()
+    try:
+        url = images.url("img/astronaut.png")
+        hung = [
+            platform.submit(ALICE, "upscale", {"image_url": url}, webhook_url=dead.url).json()["job_id"]
+            for _ in range(12)
+        ]
+        for job_id in hung:
+            platform.wait(ALICE, job_id)
+        bob = platform.submit(KEYS[1][1], "upscale", {"image_url": url}, webhook_url=healthy.url).json()
+        [hit] = healthy.wait_for(1, timeout=30)
+        delay = hit.at - hit.json()["finished_at_ms"] / 1000
+        assert hit.json()["job_id"] == bob["job_id"]
+        assert delay < 3.5, f"bob's webhook waited {delay:.1f}s behind a dead receiver"
+        assert len(dead.received) < 12  # most of alice's events are held back, not sent
+        time.sleep(0.3)
+        log = deliveries(platform, hung[0]) + deliveries(platform, hung[-1])
+        assert all(not d["ok"] for d in log)
+    finally:
+        dead.stop()
+        healthy.stop()
+
+
+def test_a_resent_finish_keeps_its_webhook_id_and_is_not_delivered_twice(
+    platform: Platform, images: ImageServer, receiver: WebhookReceiver
+) -> None:
+    job_id = platform.submit(
+        ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=receiver.url
+    ).json()["job_id"]
+    platform.wait(ALICE, job_id)
+    [hit] = receiver.wait_for(1)
+    # The same finish message again, as after a redelivery of an unacked finish_job.
+    publish(create_celery(platform.settings), FINISH, job_id, "cpu")
+    time.sleep(2.0)
+    assert len(receiver.received) == 1
+    again = requests.post(f"{platform.base_url}/v1/jobs/{job_id}/deliveries/redeliver", headers=H, timeout=5)
+    resent = receiver.wait_for(2)[-1]
+    assert resent.headers["webhook-id"] == hit.headers["webhook-id"] == again.json()["event_id"]
+
+
 def test_progress_events_only_when_asked(platform: Platform, receiver: WebhookReceiver) -> None:
     platform.submit(
         ALICE,
@@ -234,9 +282,19 @@ def test_stats_and_backends_see_the_real_workers(platform: Platform, images: Ima
     assert set(stats["queues"]) >= {"cpu", "gpu.superres"} and all(
         isinstance(v, int) for v in stats["queues"].values()
     )
+    sleeper = platform.submit(ALICE, "debug_sleep", {"seconds": 4}).json()["job_id"]
+    platform.wait(ALICE, sleeper, statuses={"running"})
+    time.sleep(DIAG_CACHE_SECONDS)  # let an earlier test's cached answer age out
+    asked = time.time()
     diag = requests.get(f"{platform.base_url}/diag/backends", headers=H, timeout=10).json()
+    cached_started = time.monotonic()
+    cached = requests.get(f"{platform.base_url}/diag/backends", headers=H, timeout=10).json()
+    assert cached["checked_at"] == diag["checked_at"] and time.monotonic() - cached_started < 0.5
     by_name = {w["name"]: w for w in diag["workers"]}
     assert set(by_name) == {"cpu@test", "gpu@test"}
+    busy = [w for w in diag["workers"] if sleeper in w["active_jobs"]]
+    assert len(busy) == 1 and busy[0]["busy"] >= 1
+    assert all(abs(w["last_heartbeat"] - asked) < 5 for w in diag["workers"])
     assert by_name["cpu@test"]["queues"] == ["cpu"] and by_name["cpu@test"]["concurrency"] == 2
     assert "gpu.superres" in by_name["gpu@test"]["queues"] and by_name["gpu@test"]["concurrency"] == 1
     assert by_name["gpu@test"]["last_heartbeat"] is not None
