@@ -151,6 +151,21 @@ def describe_field(name: str, field: fields.Field) -> dict[str, Any]:
     return entry
 
 
+def _runs_now(settings: Any, name: str) -> bool:
+    """Whether ``POST /v1/jobs`` would accept the task now: the same check job creation makes, so
+    a task served by a configured remote route counts as installed without a local model."""
+    try:
+        catalog.resolve(
+            name,
+            debug_tasks=settings.debug_tasks,
+            has_model=lambda s: has_model_for(settings, s.name, s.model_types),
+            routes=settings.routes,
+        )
+    except (catalog.UnknownTask, catalog.TaskUnavailable):
+        return False
+    return True
+
+
 @blp.route("/v1/capabilities")
 class Capabilities(MethodView):
     @blp.response(200)
@@ -168,8 +183,7 @@ class Capabilities(MethodView):
                     "task": spec.name,
                     "queue": spec.queue,
                     "summary": spec.summary,
-                    "installed": spec.available
-                    and (not spec.model_types or has_model_for(settings, spec.name, spec.model_types)),
+                    "installed": _runs_now(settings, spec.name),
                     "aliases": sorted(
                         alias for alias, target in catalog.ALIASES.items() if target == spec.name
                     ),
@@ -178,15 +192,18 @@ class Capabilities(MethodView):
                 }
             )
         for name, summary in catalog.REMOTE_ONLY.items():
+            target = catalog.TASKS.get(catalog.REMOTE_TARGETS.get(name, ""))
             tasks.append(
                 {
                     "task": name,
                     "queue": "cpu",
                     "summary": summary,
-                    "installed": False,
+                    "installed": _runs_now(settings, name),
                     "aliases": [],
-                    "inputs": [],
-                    "parameters": [],
+                    "inputs": list(target.inputs) if target else [],
+                    "parameters": [describe_field(n, f) for n, f in target.schema().fields.items()]
+                    if target
+                    else [],
                 }
             )
         return {"tasks": tasks}

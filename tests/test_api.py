@@ -281,3 +281,31 @@ def test_database_down_is_503_with_retry_after_not_a_500(settings: Settings) -> 
         assert_error(response, 503, "database_unavailable")
         assert response.headers["Retry-After"] == "5"
     app.extensions["aiorch"].db.dispose()
+
+
+def test_capabilities_count_a_task_served_by_a_remote_route_as_installed(
+    settings: Settings, tmp_path
+) -> None:
+    import json
+
+    routes = tmp_path / "routes.json"
+    routes.write_text(
+        json.dumps(
+            {
+                "providers": {
+                    "zn": {"kind": "zhinian", "base_url": "https://zn.example.com", "api_key": "k"}
+                },
+                "routes": {"gg_image": [{"backend": "zn"}]},
+            }
+        )
+    )
+    for routed, expected in ((None, False), (routes, True)):
+        app = create_app(settings.with_overrides(routes_file=routed))
+        caps = {
+            t["task"]: t for t in app.test_client().get("/v1/capabilities", headers=ALICE).get_json()["tasks"]
+        }
+        app.extensions["aiorch"].db.dispose()
+        assert caps["gg_image"]["installed"] is expected
+        assert caps["cx_image"]["installed"] is False  # no route for it
+        assert "prompt" in {p["name"] for p in caps["gg_image"]["parameters"]}  # generate's payload
+        assert caps["upscale"]["installed"] is True  # the weight-free Lanczos engine

@@ -74,9 +74,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--embedded", action="store_true",
                         help="SQLite + kombu filesystem transport in a temp var dir (the Settings defaults)")
-    parser.add_argument("--database-url", help="an existing database (default: a private Postgres database)")
-    parser.add_argument("--broker-url", help="an existing broker (default: a private RabbitMQ vhost); "
-                                             "its aiorch queues are purged")
+    # The platform's own variables name the database and broker to measure, as for `aiorch up`.
+    parser.add_argument("--database-url", default=os.environ.get("AIORCH_DATABASE_URL") or None,
+                        help="an existing database (default: $AIORCH_DATABASE_URL, else a private "
+                             "Postgres database)")
+    parser.add_argument("--broker-url", default=os.environ.get("AIORCH_BROKER_URL") or None,
+                        help="an existing broker (default: $AIORCH_BROKER_URL, else a private RabbitMQ "
+                             "vhost); its aiorch queues are purged")
+    parser.add_argument("--api-workers", type=int, default=2,
+                        help="gunicorn processes of the API (default 2, as `aiorch serve`)")
     parser.add_argument("--levels", default="1,8,32", help="client concurrencies of part 1 (default 1,8,32)")
     parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per level (default 6)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each level")
@@ -603,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aiorch-bench-")))
         var = tmp / "var"
-        database_url, broker_url = args.database_url, args.broker_url
+        database_url, broker_url = (None, None) if args.embedded else (args.database_url, args.broker_url)
         if not database_url and not args.embedded:
             database_url = stack.enter_context(infra.private_database(f"aiorch_bench_{run_id}"))
         if not broker_url and not args.embedded:
@@ -619,15 +625,16 @@ def main(argv: list[str] | None = None) -> int:
         db = Database(settings)
         stack.callback(db.dispose)
         upgrade(db)
-        if args.database_url:
+        if database_url and database_url == args.database_url:
             stack.callback(_delete_bench_rows, db)
         plat = Platform(settings, tmp / "logs")
         stack.callback(plat.stop)
         if args.keep_logs:
             stack.callback(_keep_logs, plat.logs, args.out / f"bench-{stamp}-logs")
         try:
-            plat.start_api()
-            say(f"API up on {plat.base_url} (gunicorn, 1 worker x 16 threads); "
+            plat.start_api(workers=args.api_workers)
+            results["api_workers"] = args.api_workers
+            say(f"API up on {plat.base_url} (gunicorn, {args.api_workers} workers x 16 threads); "
                 "part 1: POST /v1/jobs, no workers")
             submit = part_submit(plat, settings, payload, levels, args.warmup, args.duration)
             publisher = submit.pop("publisher")

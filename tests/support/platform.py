@@ -89,8 +89,10 @@ class Platform:
         self.procs[name] = proc
         return proc
 
-    def start_api(self) -> None:
-        self._spawn("api", [sys.executable, "-m", "app.cli", "serve", "--workers", "1", "--threads", "16"])
+    def start_api(self, workers: int = 1) -> None:
+        self._spawn(
+            "api", [sys.executable, "-m", "app.cli", "serve", "--workers", str(workers), "--threads", "16"]
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
