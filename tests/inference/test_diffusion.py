@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tiny_diffusion import save_tiny_lora, save_tiny_sd, save_tiny_sdxl
 
-from inference.base import Cancelled, InvalidInput
+from inference.base import Cancelled, ContentRejected, EngineError, InvalidInput
 from inference.diffusion import (
     DiffusionModels,
     ImageGenerator,
@@ -158,6 +158,19 @@ def test_mask_mode_black_is_the_inverted_white_mask(models, photo, box_mask):
     black_mask = Image.fromarray(255 - np.asarray(box_mask))
     black = inpaint(photo, black_mask, "a dog", model="tiny-sd", seed=4, mask_mode="black", **FAST)
     assert np.array_equal(pixels(white.images[0].image), pixels(black.images[0].image))
+
+
+def test_mask_mode_black_repaints_the_black_region_and_keeps_the_white(models, photo, box_mask):
+    # The SenseTime convention: black marks the region to repaint.
+    black_marks_box = Image.fromarray(255 - np.asarray(box_mask))
+    result = Inpainter(models)(
+        photo, black_marks_box, "a dog", model="tiny-sd", seed=5, mask_mode="black", **FAST
+    )
+    out, src = pixels(result.images[0].image), pixels(photo)
+    black = np.asarray(black_marks_box) == 0
+    assert np.array_equal(out[~black], src[~black])
+    assert np.abs(out[black] - src[black]).mean() > 10
+    assert result.images[0].meta["mask_mode"] == "black"
 
 
 def test_remove_object_keeps_every_pixel_outside_the_mask_and_feathers_inside(models, photo):
@@ -360,3 +373,69 @@ def test_models_dir_paths_survive_the_manifest(store: ModelStore):
     entry = store.get("tiny-sd")
     assert not Path(entry.path).is_absolute()
     assert (store.resolve_path(entry) / "model_index.json").exists()
+
+
+def test_generate_reports_its_own_pipeline_timing_per_output(models):
+    result = ImageGenerator(models)("a cat", width=64, height=64, steps=3, samples=2, **{})
+    for output in result.images:
+        timing = output.meta["timing"]
+        # one step callback per denoising step of the one batch of two
+        assert timing["steps"] == 3 and timing["pipeline_s"] > 0
+        assert timing["it_per_s"] == pytest.approx(3 / timing["pipeline_s"], rel=0.01)
+        assert timing["peak_device_bytes"] is None  # CPU: no device allocator to ask
+
+
+def test_out_of_memory_fails_the_call_clearly_empties_the_cache_and_the_next_call_runs(store):
+    models = DiffusionModels(store, ModelCache(512 * 2**20), device="cpu")
+    generate = ImageGenerator(models)
+    generate("a cat", model="tiny-sd", width=64, height=64, **FAST)
+    entry, info = models.resolve("tiny-sd", "generate")
+    with models.hold(entry, info) as loaded:
+        unet = loaded.pipe.unet
+    calls: list[int] = []
+
+    def out_of_memory(module, args):
+        # The real exception class CUDA raises, from the second UNet step of the run.
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    unet.register_forward_pre_hook(out_of_memory)
+    with pytest.raises(EngineError) as err:
+        generate("a cat", model="tiny-sd", width=64, height=64, steps=4)
+    assert err.value.code == "out_of_memory"
+    assert "out of memory" in str(err.value) and "2.00 GiB" in str(err.value)
+    # Every loaded model was dropped, so the memory the failed run filled is free again.
+    assert models.cache.loaded() == [] and models.cache.used_bytes == 0
+    # The next call on the same engine loads a fresh pipeline and succeeds.
+    result = generate("a cat", model="tiny-sd", width=64, height=64, seed=1, **FAST)
+    assert result.images[0].image.size == (64, 64)
+    with models.hold(entry, info) as loaded:
+        assert loaded.pipe.unet is not unet
+    assert len(calls) == 2
+
+
+@pytest.fixture(scope="module")
+def safety_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    root = tmp_path_factory.mktemp("safety-models")
+    store = ModelStore(root)
+    store.add(save_tiny_sd(root / "flags", safety_checker="flags"), id="checked-flags")
+    store.add(save_tiny_sd(root / "passes", safety_checker="passes"), id="checked-passes")
+    return store
+
+
+def test_output_safety_checker_refusal_rejects_naming_the_check(safety_store, photo, box_mask):
+    models = DiffusionModels(safety_store, ModelCache(512 * 2**20), device="cpu")
+    with pytest.raises(ContentRejected) as err:
+        ImageGenerator(models)("a cat", model="checked-flags", width=64, height=64, **FAST)
+    assert err.value.code == "output_safety_checker"
+    # the checker travels with the pipeline into the mask tasks too (from_pipe shares it)
+    with pytest.raises(ContentRejected) as err:
+        Inpainter(models)(photo, box_mask, "a dog", model="checked-flags", **FAST)
+    assert err.value.code == "output_safety_checker"
+
+
+def test_an_installed_safety_checker_that_flags_nothing_lets_outputs_through(safety_store):
+    models = DiffusionModels(safety_store, ModelCache(512 * 2**20), device="cpu")
+    result = ImageGenerator(models)("a cat", model="checked-passes", width=64, height=64, seed=2, **FAST)
+    assert np.asarray(result.images[0].image).any()  # not the black image of a flagged output

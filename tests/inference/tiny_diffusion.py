@@ -115,13 +115,57 @@ def tiny_components(tmp: Path, *, in_channels: int = 4, seed: int = 0) -> dict:
     }
 
 
-def save_tiny_sd(folder: Path, *, inpainting: bool = False, seed: int = 0) -> Path:
-    """Write a tiny SD 1.5-layout pipeline (9-channel inpainting UNet if asked) into ``folder``."""
+def tiny_safety_checker(*, flags: bool, seed: int = 0) -> tuple:
+    """A real ``StableDiffusionSafetyChecker`` (tiny CLIP vision tower) and its image processor.
+
+    The checker flags an image when the cosine between its embedding and a concept embedding,
+    minus that concept's threshold, is above 0. Cosines lie in [-1, 1], so thresholds of -2 flag
+    every image and +2 none, whatever the random weights: the pipeline's real check decides."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": TEXT_DIM,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+        },
+        vision_config={
+            "hidden_size": TEXT_DIM,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=TEXT_DIM,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    threshold = -2.0 if flags else 2.0
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
+def save_tiny_sd(
+    folder: Path, *, inpainting: bool = False, seed: int = 0, safety_checker: str | None = None
+) -> Path:
+    """Write a tiny SD 1.5-layout pipeline (9-channel inpainting UNet if asked) into ``folder``.
+
+    ``safety_checker`` "flags" or "passes" ships a real safety checker that refuses every output
+    or none (``tiny_safety_checker``); None ships none, as most community models do."""
     components = tiny_components(
         folder.parent / f".{folder.name}-build", in_channels=9 if inpainting else 4, seed=seed
     )
+    if safety_checker is not None:
+        checker, processor = tiny_safety_checker(flags=safety_checker == "flags", seed=seed)
+        components.update(safety_checker=checker, feature_extractor=processor)
     cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
-    pipe = cls(**components, requires_safety_checker=False)
+    pipe = cls(**components, requires_safety_checker=safety_checker is not None)
     pipe.save_pretrained(str(folder))
     return folder
 
