@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app, g, request
@@ -12,7 +14,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 from kombu.exceptions import OperationalError
 from marshmallow import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from app.schemas import JobCreateSchema, JobListSchema, JobQueryArgsSchema, JobSchema, check_webhook_url
@@ -44,6 +46,40 @@ def owned_job(job_id: str) -> Job:
     if job is None or job.client_id != g.client_id:
         abort(404, code="job_not_found", message=f"No job {job_id}.")
     return job
+
+
+def _admit(svc: Services, client_id: str, now: datetime) -> None:
+    """429 when the client is over its per-minute or queued-jobs limit. Counted in the database,
+    so the limit holds across every API process (both counts use the jobs' indexes)."""
+    settings = svc.settings
+    if not (settings.rate_limit_per_minute or settings.max_queued_per_client):
+        return
+    mine = Job.client_id == client_id
+    with svc.db.session() as session:
+        if settings.rate_limit_per_minute:
+            recent = mine & (Job.created_at > now - timedelta(seconds=60))
+            count, oldest = session.execute(
+                select(func.count(), func.min(Job.created_at)).where(recent)
+            ).one()
+            if count >= settings.rate_limit_per_minute:
+                wait = 60 - (now - oldest).total_seconds() if oldest else 60
+                abort(
+                    429,
+                    code="rate_limited",
+                    message=f"More than {settings.rate_limit_per_minute} jobs in a minute; retry later.",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        if settings.max_queued_per_client:
+            waiting = mine & (Job.status == JobStatus.QUEUED.value)
+            queued = session.scalar(select(func.count()).where(waiting)) or 0
+            if queued >= settings.max_queued_per_client:
+                limit = settings.max_queued_per_client
+                abort(
+                    429,
+                    code="too_many_queued_jobs",
+                    message=f"{queued} of your jobs are still queued (limit {limit}).",
+                    headers={"Retry-After": "5"},
+                )
 
 
 def request_fingerprint(body: dict[str, Any]) -> str:
@@ -90,6 +126,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
             return existing, 200
 
     now = utcnow()
+    _admit(svc, g.client_id, now)
     job = Job(
         id=new_id(),
         client_id=g.client_id,

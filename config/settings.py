@@ -139,6 +139,10 @@ class Settings:
     prompt_blocklist: tuple[str, ...] = ()
     log_json: bool = True
     log_level: str = "INFO"
+    # Per-client admission limits on POST /v1/jobs (0 = off): jobs created in the last minute,
+    # and jobs waiting in ``queued`` at once. Over either, the answer is 429 with Retry-After.
+    rate_limit_per_minute: int = 0
+    max_queued_per_client: int = 0
     flower_user: str = "admin"
     flower_password: str = ""
     flower_port: int = 5555
@@ -243,6 +247,12 @@ class Settings:
             prompt_blocklist=_blocklist(get("PROMPT_BLOCKLIST")),
             log_json=_bool("AIORCH_LOG_JSON", get("LOG_JSON", "1")),
             log_level=get("LOG_LEVEL", "INFO").upper(),
+            rate_limit_per_minute=_int(
+                "AIORCH_RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE", "0"), low=0
+            ),
+            max_queued_per_client=_int(
+                "AIORCH_MAX_QUEUED_PER_CLIENT", get("MAX_QUEUED_PER_CLIENT", "0"), low=0
+            ),
             flower_user=get("FLOWER_USER", "admin"),
             flower_password=get("FLOWER_PASSWORD"),
             flower_port=_int("AIORCH_FLOWER_PORT", get("FLOWER_PORT", "5555"), low=1, high=65535),

@@ -309,3 +309,33 @@ def test_capabilities_count_a_task_served_by_a_remote_route_as_installed(
         assert caps["cx_image"]["installed"] is False  # no route for it
         assert "prompt" in {p["name"] for p in caps["gg_image"]["parameters"]}  # generate's payload
         assert caps["upscale"]["installed"] is True  # the weight-free Lanczos engine
+
+
+@pytest.mark.parametrize(
+    ("limit", "code"),
+    [({"rate_limit_per_minute": 3}, "rate_limited"), ({"max_queued_per_client": 3}, "too_many_queued_jobs")],
+)
+def test_a_client_over_its_admission_limit_gets_429_with_retry_after_and_others_do_not(
+    settings: Settings, limit: dict, code: str
+) -> None:
+    from models.jobs import Job
+    from models.jobstore import new_id
+
+    app = create_app(settings.with_overrides(**limit))
+    client = app.test_client()
+    db = app.extensions["aiorch"].db
+    with db.session() as session:  # a fresh client of its own, so earlier tests' jobs don't count
+        session.query(Job).filter(Job.client_id == "bob").delete()
+    body = {"task": "upscale", "payload": {"image_url": IMG}}
+    replay = {**BOB, "Idempotency-Key": new_id()}
+    statuses = [submit(client, body, replay).status_code] + [
+        submit(client, body, BOB).status_code for _ in "ab"
+    ]
+    assert statuses == [202, 202, 202]
+    refused = submit(client, body, BOB)
+    assert_error(refused, 429, code)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    # A replay of a job already accepted creates nothing, so the limit does not refuse it.
+    again = submit(client, body, replay)
+    assert again.status_code == 200 and again.get_json()["reused"] is True
+    db.dispose()
