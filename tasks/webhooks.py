@@ -47,7 +47,7 @@ from tasks.jobs import JobTask, Runtime
 log = logging.getLogger("aiorch.webhooks")
 
 DELIVER = "aiorch.deliver_webhook"
-MAX_ATTEMPTS = 15  # 10 s doubling to an hour between tries: about 9 hours in all
+MAX_ATTEMPTS = 15  # 10 s doubling to an hour between tries: about six and a half hours in all
 MAX_DELAY = 3600.0
 COUNTDOWN_LIMIT = 60.0  # longer waits are parked in the database for the sweep
 FINISHED = "job.finished"

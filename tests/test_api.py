@@ -339,3 +339,13 @@ def test_a_client_over_its_admission_limit_gets_429_with_retry_after_and_others_
     again = submit(client, body, replay)
     assert again.status_code == 200 and again.get_json()["reused"] is True
     db.dispose()
+
+
+def test_a_body_over_the_size_cap_is_413_in_the_error_shape(client: FlaskClient, settings: Settings) -> None:
+    huge = (
+        b'{"task":"upscale","payload":{"image_url":"data:image/png;base64,'
+        + b"A" * (settings.max_input_bytes * 2 + 1024)
+        + b'"}}'
+    )
+    response = client.post("/v1/jobs", data=huge, headers={**ALICE, "Content-Type": "application/json"})
+    assert_error(response, 413)

@@ -141,3 +141,77 @@ def test_sweep_resends_the_finish_of_a_final_job_that_never_had_a_delivery(setti
         assert json.loads(sent[lost]["body"])["job_id"] == lost
     finally:
         runtime.db.dispose()
+
+
+class _Redirecting:
+    """A real receiver on 127.0.0.1 whose /hook answers 302 to /elsewhere; counts both paths."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                owner.hits.append(self.path)
+                self.send_response(302 if self.path == "/hook" else 200)
+                self.send_header("Location", "/elsewhere")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_redirect_is_a_failed_attempt_and_is_not_followed(settings: Settings) -> None:
+    from tasks.webhooks import send
+
+    receiver = _Redirecting()
+    runtime = Runtime(settings)
+    try:
+        ok, status, error, _ = send(runtime, receiver.url, "e" * 32, "{}")
+        assert (ok, status, error) == (False, 302, None)
+        assert receiver.hits == ["/hook"]
+    finally:
+        receiver.stop()
+        runtime.db.dispose()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://169.254.169.254/"]
+)
+def test_a_webhook_to_a_private_address_is_refused_without_a_connection(settings: Settings, url: str) -> None:
+    from tasks.webhooks import send
+
+    runtime = Runtime(settings.with_overrides(allow_private_urls=False))
+    try:
+        ok, status, error, elapsed = send(runtime, url, "e" * 32, "{}")
+        assert not ok and status is None and error.startswith("refused")
+        assert elapsed < 1.0
+    finally:
+        runtime.db.dispose()
+
+
+def test_retry_delays_double_from_the_base_with_jitter_and_cap_at_an_hour() -> None:
+    import random
+
+    from tasks.webhooks import MAX_ATTEMPTS, retry_delay
+
+    rng = random.Random(7)
+    delays = [retry_delay(n, base=10.0, rng=rng) for n in range(1, MAX_ATTEMPTS)]
+    assert 8 <= delays[0] <= 12  # the first retry comes well within a minute
+    for n, delay in enumerate(delays, start=1):
+        nominal = min(3600.0, 10.0 * 2 ** (n - 1))
+        assert 0.8 * nominal <= delay <= 1.2 * nominal
+    assert sum(delays) > 5 * 3600  # retried over hours (about six and a half), not minutes
