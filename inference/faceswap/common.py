@@ -349,6 +349,76 @@ class FaceSwapEngine:
         control.progress(100)
         return EngineResult(backend=self.backend, data=data)
 
+    def prepare_source(self, source: Image.Image, field: str = "source_url") -> Any:
+        """The one face of a single-source swap, ready to put on any number of targets.
+
+        The largest face that has landmarks: a face whose eyes were found is a face for sure,
+        and it aligns properly; the weight-free detector only gives eyes on clear faces.
+        """
+        rgb, _ = to_rgb_array(source, field)
+        rgb = fit_max_side(rgb, self.source_max_side)
+        faces = self.detect(rgb)
+        if not faces:
+            raise InvalidInput("no face was found in the source image", code="no_face_in_source", field=field)
+        face = max(faces, key=lambda f: (f.kps is not None, f.area, f.score))
+        return self._prepare_source(rgb, face)
+
+    def prepare_sources(
+        self, sources: Sequence[Image.Image], swap_faces_index: Sequence[int], control: RunControl
+    ) -> list[Any]:
+        """Face ``swap_faces_index[i]`` of ``sources[i]``, each ready to swap (faceswap_multi)."""
+        # The same image object may be passed for several entries (two faces from one group
+        # photo); detect it once.
+        detected: dict[int, tuple[np.ndarray, list[Face]]] = {}
+        prepared = []
+        for i, (image, index) in enumerate(zip(sources, swap_faces_index, strict=True)):
+            check_stop(control)
+            if id(image) not in detected:
+                rgb, _ = to_rgb_array(image, f"source_urls[{i}]")
+                rgb = fit_max_side(rgb, self.source_max_side)
+                detected[id(image)] = (rgb, self.detect(rgb))
+            rgb, faces = detected[id(image)]
+            if not faces:
+                raise InvalidInput(
+                    f"no face was found in source_urls[{i}]",
+                    code="no_face_in_source",
+                    field=f"source_urls[{i}]",
+                )
+            if index >= len(faces):
+                raise InvalidInput(
+                    f"swap_faces_index[{i}] is {index} but source_urls[{i}] has {len(faces)} face(s)",
+                    code="index_out_of_range",
+                    field=f"swap_faces_index[{i}]",
+                )
+            prepared.append(self._prepare_source(rgb, faces[index]))
+            control.progress(10 + 15 * (i + 1) / len(sources))
+        return prepared
+
+    def swap_onto(
+        self,
+        rgb: np.ndarray,
+        faces: list[Face],
+        pairs: Sequence[tuple[Any, int]],
+        *,
+        sharpen: float,
+        upscaler: Upscaler | None,
+        control: RunControl | None = None,
+    ) -> np.ndarray:
+        """Put each prepared source of ``pairs`` onto face ``index`` of ``rgb``, then enhance and
+        sharpen only the swapped faces. One frame's work: the image and video paths share it."""
+        control = control or NullControl()
+        out = rgb.copy()
+        region = np.zeros(out.shape[:2], np.float32)
+        for n, (source, index) in enumerate(pairs):
+            check_stop(control)
+            out, alpha = self._swap_face(out, faces[index], source)
+            np.maximum(region, alpha, out=region)
+            control.progress(25 + 60 * (n + 1) / len(pairs))
+        check_stop(control)
+        if upscaler is not None and pairs:
+            out = upscale_faces(out, [faces[index] for _, index in pairs], region, upscaler)
+        return sharpen_region(out, region, sharpen)
+
     def faceswap(
         self,
         source: Image.Image,
@@ -364,8 +434,8 @@ class FaceSwapEngine:
 
         The largest face of ``source`` (preferring one with landmarks) is used. ``max_faces``
         = 0 swaps every face found in the target (up to the engine's cap); n > 0 swaps the n
-        largest, and n above the cap is refused. ``upscaler`` (optional) restores detail on the swapped faces; ``sharpen`` in
-        [0, 1] sharpens them.
+        largest, and n above the cap is refused. ``upscaler`` (optional) restores detail on the
+        swapped faces; ``sharpen`` in [0, 1] sharpens them.
         """
         control = control or NullControl()
         max_side = validate_max_side(max_side)
@@ -379,20 +449,9 @@ class FaceSwapEngine:
             )
         target_rgb, target_alpha = to_rgb_array(target, "target_url")
         target_rgb = fit_max_side(target_rgb, max_side)
-        source_rgb, _ = to_rgb_array(source, "source_url")
-        source_rgb = fit_max_side(source_rgb, self.source_max_side)
         control.progress(5)
-
         check_stop(control)
-        source_faces = self.detect(source_rgb)
-        if not source_faces:
-            raise InvalidInput(
-                "no face was found in the source image", code="no_face_in_source", field="source_url"
-            )
-        # The largest face that has landmarks: a face whose eyes were found is a face for sure,
-        # and it aligns properly; the weight-free detector only gives eyes on clear faces.
-        source_face = max(source_faces, key=lambda f: (f.kps is not None, f.area, f.score))
-        prepared = self._prepare_source(source_rgb, source_face)
+        prepared = self.prepare_source(source)
         control.progress(15)
 
         check_stop(control)
@@ -480,31 +539,8 @@ class FaceSwapEngine:
                 )
         control.progress(10)
 
-        # The same image object may be passed for several entries (two faces from one group
-        # photo); detect it once.
-        detected: dict[int, tuple[np.ndarray, list[Face]]] = {}
-        pairs = []
-        for i, (image, index) in enumerate(zip(sources, swap_idx, strict=True)):
-            check_stop(control)
-            if id(image) not in detected:
-                rgb, _ = to_rgb_array(image, f"source_urls[{i}]")
-                rgb = fit_max_side(rgb, self.source_max_side)
-                detected[id(image)] = (rgb, self.detect(rgb))
-            rgb, faces = detected[id(image)]
-            if not faces:
-                raise InvalidInput(
-                    f"no face was found in source_urls[{i}]",
-                    code="no_face_in_source",
-                    field=f"source_urls[{i}]",
-                )
-            if index >= len(faces):
-                raise InvalidInput(
-                    f"swap_faces_index[{i}] is {index} but source_urls[{i}] has {len(faces)} face(s)",
-                    code="index_out_of_range",
-                    field=f"swap_faces_index[{i}]",
-                )
-            pairs.append((self._prepare_source(rgb, faces[index]), target_idx[i]))
-            control.progress(10 + 15 * (i + 1) / len(sources))
+        prepared = self.prepare_sources(sources, swap_idx, control)
+        pairs = list(zip(prepared, target_idx, strict=True))
         return self._swap_all(
             target_rgb, target_alpha, target_faces, pairs, sharpen=sharpen, upscaler=upscaler, control=control
         )
@@ -520,18 +556,9 @@ class FaceSwapEngine:
         upscaler: Upscaler | None,
         control: RunControl,
     ) -> EngineResult:
-        out = target_rgb.copy()
-        region = np.zeros(out.shape[:2], np.float32)
-        for n, (source, index) in enumerate(pairs):
-            check_stop(control)
-            out, alpha = self._swap_face(out, target_faces[index], source)
-            np.maximum(region, alpha, out=region)
-            control.progress(25 + 60 * (n + 1) / len(pairs))
-        check_stop(control)
-        swapped = [target_faces[index] for _, index in pairs]
-        if upscaler is not None:
-            out = upscale_faces(out, swapped, region, upscaler)
-        out = sharpen_region(out, region, sharpen)
+        out = self.swap_onto(
+            target_rgb, target_faces, pairs, sharpen=sharpen, upscaler=upscaler, control=control
+        )
         image = Image.fromarray(out)
         if target_alpha is not None:
             # Keep a transparent target transparent: its alpha, shrunk like its pixels.

@@ -150,6 +150,7 @@ def test_faceswap_multi_swaps_exactly_the_named_faces(engine, trio):
     assert colour_pixels(out, GREEN, rects[2]) > 40 and colour_pixels(out, BLUE, rects[2]) == 0
     assert colour_pixels(out, BLUE, rects[0]) > 40 and colour_pixels(out, GREEN, rects[0]) == 0
     # Face 1 was not named: every pixel of its picture is as it was.
+    x0, y0, x1, y1 = rects[1]
     assert np.array_equal(out[y0:y1, x0:x1], canvas[y0:y1, x0:x1])
 
 
