@@ -200,12 +200,20 @@ def models_list(model_type: str | None) -> None:
     default=None,
     help="the part an ONNX file plays in the InsightFace engine, when its name does not say",
 )
-def models_add(path: str, model_id: str | None, model_type: str | None, role: str | None) -> None:
+@click.option(
+    "--family",
+    type=click.Choice(["u2net", "birefnet", "rmbg"]),
+    default=None,
+    help="the pre-processing an ONNX background-removal model needs, when its file does not tell",
+)
+def models_add(
+    path: str, model_id: str | None, model_type: str | None, role: str | None, family: str | None
+) -> None:
     """Register a local diffusers folder, Real-ESRGAN .pth, LoRA or ONNX file."""
     from tasks.model_registry import add_model
 
     try:
-        entry = add_model(settings_from_env(), path, model_id, model_type, role)
+        entry = add_model(settings_from_env(), path, model_id, model_type, role, family)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"added {entry['id']} ({entry['type']}; tasks: {', '.join(entry['tasks']) or 'none'})")

@@ -38,10 +38,12 @@ MODEL_TYPES = ("diffusers", "lora", "realesrgan", "onnx", "detector", "builtin")
 
 # ONNX files carry no declaration of their purpose; these name hints cover the models operators
 # install for the platform's tasks. Anything else gets no tasks until the operator names them.
-_ONNX_TASK_HINTS = (
-    (re.compile(r"u2net|rmbg|birefnet|isnet|modnet|silueta", re.I), ("remove_background",)),
-    (re.compile(r"esrgan|upscal|swinir|\bx[234]\b", re.I), ("upscale",)),
-)
+# ONNX super-resolution exports get no task: the upscale engine runs PyTorch weights through
+# spandrel (inference/superres.py), so tagging them would list a model no job can run.
+_ONNX_TASK_HINTS = ((re.compile(r"u2net|rmbg|birefnet|isnet|modnet|silueta", re.I), ("remove_background",)),)
+# Pre- and post-processing presets of the background remover (inference/background.py PRESETS);
+# an entry records its family in ``extra["family"]``, from ``--family`` or read from the file.
+SEGMENTATION_FAMILIES = ("u2net", "birefnet", "rmbg")
 
 # The InsightFace engine (inference/faceswap/insight.py) is three ONNX models, one per role; the
 # entry records its role in ``extra["role"]`` so the worker can assemble the engine. Names are
@@ -214,11 +216,13 @@ class ModelStore:
         source: str | None = None,
         replace: bool = False,
         role: str | None = None,
+        family: str | None = None,
     ) -> ModelEntry:
         """Register the model at ``path``; its type, tasks and base model are read from its files
         unless given. Paths inside the models dir are stored relative to it, so the directory can
         be mounted elsewhere (a container) and the manifest still holds. ``role`` names the part
-        an ONNX file plays in the InsightFace engine (``FACE_ROLES``) when its name does not say."""
+        an ONNX file plays in the InsightFace engine (``FACE_ROLES``) when its name does not say;
+        ``family`` the preset of an ONNX segmentation file (``SEGMENTATION_FAMILIES``)."""
         path = Path(path).expanduser()
         if not path.is_absolute() and not path.exists() and (self.models_dir / path).exists():
             path = self.models_dir / path
@@ -232,6 +236,13 @@ class ModelStore:
             if detected.type != "onnx":
                 raise ModelStoreError(f"a role is for ONNX face models; {path.name} is {detected.type!r}")
             detected = _detect_onnx(path, role)
+        if family is not None:
+            # A segmentation file named like "model.onnx" (as RMBG-2.0 ships): the operator says.
+            if detected.type != "onnx":
+                raise ModelStoreError(
+                    f"a family is for ONNX segmentation models; {path.name} is {detected.type!r}"
+                )
+            detected = _detect_onnx(path, family=family)
         model_id = id or _slug(path.stem if path.is_file() else path.name)
         if not _ID_RE.match(model_id):
             raise ModelStoreError(
@@ -452,16 +463,24 @@ def _detect_diffusers(folder: Path) -> Detected:
     return Detected("diffusers", tasks, base, extra)
 
 
-def _detect_onnx(path: Path, role: str | None = None) -> Detected:
+def _detect_onnx(path: Path, role: str | None = None, family: str | None = None) -> Detected:
     if role is None:
         role = next((r for pattern, r in _ONNX_FACE_ROLE_HINTS if pattern.search(path.stem)), None)
     if role is not None:
         if role not in FACE_ROLES:
             raise ModelStoreError(f"unknown role {role!r}; one of {', '.join(FACE_ROLES)}")
         return Detected("onnx", FACE_ROLES[role], None, {"role": role})
+    if family is not None:
+        if family not in SEGMENTATION_FAMILIES:
+            raise ModelStoreError(f"unknown family {family!r}; one of {', '.join(SEGMENTATION_FAMILIES)}")
+        return Detected("onnx", ("remove_background",), None, {"family": family})
     for pattern, tasks in _ONNX_TASK_HINTS:
         if pattern.search(path.stem):
-            return Detected("onnx", tasks, None, {})
+            from inference.background import segmentation_family
+
+            # From the name, else the graph's input size and outputs; None: the engine's default.
+            found = segmentation_family(path)
+            return Detected("onnx", tasks, None, {"family": found} if found else {})
     return Detected("onnx", (), None, {})
 
 

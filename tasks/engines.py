@@ -176,7 +176,7 @@ def _sharpened(result: EngineResult, sharpen: float) -> EngineResult:
 
 
 def run_remove_background(call: EngineCall) -> EngineResult:
-    from inference.background import BackgroundRemover, GrabCutBackgroundRemover
+    from inference.background import BackgroundRemover, GrabCutBackgroundRemover, segmentation_family
 
     entry = chosen_model(call, "remove_background", ("onnx",))
     if entry is None:
@@ -187,7 +187,8 @@ def run_remove_background(call: EngineCall) -> EngineResult:
         engine = GrabCutBackgroundRemover()
     else:
         path = model_store(call.settings).resolve_path(entry)
-        family = entry.extra.get("family", "u2net")
+        # Recorded when it was added; entries from before that are read from the file now.
+        family = entry.extra.get("family") or segmentation_family(path) or "u2net"
         engine = load_cached(
             f"seg:{entry.id}", path, lambda: BackgroundRemover(path, model_id=entry.id, family=family)
         )
@@ -390,6 +391,11 @@ ENGINES: dict[str, Callable[[EngineCall], EngineResult]] = {
     "faceswap": run_faceswap,
     "faceswap_multi": run_faceswap_multi,
     "debug_sleep": run_debug_sleep,
+}
+
+# Engines that can run several waiting jobs as one batch (tasks/batching.py picks the jobs).
+BATCH_ENGINES: dict[str, Callable[[list[EngineCall], RunControl], list[EngineResult | Exception]]] = {
+    "upscale": run_upscale_batch,
 }
 
 # Engines that can run several waiting jobs as one batch (tasks/batching.py picks the jobs).

@@ -22,11 +22,17 @@ def has_model_for(settings: Settings, task: str, types: tuple[str, ...]) -> bool
 
 
 def add_model(
-    settings: Settings, path: str, model_id: str | None, model_type: str | None, role: str | None = None
+    settings: Settings,
+    path: str,
+    model_id: str | None,
+    model_type: str | None,
+    role: str | None = None,
+    family: str | None = None,
 ) -> dict[str, Any]:
     from inference.model_store import ModelStore
 
-    return ModelStore(settings.models_dir).add(path, id=model_id, type=model_type, role=role).to_dict()
+    store = ModelStore(settings.models_dir)
+    return store.add(path, id=model_id, type=model_type, role=role, family=family).to_dict()
 
 
 def pull_model(

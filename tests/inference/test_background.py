@@ -173,3 +173,125 @@ def test_grabcut_reports_an_image_with_nothing_to_cut_out():
 def test_grabcut_stops_when_cancelled():
     with pytest.raises(Cancelled):
         GrabCutBackgroundRemover()(Image.fromarray(skdata.astronaut()[::4, ::4]), control=StopAtOnce())
+
+
+# -- which preset a file gets ------------------------------------------------------------------
+
+
+def _with_mid_grey(level: int = 122) -> tuple[Image.Image, int]:
+    """The bright box on a dark frame, plus a grey patch where a sigmoid and a stretched map
+    disagree (the patch's normalised brightness gives a logit near +1)."""
+    image, _ = bright_box(160, 96)
+    pixels = np.asarray(image).copy()
+    pixels[8:24, 8:40] = level
+    return Image.fromarray(pixels), level
+
+
+def _sigmoid_alpha(level: int, gain: float = 8.0) -> float:
+    normalised = (level / 255.0 - np.array((0.485, 0.456, 0.406))) / np.array((0.229, 0.224, 0.225))
+    return 255.0 / (1.0 + np.exp(-gain * normalised.mean()))
+
+
+def test_family_comes_from_the_file_name_else_from_the_graph(tmp_path):
+    from inference.background import segmentation_family
+
+    named = {
+        "BiRefNet-general-epoch_244.onnx": "birefnet",
+        "RMBG-2.0.onnx": "birefnet",
+        "rmbg-1.4.onnx": "rmbg",
+        "isnet-general-use.onnx": "rmbg",
+        "u2netp.onnx": "u2net",
+    }
+    for name, family in named.items():
+        assert segmentation_family(brightness_saliency_onnx(tmp_path / name, 64)) == family, name
+    graph = {
+        "a.onnx": ({"size": 1024, "logits": True}, "birefnet"),  # one logit map at 1024 px
+        "b.onnx": ({"size": 1024, "extra_outputs": 6}, "rmbg"),  # IS-Net: side outputs
+        "c.onnx": ({"size": 320, "extra_outputs": 6}, "u2net"),
+        "d.onnx": ({"dynamic": True}, None),  # nothing to tell by
+    }
+    for name, (options, family) in graph.items():
+        assert segmentation_family(brightness_saliency_onnx(tmp_path / name, **options)) == family, name
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 64)
+    assert segmentation_family(tmp_path / "junk.onnx") is None
+
+
+def test_signature_reader_leaves_out_weights_that_old_exports_list_as_inputs(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from inference.background import read_onnx_signature
+
+    path = brightness_saliency_onnx(tmp_path / "m.onnx", 1024, logits=True)
+    model = onnx.load(str(path))
+    model.graph.input.append(helper.make_tensor_value_info("gain", TensorProto.FLOAT, []))
+    onnx.save(model, str(path))
+    signature = read_onnx_signature(path)
+    assert signature.inputs == (("input", (1, 3, 1024, 1024)),) and signature.outputs == ("d0",)
+
+
+def test_a_birefnet_style_model_added_by_file_or_by_family_runs_with_birefnet_processing(tmp_path):
+    from click.testing import CliRunner
+
+    from app.cli import main
+    from config import Settings
+    from inference.base import NullControl
+    from inference.model_store import ModelStore
+    from tasks.engines import EngineCall, run_remove_background
+
+    models = tmp_path / "models"
+    models.mkdir()
+    # As RMBG-2.0 ships it: "model.onnx", 1024 px, logits without a sigmoid. Its name says nothing,
+    # so the operator names the family.
+    brightness_saliency_onnx(models / "model.onnx", 1024, logits=True)
+    added = CliRunner().invoke(
+        main,
+        ["models", "add", str(models / "model.onnx"), "--id", "rmbg2", "--family", "birefnet"],
+        env={"AIORCH_MODELS_DIR": str(models)},
+    )
+    assert added.exit_code == 0, added.output
+    entry = ModelStore(models).get("rmbg2")
+    assert entry.tasks == ("remove_background",) and entry.extra == {"family": "birefnet"}
+
+    image, level = _with_mid_grey()
+    settings = Settings(models_dir=models)
+    call = EngineCall(
+        "remove_background", {"model": "rmbg2"}, {"image_url": image}, NullControl(), 1, settings
+    )
+    result = run_remove_background(call)
+    assert result.backend == "onnx-segmentation:rmbg2" and result.images[0].meta["family"] == "birefnet"
+    alpha = np.asarray(result.images[0].image.getchannel("A")).astype(float)
+    expected = _sigmoid_alpha(level)
+    assert abs(alpha[12:20, 14:34].mean() - expected) < 4
+    # U2-Net's processing of the same file (no sigmoid, the map stretched) gives another answer.
+    as_u2net = BackgroundRemover(models / "model.onnx", family="u2net")(image).images[0].image
+    assert abs(np.asarray(as_u2net.getchannel("A"))[12:20, 14:34].mean() - expected) > 40
+    assert alpha[40:56, 60:100].min() >= 250 and alpha[-6:].max() <= 5
+
+    # A file whose name names its task but not the family: the graph (1024 px, one map) tells.
+    brightness_saliency_onnx(models / "silueta-large.onnx", 1024, logits=True)
+    brightness_saliency_onnx(models / "modnet-like.onnx", 1024, logits=True)
+    assert ModelStore(models).add(models / "modnet-like.onnx").extra == {"family": "birefnet"}
+    assert ModelStore(models).add(models / "silueta-large.onnx").extra == {"family": "u2net"}  # name wins
+    bad = CliRunner().invoke(
+        main,
+        ["models", "add", str(models / "model.onnx"), "--family", "deeplab"],
+        env={"AIORCH_MODELS_DIR": str(models)},
+    )
+    assert bad.exit_code != 0 and "deeplab" in bad.output
+
+
+def test_families_of_the_store_are_the_presets_of_the_engine():
+    from inference.background import PRESETS
+    from inference.model_store import SEGMENTATION_FAMILIES
+
+    assert set(SEGMENTATION_FAMILIES) == set(PRESETS)
+
+
+def test_onnx_super_resolution_files_are_not_offered_for_upscale(tmp_path):
+    from inference.model_store import ModelStore
+
+    store = ModelStore(tmp_path)
+    entry = store.add(brightness_saliency_onnx(tmp_path / "RealESRGAN_x4plus.onnx", 64))
+    assert entry.type == "onnx" and entry.tasks == ()
+    assert store.list(task="upscale", type="onnx") == []
