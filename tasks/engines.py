@@ -36,11 +36,32 @@ class EngineCall:
 _cache: Any = None
 
 
+def pool_index() -> int:
+    """This prefork child's slot in its pool (0 .. concurrency-1); 0 outside a pool."""
+    try:
+        from billiard.process import current_process
+
+        return int(getattr(current_process(), "index", 0) or 0)
+    except (ImportError, TypeError, ValueError):
+        return 0
+
+
+def cuda_device_for(index: int, device_count: int) -> str:
+    """One GPU per pool process: child ``i`` of a ``-c N`` worker takes GPU ``i mod count``, so a
+    worker started with one process per GPU spreads over all of them."""
+    return f"cuda:{index % device_count}" if device_count > 1 else "cuda"
+
+
 def torch_device() -> str:
     """CUDA when this process sees a GPU; imported lazily so only GPU-queue children load torch."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    device = cuda_device_for(pool_index(), torch.cuda.device_count())
+    if device != "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def model_cache() -> Any:
