@@ -285,12 +285,12 @@ def _submit(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, first_ste
                 error = {"code": "provider_error", "message": f"{type(exc).__name__}: {exc}"[:500]}
                 _finish(app, rt, claim, JobStatus.FAILED, error)
                 return
-            if not _record_remote(rt, claim, step.backend, remote_id):
+            if not _record_remote(rt, claim, step.backend, remote_id, route.poll_interval):
                 # Fenced off (re-claimed elsewhere) between claim and now: that run owns the job.
                 log.warning("claim of %s lost after submitting %s", job.id, remote_id)
                 return
             log.info("submitted to %s as %s", step.backend, remote_id)
-            _again(app, rt, job, claim, route.poll_interval)
+            _schedule_poll(app, job, claim.token, route.poll_interval)
             return
     except SoftTimeLimitExceeded:
         # The budget above keeps requests inside the limit, so this is a backend that kept us
@@ -345,7 +345,10 @@ def _run_locally(app: Any, rt: Runtime, job: Job, claim: Claim) -> None:
     publish(app, RUN, job.id, job.queue, job.priority, task_kwargs={"recovered": True}, **_limits(spec))
 
 
-def _record_remote(rt: Runtime, claim: Claim, backend: str, remote_id: str) -> bool:
+def _record_remote(rt: Runtime, claim: Claim, backend: str, remote_id: str, first_poll: float) -> bool:
+    # One write with the first poll's time: the shorter the gap between the provider accepting
+    # the job and this task's ack, the rarer a redelivered submit (which costs an attempt).
+    now = utcnow()
     with rt.db.session() as session:
         done = session.execute(
             update(Job)
@@ -354,7 +357,12 @@ def _record_remote(rt: Runtime, claim: Claim, backend: str, remote_id: str) -> b
                 Job.claim_token == claim.token,
                 Job.status == JobStatus.RUNNING.value,
             )
-            .values(backend=backend, remote_id=remote_id, updated_at=utcnow())
+            .values(
+                backend=backend,
+                remote_id=remote_id,
+                next_poll_at=now + timedelta(seconds=first_poll),
+                updated_at=now,
+            )
         )
         return bool(done.rowcount)
 

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import socket
+import time
 
 import pytest
 import requests
@@ -402,3 +403,21 @@ def test_the_fake_refuses_a_hand_made_token_with_a_wrong_signature(fake):
         f"{fake.url}/v1/imgenstd/models", headers={"Authorization": f"Bearer {token}"}, timeout=5
     )
     assert answer.status_code == 401 and answer.json()["error"]["code"] == 16
+
+
+def test_a_time_budget_cuts_the_configured_timeouts_so_a_slow_backend_fits_the_submit_limit(
+    client, fake
+):
+    # read_timeout is 2 s; the caller has 0.4 s left of its task's time limit.
+    fake.faults.add("slow", on="submit", seconds=1.5)
+    started = time.monotonic()
+    with pytest.raises(ProviderRetryableError) as info, client.time_budget(0.4):
+        client.submit("generate", GENERATE, options={"model_id": "m1"})
+    assert info.value.code == "provider_timeout"
+    assert time.monotonic() - started < 1.2
+    # With the budget spent nothing is sent at all; outside it the configured timeouts apply again.
+    sent = len(fake.requests)
+    with pytest.raises(ProviderRetryableError), client.time_budget(0):
+        client.submit("generate", GENERATE, options={"model_id": "m1"})
+    assert len(fake.requests) == sent
+    assert client.submit("generate", GENERATE, options={"model_id": "m1"})
