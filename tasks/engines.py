@@ -220,6 +220,7 @@ def run_remove_background(call: EngineCall) -> EngineResult:
 
 def run_scan_objects(call: EngineCall) -> EngineResult:
     from inference.detection import ObjectScanner
+    from tasks import payloads
 
     store = model_store(call.settings)
     entry = chosen_model(call, "scan_objects", ("detector",))
@@ -232,7 +233,11 @@ def run_scan_objects(call: EngineCall) -> EngineResult:
     labels = path.parent / entry.extra["labels"]
     device = torch_device()
     scanner = load_cached(
-        f"det:{entry.id}", path, lambda: ObjectScanner(path, labels, model_id=entry.id, device=device)
+        f"det:{entry.id}",
+        path,
+        lambda: ObjectScanner(
+            path, labels, model_id=entry.id, device=device, max_detections=payloads.MAX_OBJECTS
+        ),
     )
     return scanner(
         call.images["image_url"],
@@ -412,6 +417,11 @@ ENGINES: dict[str, Callable[[EngineCall], EngineResult]] = {
     "faceswap": run_faceswap,
     "faceswap_multi": run_faceswap_multi,
     "debug_sleep": run_debug_sleep,
+}
+
+# Engines that can run several waiting jobs as one batch (tasks/batching.py picks the jobs).
+BATCH_ENGINES: dict[str, Callable[[list[EngineCall], RunControl], list[EngineResult | Exception]]] = {
+    "upscale": run_upscale_batch,
 }
 
 # Engines that can run several waiting jobs as one batch (tasks/batching.py picks the jobs).

@@ -20,6 +20,9 @@ DEFAULT_MAX_FACES = 8  # AIORCH_MAX_FACES when no settings are given (config.Set
 IMAGE_FORMATS = ("jpg", "png", "webp")
 ALIGNS = limits.OUTPAINT_ALIGNS
 WATERMARK_POSITIONS = ("topleft", "topright", "bottomleft", "bottomright", "bottom", "top", "middle")
+# The most objects scan_objects returns; the worker builds its detector with this many
+# detections per image (tasks/engines.py), so the API and the engine agree on the limit.
+MAX_OBJECTS = 300
 
 
 def literal_private_host(host: str) -> bool:
@@ -195,7 +198,7 @@ class RemoveBackgroundPayload(BasePayload):
 class ScanObjectsPayload(BasePayload):
     image_url = InputRef(required=True)
     min_score = _unit(load_default=0.3)
-    max_objects = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    max_objects = fields.Integer(load_default=50, validate=validate.Range(min=1, max=MAX_OBJECTS))
     model = fields.String(validate=validate.Length(min=1, max=128))
 
 

@@ -181,3 +181,47 @@ def test_cuda_gives_the_same_objects_as_cpu(ssdlite, baseline):
     gpu = ObjectScanner(ssdlite[0], LABELS, device="cuda")(PICTURE, min_score=0.3).data["objects"]
     assert [o["label"] for o in gpu] == [o["label"] for o in cpu]
     assert [o["score"] for o in gpu] == pytest.approx([o["score"] for o in cpu], abs=1e-3)
+
+
+def test_api_and_engine_agree_on_the_max_objects_limit(ssdlite, settings, tmp_path):
+    from app import create_app
+    from inference.base import NullControl
+    from inference.model_store import ModelStore
+    from tasks.engines import EngineCall, run_scan_objects
+    from tasks.payloads import MAX_OBJECTS
+    from tests.conftest import KEYS
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "det.pth").write_bytes(ssdlite[0].read_bytes())
+    write_label_map(models / "det.labels.json", LABELS)
+    ModelStore(models).add(models / "det.pth", id="det")
+    local = settings.with_overrides(models_dir=models)
+
+    app = create_app(local)
+    try:
+        client = app.test_client()
+        headers = {"X-API-Key": KEYS[0][1]}
+
+        def submit(max_objects: int):
+            payload = {"image_url": "https://example.com/a.png", "max_objects": max_objects}
+            return client.post("/v1/jobs", json={"task": "scan_objects", "payload": payload}, headers=headers)
+
+        over = submit(MAX_OBJECTS + 1)
+        assert over.status_code == 422, over.get_json()
+        assert "max_objects" in over.get_json()["error"]["details"]["payload"]
+        assert submit(MAX_OBJECTS).status_code == 202
+    finally:
+        app.extensions["aiorch"].db.dispose()
+
+    # What the API lets through, the worker's detector serves.
+    call = EngineCall(
+        "scan_objects",
+        {"min_score": 0.0, "max_objects": MAX_OBJECTS},
+        {"image_url": PICTURE},
+        NullControl(),
+        1,
+        local,
+    )
+    result = run_scan_objects(call)
+    assert 0 < len(result.data["objects"]) <= MAX_OBJECTS  # type: ignore[index]
