@@ -64,6 +64,24 @@ _ONNX_FACE_ROLE_HINTS = (
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
+# What ``pull`` fetches. huggingface_hub matches with fnmatch, whose ``*`` also matches ``/``, so a
+# bare ``*.safetensors`` would take a diffusers repo's root single-file checkpoints and every
+# ``.fp16.`` variant too (the same weights two or three times over). A diffusers repo gets the
+# configs and the canonical (non-variant) safetensors of its component folders only; the
+# "<component>/" prefix keeps root checkpoints out, the exact file names keep variants out.
+DIFFUSERS_PULL_PATTERNS = (
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/*.model",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/diffusion_pytorch_model-*-of-*.safetensors",
+    "*/model.safetensors",
+    "*/model-*-of-*.safetensors",
+)
+# A repo that is one model file (a LoRA, an ONNX or .pth network) and its small companions.
+SINGLE_FILE_PULL_PATTERNS = ("*.json", "*.txt", "*.safetensors", "*.model", "*.onnx", "*.pth")
+
 
 class ModelStoreError(ValueError):
     """The operation on the store cannot be done (bad path, unknown type, duplicate id...)."""
@@ -305,21 +323,27 @@ class ModelStore:
         from huggingface_hub import snapshot_download  # only the CLI pulls; workers never import it
 
         cache = Path(cache_dir) if cache_dir is not None else self.models_dir / "hub"
+
+        def download(patterns: Sequence[str]) -> str:
+            try:
+                return str(
+                    snapshot_download(
+                        repo_id=hf_repo,
+                        revision=revision,
+                        cache_dir=str(cache),
+                        allow_patterns=list(patterns),
+                        local_files_only=local_files_only,
+                        token=token,
+                    )
+                )
+            except Exception as exc:  # the hub raises many types (offline, 404, auth); one message each
+                raise ModelStoreError(f"could not pull {hf_repo!r}: {exc}") from exc
+
         if allow_patterns is None:
-            # A diffusers repo often holds the same weights three times (.bin, .safetensors,
-            # fp16 variants) plus a single-file checkpoint; safetensors and configs are enough.
-            allow_patterns = ["*.json", "*.txt", "*.safetensors", "*.model", "*.onnx", "*.pth"]
-        try:
-            folder = snapshot_download(
-                repo_id=hf_repo,
-                revision=revision,
-                cache_dir=str(cache),
-                allow_patterns=list(allow_patterns),
-                local_files_only=local_files_only,
-                token=token,
-            )
-        except Exception as exc:  # the hub raises many types (offline, 404, auth); one message each
-            raise ModelStoreError(f"could not pull {hf_repo!r}: {exc}") from exc
+            # First the one small file that tells a diffusers repo from a single-file one.
+            is_diffusers = (Path(download(["model_index.json"])) / "model_index.json").exists()
+            allow_patterns = DIFFUSERS_PULL_PATTERNS if is_diffusers else SINGLE_FILE_PULL_PATTERNS
+        folder = download(allow_patterns)
         path = Path(folder)
         # A repo that holds a single weight file (a LoRA, an ONNX model) registers that file.
         files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]

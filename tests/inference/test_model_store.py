@@ -257,6 +257,109 @@ def test_pull_of_a_diffusers_repo_registers_the_folder(tmp_path, weights):
     assert (store.resolve_path(entry) / "model_index.json").exists()
 
 
+# A diffusers repo as the Hub lists it (the SD 1.5 layout): root single-file checkpoints, fp16 and
+# non-EMA variants and .bin copies beside the canonical safetensors.
+SD15_REPO_FILES = [
+    ".gitattributes",
+    "README.md",
+    "model_index.json",
+    "v1-5-pruned.safetensors",
+    "v1-5-pruned-emaonly.safetensors",
+    "v1-5-pruned.ckpt",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "safety_checker/model.fp16.safetensors",
+    "safety_checker/pytorch_model.bin",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
+    "vae/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+]
+
+
+def test_pull_patterns_take_component_safetensors_only_under_the_hubs_own_matching():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from inference.model_store import DIFFUSERS_PULL_PATTERNS
+
+    taken = set(filter_repo_objects(SD15_REPO_FILES, allow_patterns=list(DIFFUSERS_PULL_PATTERNS)))
+    assert taken == {
+        "model_index.json",
+        "feature_extractor/preprocessor_config.json",
+        "safety_checker/config.json",
+        "safety_checker/model.safetensors",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
+    }
+
+
+def test_pull_of_a_diffusers_repo_skips_root_checkpoints_and_fp16_variants(tmp_path, weights):
+    # The cache as an earlier online pull left it: the Hub's listing of the whole repo
+    # (trees/<commit>.json) and only the files a pull needs. Offline, huggingface_hub checks
+    # every file the patterns ask for against that listing, so patterns that also asked for
+    # the root checkpoints or the fp16 variants would find them missing and fail the pull.
+    tiny = {
+        str(p.relative_to(weights["sd"])): p.read_bytes() for p in weights["sd"].rglob("*") if p.is_file()
+    }
+    extras = [
+        "v1-5-pruned.safetensors",
+        "v1-5-pruned-emaonly.safetensors",
+        "v1-5-pruned.ckpt",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.fp16.safetensors",
+    ]
+    listing = tiny | {name: b"x" for name in extras}
+    cache = tmp_path / "hub"
+    commit = _fill_hf_cache(cache, "acme/sd15", tiny)
+    tree = cache / "models--acme--sd15" / "trees" / f"{commit}.json"
+    tree.parent.mkdir(parents=True)
+    tree.write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "files": {
+                    n: {"size": len(d), "blob_id": f"{i:040x}"} for i, (n, d) in enumerate(listing.items())
+                },
+            }
+        )
+    )
+    store = ModelStore(tmp_path)
+    entry = store.pull("acme/sd15", local_files_only=True)
+    assert entry.type == "diffusers" and entry.base_model_type == "sd15"
+    folder = store.resolve_path(entry)
+    assert not list(folder.glob("*.safetensors")) and not list(folder.rglob("*fp16*"))
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
 def test_pull_without_network_or_cache_fails_clearly(tmp_path):
     with pytest.raises(ModelStoreError, match="could not pull 'acme/absent'"):
         ModelStore(tmp_path).pull("acme/absent", local_files_only=True)
