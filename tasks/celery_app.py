@@ -32,7 +32,8 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         from tasks import fs_transport  # registers the alias in this process
 
-        return f"{fs_transport.ALIAS}://", {
+        # A host part, which the transport ignores, keeps kombu from warning on every connection.
+        return f"{fs_transport.ALIAS}://localhost//", {
             # One folder in and out: every process on this machine shares the same queues.
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
@@ -87,7 +88,7 @@ def create_celery(settings: Settings) -> Celery:
         beat_schedule={
             "sweep-jobs": {"task": SWEEP, "schedule": timedelta(seconds=30), "options": {"queue": "cpu"}},
         },
-        include=["tasks.jobs", "tasks.webhooks", "tasks.diag", "tasks.remote"],
+        include=["tasks.jobs", "tasks.webhooks", "tasks.diag", "tasks.remote", "tasks.warmup"],
     )
     app.aiorch_settings = settings  # type: ignore[attr-defined]
     return app

@@ -45,7 +45,7 @@ def _consume(folder: str, out: multiprocessing.Queue) -> None:
 
 def test_concurrent_producers_and_consumers_lose_and_break_nothing(tmp_path: Path) -> None:
     url, _ = _options(tmp_path)
-    assert url == "aiorchfs://"
+    assert url == "aiorchfs://localhost//"
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     consumers = [ctx.Process(target=_consume, args=(str(tmp_path), results)) for _ in range(2)]
