@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+# Modes Pillow gives 16-bit greyscale PNG/TIFF files ("I" is the 32-bit mode older paths use).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit ``L`` (value / 257, so 65535 -> 255); others unchanged.
+
+    Pillow's own ``convert`` from I;16 clips every value above 255 to white instead of scaling.
+    """
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
 
 
 def add_label(
     image: Image.Image, text: str = "AI generated", position: str = "bottomright", opacity: float = 0.6
 ) -> Image.Image:
-    """Draw ``text`` on a translucent dark box in a corner (or top/bottom/middle)."""
+    """Draw ``text`` on a translucent dark box in a corner (or top/bottom/middle).
+
+    The label is drawn in 8 bits per channel: a 16-bit greyscale image comes back as 8-bit ``L``.
+    """
+    image = to_eight_bit(image)
     base = image.convert("RGBA")
     # Scale the label with the image so it stays legible on large outputs and small on thumbnails.
     size = max(10, min(base.width, base.height) // 24)

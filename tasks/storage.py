@@ -12,9 +12,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from config import Settings
+from inference.watermark import to_eight_bit
 
 CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "json": "application/json"}
 NAME_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp|json)$")
@@ -30,6 +32,12 @@ class SavedFile:
 
 def encode_image(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
+    if fmt != "png":
+        # JPEG and WebP hold 8 bits per channel: 16-bit grey is scaled down, not clipped.
+        image = to_eight_bit(image)
+    elif image.mode == "I":
+        # 32-bit "I" holding 16-bit values (older Pillow paths): PNG stores it as 16-bit grey.
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 65535).astype(np.uint16))
     if fmt == "jpg":
         if image.mode not in ("RGB", "L"):
             # JPEG has no alpha: flatten onto white rather than letting transparent pixels go black.

@@ -314,3 +314,25 @@ def test_small_upscale_jobs_waiting_together_run_as_one_batch(
     assert alone["status"] == "succeeded", alone
     assert alone["result"]["meta"]["batch_size"] == 1 and "batch_id" not in alone["result"]["meta"]
     assert fetch(alone["result"]["url"]).size == (128, 96)
+
+
+def test_sixteen_bit_png_upscales_to_jpeg_and_under_a_watermark_without_clipping(
+    platform: Platform, images: ImageServer
+) -> None:
+    row = np.linspace(0, 65535, 96)
+    ramp = np.tile(row, (64, 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(images.folder / "ramp16.png")
+    url = images.url("img/ramp16.png")
+    as_jpeg = platform.submit(ALICE, "upscale", {"image_url": url, "model": "lanczos", "format": "jpg"})
+    marked = platform.submit(
+        ALICE, "upscale", {"image_url": url, "model": "lanczos", "watermark": {"position": "bottomright"}}
+    )
+    expected = np.tile(np.linspace(0, 255, 192), (128, 1))
+    for response, fmt in ((as_jpeg, "JPEG"), (marked, "PNG")):
+        job = platform.wait(ALICE, response.json()["job_id"], timeout=60)
+        assert job["status"] == "succeeded", job
+        out = fetch(job["result"]["url"])
+        assert out.format == fmt and out.size == (192, 128)
+        top = np.asarray(out.convert("L")).astype(float)[:40]  # away from the label
+        # Clipping would turn everything but the darkest columns white (mean near 255).
+        assert np.abs(top - expected[:40]).mean() < 4
