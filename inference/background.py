@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -377,6 +378,24 @@ def _pb_value_info(data: bytes) -> tuple[str, tuple[int | str, ...]]:
     return name, tuple(dims)
 
 
+def onnx_providers(available: Sequence[str], device: str = "auto") -> list[str]:
+    """The execution providers to open a session with, best first, given what this onnxruntime
+    build offers (``ort.get_available_providers()``).
+
+    ``auto``: CUDA first when the build has it (a GPU worker installs ``onnxruntime-gpu``), and
+    always the CPU after it, where onnxruntime places any op the CUDA provider lacks. ``cuda``
+    insists on CUDA; ``cpu`` never uses it.
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise EngineError("device 'cuda' asked for, but this onnxruntime has no CUDA provider")
+    if device != "cpu" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def _open_session(path: Path, device: str, threads: int | None):
     import onnxruntime as ort
 
@@ -384,12 +403,7 @@ def _open_session(path: Path, device: str, threads: int | None):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if not path.is_file():
         raise EngineError(f"segmentation model file not found: {path}", code="model_not_found")
-    available = ort.get_available_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise EngineError("device 'cuda' asked for, but this onnxruntime has no CUDA provider")
-    providers = ["CPUExecutionProvider"]
-    if device != "cpu" and "CUDAExecutionProvider" in available:
-        providers.insert(0, "CUDAExecutionProvider")
+    providers = onnx_providers(ort.get_available_providers(), device)
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads

@@ -295,3 +295,40 @@ def test_onnx_super_resolution_files_are_not_offered_for_upscale(tmp_path):
     entry = store.add(brightness_saliency_onnx(tmp_path / "RealESRGAN_x4plus.onnx", 64))
     assert entry.type == "onnx" and entry.tasks == ()
     assert store.list(task="upscale", type="onnx") == []
+
+
+# -- where ONNX runs ---------------------------------------------------------------------------
+
+
+def test_provider_selection_puts_cuda_first_when_offered_and_cpu_here():
+    import onnxruntime as ort
+
+    from inference.background import onnx_providers
+
+    here = ort.get_available_providers()
+    assert "CUDAExecutionProvider" not in here  # this machine has no GPU build
+    assert onnx_providers(here) == ["CPUExecutionProvider"]
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(gpu_build) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(gpu_build, "cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(gpu_build, "cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(EngineError, match="no CUDA provider"):
+        onnx_providers(here, "cuda")
+    with pytest.raises(ValueError, match="device"):
+        onnx_providers(here, "tpu")
+
+
+def test_a_session_opened_here_uses_the_providers_chosen(u2net_like):
+    import onnxruntime as ort
+
+    from inference.background import onnx_providers
+
+    remover = BackgroundRemover(u2net_like)
+    assert remover.providers == onnx_providers(ort.get_available_providers()) and remover.device == "cpu"
+
+
+def test_the_gpu_worker_image_swaps_in_onnxruntime_gpu():
+    dockerfile = (Path(__file__).resolve().parents[2] / "docker" / "Dockerfile.worker-gpu").read_text()
+    swap = dockerfile.index("pip uninstall -y onnxruntime")
+    assert dockerfile.index("pip install '.[gpu]'") < swap < dockerfile.index('"onnxruntime-gpu==')
+    assert "'CUDAExecutionProvider' in ort.get_available_providers()" in dockerfile
