@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from flask import Flask
+from flask import Flask, request
 
 from app import blocking, jobs, management, provider_webhooks, system
 from app.auth import authenticate
@@ -38,6 +38,22 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     api.register_blueprint(blocking.blp)
     app.register_blueprint(system.blp)
     app.register_blueprint(provider_webhooks.blp)
+    app.before_request(_json_without_content_type)
     app.before_request(authenticate)
     register_error_handlers(app)
     return app
+
+
+def _json_without_content_type() -> None:
+    """``curl -d '{...}'`` sends JSON labelled as a form. A body that starts like a JSON object is
+    read as JSON instead of being silently seen as empty (which would name every field missing)."""
+    if request.method not in ("POST", "PUT", "PATCH") or request.is_json:
+        return
+    if request.mimetype not in ("", "application/x-www-form-urlencoded", "text/plain"):
+        return
+    head = request.get_data(cache=True)[:64].lstrip()
+    if head.startswith(b"{"):
+        request.environ["CONTENT_TYPE"] = "application/json"
+        for cached in ("_parsed_content_type", "mimetype", "mimetype_params", "content_type"):
+            request.__dict__.pop(cached, None)  # werkzeug caches the parsed header
+

@@ -349,3 +349,12 @@ def test_a_body_over_the_size_cap_is_413_in_the_error_shape(client: FlaskClient,
     )
     response = client.post("/v1/jobs", data=huge, headers={**ALICE, "Content-Type": "application/json"})
     assert_error(response, 413)
+
+
+def test_json_sent_without_a_json_content_type_is_still_read_as_json(client: FlaskClient) -> None:
+    body = b'{"task":"upscale","payload":{"image_url":"http://images.example.com/a.png"}}'
+    for content_type in (None, "application/x-www-form-urlencoded"):  # curl -d's default
+        headers = {**ALICE, **({"Content-Type": content_type} if content_type else {})}
+        response = client.post("/v1/jobs", data=body, headers=headers)
+        assert response.status_code == 202, response.get_data(as_text=True)
+    assert_error(client.post("/v1/jobs", data=b"task=upscale", headers=ALICE), 422)
