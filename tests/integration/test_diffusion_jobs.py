@@ -36,7 +36,7 @@ def platform(
 
     tmp = tmp_path_factory.mktemp("diffusion")
     models = tmp / "models"
-    ModelStore(models).add(save_tiny_sd(models / "tiny-sd"), id="tiny-sd")
+    models.mkdir()
     settings = platform_settings(
         base_settings,
         tmp,
@@ -48,9 +48,62 @@ def platform(
     try:
         plat.start_api()
         plat.start_workers()
+        # The first diffusion model is installed while the API and the workers already run.
+        AT_START["generate_installed"] = _generate_installed(plat)
+        ModelStore(models).add(save_tiny_sd(models / "tiny-sd"), id="tiny-sd")
         yield plat
     finally:
         plat.stop()
+
+
+AT_START: dict[str, bool] = {}
+
+
+def _generate_installed(platform: Platform) -> bool:
+    caps = requests.get(f"{platform.base_url}/v1/capabilities", headers=H, timeout=10).json()["tasks"]
+    return next(t for t in caps if t["task"] == "generate")["installed"]
+
+
+def test_diffusion_models_added_while_the_platform_runs_are_used_without_restart(platform: Platform) -> None:
+    from inference.model_store import ModelStore
+    from tests.inference.tiny_diffusion import save_tiny_sd
+
+    assert AT_START["generate_installed"] is False
+    assert _generate_installed(platform) is True
+    first = platform.submit(ALICE, "generate", {"prompt": "a cat", "width": 64, "height": 64, "steps": 2})
+    job = platform.wait(ALICE, first.json()["job_id"], timeout=120)
+    assert job["status"] == "succeeded" and job["result"]["meta"]["backend"] == "diffusers:tiny-sd", job
+
+    # A second model, added after the worker has loaded the first one and keeps it warm.
+    models = platform.settings.models_dir
+    ModelStore(models).add(save_tiny_sd(models / "tiny-sd-b", seed=5), id="tiny-sd-b")
+    listed = requests.get(f"{platform.base_url}/v1/models?type=diffusers", headers=H, timeout=10).json()
+    assert {m["id"] for m in listed["data"]} >= {"tiny-sd", "tiny-sd-b"}
+    second = platform.submit(
+        ALICE, "generate", {"prompt": "a cat", "model": "tiny-sd-b", "width": 64, "height": 64, "steps": 2}
+    )
+    job = platform.wait(ALICE, second.json()["job_id"], timeout=120)
+    assert job["status"] == "succeeded" and job["result"]["meta"]["backend"] == "diffusers:tiny-sd-b", job
+
+
+def test_an_output_refused_by_the_models_safety_checker_ends_the_job_rejected(platform: Platform) -> None:
+    from inference.model_store import ModelStore
+    from tests.inference.tiny_diffusion import save_tiny_sd
+
+    store = ModelStore(platform.settings.models_dir)
+    store.add(save_tiny_sd(store.models_dir / "checked", safety_checker="flags"), id="checked-flags")
+    try:
+        job_id = platform.submit(
+            ALICE,
+            "generate",
+            {"prompt": "a cat", "model": "checked-flags", "width": 64, "height": 64, "steps": 2},
+        ).json()["job_id"]
+        job = platform.wait(ALICE, job_id, timeout=120)
+    finally:
+        # The other tests let the platform pick its default model, which must not be this one.
+        store.remove("checked-flags")
+    assert job["status"] == "rejected", job
+    assert job["error"]["code"] == "output_safety_checker" and job["result"] is None
 
 
 def fetch(url: str) -> Image.Image:
