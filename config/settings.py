@@ -123,6 +123,9 @@ class Settings:
     upscale_batch_wait_ms: int = 20
     # Faces: the most faces one image yields and one swap may name (seed 001 allows 4).
     max_faces: int = 8
+    # Videos (faceswap_video): their own byte cap, and a frame cap that bounds the GPU time.
+    max_video_bytes: int = 200 * 1024 * 1024
+    max_video_frames: int = 9000
     # Jobs.
     max_attempts: int = 3
     job_ttl: float = 24 * 3600.0
@@ -232,6 +235,8 @@ class Settings:
                 "AIORCH_UPSCALE_BATCH_WAIT_MS", get("UPSCALE_BATCH_WAIT_MS", "20"), low=0, high=10_000
             ),
             max_faces=_int("AIORCH_MAX_FACES", get("MAX_FACES", "8"), low=1, high=64),
+            max_video_bytes=_int("AIORCH_MAX_VIDEO_BYTES", get("MAX_VIDEO_BYTES", str(200 << 20)), low=1024),
+            max_video_frames=_int("AIORCH_MAX_VIDEO_FRAMES", get("MAX_VIDEO_FRAMES", "9000"), low=1),
             max_attempts=_int("AIORCH_MAX_ATTEMPTS", get("MAX_ATTEMPTS", "3"), low=1, high=100),
             job_ttl=_float("AIORCH_JOB_TTL", get("JOB_TTL", str(24 * 3600)), low=1),
             republish_after=_float("AIORCH_REPUBLISH_AFTER", get("REPUBLISH_AFTER", "300"), low=1),

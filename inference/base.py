@@ -9,6 +9,7 @@ status changes around them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
@@ -77,9 +78,20 @@ class OutputImage:
 
 
 @dataclass
+class OutputFile:
+    """A non-image output (a video) the engine wrote to ``path``; the task layer stores it under
+    a name of its own and deletes ``path``."""
+
+    path: Path
+    ext: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class EngineResult:
-    """What an engine returns: images, JSON data, or both, and which backend ran."""
+    """What an engine returns: images, files, JSON data, or a mix, and which backend ran."""
 
     backend: str
     images: list[OutputImage] = field(default_factory=list)
     data: dict[str, Any] | None = None
+    files: list[OutputFile] = field(default_factory=list)

@@ -30,6 +30,8 @@ class TaskSpec:
     debug_only: bool = False
     # Model types one of which must be in the model store for the task to run (empty: none needed).
     model_types: tuple[str, ...] = ()
+    # Input fields (among ``inputs``) that hold a video rather than an image.
+    videos: tuple[str, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -127,6 +129,17 @@ TASKS: dict[str, TaskSpec] = {
             engine="faceswap_multi",
         ),
         TaskSpec(
+            "faceswap_video",
+            "gpu.faceswap",
+            p.FaceswapVideoPayload,
+            ("source_url", "source_urls", "target_url"),
+            "Swap faces in every frame of a video, its audio kept",
+            engine="faceswap_video",
+            soft_time_limit=1800,
+            time_limit=1860,
+            videos=("target_url",),
+        ),
+        TaskSpec(
             "debug_sleep",
             "gpu.diffusion",
             p.DebugSleepPayload,
@@ -157,10 +170,9 @@ REMOTE_ONLY = {
     "gg_image": "Image generation through a configured remote provider",
     "cx_image": "Image generation through a configured remote provider",
     "ahv_video": "Video generation through a configured remote provider",
-    "faceswap_video": "Face swap over the frames of a video",
 }
-# The task whose payload schema and local queue a routed remote-only name takes. The video tasks
-# have none yet: their outputs are videos, which storage and the output checks do not handle.
+# The task whose payload schema and local queue a routed remote-only name takes. ahv_video has
+# none: no local engine generates video (faceswap_video, which edits one, is a local task).
 REMOTE_TARGETS = {"gg_image": "generate", "cx_image": "generate"}
 
 
@@ -192,7 +204,7 @@ def resolve(
         if route is None or not route.has_remote:
             raise TaskUnavailable(f"task {name!r} needs a remote provider route, and none is configured")
         if name not in REMOTE_TARGETS:
-            raise TaskUnavailable(f"task {name!r} produces video, which this platform cannot store yet")
+            raise TaskUnavailable(f"task {name!r} produces video, which remote outputs cannot carry yet")
     spec = TASKS.get(canonical)
     if spec is None or (spec.debug_only and not debug_tasks):
         raise UnknownTask(f"unknown task {name!r}")

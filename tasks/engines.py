@@ -360,6 +360,39 @@ def run_faceswap_multi(call: EngineCall) -> EngineResult:
     return _name_upscaler(result, upscaler_id)
 
 
+def run_faceswap_video(call: EngineCall) -> EngineResult:
+    """faceswap or faceswap_multi's mapping over every frame of the target video, into an MP4
+    scratch file that the task layer stores and deletes."""
+    import tempfile
+
+    from inference.faceswap.video import VideoFaceSwapper
+
+    p = call.payload
+    upscaler, upscaler_id = face_upscaler(call)
+    fd, scratch = tempfile.mkstemp(prefix="aiorch-video-", suffix=".mp4")
+    os.close(fd)
+    try:
+        result = VideoFaceSwapper(face_engine(call))(
+            call.images["target_url"],
+            scratch,
+            source=call.images.get("source_url"),
+            sources=call.images.get("source_urls"),
+            swap_faces_index=p.get("swap_faces_index"),
+            target_faces_index=p.get("target_faces_index"),
+            max_side=p["max_side"],
+            sharpen=p["sharpen"],
+            max_faces=p["max_faces"],
+            upscaler=upscaler,
+            control=call.control,
+        )
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+    for output in result.files:
+        output.meta["upscaler"] = upscaler_id
+    return result
+
+
 def run_debug_sleep(call: EngineCall) -> EngineResult:
     """Sleep in small slices so cancellation and progress behave like a real engine's steps."""
     crash = call.payload.get("crash", "never")
@@ -416,6 +449,7 @@ ENGINES: dict[str, Callable[[EngineCall], EngineResult]] = {
     "face_detect": run_face_detect,
     "faceswap": run_faceswap,
     "faceswap_multi": run_faceswap_multi,
+    "faceswap_video": run_faceswap_video,
     "debug_sleep": run_debug_sleep,
 }
 

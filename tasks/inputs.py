@@ -131,15 +131,30 @@ class Fetcher:
         self.settings = settings
         self.pool = http_pool(settings.allow_private_urls)
         self.resolve_asset = resolve_asset
+        self._video_fetcher: Fetcher | None = None
 
     def load(self, ref: str, field: str, should_stop: Callable[[], bool] = lambda: False) -> CheckedImage:
+        return check_image(self._bytes(ref, field, should_stop), field, self.settings)
+
+    def load_video(
+        self, ref: str, field: str, should_stop: Callable[[], bool] = lambda: False
+    ) -> CheckedVideo:
+        """A video input: fetched under the video byte cap, then probed (see ``check_video``)."""
+        if self._video_fetcher is None:
+            # The same fetch rules with the videos' own byte cap.
+            self._video_fetcher = Fetcher(
+                self.settings.with_overrides(max_input_bytes=self.settings.max_video_bytes),
+                self.resolve_asset,
+            )
+        data = self._video_fetcher._bytes(ref, field, should_stop)
+        return check_video(data, field, self.settings)
+
+    def _bytes(self, ref: str, field: str, should_stop: Callable[[], bool]) -> bytes:
         if ref.startswith("data:"):
-            data = self._data_uri(ref, field)
-        elif ref.startswith("asset://"):
-            data = self._asset(ref, field)
-        else:
-            data = self._http(ref, field, should_stop)
-        return check_image(data, field, self.settings)
+            return self._data_uri(ref, field)
+        if ref.startswith("asset://"):
+            return self._asset(ref, field)
+        return self._http(ref, field, should_stop)
 
     def _data_uri(self, ref: str, field: str) -> bytes:
         header, sep, body = ref.partition(",")
@@ -239,6 +254,70 @@ class Fetcher:
         except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError) as exc:
             raise TransientFetchError(f"downloading {url} failed: {exc}") from None
         return bytes(buffer)
+
+
+@dataclass(frozen=True)
+class CheckedVideo:
+    data: bytes
+    ext: str
+    width: int
+    height: int
+    frames: int
+    duration: float
+    has_audio: bool
+
+
+# Containers a video input may come in (PyAV's format names) and the extension it is stored with.
+VIDEO_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "mkv", "avi": "avi"}
+
+
+def check_video(data: bytes, field: str, settings: Settings) -> CheckedVideo:
+    """Container, byte size, pixel count and frame count from the header, before any decode."""
+    if not data:
+        raise InputProblem("input_not_video", "the input is empty", field)
+    if len(data) > settings.max_video_bytes:
+        raise InputProblem(
+            "input_too_large", f"the video is over the {settings.max_video_bytes} byte limit", field
+        )
+    try:
+        import av
+    except ImportError:
+        raise InputProblem(
+            "video_unsupported", "this platform cannot read videos (install aiorch[video])", field
+        ) from None
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            fmt = container.format.name
+            if not container.streams.video:
+                raise InputProblem("input_not_video", "the input has no video stream", field)
+            stream = container.streams.video[0]
+            width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            else:
+                duration = (container.duration or 0) / 1_000_000
+            frames = int(stream.frames or round(duration * rate))
+            has_audio = bool(container.streams.audio)
+    except InputProblem:
+        raise
+    except Exception:  # av raises InvalidDataError and friends for anything it cannot demux
+        raise InputProblem(
+            "input_not_video", "the input is not a video in a supported format", field
+        ) from None
+    if fmt not in VIDEO_CONTAINERS:
+        raise InputProblem("input_not_video", f"video container {fmt} is not supported", field)
+    if width * height > settings.max_input_pixels or min(width, height) < settings.min_input_side:
+        raise InputProblem("input_too_many_pixels", f"the video is {width}x{height}", field)
+    if frames <= 0:
+        raise InputProblem("input_not_video", "the video's length cannot be read from its header", field)
+    if frames > settings.max_video_frames:
+        raise InputProblem(
+            "input_too_long",
+            f"the video has {frames} frames, over the {settings.max_video_frames} frame limit",
+            field,
+        )
+    return CheckedVideo(data, VIDEO_CONTAINERS[fmt], width, height, frames, duration, has_audio)
 
 
 def decode_image(data: bytes) -> Image.Image:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Task, shared_task
@@ -190,12 +191,15 @@ def _fetch_inputs(
         paths = []
         for index, ref in enumerate(refs):
             label = f"{field}[{index}]" if isinstance(value, list) else field
-            checked = rt.fetcher.load(ref, label, should_stop)
+            is_video = field in spec.videos
+            checked = (rt.fetcher.load_video if is_video else rt.fetcher.load)(ref, label, should_stop)
             path = folder / f"{field}_{index}.{checked.ext}"
             path.write_bytes(checked.data)
             paths.append(
                 {"path": str(path), "ext": checked.ext, "width": checked.width, "height": checked.height}
             )
+            if is_video:
+                paths[-1]["kind"] = "video"  # the engine reads the file itself, frame by frame
         stored[field] = paths if isinstance(value, list) else paths[0]
     return stored
 
@@ -365,7 +369,9 @@ def _progress_events(rt: Runtime, app: Any, job: Any) -> Any:
 
 
 def _open_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    def open_one(entry: dict[str, Any]) -> Image.Image:
+    def open_one(entry: dict[str, Any]) -> Image.Image | Path:
+        if entry.get("kind") == "video":
+            return Path(entry["path"])
         with open(entry["path"], "rb") as handle:
             return decode_image(handle.read())
 
@@ -383,7 +389,9 @@ def _store_outputs(
     payload: dict[str, Any],
     inputs: dict[str, Any],
 ) -> tuple[dict[str, Any], list[StoredFile]]:
-    first_input = next(iter(inputs.values()), None)
+    # The picture the output is made from sets its default format: a face swap's target, not
+    # its first source.
+    first_input = inputs.get("target_url") or next(iter(inputs.values()), None)
     input_ext = first_input.get("ext") if isinstance(first_input, dict) else None
     watermark = payload.get("watermark")
     outputs, rows = [], []
@@ -400,6 +408,23 @@ def _store_outputs(
             "backend": outcome.backend,
             "format": fmt,
         }
+        outputs.append({"url": rt.storage.url_for(saved.name), "filename": saved.name, "meta": meta})
+        rows.append(
+            StoredFile(
+                name=saved.name,
+                job_id=job_id,
+                client_id=client_id,
+                content_type=saved.content_type,
+                size=saved.size,
+            )
+        )
+    for produced in outcome.files:
+        # A video the engine wrote to a scratch file: stored under its own random name.
+        try:
+            saved = rt.storage.save_output(produced.path.read_bytes(), produced.ext)
+        finally:
+            produced.path.unlink(missing_ok=True)
+        meta = {**produced.meta, "backend": outcome.backend, "format": produced.ext}
         outputs.append({"url": rt.storage.url_for(saved.name), "filename": saved.name, "meta": meta})
         rows.append(
             StoredFile(

@@ -279,6 +279,48 @@ class FaceswapMultiPayload(BasePayload):
                 raise ValidationError(f"must have one entry per source_urls item ({count})", field_name=name)
 
 
+class FaceswapVideoPayload(BasePayload):
+    """faceswap_video: faceswap's or faceswap_multi's mapping applied to every frame of a video.
+
+    The output is an MP4 (H.264, the audio kept), so the image fields ``format`` and
+    ``watermark`` are not taken (a 422 naming them, not silently ignored).
+    """
+
+    class Meta(BasePayload.Meta):
+        exclude = ("format", "watermark")
+
+    source_url = InputRef()
+    source_urls = fields.List(InputRef(), validate=validate.Length(min=1))
+    target_url = InputRef(required=True, metadata={"description": "The video (MP4, MOV, MKV/WebM or AVI)"})
+    swap_faces_index = fields.List(fields.Integer(validate=validate.Range(min=0)))
+    target_faces_index = fields.List(
+        fields.Integer(validate=validate.Range(min=0)),
+        metadata={"description": "Which face of each frame each source replaces. " + FACE_INDEX_ORDER},
+    )
+    upscale = _upscale()
+    max_side = _max_side()
+    sharpen = _unit(load_default=0.0)
+    max_faces = fields.Integer(load_default=0, validate=validate.Range(min=0))
+
+    @validates_schema
+    def _sources(self, data: dict[str, Any], **_: Any) -> None:
+        if ("source_url" in data) == ("source_urls" in data):
+            raise ValidationError("give either source_url or source_urls", field_name="source_url")
+        if data.get("max_faces", 0) > self.max_faces:
+            raise ValidationError(
+                f"must be at most {self.max_faces} (AIORCH_MAX_FACES)", field_name="max_faces"
+            )
+        count = len(data.get("source_urls", []))
+        if count > self.max_faces:
+            raise ValidationError(
+                f"at most {self.max_faces} faces can be swapped at once (AIORCH_MAX_FACES)",
+                field_name="source_urls",
+            )
+        for name in ("swap_faces_index", "target_faces_index"):
+            if name in data and len(data[name]) != count:
+                raise ValidationError(f"must have one entry per source_urls item ({count})", field_name=name)
+
+
 class DebugSleepPayload(Schema):
     """The diagnostic task (only with AIORCH_DEBUG_TASKS): sleeps, reporting progress, and can
     kill its own worker process, which is how the fault tests exercise redelivery."""

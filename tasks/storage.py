@@ -18,8 +18,14 @@ from PIL import Image
 from config import Settings
 from inference.watermark import to_eight_bit
 
-CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "json": "application/json"}
-NAME_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp|json)$")
+CONTENT_TYPES = {
+    "jpg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "json": "application/json",
+    "mp4": "video/mp4",  # faceswap_video's output
+}
+NAME_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp|json|mp4)$")
 
 
 @dataclass(frozen=True)

@@ -273,3 +273,54 @@ def test_inputs_are_decoded_upright_by_their_exif_orientation(face_settings: Set
     # The cascade finds no face lying on its side; the decoded picture has it upright.
     assert faces(raw) == []
     assert len(faces(upright)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Video inputs
+
+
+def test_video_inputs_are_probed_for_container_size_and_frame_count(
+    settings: Settings, tmp_path: Path
+) -> None:
+    pytest.importorskip("av")
+    from tasks.inputs import InputProblem, check_video
+    from tests.inference.face_video import face_video
+
+    path = tmp_path / "clip.mp4"
+    face_video(path, frames=6)
+    data = path.read_bytes()
+    checked = check_video(data, "target_url", settings)
+    assert (checked.ext, checked.width, checked.height, checked.frames) == ("mp4", 480, 360, 6)
+    assert checked.has_audio
+    for limits, code in [
+        ({"max_video_frames": 5}, "input_too_long"),
+        ({"max_video_bytes": len(data) - 1}, "input_too_large"),
+        ({"max_input_pixels": 480 * 360 - 1}, "input_too_many_pixels"),
+    ]:
+        with pytest.raises(InputProblem) as excinfo:
+            check_video(data, "target_url", settings.with_overrides(**limits))
+        assert (excinfo.value.code, excinfo.value.field) == (code, "target_url"), limits
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, "PNG")
+    for not_video in (b"not a video", png.getvalue()):
+        with pytest.raises(InputProblem) as excinfo:
+            check_video(not_video, "target_url", settings)
+        assert excinfo.value.code == "input_not_video"
+
+
+def test_faceswap_video_payload_takes_one_source_or_a_mapping_and_no_image_fields() -> None:
+    schema = payloads.FaceswapVideoPayload
+    loaded = schema().load({"source_url": URL, "target_url": URL})
+    assert loaded["max_side"] == 1080 and loaded["upscale"] == 1
+    multi = schema().load({"source_urls": [URL, URL], "target_url": URL, "target_faces_index": [1, 0]})
+    assert multi["target_faces_index"] == [1, 0]
+    for bad, field in [
+        ({"target_url": URL}, "source_url"),
+        ({"source_url": URL, "source_urls": [URL], "target_url": URL}, "source_url"),
+        ({"source_url": URL, "target_url": URL, "format": "png"}, "format"),
+        ({"source_url": URL, "target_url": URL, "max_faces": 9}, "max_faces"),
+        ({"source_urls": [URL], "target_url": URL, "target_faces_index": [0, 1]}, "target_faces_index"),
+    ]:
+        with pytest.raises(ValidationError) as excinfo:
+            schema(max_faces=8).load(bad)
+        assert field in excinfo.value.messages, bad

@@ -184,6 +184,51 @@ def test_max_faces_over_aiorch_max_faces_is_a_422_naming_the_field(
     assert len(job["result"]["meta"]["swapped_faces_index"]) == 1
 
 
+def test_faceswap_video_swaps_every_frame_and_keeps_the_audio(
+    platform: Platform, faces: ImageServer, tmp_path: Path
+) -> None:
+    pytest.importorskip("av")
+    from tests.inference.face_video import face_video, read_video
+
+    rects = face_video(faces.folder / "clip.mp4", frames=8)
+    response = requests.post(
+        f"{platform.base_url}/faceswap/video",
+        headers={"X-API-Key": ALICE},
+        timeout=180,
+        json={
+            "source_url": faces.url("img/source.png"),
+            "target_url": faces.url("img/clip.mp4"),
+            "upscale": 0,
+        },
+    )
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 100
+    result = job["result"]
+    assert result["filename"].endswith(".mp4")
+    assert result["meta"]["backend"] == "landmark-opencv-haar+video"
+    assert result["meta"]["frames"] == 8 and result["meta"]["audio"] is True
+    download = requests.get(result["url"], timeout=10)
+    assert download.status_code == 200 and download.headers["Content-Type"] == "video/mp4"
+    (tmp_path / "out.mp4").write_bytes(download.content)
+    before, _ = read_video(faces.folder / "clip.mp4")
+    after, kinds = read_video(tmp_path / "out.mp4")
+    assert len(after) == len(before) == 8 and sorted(kinds) == ["audio", "video"]
+    for frame_in, frame_out, rect in zip(before, after, rects, strict=True):
+        assert colour_pixels(frame_out, GREEN, rect) > 20
+        assert colour_pixels(frame_in, GREEN, rect) == 0
+
+    # A picture is not a video: refused while the inputs are checked, naming the field.
+    bad = run(
+        platform,
+        "faceswap_video",
+        {"source_url": faces.url("img/source.png"), "target_url": faces.url("img/group.png")},
+    )
+    assert bad["status"] == "failed" and bad["error"]["code"] == "input_not_video"
+    assert bad["error"]["details"] == {"field": "target_url"}
+
+
 def test_insightface_engine_serves_face_jobs_once_its_three_models_are_installed(
     platform: Platform, faces: ImageServer, models_dir: Path
 ) -> None:

@@ -52,6 +52,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "AIORCH_LOG_JSON": "1",
         "AIORCH_FETCH_TIMEOUT": str(settings.fetch_timeout),
         "AIORCH_MAX_FACES": str(settings.max_faces),
+        "AIORCH_MAX_VIDEO_BYTES": str(settings.max_video_bytes),
+        "AIORCH_MAX_VIDEO_FRAMES": str(settings.max_video_frames),
         "AIORCH_BROKER_POLL_INTERVAL": str(settings.broker_poll_interval),
     }
     if settings.prompt_blocklist:
