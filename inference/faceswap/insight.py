@@ -64,23 +64,17 @@ def arcface_template(size: int) -> np.ndarray:
     return template
 
 
-def choose_providers(available: Sequence[str]) -> list[str]:
-    """The execution providers to ask for, given what this onnxruntime build offers.
-
-    CUDA first when the build has it (a GPU worker's ``onnxruntime-gpu``), always with the CPU
-    after it: onnxruntime places any op the CUDA provider lacks on the next provider in the
-    list, so a session never fails for want of one kernel.
-    """
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def default_providers() -> list[str]:
-    """``choose_providers`` for the onnxruntime installed here."""
+    """CUDA first when this onnxruntime build has it, the CPU after it for any op CUDA lacks.
+
+    The choice is ``inference.background.onnx_providers``, the platform's one pure function of
+    ``ort.get_available_providers()``, so every ONNX engine picks its providers alike.
+    """
     import onnxruntime as ort
 
-    return choose_providers(ort.get_available_providers())
+    from inference.background import onnx_providers
+
+    return onnx_providers(ort.get_available_providers())
 
 
 def _session(path: str | Path, providers: Sequence[str] | None, threads: int | None) -> Any:

@@ -389,19 +389,16 @@ def test_similarity_alignment_is_the_least_squares_fit_skimage_computes():
     assert arcface_template(224) == pytest.approx(ARCFACE_TEMPLATE_112 * 2)
 
 
-def test_onnx_providers_put_cuda_first_only_when_onnxruntime_has_it():
+def test_insightface_sessions_use_the_platform_provider_choice_cuda_first_when_offered():
     ort = pytest.importorskip("onnxruntime")
-    from inference.faceswap.insight import choose_providers, default_providers
+    from inference.background import onnx_providers
+    from inference.faceswap.insight import default_providers
 
-    assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    assert choose_providers(
-        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    ) == [
-        "CUDAExecutionProvider",
-        "CPUExecutionProvider",
-    ]
-    # This machine's onnxruntime is the CPU build: the engine asks for the CPU alone.
-    assert default_providers() == choose_providers(ort.get_available_providers())
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(gpu_build) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    # The engine's default is that choice for the onnxruntime installed here: the CPU build.
+    assert default_providers() == onnx_providers(ort.get_available_providers())
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert default_providers() == ["CPUExecutionProvider"]
 
