@@ -501,7 +501,7 @@ def _again(app: Any, rt: Runtime, job: Job, claim: Claim, delay: float) -> None:
     _schedule_poll(app, job, claim.token, delay)
 
 
-def _set_next_poll(rt: Runtime, job_id: str, token: str, when: datetime) -> None:
+def _set_next_poll(rt: Runtime, job_id: str, token: str, when: datetime | None) -> None:
     with rt.db.session() as session:
         session.execute(
             update(Job)
@@ -591,7 +591,11 @@ def _poll(app: Any, rt: Runtime, job: Job, claim: Claim, delay: float, follow_up
     if follow_up and client.max_batch > 1:
         interval = route.poll_interval if route else DEFAULT_POLL_INTERVAL
         batch += _lease_due(rt, job, client.max_batch - 1, now, now + timedelta(seconds=interval))
-    _touch(rt, claim, now + timedelta(seconds=POLL_LEASE))
+    if follow_up:
+        _touch(rt, claim, now + timedelta(seconds=POLL_LEASE))
+    else:
+        # A nudge leaves the regular chain's schedule alone: it only says the job is alive.
+        _touch(rt, claim, job.next_poll_at)
     companions = batch[1:]
     try:
         if companions:
@@ -610,23 +614,16 @@ def _poll(app: Any, rt: Runtime, job: Job, claim: Claim, delay: float, follow_up
         if not companions:
             _settle_error(app, rt, job, claim, provider.name, exc)
             return
-        # A permanent error of a batch call is nobody's in particular: each job is asked alone.
+        # A permanent error of a batch call is nobody's in particular (one bad remote id can
+        # spoil it): each job is asked alone below, so only the one at fault fails.
         log.warning("batch poll at %s failed (%s); polling the jobs one by one", provider.name, exc)
-        _release(rt, companions, now)
-        if follow_up:
-            _again(app, rt, job, claim, 0.0)
-        return
+        answers = {}
     next_delay = min(max_delay, delay * POLL_GROWTH)
     try:
         for member in batch:
             mine = member.id == job.id
             member_claim = claim if mine else Claim(member.id, member.claim_token or "", member.attempts)
-            answer = answers.get(member.remote_id or "")
-            outcome = (
-                "retry"
-                if answer is None
-                else _settle(app, rt, member, member_claim, provider, client, answer)
-            )
+            outcome = _answer_and_settle(app, rt, member, member_claim, provider, client, answers)
             if outcome == "final":
                 continue
             wait = {"running": next_delay, "stop": 0.0}.get(outcome, min(max_delay, delay * ERROR_GROWTH))
@@ -642,6 +639,32 @@ def _poll(app: Any, rt: Runtime, job: Job, claim: Claim, delay: float, follow_up
         log.warning("poll of %s ran into its time limit", provider.name)
         if follow_up:
             _again(app, rt, job, claim, delay)
+
+
+def _answer_and_settle(
+    app: Any,
+    rt: Runtime,
+    job: Job,
+    claim: Claim,
+    provider: Any,
+    client: RemoteProvider,
+    answers: dict[str, RemoteResult],
+) -> str:
+    """Settle one job of a batch from its answer, asking the provider alone when the batch had none."""
+    remote_id = job.remote_id or ""
+    answer = answers.get(remote_id)
+    if answer is None:
+        try:
+            answer = client.poll(remote_id)
+        except ProviderRetryableError as exc:
+            log.warning("polling %s at %s failed, trying again: %s", job.id, provider.name, exc)
+            return "retry"
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            _settle_error(app, rt, job, claim, provider.name, exc)
+            return "final"
+    return _settle(app, rt, job, claim, provider, client, answer)
 
 
 def _lease_due(rt: Runtime, job: Job, limit: int, now: datetime, due_by: datetime) -> list[Job]:
@@ -688,7 +711,7 @@ def _lease_due(rt: Runtime, job: Job, limit: int, now: datetime, due_by: datetim
     return leased
 
 
-def _touch(rt: Runtime, claim: Claim, next_poll: datetime) -> None:
+def _touch(rt: Runtime, claim: Claim, next_poll: datetime | None) -> None:
     """The poll's heartbeat: the sweep measures a remote job's silence from ``updated_at``."""
     _set_next_poll(rt, claim.job_id, claim.token, next_poll)
 

@@ -421,6 +421,31 @@ def test_the_sweep_resends_a_lost_remote_submit_to_the_provider_not_to_a_local_e
     assert st_tasks_with(fakes, prompt) == 1
 
 
+def test_the_sweep_resumes_a_submit_that_went_silent_before_any_provider_accepted_the_job(
+    platform: Platform, fakes: dict[str, Any], db: Database
+) -> None:
+    # Claimed by a submit whose retry message was lost while every backend was unavailable.
+    lost_at = utcnow() - timedelta(minutes=10)
+    prompt = "the submit retry was lost"
+    job_id = insert_job(
+        db,
+        status="running",
+        attempts=1,
+        claim_token=new_id(),
+        payload={"prompt": prompt},
+        created_at=lost_at,
+        queued_at=lost_at,
+        started_at=lost_at,
+        updated_at=lost_at,
+    )
+    report = sweep(Runtime(platform.settings), create_celery(platform.settings))
+    assert report["recovered"] >= 1
+    job = platform.wait(ALICE, job_id, timeout=30)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["meta"]["backend"] == "sensetime:st"
+    assert job["attempts"] == 1 and st_tasks_with(fakes, prompt) == 1
+
+
 # -- batched polls
 
 
