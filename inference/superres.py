@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,7 @@ class Upscaler:
         self.network: torch.nn.Module = descriptor.model
         self.arch = _FAMILY_ARCHS[descriptor.architecture.id]
         self.native_scale: int = descriptor.scale
+        self._forward_s = 0.0
 
     @property
     def backend(self) -> str:
@@ -177,6 +179,7 @@ class Upscaler:
         control: RunControl | None = None,
     ) -> EngineResult:
         control = control or NullControl()
+        started = self._start_timing()
         job = self._prepare(UpscaleRequest(image, scale, face_enhance))
         color_span = (5.0, 50.0) if job.model_alpha else (5.0, 90.0)
         control.progress(color_span[0])
@@ -187,6 +190,7 @@ class Upscaler:
             alpha_native, alpha_tiles = self._upscale_rgb(_as_rgb(job.alpha), control, (50.0, 90.0))
             tiles += alpha_tiles
         result = self._finish(job, native, alpha_native, tiles=tiles, batch_size=1, control=control)
+        result.images[0].meta["timing"] = self._timing(started)
         control.progress(100)
         return result
 
@@ -208,6 +212,7 @@ class Upscaler:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         control = control or NullControl()
+        started = self._start_timing()
         outcomes: list[EngineResult | EngineError | None] = [None] * len(requests)
         jobs: dict[int, _Prepared] = {}
         for index, request in enumerate(requests):
@@ -261,8 +266,28 @@ class Upscaler:
                 )
             except EngineError as exc:
                 outcomes[index] = exc
+        timing = self._timing(started)
+        for outcome in outcomes:
+            if isinstance(outcome, EngineResult):
+                outcome.images[0].meta["timing"] = timing
         control.progress(100)
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _start_timing(self) -> float:
+        self._forward_s = 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return time.perf_counter()
+
+    def _timing(self, started: float) -> dict[str, float | int | None]:
+        """Where the call's time went, for the benchmark and for operators reading job results:
+        the whole engine call, the network passes within it, and the device's peak memory."""
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {
+            "engine_s": round(time.perf_counter() - started, 4),
+            "forward_s": round(self._forward_s, 4),
+            "peak_device_bytes": peak,
+        }
 
     def _prepare(self, request: UpscaleRequest) -> _Prepared:
         """Check one request up front (before any GPU work) and decode its image."""
@@ -347,7 +372,9 @@ class Upscaler:
         try:
             stacked = np.stack([plane.transpose(2, 0, 1) for plane in planes])
             with torch.inference_mode():
+                started = time.perf_counter()
                 result = self._model(torch.from_numpy(stacked).to(self.device, self.dtype)).float().cpu()
+                self._forward_s += time.perf_counter() - started  # .cpu() waited for the device
             return [result[k].permute(1, 2, 0).numpy() for k in range(len(planes))]
         except torch.OutOfMemoryError:
             if len(planes) == 1 or self.device.type != "cuda":
@@ -392,7 +419,9 @@ class Upscaler:
             px0, px1 = max(x0 - pad, 0), min(x1 + pad, width)
             with torch.inference_mode():
                 piece = tensor[:, :, py0:py1, px0:px1].to(self.device, self.dtype)
+                started = time.perf_counter()
                 result = self._model(piece)[0].float().cpu()
+                self._forward_s += time.perf_counter() - started
             # Keep only the tile's own area: the overlap served as context for the network.
             core = result[:, (y0 - py0) * n : (y1 - py0) * n, (x0 - px0) * n : (x1 - px0) * n]
             out[y0 * n : y1 * n, x0 * n : x1 * n] = core.permute(1, 2, 0).numpy()

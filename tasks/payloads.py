@@ -23,6 +23,9 @@ WATERMARK_POSITIONS = ("topleft", "topright", "bottomleft", "bottomright", "bott
 # The most objects scan_objects returns; the worker builds its detector with this many
 # detections per image (tasks/engines.py), so the API and the engine agree on the limit.
 MAX_OBJECTS = 300
+# The most objects scan_objects returns; the worker builds its detector with this many
+# detections per image (tasks/engines.py), so the API and the engine agree on the limit.
+MAX_OBJECTS = 300
 
 
 def literal_private_host(host: str) -> bool:
@@ -106,7 +109,15 @@ class UpscalePayload(BasePayload):
     scale = fields.Float(load_default=2.0, validate=validate.Range(min=1.0, max=4.0, min_inclusive=False))
     model = fields.String(validate=validate.Length(min=1, max=128))
     sharpen = _unit(load_default=0.0)
-    face_enhance = fields.Boolean(load_default=False)
+    # No face-restoration engine (GFPGAN, CodeFormer) can be installed in the model store yet, so
+    # the request is refused here with a 422 rather than queued to fail on the GPU queue. When one
+    # can, this becomes a check of the store, as tasks/model_registry.has_model_for does.
+    face_enhance = fields.Boolean(
+        load_default=False,
+        validate=validate.Equal(
+            False, error="face_enhance needs a face-restoration model (GFPGAN, CodeFormer); none is installed"
+        ),
+    )
 
 
 def _strength() -> fields.Float:

@@ -87,3 +87,24 @@ def test_a_sixteen_bit_upscale_through_lanczos_encodes_as_jpeg_with_a_watermark(
     assert out.mode == "I;16" and out.size == (128, 96)
     jpeg = np.asarray(Image.open(io.BytesIO(encode_image(add_label(out), "jpg"))).convert("L")).astype(float)
     assert jpeg[:30].mean() == pytest.approx(np.asarray(out)[:30].mean() / 257, abs=3)
+
+
+def test_face_enhance_is_refused_at_the_api_naming_the_field(settings: Settings) -> None:
+    from app import create_app
+    from tests.conftest import KEYS
+
+    app = create_app(settings)
+    try:
+        client = app.test_client()
+        body = {
+            "task": "upscale",
+            "payload": {"image_url": "https://example.com/a.png", "face_enhance": True},
+        }
+        response = client.post("/v1/jobs", json=body, headers={"X-API-Key": KEYS[0][1]})
+        assert response.status_code == 422, response.get_json()
+        error = response.get_json()["error"]
+        assert "face-restoration" in str(error["details"]["payload"]["face_enhance"])
+        body["payload"]["face_enhance"] = False
+        assert client.post("/v1/jobs", json=body, headers={"X-API-Key": KEYS[0][1]}).status_code == 202
+    finally:
+        app.extensions["aiorch"].db.dispose()

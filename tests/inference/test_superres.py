@@ -388,6 +388,8 @@ def test_batched_run_respects_max_batch_and_refuses_bad_requests_one_by_one(weig
     finally:
         hook.remove()
     assert sizes == [2, 2, 1]
+    timing = outcomes[0].images[0].meta["timing"]  # type: ignore[union-attr]
+    assert 0 < timing["forward_s"] <= timing["engine_s"] and timing["peak_device_bytes"] is None
     assert [o.images[0].meta["batch_size"] for o in outcomes[:5]] == [2, 2, 2, 2, 1]  # type: ignore[union-attr]
     assert isinstance(outcomes[5], InvalidInput) and "too small" in str(outcomes[5])
     assert isinstance(outcomes[6], InvalidInput) and outcomes[6].field == "scale"
