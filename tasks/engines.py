@@ -457,13 +457,3 @@ ENGINES: dict[str, Callable[[EngineCall], EngineResult]] = {
 BATCH_ENGINES: dict[str, Callable[[list[EngineCall], RunControl], list[EngineResult | Exception]]] = {
     "upscale": run_upscale_batch,
 }
-
-# Engines that can run several waiting jobs as one batch (tasks/batching.py picks the jobs).
-BATCH_ENGINES: dict[str, Callable[[list[EngineCall], RunControl], list[EngineResult | Exception]]] = {
-    "upscale": run_upscale_batch,
-}
-
-# Engines that can run several waiting jobs as one batch (tasks/batching.py picks the jobs).
-BATCH_ENGINES: dict[str, Callable[[list[EngineCall], RunControl], list[EngineResult | Exception]]] = {
-    "upscale": run_upscale_batch,
-}

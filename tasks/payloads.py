@@ -23,9 +23,6 @@ WATERMARK_POSITIONS = ("topleft", "topright", "bottomleft", "bottomright", "bott
 # The most objects scan_objects returns; the worker builds its detector with this many
 # detections per image (tasks/engines.py), so the API and the engine agree on the limit.
 MAX_OBJECTS = 300
-# The most objects scan_objects returns; the worker builds its detector with this many
-# detections per image (tasks/engines.py), so the API and the engine agree on the limit.
-MAX_OBJECTS = 300
 
 
 def literal_private_host(host: str) -> bool:
