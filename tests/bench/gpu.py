@@ -24,6 +24,16 @@ SD 1.5 CLIP ViT-L text encoder and VAE), 512x512, 20 steps, fp16 on CUDA.
       generator), size, steps and guidance, called in this process.
   The overhead ratio is (a) engine pipeline seconds / (b) seconds, medians; target <= 1.03.
 
+superres: RealESRGAN_x4plus-shaped RRDB x4 on 512x512 and realesr-general-x4v3-shaped compact x4
+on 1024x1024 (random weights, official file layout), fp16 on CUDA.
+  (a) an ``upscale`` job (scale 4) through the worker: the Upscaler call's own time and peak
+      memory (``result.meta.timing``; it tiles at 512 px with 32 px overlap, so the compact run
+      pays for the overlap) and the job's ``started_at..finished_at`` (adds PNG encoding).
+  (b) the spandrel model called on the whole image in this process, PIL in and PIL out.
+  Then batching: 8 small (128x128) RRDB jobs, in process (``upscale_batch`` with max_batch 8 vs
+  1) and through the worker (8 jobs queued behind a long one, AIORCH_UPSCALE_MAX_BATCH 8 vs 1;
+  first start to last finish); target >= 1.5x.
+
 Prints a table and writes ``bench-results/bench-gpu-<timestamp>.json``.
 """
 
@@ -46,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from config import Settings
 from inference.model_store import ModelStore
 from models.db import Database
 from models.migrate import upgrade
@@ -371,8 +382,246 @@ def bench_diffusion(bench: Bench) -> dict[str, Any]:
     }
 
 
+# -- super-resolution ---------------------------------------------------------------------------------
+
+GPU_QUEUES = "gpu.diffusion,gpu.superres,gpu.faceswap,gpu.vision"
+
+
+def data_uri(image: Any) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def restart_gpu_worker(bench: Bench, **overrides: Any) -> None:
+    """The gpu worker again, with other settings (e.g. ``upscale_max_batch``): a cold process."""
+    bench.plat.kill("gpu", signal.SIGTERM)
+    bench.plat.settings = bench.plat.settings.with_overrides(**overrides)
+    bench.plat.start_worker("gpu", GPU_QUEUES, 1)
+
+
+def bench_superres(bench: Bench) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from spandrel import ModelLoader
+
+    from inference.superres import Upscaler, UpscaleRequest
+    from tests.inference.tiny_vision import TinyCompactNet, TinyRRDBNet, save_sr_checkpoint, smooth_rgb
+
+    dtype = torch.float16 if bench.device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    # The RealESRGAN_x4plus and realesr-general-x4v3 architectures at their real widths and depths
+    # (random weights, saved as the official files are), or the tiny test networks for --small.
+    cases = [
+        (
+            "rrdb",
+            "bench-rrdb-x4",
+            TinyRRDBNet(scale=4)
+            if bench.small
+            else TinyRRDBNet(4, num_feat=64, num_block=23, num_grow_ch=32),
+            "params_ema",
+            64 if bench.small else 512,
+        ),
+        (
+            "compact",
+            "bench-compact-x4",
+            TinyCompactNet(scale=4) if bench.small else TinyCompactNet(4, num_feat=64, num_conv=32),
+            "params",
+            96 if bench.small else 1024,
+        ),
+    ]
+    gib = 2**30
+    details: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "models": {}}
+
+    def sync() -> None:
+        if bench.device == "cuda":
+            torch.cuda.synchronize()
+
+    for arch, model_id, net, key, side in cases:
+        path = save_sr_checkpoint(net, bench.models_dir / f"{model_id}.pth", key)
+        bench.store.add(path, id=model_id)
+        image = Image.fromarray(smooth_rgb(side, side, seed=3))
+        payload = {"image_url": data_uri(image), "model": model_id, "scale": 4, "format": "png"}
+        # The raw library call: spandrel's model on the whole image, PIL in and PIL out.
+        raw_model = ModelLoader(bench.device).load_from_file(path).to(dtype).eval()
+
+        def raw_call(model: Any = raw_model, picture: Any = image) -> dict[str, Any]:
+            sync()
+            if bench.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                x = torch.from_numpy(np.array(picture)).permute(2, 0, 1)[None].to(bench.device, dtype) / 255
+                y = model(x).clamp(0, 1).mul(255).round().byte()[0].permute(1, 2, 0).cpu().numpy()
+            Image.fromarray(y)
+            seconds = time.perf_counter() - t0
+            return {
+                "seconds": seconds,
+                "peak_device_bytes": torch.cuda.max_memory_allocated() if bench.device == "cuda" else None,
+            }
+
+        t0 = time.monotonic()
+        first = bench.job("upscale", payload)  # warm-up: the worker loads the model
+        backend = first["result"]["meta"]["backend"]
+        say(f"superres {arch}: first job (cold: loads the model) {time.monotonic() - t0:.1f}s, {backend}")
+        raw_call()
+        engine_runs, raw_runs = [], []
+        for i in range(bench.repeats):
+            job = bench.job("upscale", payload)
+            meta = job["result"]["meta"]
+            engine_runs.append({**meta["timing"], "job_s": job_seconds(job), "tiles": meta["tiles"]})
+            raw_runs.append(raw_call())
+            say(
+                f"superres {arch} {i + 1}/{bench.repeats}: engine {engine_runs[-1]['engine_s']:.3f}s "
+                f"(job {engine_runs[-1]['job_s']:.3f}s, {meta['tiles']} tiles), "
+                f"raw {raw_runs[-1]['seconds']:.3f}s"
+            )
+        engine_s = median([r["engine_s"] for r in engine_runs])
+        raw_s = median([r["seconds"] for r in raw_runs])
+        job_s = median([r["job_s"] for r in engine_runs])
+        overhead = ratio(engine_s, raw_s)
+        label = f"{arch} x4 {side}x{side}"
+        bench.row(
+            "superres",
+            f"{label}: engine call vs raw model, median",
+            engine_s,
+            raw_s,
+            overhead,
+            f"<= {OVERHEAD_TARGET}",
+            None if overhead is None or bench.small else overhead <= OVERHEAD_TARGET,
+            " s",
+        )
+        bench.row(
+            "superres",
+            f"{label}: images per second",
+            None if not engine_s else round(1 / engine_s, 3),
+            None if not raw_s else round(1 / raw_s, 3),
+            ratio(raw_s, engine_s),
+            "",
+            None,
+            " img/s",
+        )
+        bench.row(
+            "superres",
+            f"{label}: job started..finished vs raw",
+            job_s,
+            raw_s,
+            ratio(job_s, raw_s),
+            "",
+            None,
+            " s",
+        )
+        engine_peak = median(
+            [r["peak_device_bytes"] for r in engine_runs if r["peak_device_bytes"] is not None]
+        )
+        raw_peak = median([r["peak_device_bytes"] for r in raw_runs if r["peak_device_bytes"] is not None])
+        bench.row(
+            "superres",
+            f"{label}: peak GPU memory",
+            None if engine_peak is None else round(engine_peak / gib, 3),
+            None if raw_peak is None else round(raw_peak / gib, 3),
+            ratio(engine_peak, raw_peak),
+            "",
+            None,
+            " GiB",
+        )
+        details["models"][arch] = {
+            "model": model_id,
+            "side": side,
+            "engine_timing_source": "result.meta.timing.engine_s (Upscaler call inside the worker)",
+            "engine": engine_runs,
+            "raw": raw_runs,
+            "overhead_ratio": overhead,
+        }
+
+    # Batching: N small same-model jobs. In process, one batched call against N single calls;
+    # through the worker, N jobs waiting on the queue with AIORCH_UPSCALE_MAX_BATCH=N against 1.
+    count, small_side = 8, 32 if bench.small else 128
+    _arch, model_id, _net, _key, _side = cases[0]
+    pictures = [Image.fromarray(smooth_rgb(small_side, small_side, seed=s)) for s in range(count)]
+    upscaler = Upscaler(
+        bench.models_dir / f"{model_id}.pth", model_id=model_id, device=bench.device, dtype=dtype
+    )
+    requests = [UpscaleRequest(p, 4) for p in pictures]
+    upscaler.upscale_batch(requests, max_batch=count)  # warm-up: kernels for both batch shapes
+    upscaler.upscale_batch(requests, max_batch=1)
+    in_process: dict[int, float] = {}
+    for size in (count, 1):
+        times = []
+        for _ in range(max(3, bench.repeats)):
+            sync()
+            t0 = time.perf_counter()
+            upscaler.upscale_batch(requests, max_batch=size)
+            sync()
+            times.append(time.perf_counter() - t0)
+        in_process[size] = count / statistics.median(times)
+    speedup = ratio(in_process[count], in_process[1])
+    bench.row(
+        "superres",
+        f"batch {count} vs 1, in process ({small_side}px), img/s",
+        round(in_process[count], 2),
+        round(in_process[1], 2),
+        speedup,
+        ">= 1.5",
+        None if speedup is None or bench.small else speedup >= 1.5,
+        "",
+    )
+
+    small_payload = {"image_url": data_uri(pictures[0]), "model": model_id, "scale": 4, "format": "png"}
+    # A job that holds the worker while the small ones are accepted and their inputs fetched.
+    blocker_side = 128 if bench.small else 1024
+    blocker = {
+        **small_payload,
+        "image_url": data_uri(Image.fromarray(smooth_rgb(blocker_side, blocker_side))),
+    }
+    through_worker: dict[int, dict[str, Any]] = {}
+    for size in (count, 1):
+        restart_gpu_worker(bench, upscale_max_batch=size)
+        bench.job("upscale", small_payload)  # warm-up: the fresh worker loads the model
+        held = bench.plat.submit(KEY, "upscale", blocker).json()["job_id"]
+        ids = [bench.plat.submit(KEY, "upscale", small_payload).json()["job_id"] for _ in range(count)]
+        bench.plat.wait(KEY, held, timeout=900)
+        jobs = [bench.plat.wait(KEY, job_id, timeout=900) for job_id in ids]
+        if any(j["status"] != "succeeded" for j in jobs):
+            raise RuntimeError(f"batch jobs failed: {[j.get('error') for j in jobs]}")
+        window = (max(j["finished_at_ms"] for j in jobs) - min(j["started_at_ms"] for j in jobs)) / 1000
+        through_worker[size] = {
+            "images_per_s": count / window,
+            "window_s": window,
+            "batch_sizes": [j["result"]["meta"].get("batch_size") for j in jobs],
+        }
+        sizes = through_worker[size]["batch_sizes"]
+        say(f"superres batching max_batch={size}: {count} jobs in {window:.3f}s, batch sizes {sizes}")
+    worker_speedup = ratio(through_worker[count]["images_per_s"], through_worker[1]["images_per_s"])
+    bench.row(
+        "superres",
+        f"batch {count} vs 1, {count} queued jobs via worker, img/s",
+        round(through_worker[count]["images_per_s"], 2),
+        round(through_worker[1]["images_per_s"], 2),
+        worker_speedup,
+        ">= 1.5",
+        None if worker_speedup is None or bench.small else worker_speedup >= 1.5,
+        "",
+    )
+    restart_gpu_worker(bench, upscale_max_batch=Settings().upscale_max_batch)  # back to the default
+    details["batching"] = {
+        "jobs": count,
+        "side": small_side,
+        "model": model_id,
+        "in_process_images_per_s": in_process,
+        "through_worker": through_worker,
+        "note": "through_worker window: first started_at to last finished_at of the N jobs",
+    }
+    return details
+
+
 SECTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "diffusion": bench_diffusion,
+    "superres": bench_superres,
 }
 
 
