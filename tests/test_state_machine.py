@@ -6,34 +6,9 @@ import pytest
 
 from models.db import Database, utcnow
 from models.jobs import Job
-from models.jobstore import ClaimRefused, JobStore, new_id
+from models.jobstore import ClaimRefused, JobStore
 from models.state import FINAL_STATUSES, IllegalTransition, JobStatus, sources_of, transition
-
-
-def make_job(db: Database, **overrides: object) -> str:
-    now = utcnow()
-    values = dict(
-        id=new_id(),
-        client_id="alice",
-        task="upscale",
-        engine_task="upscale",
-        queue="gpu.superres",
-        status="queued",
-        stage="run",
-        progress=0,
-        priority=0,
-        payload={},
-        meta={},
-        attempts=0,
-        cancel_requested=False,
-        created_at=now,
-        queued_at=now,
-        updated_at=now,
-    )
-    values.update(overrides)
-    with db.session() as session:
-        session.add(Job(**values))
-    return str(values["id"])
+from tests.support.factories import make_job
 
 
 def test_final_statuses_have_no_way_out() -> None:

@@ -15,8 +15,7 @@ from standardwebhooks import Webhook
 
 from config import Settings, SettingsError
 from models.db import utcnow
-from models.jobs import Job, WebhookDelivery
-from models.jobstore import new_id
+from models.jobs import WebhookDelivery
 from tasks.celery_app import create_celery
 from tasks.jobs import Runtime
 from tasks.webhooks import (
@@ -26,6 +25,7 @@ from tasks.webhooks import (
     lost_finishes,
     sign,
 )
+from tests.support.factories import make_job
 
 
 def test_finished_event_id_is_32_hex_and_the_same_for_every_resend_of_one_job() -> None:
@@ -90,28 +90,14 @@ def _drain_deliver_messages(app, broker_url: str) -> list[dict]:
 
 
 def _final_job(db, finished_ago: float, webhook: str | None = "http://127.0.0.1:9/hook") -> str:
-    job_id = new_id()
     finished = utcnow() - timedelta(seconds=finished_ago)
-    with db.session() as session:
-        session.add(
-            Job(
-                id=job_id,
-                client_id="alice",
-                task="upscale",
-                engine_task="upscale",
-                queue="gpu.superres",
-                status="succeeded",
-                stage="done",
-                payload={},
-                webhook_url=webhook,
-                created_at=finished,
-                queued_at=finished,
-                started_at=finished,
-                finished_at=finished,
-                updated_at=finished,
-            )
-        )
-    return job_id
+    return make_job(
+        db,
+        status="succeeded",
+        stage="done",
+        webhook_url=webhook,
+        **{f"{stamp}_at": finished for stamp in ("created", "queued", "started", "finished", "updated")},
+    )
 
 
 def test_sweep_resends_the_finish_of_a_final_job_that_never_had_a_delivery(settings: Settings) -> None:

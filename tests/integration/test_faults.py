@@ -16,6 +16,7 @@ from models.jobstore import new_id
 from tasks.celery_app import create_celery
 from tasks.jobs import Runtime, sweep
 from tests.conftest import KEYS
+from tests.support.factories import make_job
 from tests.support.platform import Platform
 from tests.support.servers import ImageServer
 
@@ -87,30 +88,10 @@ def test_sweep_republishes_an_accepted_job_whose_message_was_lost(
 ) -> None:
     settings = platform.settings.with_overrides(republish_after=0.5)
     runtime = Runtime(settings)
-    now = utcnow()
-    job_id = new_id()
-    with runtime.db.session() as session:
-        # As if the API had died between COMMIT and publish.
-        session.add(
-            Job(
-                id=job_id,
-                client_id="alice",
-                task="upscale",
-                engine_task="upscale",
-                queue="gpu.superres",
-                status="queued",
-                stage="prepare",
-                progress=0,
-                priority=0,
-                payload={"image_url": images.url("img/astronaut.png")},
-                meta={},
-                attempts=0,
-                cancel_requested=False,
-                created_at=now,
-                queued_at=now,
-                updated_at=now,
-            )
-        )
+    # As if the API had died between COMMIT and publish.
+    job_id = make_job(
+        runtime.db, stage="prepare", payload={"image_url": images.url("img/astronaut.png")}
+    )
     time.sleep(0.6)
     report = sweep(runtime, create_celery(settings))
     assert report["republished"] >= 1
@@ -122,29 +103,7 @@ def test_expired_queued_jobs_end_expired(platform: Platform) -> None:
     settings = platform.settings.with_overrides(job_ttl=1.0)
     runtime = Runtime(settings)
     old = utcnow()
-    job_id = new_id()
-    with runtime.db.session() as session:
-        session.add(
-            Job(
-                id=job_id,
-                client_id="alice",
-                task="upscale",
-                engine_task="upscale",
-                queue="gpu.superres",
-                status="queued",
-                stage="prepare",
-                progress=0,
-                priority=0,
-                payload={},
-                meta={},
-                attempts=0,
-                cancel_requested=False,
-                created_at=old,
-                queued_at=old,
-                updated_at=old,
-                dispatched_at=old,
-            )
-        )
+    job_id = make_job(runtime.db, stage="prepare", dispatched_at=old)
     time.sleep(1.1)
     sweep(runtime, create_celery(settings))
     job = platform.job(ALICE, job_id)
