@@ -195,6 +195,11 @@ def test_remove_object_keeps_every_pixel_outside_the_mask_and_feathers_inside(mo
         ("bottomright", (40, 32)),
         ("left", (0, 16)),
         ("top", (20, 0)),
+        # the SenseTime seed's spellings
+        ("topmiddle", (20, 0)),
+        ("middleleft", (0, 16)),
+        ("middleright", (40, 16)),
+        ("bottommiddle", (20, 32)),
     ],
 )
 def test_outpaint_keeps_the_original_where_align_puts_it(models, photo, align, offset):
