@@ -263,7 +263,10 @@ def _run_claimed(
     with bind_job(job_id=job_id, task=job.task, worker=task.request.hostname or ""):
         if prepared is None:
             control = JobControl(rt.store, claim, _progress_events(rt, task.app, job))
-        status, result, error, backend, files = JobStatus.FAILED, None, None, None, []
+        status, backend = JobStatus.FAILED, None
+        result: dict[str, Any] | None = None
+        error: dict[str, Any] | None = None
+        files: list[StoredFile] = []
         try:
             if prepared is None:
                 payload = validate_payload(spec, job.payload, rt.settings)
