@@ -301,10 +301,12 @@ def face_upscaler(call: EngineCall) -> tuple[Callable[[Image.Image], Image.Image
 
     device = torch_device()
     for model_id, path in choose_sr_model(candidates, scale=2):
+
+        def load(m: str = model_id, p: Path = path) -> Any:
+            return Upscaler(p, model_id=m, device=device)
+
         try:
-            engine = load_cached(
-                f"sr:{model_id}", path, lambda m=model_id, p=path: Upscaler(p, model_id=m, device=device)
-            )
+            engine = load_cached(f"sr:{model_id}", path, load)
         except EngineError as exc:
             log.warning("super-resolution model %s unusable for faceswap: %s", model_id, exc)
             continue

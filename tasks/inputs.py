@@ -286,7 +286,7 @@ def check_video(data: bytes, field: str, settings: Settings) -> CheckedVideo:
             "video_unsupported", "this platform cannot read videos (install aiorch[video])", field
         ) from None
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), "r") as container:
             fmt = container.format.name
             if not container.streams.video:
                 raise InputProblem("input_not_video", "the input has no video stream", field)

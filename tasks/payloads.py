@@ -94,7 +94,7 @@ class BasePayload(Schema):
         super().__init__(*args, **kwargs)
         self.allow_private_urls = allow_private_urls
         # AIORCH_MAX_FACES: the face tasks' limit, a setting, so the schema is told it.
-        self.max_faces = max_faces
+        self.face_limit = max_faces
 
 
 def _unit(**kw: Any) -> fields.Float:
@@ -253,9 +253,9 @@ class FaceswapPayload(BasePayload):
     @validates_schema
     def _face_limit(self, data: dict[str, Any], **_: Any) -> None:
         # Refused, not capped: a client asking for 12 faces must learn it gets at most 8.
-        if data.get("max_faces", 0) > self.max_faces:
+        if data.get("max_faces", 0) > self.face_limit:
             raise ValidationError(
-                f"must be at most {self.max_faces} (AIORCH_MAX_FACES)", field_name="max_faces"
+                f"must be at most {self.face_limit} (AIORCH_MAX_FACES)", field_name="max_faces"
             )
 
 
@@ -277,9 +277,9 @@ class FaceswapMultiPayload(BasePayload):
     @validates_schema
     def _lengths(self, data: dict[str, Any], **_: Any) -> None:
         count = len(data.get("source_urls", []))
-        if count > self.max_faces:
+        if count > self.face_limit:
             raise ValidationError(
-                f"at most {self.max_faces} faces can be swapped at once (AIORCH_MAX_FACES)",
+                f"at most {self.face_limit} faces can be swapped at once (AIORCH_MAX_FACES)",
                 field_name="source_urls",
             )
         for name in ("swap_faces_index", "target_faces_index"):
@@ -314,14 +314,14 @@ class FaceswapVideoPayload(BasePayload):
     def _sources(self, data: dict[str, Any], **_: Any) -> None:
         if ("source_url" in data) == ("source_urls" in data):
             raise ValidationError("give either source_url or source_urls", field_name="source_url")
-        if data.get("max_faces", 0) > self.max_faces:
+        if data.get("max_faces", 0) > self.face_limit:
             raise ValidationError(
-                f"must be at most {self.max_faces} (AIORCH_MAX_FACES)", field_name="max_faces"
+                f"must be at most {self.face_limit} (AIORCH_MAX_FACES)", field_name="max_faces"
             )
         count = len(data.get("source_urls", []))
-        if count > self.max_faces:
+        if count > self.face_limit:
             raise ValidationError(
-                f"at most {self.max_faces} faces can be swapped at once (AIORCH_MAX_FACES)",
+                f"at most {self.face_limit} faces can be swapped at once (AIORCH_MAX_FACES)",
                 field_name="source_urls",
             )
         for name in ("swap_faces_index", "target_faces_index"):

@@ -200,13 +200,16 @@ class VideoFaceSwapper:
                             packet.stream = out_audio
                             dst.mux(packet)
                         else:
-                            for frame in packet.decode():
-                                frame.pts = None
-                                dst.mux(out_audio.encode(frame))
+                            for sound in packet.decode():
+                                if isinstance(sound, av.AudioFrame):
+                                    sound.pts = None  # the encoder counts its own samples
+                                    dst.mux(out_audio.encode(sound))
                         continue
                     for frame in packet.decode():
+                        if not isinstance(frame, av.VideoFrame):
+                            continue
                         check_stop(control)
-                        rgb = frame.to_ndarray(format="rgb24")
+                        rgb: np.ndarray = frame.to_ndarray(format="rgb24")
                         if rgb.shape[1] != width or rgb.shape[0] != height:
                             rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
                         swapped, hit = self._swap_frame(rgb, prepared, targets, max_faces, sharpen, upscaler)

@@ -103,3 +103,36 @@ def test_faceswap_video_without_any_face_is_a_named_error(tmp_path: Path) -> Non
     not_video.write_bytes(b"not a video at all")
     with pytest.raises(InvalidInput):
         probe_video(not_video)
+
+
+def test_audio_mp4_cannot_carry_is_re_encoded_as_aac(tmp_path: Path) -> None:
+    from fractions import Fraction
+
+    from tests.inference.face_images import group
+
+    # AVI with MPEG-4 video and 16-bit PCM sound: PCM has no place in an MP4.
+    path = tmp_path / "clip.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        video = container.add_stream("mpeg4", rate=8)
+        video.width, video.height, video.pix_fmt = 480, 360, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=16000)
+        audio.layout = "mono"
+        for i in range(4):
+            canvas, _ = group([(60, 50, 1.0)], size=(360, 480))
+            frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 8)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        tone = (3000 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 300)).astype(np.int16)[None, :]
+        sound = av.AudioFrame.from_ndarray(tone, format="s16", layout="mono")
+        sound.sample_rate, sound.pts, sound.time_base = 16000, 0, Fraction(1, 16000)
+        container.mux(audio.encode(sound))
+        container.mux(audio.encode(None))
+    out = tmp_path / "out.mp4"
+    result = VideoFaceSwapper(LandmarkFaceSwapper())(path, out, source=Image.fromarray(marked_source(GREEN)))
+    assert result.files[0].meta["audio_copied"] is False and result.files[0].meta["frames"] == 4
+    with av.open(str(out)) as container:
+        assert container.streams.audio[0].codec_context.name == "aac"
+        assert sum(1 for _ in container.decode(audio=0)) > 0
+    frames, _ = read_video(out)
+    assert len(frames) == 4
