@@ -138,6 +138,9 @@ class Backends(MethodView):
 
 def describe_field(name: str, field: fields.Field) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": name, "type": type(field).__name__.lower(), "required": field.required}
+    if field.metadata.get("description"):
+        # What a parameter means where the schema says it (the face tasks' index order, e.g.).
+        entry["description"] = field.metadata["description"]
     default = field.load_default
     if default is not None and not callable(default) and repr(default) != "<marshmallow.missing>":
         entry["default"] = default

@@ -96,6 +96,27 @@ def test_face_payloads_take_max_side_and_upscale_in_both_swap_modes() -> None:
     assert "left to right, then top to bottom" in field.metadata["description"]
 
 
+def test_capabilities_document_the_face_index_order_and_list_faceswap_video(settings: Settings) -> None:
+    from app import create_app
+
+    app = create_app(settings)
+    try:
+        caps = app.test_client().get("/v1/capabilities", headers=ALICE).get_json()["tasks"]
+    finally:
+        app.extensions["aiorch"].db.dispose()
+    tasks = {t["task"]: t for t in caps}
+    params = {p["name"]: p for p in tasks["faceswap_multi"]["parameters"]}
+    assert "left to right, then top to bottom" in params["target_faces_index"]["description"]
+    assert {"upscale", "max_side"} <= set(params)
+    detect = {p["name"]: p for p in tasks["face_detect"]["parameters"]}
+    assert "max_side" in detect and "left to right" in detect["image_url"]["description"]
+    video = tasks["faceswap_video"]
+    assert video["installed"] is True and video["queue"] == "gpu.faceswap"
+    assert {"source_url", "source_urls", "target_url", "max_side", "upscale"} <= {
+        p["name"] for p in video["parameters"]
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Which engine runs
 
