@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform as host_platform
@@ -738,9 +739,23 @@ def main(argv: list[str] | None = None) -> int:
             plat.start_api()
             plat.start_workers()
             say(f"API on {plat.base_url}, cpu and gpu workers ready; sections: {', '.join(names)}")
+            failed = []
             for name in names:
-                results["sections"][name] = SECTIONS[name](bench)
-            status = 0
+                try:
+                    results["sections"][name] = SECTIONS[name](bench)
+                except Exception as exc:  # noqa: BLE001 (one broken section must not cost the others)
+                    failed.append(name)
+                    results["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+                    say(f"section {name} failed: {type(exc).__name__}: {exc}")
+                    print(f"--- gpu worker log (tail) ---\n{plat.log('gpu')[-1500:]}", file=sys.stderr)
+                finally:
+                    # What a section loaded in this process must not count in the next one's memory.
+                    gc.collect()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+            if failed:
+                results["error"] = f"sections failed: {', '.join(failed)}"
+            status = 1 if failed else 0
         except BaseException as exc:
             results["error"] = f"{type(exc).__name__}: {exc}"
             for name in ("api", "cpu", "gpu"):
