@@ -345,3 +345,30 @@ def test_faceswap_video_payload_takes_one_source_or_a_mapping_and_no_image_field
         with pytest.raises(ValidationError) as excinfo:
             schema(max_faces=8).load(bad)
         assert field in excinfo.value.messages, bad
+
+
+def test_models_add_takes_a_role_for_an_onnx_file_its_name_does_not_explain(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from click.testing import CliRunner
+
+    from app.cli import main
+    from inference.model_store import ModelStore
+    from tests.inference.face_models import build_face_models
+
+    paths = build_face_models(tmp_path / "built")
+    renamed = tmp_path / "my_recognizer.onnx"
+    renamed.write_bytes(Path(paths["recognition"]).read_bytes())
+    models = tmp_path / "models"
+    env = {"AIORCH_MODELS_DIR": str(models), "AIORCH_VAR_DIR": str(tmp_path)}
+
+    def add(*args: str):
+        return CliRunner().invoke(main, ["models", "add", *args], env=env)
+
+    added = add(str(renamed), "--role", "face_recognizer")
+    assert added.exit_code == 0, added.output
+    assert "faceswap" in added.output
+    assert ModelStore(models).get("my_recognizer").extra == {"role": "face_recognizer"}
+    assert add(str(paths["swapper"])).exit_code == 0  # named inswapper_128: role from the name
+    assert ModelStore(models).get("inswapper_128").extra["role"] == "face_swapper"
+    refused = add(str(renamed), "--id", "other", "--role", "face_painter")
+    assert refused.exit_code != 0 and "face_painter" in refused.output
