@@ -70,3 +70,55 @@ def test_a_cancel_seen_once_stays_seen_without_more_queries(db: Database, statem
     statements.clear()
     assert all(control.should_stop() for _ in range(5))
     assert statements == []
+
+
+def test_a_running_generation_stops_at_the_end_of_the_step_the_cancel_came_in(
+    db: Database, statements: list[str], tmp_path
+) -> None:
+    import torch
+
+    from inference.base import Cancelled
+    from inference.diffusion import DiffusionModels, ImageGenerator
+    from inference.model_cache import ModelCache
+    from inference.model_store import ModelStore
+    from tests.inference.tiny_diffusion import save_tiny_sd
+
+    models_store = ModelStore(tmp_path)
+    models_store.add(save_tiny_sd(tmp_path / "tiny-sd"), id="tiny-sd")
+    models = DiffusionModels(models_store, ModelCache(512 * 2**20), device="cpu")
+    generate = ImageGenerator(models)
+    generate("a cat", width=64, height=64, steps=1)  # loaded before the clock matters
+    entry, info = models.resolve("tiny-sd", "generate")
+    with models.hold(entry, info) as loaded:
+        unet = loaded.pipe.unet
+
+    store = JobStore(db, max_attempts=3)
+    job_id = make_job(db, task="generate", engine_task="generate", queue="gpu.diffusion")
+    control = JobControl(store, store.claim(job_id, redelivered=False))
+    unet_calls = 0
+    cancelled_in: int | None = None
+    writes_seen = 0
+
+    def cancel_right_after_a_progress_write(module, args) -> None:  # noqa: ANN001
+        # The API's cancel, in the first step after a progress write: the moment a flag read
+        # piggybacking on the throttled writes would take longest to notice it.
+        nonlocal unet_calls, cancelled_in, writes_seen
+        unet_calls += 1
+        writes = progress_writes(statements)
+        if cancelled_in is None and unet_calls >= 3 and writes > writes_seen:
+            store.cancel(job_id)
+            cancelled_in = unet_calls
+        writes_seen = writes
+
+    hook = unet.register_forward_pre_hook(cancel_right_after_a_progress_write)
+    statements.clear()
+    started = time.monotonic()
+    try:
+        with torch.no_grad(), pytest.raises(Cancelled):
+            generate("a cat", width=64, height=64, steps=100, control=control)
+    finally:
+        hook.remove()
+    elapsed = time.monotonic() - started
+    # The callback of the step the cancel came in read the flag: no further step ran.
+    assert cancelled_in is not None and unet_calls == cancelled_in
+    assert progress_writes(statements) <= 2 + elapsed / PROGRESS_INTERVAL
