@@ -309,6 +309,18 @@ def test_small_upscale_jobs_waiting_together_run_as_one_batch(
     assert [fetch(j["result"]["url"]).size for j in jobs] == [(192, 192), (192, 192), (144, 144), (192, 192)]
     # Each job of the batch kept its own run: its own start, finish and single attempt.
     assert all(j["attempts"] == 1 and j["started_at"] and j["finished_at"] for j in jobs)
+    # The partners' own messages reach the worker afterwards and are dropped, not run again.
+    import time
+
+    partners = set(same) - {metas[0]["batch_id"]}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        log = (platform.logs / "gpu.log").read_text(errors="replace")
+        dropped = {job_id for job_id in partners if f"not running {job_id}: " in log}
+        if dropped == partners:
+            break
+        time.sleep(0.2)
+    assert dropped == partners
 
     alone = platform.wait(ALICE, other_size, timeout=60)
     assert alone["status"] == "succeeded", alone
