@@ -58,7 +58,14 @@ from config.routes import (
     LOCAL,
     Route,
 )
-from inference.base import ContentRejected, EngineError, EngineResult, InvalidInput, OutputImage
+from inference.base import (
+    ContentRejected,
+    EngineError,
+    EngineResult,
+    InvalidInput,
+    OutputFile,
+    OutputImage,
+)
 from inference.remote import (
     InvalidWebhookSignature,
     ProviderError,
@@ -75,7 +82,7 @@ from models.jobstore import Claim, ClaimRefused, new_id
 from models.state import JobStatus
 from tasks import catalog
 from tasks.celery_app import RUN, publish
-from tasks.inputs import InputProblem, check_image
+from tasks.inputs import InputProblem, check_image, check_video
 from tasks.jobs import JobTask, Runtime, _limits, _publish_finish, _store_outputs
 from tasks.storage import encode_image
 
@@ -201,6 +208,19 @@ def _submit(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, first_ste
         _again(app, rt, job, claim, delay)
         return
     if route is None or not route.remote_first:
+        if catalog.TASKS[job.engine_task].remote_only:
+            # The routes changed since the job was prepared, and this task has no local engine.
+            _finish(
+                app,
+                rt,
+                claim,
+                JobStatus.FAILED,
+                {
+                    "code": "task_not_installed",
+                    "message": f"Task {job.task!r} no longer has a remote provider route.",
+                },
+            )
+            return
         # The routes changed since the job was prepared: it runs where they now say.
         _run_locally(app, rt, job, claim)
         return
@@ -213,6 +233,20 @@ def _submit(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, first_ste
             {
                 "code": "provider_timeout",
                 "message": f"No provider accepted the job within {route.timeout:g} s.",
+            },
+        )
+        return
+    video = catalog.TASKS[job.engine_task].output == "video"
+    if video and not any(_makes_video(rt, step) for step in route.steps):
+        names = ", ".join(step.backend for step in route.steps)
+        _finish(
+            app,
+            rt,
+            claim,
+            JobStatus.FAILED,
+            {
+                "code": "no_video_provider",
+                "message": f"No backend of the route for {job.task!r} can generate video ({names}).",
             },
         )
         return
@@ -234,6 +268,11 @@ def _submit(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, first_ste
                     {"code": "cancelled", "message": "The job was cancelled before a provider accepted it."},
                 )
                 return
+            if video and not _makes_video(rt, step):
+                # No local engine generates video, and this provider cannot either: the route goes
+                # on to the next backend (one of them can, as checked above).
+                log.info("%s cannot generate video; skipping it", step.backend)
+                continue
             if step.is_local:
                 log.info("every provider of the route is unavailable; running locally")
                 _run_locally(app, rt, job, claim)
@@ -308,6 +347,10 @@ def _submit(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, first_ste
     countdown = _backoff(route, retry, wait)
     log.warning("no provider available (%s); submitting again in %.1f s", "; ".join(unavailable), countdown)
     _submit_later(app, job, claim, retry + 1, 0, countdown)
+
+
+def _makes_video(rt: Runtime, step: Any) -> bool:
+    return not step.is_local and bool(getattr(client_for(rt.settings, step.backend), "makes_video", False))
 
 
 def _backoff(route: Route, retry: int, wait: float | None) -> float:
@@ -736,7 +779,7 @@ def _settle(
         stop = rt.store.report_progress(claim, int(result.progress or job.progress or 0))
         return "stop" if stop else "running"
     try:
-        status, outcome, error = _outcome(rt, client, provider.kind, provider.name, result)
+        status, outcome, error = _outcome(rt, job, client, provider.kind, provider.name, result)
     except ProviderRetryableError as exc:
         log.warning("downloading the outputs of %s failed, trying again: %s", job.id, exc)
         return "retry"
@@ -773,9 +816,12 @@ def _settle_error(app: Any, rt: Runtime, job: Job, claim: Claim, provider: str, 
 
 
 def _outcome(
-    rt: Runtime, client: RemoteProvider, kind: str, name: str, result: RemoteResult
+    rt: Runtime, job: Job, client: RemoteProvider, kind: str, name: str, result: RemoteResult
 ) -> tuple[JobStatus, EngineResult | None, dict[str, Any] | None]:
     """A final remote result as our status, the outputs to store, and the error."""
+    if result.status is RemoteStatus.SUCCEEDED and catalog.TASKS[job.engine_task].output == "video":
+        files = [_video_output(rt, job, client, index, output) for index, output in enumerate(result.outputs)]
+        return JobStatus.SUCCEEDED, EngineResult(backend=f"{kind}:{name}", files=files), None
     if result.status is RemoteStatus.SUCCEEDED:
         images = []
         for index, output in enumerate(result.outputs):
@@ -802,6 +848,31 @@ def _outcome(
         return JobStatus.EXPIRED, None, error
     # A provider-side cancel (not ours) or failure is a failure of this job.
     return JobStatus.FAILED, None, error
+
+
+def _video_output(rt: Runtime, job: Job, client: RemoteProvider, index: int, output: Any) -> OutputFile:
+    """One video output, downloaded and checked like a video input, as a scratch MP4 to store.
+
+    The same probe as inputs (``check_video``: container, byte size, pixels, frame count from the
+    header), so a provider cannot hand clients a file we would refuse from them. Only MP4 is kept:
+    that is what ``ahv_video`` promises, and what storage serves as ``video/mp4``.
+    """
+    field = f"output[{index}]"
+    raw = client.fetch_output(output, max_bytes=rt.settings.max_video_bytes)
+    checked = check_video(raw, field, rt.settings)
+    if checked.ext != "mp4":
+        raise InputProblem("output_not_mp4", f"the video is {checked.ext}, not MP4", field)
+    path = rt.storage.input_dir(job.id) / f"remote_output_{index}.mp4"
+    path.write_bytes(checked.data)
+    meta = {key: output.meta[key] for key in KEPT_OUTPUT_META if key in output.meta}
+    meta.update(
+        width=checked.width,
+        height=checked.height,
+        frames=checked.frames,
+        duration=round(checked.duration, 3),
+        has_audio=checked.has_audio,
+    )
+    return OutputFile(path, "mp4", meta)
 
 
 def _cancel_remote(client: RemoteProvider, remote_id: str) -> None:

@@ -316,6 +316,8 @@ class HttpClient:
 
     name = "remote"
     max_batch = 1
+    # Whether the provider can generate video (``ahv_video``); a route skips the ones that cannot.
+    makes_video = False
 
     def __init__(
         self,

@@ -37,6 +37,8 @@ class UpstreamClient(HttpClient):
 
     name = "upstream"
     max_batch = MAX_BATCH
+    # Another aiorch/AHV instance serves ahv_video itself (seed 000's POST /ahv/video).
+    makes_video = True
 
     def __init__(self, *, base_url: str, api_key: str, name: str | None = None, **kwargs: Any):
         super().__init__(base_url, **kwargs)

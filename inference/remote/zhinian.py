@@ -67,6 +67,7 @@ class ZhinianClient(HttpClient):
 
     name = "zhinian"
     max_batch = 1  # the list endpoint filters by status and time, not by ids
+    makes_video = True  # capability video.generate
 
     def __init__(
         self,
@@ -299,10 +300,12 @@ def _video_settings(payload: Mapping[str, Any]) -> dict[str, Any]:
     check_range(payload, "duration", 4, 15)
     if payload.get("duration") is not None:
         settings["duration"] = int(payload["duration"])
-    ratio = payload.get("ratio")
+    # ``aspect_ratio`` is ahv_video's name for the seed's ``ratio``.
+    ratio = payload.get("aspect_ratio", payload.get("ratio"))
     if ratio is not None:
         if str(ratio) not in _VIDEO_RATIOS:
-            raise InvalidInput(f"'ratio' must be one of {sorted(_VIDEO_RATIOS)}", field="ratio")
+            field = "aspect_ratio" if "aspect_ratio" in payload else "ratio"
+            raise InvalidInput(f"'{field}' must be one of {sorted(_VIDEO_RATIOS)}", field=field)
         settings["ratio"] = str(ratio)
     resolution = payload.get("resolution")
     if resolution is not None:
