@@ -32,6 +32,10 @@ class TaskSpec:
     model_types: tuple[str, ...] = ()
     # Input fields (among ``inputs``) that hold a video rather than an image.
     videos: tuple[str, ...] = ()
+    # Served only through a route whose backends include a remote provider (no local engine).
+    remote_only: bool = False
+    # What the task makes: "image" (outputs checked and stored as images) or "video" (an MP4).
+    output: str = "image"
 
     @property
     def available(self) -> bool:
@@ -140,6 +144,15 @@ TASKS: dict[str, TaskSpec] = {
             videos=("target_url",),
         ),
         TaskSpec(
+            "ahv_video",
+            "cpu",
+            p.AhvVideoPayload,
+            ("image_url",),
+            "Video generation (text or image to video) through a configured remote provider",
+            remote_only=True,
+            output="video",
+        ),
+        TaskSpec(
             "debug_sleep",
             "gpu.diffusion",
             p.DebugSleepPayload,
@@ -169,10 +182,9 @@ ALIASES: dict[str, str] = {
 REMOTE_ONLY = {
     "gg_image": "Image generation through a configured remote provider",
     "cx_image": "Image generation through a configured remote provider",
-    "ahv_video": "Video generation through a configured remote provider",
 }
-# The task whose payload schema and local queue a routed remote-only name takes. ahv_video has
-# none: no local engine generates video (faceswap_video, which edits one, is a local task).
+# The task whose payload schema and local queue a routed remote-only name takes. (ahv_video is a
+# task of its own, ``remote_only``: no local task generates video; faceswap_video edits one.)
 REMOTE_TARGETS = {"gg_image": "generate", "cx_image": "generate"}
 
 
@@ -200,12 +212,10 @@ def resolve(
     """
     canonical = REMOTE_TARGETS.get(name) or ALIASES.get(name, name)
     route = routes.for_task(name, canonical) if routes else None
-    if name in REMOTE_ONLY:
-        if route is None or not route.has_remote:
-            raise TaskUnavailable(f"task {name!r} needs a remote provider route, and none is configured")
-        if name not in REMOTE_TARGETS:
-            raise TaskUnavailable(f"task {name!r} produces video, which remote outputs cannot carry yet")
     spec = TASKS.get(canonical)
+    remote_only = name in REMOTE_ONLY or (spec is not None and spec.remote_only)
+    if remote_only and (route is None or not route.has_remote):
+        raise TaskUnavailable(f"task {name!r} needs a remote provider route, and none is configured")
     if spec is None or (spec.debug_only and not debug_tasks):
         raise UnknownTask(f"unknown task {name!r}")
     if route is not None and route.remote_first:

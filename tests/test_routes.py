@@ -126,9 +126,15 @@ def test_remote_only_tasks_exist_only_through_a_route_with_a_provider(tmp_path: 
     assert catalog.resolve("gg_image", routes=routes).name == "generate"
     with pytest.raises(catalog.TaskUnavailable, match="route"):
         catalog.resolve("cx_image", routes=routes)
+    # ahv_video is a task of its own, on the cpu queue, that only a provider route can serve.
+    with pytest.raises(catalog.TaskUnavailable, match="'ahv_video' needs a remote provider route"):
+        catalog.resolve("ahv_video", routes=routes)
     video = load(tmp_path, document(routes={"ahv_video": [{"backend": "zn"}]})).routes
-    with pytest.raises(catalog.TaskUnavailable, match="video"):
-        catalog.resolve("ahv_video", routes=video)
+    spec = catalog.resolve("ahv_video", routes=video)
+    assert (spec.name, spec.queue, spec.output) == ("ahv_video", "cpu", "video")
+    local_video = load(tmp_path, document(routes={"ahv_video": [{"backend": "local"}]})).routes
+    with pytest.raises(catalog.TaskUnavailable, match="route"):
+        catalog.resolve("ahv_video", routes=local_video)
     local_only = load(tmp_path, document(routes={"gg_image": [{"backend": "local"}]})).routes
     with pytest.raises(catalog.TaskUnavailable):
         catalog.resolve("gg_image", routes=local_only)
