@@ -5,9 +5,10 @@
 - ``POST /v1/jobs`` -> 202 job object; ``Idempotency-Key``: same body -> 200 with ``reused: true``,
   different body -> 409.
 - ``GET /v1/jobs/<id>`` and ``GET /v1/jobs?ids=a,b`` (at most 50) advance jobs queued -> running ->
-  succeeded; a payload prompt containing ``NSFW`` ends ``rejected``; ``face_detect`` answers JSON.
+  succeeded; a payload prompt containing ``NSFW`` ends ``rejected``; ``face_detect`` answers JSON;
+  ``ahv_video`` outputs a tiny real MP4 (a PNG when the prompt contains ``NOT-VIDEO``).
 - ``POST /v1/jobs/<id>/cancel``: queued/running -> cancelled, finished -> 409.
-- Outputs are served at ``/files/<32 hex>.png`` without a key, as in seed 000.
+- Outputs are served at ``/files/<32 hex>.<ext>`` without a key, as in seed 000.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from flask import Response, jsonify, request
 
-from tests.fakes.common import FakeClock, FakeProvider, image_bytes, slow
+from tests.fakes.common import VIDEO_FRAMES, FakeClock, FakeProvider, image_bytes, slow, video_bytes
 
 TASKS = {
     "faceswap",
@@ -35,6 +36,7 @@ TASKS = {
     "gg_image",
     "cx_image",
     "ahv_image",
+    "ahv_video",
 }
 BATCH_LIMIT = 50
 
@@ -109,8 +111,14 @@ class UpstreamFake(FakeProvider):
                 result={"ok": True, "status": "succeeded", "faces": [{"index": 0, "box": [1, 2, 30, 40]}]},
             )
             return
-        name = f"{secrets.token_hex(16)}.png"
-        self.files[name] = (image_bytes(fmt="PNG", size=(50, 30)), "image/png")
+        meta: dict[str, Any] = {"width": 50, "height": 30, "backend": "UPVN1-1"}
+        if job["task"] == "ahv_video" and "NOT-VIDEO" not in str(payload.get("prompt") or ""):
+            name = f"{secrets.token_hex(16)}.mp4"
+            self.files[name] = (video_bytes(size=(64, 48)), "video/mp4")
+            meta = {"width": 64, "height": 48, "frames": VIDEO_FRAMES, "backend": "veo-3.1"}
+        else:
+            name = f"{secrets.token_hex(16)}.png"
+            self.files[name] = (image_bytes(fmt="PNG", size=(50, 30)), "image/png")
         job.update(
             status="succeeded",
             ok=True,
@@ -119,7 +127,7 @@ class UpstreamFake(FakeProvider):
                 "status": "succeeded",
                 "url": f"{request.host_url}files/{name}",
                 "filename": name,
-                "meta": {"width": 50, "height": 30, "backend": "UPVN1-1"},
+                "meta": meta,
             },
         )
 

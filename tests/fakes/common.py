@@ -152,6 +152,32 @@ def image_bytes(*, fmt: str = "PNG", size: tuple[int, int] = (64, 48), seed: int
     return buffer.getvalue()
 
 
+VIDEO_FRAMES = 5  # frames of every fake video (tests count them in what we serve)
+
+
+def video_bytes(*, frames: int = VIDEO_FRAMES, size: tuple[int, int] = (64, 48), fps: int = 8) -> bytes:
+    """A tiny real MP4 (H.264, ``frames`` frames of a moving block), made with PyAV."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            pixels = np.full((size[1], size[0], 3), 40, dtype=np.uint8)
+            pixels[:, i * 4 : i * 4 + 16] = (200, 120, 60)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
 def slow(fault: Fault | None) -> None:
     """Apply a ``slow`` fault: hold the request so the client's read timeout fires."""
     if fault is not None and fault.kind == "slow":

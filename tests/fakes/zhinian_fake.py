@@ -7,6 +7,8 @@
   existing job with ``reused: true``; same key, different body is ``409``.
 - Jobs go queued -> running -> succeeded over polls; a prompt containing ``FAIL-JOB`` ends
   ``failed``, ``EXPIRE-JOB`` ends ``expired``; ``cancel(job_id)`` marks one ``cancelled``.
+- ``video.generate`` jobs output a tiny real MP4 (``result.mp4``); a prompt containing
+  ``NOT-VIDEO`` makes it a PNG instead, as a broken engine might.
 - Assets download through ``/api/v1/assets/<id>/download``, which redirects to a signed storage
   link that, like real object storage, refuses requests carrying API credentials.
 - Finished jobs with a ``webhookUrl`` are POSTed there, signed ``X-Zhinian-Signature: sha256=<hex>``
@@ -25,7 +27,7 @@ from typing import Any
 import requests
 from flask import Response, jsonify, redirect, request
 
-from tests.fakes.common import FakeClock, FakeProvider, image_bytes, slow
+from tests.fakes.common import FakeClock, FakeProvider, image_bytes, slow, video_bytes
 
 CAPABILITIES = ("image.generate", "image.inpaint", "image.upscale", "video.generate")
 STATUSES = ("queued", "running", "succeeded", "failed", "expired", "cancelled")
@@ -110,12 +112,19 @@ class ZhinianFake(FakeProvider):
         job["updatedAt"] = _iso(self.clock())
         if status == "succeeded":
             asset_id = f"asset_{secrets.token_hex(6)}"
+            video = job["capability"] == "video.generate"
+            if video and "NOT-VIDEO" not in str(job["_body"].get("prompt") or ""):
+                kind, name, data, mime = "video", "result.mp4", video_bytes(), "video/mp4"
+            else:
+                kind, name, mime = "image", "result.png", "image/png"
+                data = image_bytes(fmt="PNG", size=(72, 40))
             self.assets[asset_id] = {
                 "id": asset_id,
                 "clientId": job["_client"],
-                "kind": "image",
-                "name": "result.png",
-                "_bytes": image_bytes(fmt="PNG", size=(72, 40)),
+                "kind": kind,
+                "name": name,
+                "_bytes": data,
+                "_type": mime,
             }
             job["outputAssetIds"] = [asset_id]
         elif status == "failed":
@@ -274,7 +283,8 @@ class ZhinianFake(FakeProvider):
                 return self.error("Asset not found.", 404)
             token = secrets.token_urlsafe(16)
             self.storage_tokens[token] = asset_id
-            return redirect(f"/storage/{asset_id}.png?token={token}", code=302)
+            ext = found["name"].rsplit(".", 1)[-1]
+            return redirect(f"/storage/{asset_id}.{ext}?token={token}", code=302)
 
         @app.get("/storage/<name>")
         def storage(name: str):
@@ -284,9 +294,10 @@ class ZhinianFake(FakeProvider):
             if "Authorization" in request.headers or "X-Zhinian-Api-Key" in request.headers:
                 return Response("only one auth mechanism allowed", status=400)
             asset_id = self.storage_tokens.get(request.args.get("token", ""))
-            if asset_id is None or name != f"{asset_id}.png":
+            found = self.assets.get(asset_id or "")
+            if found is None or name != f"{asset_id}.{found['name'].rsplit('.', 1)[-1]}":
                 return Response("forbidden", status=403)
-            return Response(self.assets[asset_id]["_bytes"], content_type="image/png")
+            return Response(found["_bytes"], content_type=found["_type"])
 
 
 def _iso(ts: float) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +40,22 @@ def platform_settings(base: Settings, tmp: Path, **overrides: object) -> Setting
         storage_dir=tmp / "storage",
         **overrides,
     )
+
+
+@contextlib.contextmanager
+def routed_platform(
+    base: Settings, broker_url: str, tmp: Path, routes: dict[str, Any]
+) -> Iterator[Platform]:
+    """The API and workers with ``routes`` as their routes file, as an operator configures it."""
+    path = tmp / "routes.json"
+    path.write_text(json.dumps(routes))
+    plat = Platform(platform_settings(base, tmp, broker_url=broker_url, routes_file=path), tmp / "logs")
+    try:
+        plat.start_api()
+        plat.start_workers()
+        yield plat
+    finally:
+        plat.stop()
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from tests.fakes.aiorch_upstream_fake import UpstreamFake
 from tests.fakes.sensetime_fake import SenseTimeFake
 from tests.fakes.volcengine_fake import VolcengineFake
 from tests.fakes.zhinian_fake import ZhinianFake, sign_webhook
-from tests.integration.conftest import platform_settings
+from tests.integration.conftest import routed_platform
 from tests.support.platform import Platform
 from tests.support.servers import ImageServer
 
@@ -131,17 +131,8 @@ def platform(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Platform]:
     tmp = tmp_path_factory.mktemp("remote")
-    routes = tmp / "routes.json"
-    routes.write_text(json.dumps(routes_document(fakes)))
-    plat = Platform(
-        platform_settings(base_settings, tmp, broker_url=worker_amqp_url, routes_file=routes), tmp / "logs"
-    )
-    try:
-        plat.start_api()
-        plat.start_workers()
+    with routed_platform(base_settings, worker_amqp_url, tmp, routes_document(fakes)) as plat:
         yield plat
-    finally:
-        plat.stop()
 
 
 @pytest.fixture(scope="module")
