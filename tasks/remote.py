@@ -17,7 +17,8 @@ provider. The flow, with every fact a later step needs kept in Postgres rather t
    50 ids); the other jobs' own poll chains then find themselves polled and wait for their next
    turn. Every poll touches the job row, so the sweep can tell a quiet remote job from a lost one.
    Outputs are downloaded with a size cap, checked like inputs, and stored through the same code
-   as local outputs, so clients get our own URLs.
+   as local outputs, so clients get our own URLs. A video task's (``ahv_video``) are probed like
+   video inputs and stored as MP4; its route skips the backends that cannot make video.
 
 Providers never see the client's raw inputs: ``prepare`` already fetched and checked them into
 storage, and the provider gets those bytes, inline where it takes base64 (Volcengine) and as a
@@ -57,6 +58,7 @@ from config.routes import (
     DEFAULT_TIMEOUT,
     LOCAL,
     Route,
+    RouteStep,
 )
 from inference.base import (
     ContentRejected,
@@ -70,6 +72,7 @@ from inference.remote import (
     InvalidWebhookSignature,
     ProviderError,
     ProviderRetryableError,
+    RemoteOutput,
     RemoteProvider,
     RemoteResult,
     RemoteStatus,
@@ -349,7 +352,7 @@ def _submit(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, first_ste
     _submit_later(app, job, claim, retry + 1, 0, countdown)
 
 
-def _makes_video(rt: Runtime, step: Any) -> bool:
+def _makes_video(rt: Runtime, step: RouteStep) -> bool:
     return not step.is_local and bool(getattr(client_for(rt.settings, step.backend), "makes_video", False))
 
 
@@ -850,7 +853,9 @@ def _outcome(
     return JobStatus.FAILED, None, error
 
 
-def _video_output(rt: Runtime, job: Job, client: RemoteProvider, index: int, output: Any) -> OutputFile:
+def _video_output(
+    rt: Runtime, job: Job, client: RemoteProvider, index: int, output: RemoteOutput
+) -> OutputFile:
     """One video output, downloaded and checked like a video input, as a scratch MP4 to store.
 
     The same probe as inputs (``check_video``: container, byte size, pixels, frame count from the
