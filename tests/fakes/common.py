@@ -155,15 +155,21 @@ def image_bytes(*, fmt: str = "PNG", size: tuple[int, int] = (64, 48), seed: int
 VIDEO_FRAMES = 5  # frames of every fake video (tests count them in what we serve)
 
 
-def video_bytes(*, frames: int = VIDEO_FRAMES, size: tuple[int, int] = (64, 48), fps: int = 8) -> bytes:
-    """A tiny real MP4 (H.264, ``frames`` frames of a moving block), made with PyAV."""
+def video_bytes(
+    *,
+    frames: int = VIDEO_FRAMES,
+    size: tuple[int, int] = (64, 48),
+    fps: int = 8,
+    container_format: str = "mp4",
+) -> bytes:
+    """A tiny real video (H.264, ``frames`` frames of a moving block; MP4 unless told), made with PyAV."""
     from fractions import Fraction
 
     import av
     import numpy as np
 
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
+    with av.open(buffer, "w", format=container_format) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"

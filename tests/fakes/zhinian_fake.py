@@ -8,7 +8,7 @@
 - Jobs go queued -> running -> succeeded over polls; a prompt containing ``FAIL-JOB`` ends
   ``failed``, ``EXPIRE-JOB`` ends ``expired``; ``cancel(job_id)`` marks one ``cancelled``.
 - ``video.generate`` jobs output a tiny real MP4 (``result.mp4``); a prompt containing
-  ``NOT-VIDEO`` makes it a PNG instead, as a broken engine might.
+  ``NOT-VIDEO`` makes it a PNG instead, as a broken engine might, and ``MKV-VIDEO`` a Matroska file.
 - Assets download through ``/api/v1/assets/<id>/download``, which redirects to a signed storage
   link that, like real object storage, refuses requests carrying API credentials.
 - Finished jobs with a ``webhookUrl`` are POSTed there, signed ``X-Zhinian-Signature: sha256=<hex>``
@@ -113,7 +113,11 @@ class ZhinianFake(FakeProvider):
         if status == "succeeded":
             asset_id = f"asset_{secrets.token_hex(6)}"
             video = job["capability"] == "video.generate"
-            if video and "NOT-VIDEO" not in str(job["_body"].get("prompt") or ""):
+            prompt = str(job["_body"].get("prompt") or "")
+            if video and "MKV-VIDEO" in prompt:
+                kind, name, mime = "video", "result.mkv", "video/x-matroska"
+                data = video_bytes(container_format="matroska")
+            elif video and "NOT-VIDEO" not in prompt:
                 kind, name, data, mime = "video", "result.mp4", video_bytes(), "video/mp4"
             else:
                 kind, name, mime = "image", "result.png", "image/png"

@@ -168,6 +168,11 @@ def test_a_provider_returning_a_picture_for_a_video_fails_the_job_with_a_clear_c
     assert job["error"]["code"] == "remote_output_invalid"
     assert job["error"]["details"]["problem"] == "input_not_video"
     assert "zn" in job["error"]["message"] and job["result"] is None
+    # A real video, but not the MP4 that ahv_video promises and /files/ serves.
+    mkv = run(platform, "ahv_video", {"prompt": "MKV-VIDEO please"})
+    assert mkv["status"] == "failed", mkv
+    assert mkv["error"]["code"] == "remote_output_invalid"
+    assert mkv["error"]["details"]["problem"] == "output_not_mp4"
 
 
 def test_ahv_video_payloads_are_checked_and_its_parameters_listed(platform: Platform) -> None:
