@@ -8,6 +8,7 @@ from flask import Flask, request
 from app import blocking, jobs, management, provider_webhooks, system
 from app.auth import authenticate
 from app.errors import JsonApi, register_error_handlers
+from app.schemas import StrictJSONProvider
 from app.services import Services
 from config import Settings
 
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
         MAX_CONTENT_LENGTH=settings.max_input_bytes * 2,
         JSON_SORT_KEYS=False,
     )
+    app.json = StrictJSONProvider(app)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["aiorch"] = Services.build(settings, celery)
     api = JsonApi(app, spec_kwargs={"info": {"description": "Self-hosted AI image job platform"}})
@@ -56,4 +58,3 @@ def _json_without_content_type() -> None:
         request.environ["CONTENT_TYPE"] = "application/json"
         for cached in ("_parsed_content_type", "mimetype", "mimetype_params", "content_type"):
             request.__dict__.pop(cached, None)  # werkzeug caches the parsed header
-

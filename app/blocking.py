@@ -17,13 +17,15 @@ import psycopg2
 import psycopg2.extensions
 from flask import current_app, request
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
+from marshmallow import Schema
 
 from app.jobs import create_job, owned_job
-from app.schemas import JobSchema
+from app.schemas import Blueprint, JobSchema
 from models.jobstore import FINAL_CHANNEL
 from models.public import job_object
 from models.state import FINAL_STATUSES
+from tasks import catalog
 
 log = logging.getLogger("aiorch.api")
 blp = Blueprint("blocking", __name__, description="Blocking endpoints (seed 000): wait for the result")
@@ -151,8 +153,22 @@ def run_blocking(task: str) -> tuple[dict[str, Any], int]:
     return job_object(owned_job(job_id)), 200
 
 
+def _body_schema(task: str) -> type[Schema] | dict[str, Any]:
+    """The OpenAPI request body: the task's payload schema (``/faceswap`` takes either face
+    swap's); a task with no local payload schema (``ahv_video``) takes any object."""
+    names = ["faceswap", "faceswap_multi"] if task == "faceswap" else [task]
+    canonical = [catalog.REMOTE_TARGETS.get(n) or catalog.ALIASES.get(n, n) for n in names]
+    schemas = [catalog.TASKS[n].schema for n in canonical if n in catalog.TASKS]
+    if not schemas:
+        return {"type": "object"}
+    return schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+
+
 def _make_view(task: str) -> type[MethodView]:
     class BlockingView(MethodView):
+        @blp.doc(
+            requestBody={"required": True, "content": {"application/json": {"schema": _body_schema(task)}}}
+        )
         @blp.response(200, JobSchema)
         def post(self) -> tuple[dict[str, Any], int]:
             return run_blocking(task)

@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from flask_smorest import Api
+from marshmallow import Schema, fields, validate
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 
@@ -81,8 +82,22 @@ def error_response(exc: HTTPException) -> ResponseReturnValue:
     return response
 
 
+class ErrorDetailSchema(Schema):
+    code = fields.String(required=True, validate=validate.Regexp(r"^[a-z][a-z0-9_]*$"))
+    message = fields.String(required=True, validate=validate.Length(min=1))
+    details = fields.Raw(metadata={"description": "Which fields were wrong, and why"})
+
+
+class ErrorSchema(Schema):
+    """The one error shape (documents every error response of the OpenAPI spec)."""
+
+    error = fields.Nested(ErrorDetailSchema, required=True)
+
+
 class JsonApi(Api):
     """flask-smorest's Api with our error shape instead of its own."""
+
+    ERROR_SCHEMA = ErrorSchema
 
     def handle_http_exception(self, error: HTTPException) -> ResponseReturnValue:
         return error_response(error)

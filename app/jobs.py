@@ -11,13 +11,21 @@ from typing import Any
 
 from flask import current_app, g, request
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 from kombu.exceptions import OperationalError
-from marshmallow import ValidationError
+from marshmallow import RAISE, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from app.schemas import JobCreateSchema, JobListSchema, JobQueryArgsSchema, JobSchema, check_webhook_url
+from app.schemas import (
+    JOB_ID_RE,
+    Blueprint,
+    JobCreateSchema,
+    JobListSchema,
+    JobQueryArgsSchema,
+    JobSchema,
+    check_webhook_url,
+)
 from app.services import Services
 from models.db import utcnow
 from models.jobs import Job, WebhookDelivery
@@ -42,7 +50,8 @@ def services() -> Services:
 def owned_job(job_id: str) -> Job:
     """The caller's job, or 404 (another client's job is not found, never forbidden)."""
     with services().db.session() as session:
-        job = session.get(Job, job_id) if len(job_id) == 32 else None
+        # Not a job id, not looked up: a NUL byte in the path would make psycopg2 raise (a 500).
+        job = session.get(Job, job_id) if JOB_ID_RE.fullmatch(job_id) else None
     if job is None or job.client_id != g.client_id:
         abort(404, code="job_not_found", message=f"No job {job_id}.")
     return job
@@ -119,8 +128,12 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
 
     fingerprint = request_fingerprint(body)
     if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= 255:
-            abort(400, code="invalid_idempotency_key", message="Idempotency-Key must be 1 to 255 characters.")
+        if not (1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
+            abort(
+                400,
+                code="invalid_idempotency_key",
+                message="Idempotency-Key must be 1 to 255 printable characters.",
+            )
         existing = _idempotent_match(svc, idempotency_key, fingerprint)
         if existing is not None:
             return existing, 200
@@ -198,7 +211,9 @@ class Jobs(MethodView):
         """Create a job"""
         return create_job(body, request.headers.get("Idempotency-Key"))
 
-    @blp.arguments(JobQueryArgsSchema, location="query")
+    # webargs ignores unknown query parameters unless told otherwise; ?stauts=queued must be a 422,
+    # not every job.
+    @blp.arguments(JobQueryArgsSchema, location="query", unknown=RAISE)
     @blp.response(200, JobListSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List jobs, newest first"""

@@ -8,13 +8,14 @@ from typing import Any
 
 from flask import Response, current_app, g
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 from marshmallow import Schema, fields, validate
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import case, func, select
 
+from app.schemas import Blueprint
 from config import QUEUES
 from models.jobs import Job, WebhookDelivery
 from models.public import job_object
@@ -290,6 +291,11 @@ class JobCollector:
 
 @blp.route("/metrics")
 class Metrics(MethodView):
+    # Public, like /healthz (see app/auth.py), and plain text, not JSON.
+    @blp.doc(
+        security=[],
+        responses={"200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     def get(self) -> Response:
         """Prometheus exposition"""
         registry = current_app.extensions.get("aiorch_registry")

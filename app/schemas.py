@@ -3,18 +3,74 @@
 from __future__ import annotations
 
 import json
+import math
 import re
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import flask_smorest
+from flask.json.provider import DefaultJSONProvider
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+from webargs.core import missing
+from webargs.flaskparser import FlaskParser, is_json_request
 
 from models.state import JobStatus
+from tasks import catalog
 from tasks.payloads import literal_private_host
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 PROGRESS_EVENTS = ("job.started", "job.progress")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+def strict_json_loads(data: str | bytes) -> Any:
+    """A request body as RFC 8259 JSON. Python's json reads ``NaN``/``Infinity`` (and ``1e400`` as
+    infinity), which Postgres cannot store and no other client would send, and raises
+    RecursionError on deeply nested arrays: here all of these are a ``JSONDecodeError``, which the
+    parsers answer with a 400/422 instead of a 500."""
+    text = data.decode("utf-8", errors="strict") if isinstance(data, bytes | bytearray) else data
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise json.JSONDecodeError(f"not valid JSON: {exc}", text, 0) from None
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's ``request.get_json`` through ``strict_json_loads`` (the blocking endpoints)."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return strict_json_loads(s)
+
+
+class StrictJsonParser(FlaskParser):
+    """webargs reads bodies with the stdlib json itself; this reads them with ``strict_json_loads``."""
+
+    def _raw_load_json(self, req: Any) -> Any:
+        if not is_json_request(req):
+            return missing
+        try:
+            return strict_json_loads(req.get_data(cache=True))
+        except UnicodeDecodeError as exc:
+            raise json.JSONDecodeError(f"not UTF-8: {exc.reason}", " ", exc.start) from None
+
+
+class Blueprint(flask_smorest.Blueprint):
+    """flask-smorest's Blueprint, its request bodies parsed as strict JSON."""
+
+    ARGUMENTS_PARSER = StrictJsonParser()
 
 
 class JobCreateSchema(Schema):
@@ -28,7 +84,11 @@ class JobCreateSchema(Schema):
     )
     payload = fields.Dict(load_default=dict, metadata={"description": "The task's parameters"})
     webhook_url = fields.Url(
-        schemes={"http", "https"}, require_tld=False, allow_none=True, validate=validate.Length(max=2048)
+        schemes={"http", "https"},
+        require_tld=False,
+        allow_none=True,
+        # marshmallow's URL check lets NUL and lone surrogates through; Postgres stores neither.
+        validate=[validate.Length(max=2048), validate.Regexp(r"^[^\x00-\x1f\x7f\ud800-\udfff]*$")],
     )
     webhook_events = fields.List(
         fields.String(validate=validate.OneOf(PROGRESS_EVENTS)),
@@ -87,16 +147,30 @@ class JobQueryArgsSchema(Schema):
         unknown = RAISE
 
     status = fields.String(validate=validate.OneOf([s.value for s in JobStatus]))
-    task = fields.String(validate=validate.Length(min=1, max=64))
+    # The enum and the pattern only document what the view and ``_ids`` check (and say it exactly,
+    # so a client, or a fuzzer, can tell an accepted filter from a refused one).
+    task = fields.String(validate=validate.Length(min=1, max=64), metadata={"enum": catalog.known_names()})
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
     before = fields.AwareDateTime(format="iso", default_timezone=UTC)
-    ids = fields.String(metadata={"description": "Comma-separated job ids (at most 50)"})
+    ids = fields.String(
+        metadata={
+            "description": "Comma-separated job ids (at most 50)",
+            "pattern": r"^,*[0-9a-f]{32}(?:,+[0-9a-f]{32}){0,49},*$",
+        }
+    )
+
+    @validates("before")
+    def _before(self, value: datetime, **_: Any) -> None:
+        try:
+            value.astimezone(UTC)  # 0001-01-01T00:00+23:59 is before the first instant we can store
+        except OverflowError:
+            raise ValidationError("out of range") from None
 
     @validates("ids")
     def _ids(self, value: str, **_: Any) -> None:
         ids = [part for part in value.split(",") if part]
         if not ids or len(ids) > 50:
             raise ValidationError("give 1 to 50 comma-separated job ids")
-        bad = [part for part in ids if not JOB_ID_RE.match(part)]
+        bad = [part for part in ids if not JOB_ID_RE.fullmatch(part)]
         if bad:
             raise ValidationError(f"not a job id: {bad[0]}")
