@@ -15,6 +15,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision are pinned as a pair that installs from this machine's disk.
 	$(PY) -m pip install -q -e '.[gpu,dev]'
+	# mediapipe (the weight-free face mesh engine) without its declared deps: its numpy<2,
+	# protobuf<5 and opencv-contrib-python pins are wrong for us (it runs on numpy 2 and
+	# protobuf 6) and would downgrade numpy and replace OpenCV. Its real needs are in the gpu extra.
+	$(PY) -m pip install -q --no-deps 'mediapipe==0.10.21'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP) ## create .venv and install aiorch with engines and dev tools

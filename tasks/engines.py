@@ -252,8 +252,10 @@ _landmark_engines: dict[int, Any] = {}
 
 def face_engine(call: EngineCall) -> Any:
     """The InsightFace engine when the store holds all three of its ONNX models, else the
-    weight-free landmark engine. Both are built once per worker process and kept."""
-    from inference.faceswap import InsightFaceSwapper, LandmarkFaceSwapper
+    weight-free mediapipe mesh engine when mediapipe imports, else the Haar landmark engine.
+    Each is built once per worker process and kept. face_detect comes here too, so it reports
+    the faces (and indices) of the engine that swaps them."""
+    from inference.faceswap import InsightFaceSwapper, LandmarkFaceSwapper, MeshFaceSwapper
     from inference.model_store import FACE_ROLES
 
     limit = call.settings.max_faces
@@ -279,8 +281,14 @@ def face_engine(call: EngineCall) -> Any:
             # them, and result.meta.backend says which engine ran.
             log.warning("InsightFace models unusable, using the landmark engine: %s", exc)
     if limit not in _landmark_engines:
-        # The Haar cascades take ~0.1 s to parse; once per worker process, not per job.
-        _landmark_engines[limit] = LandmarkFaceSwapper(max_faces=limit)
+        # Building either takes ~0.1-2 s (mediapipe's import and graphs, or the Haar cascades);
+        # once per worker process, not per job.
+        try:
+            _landmark_engines[limit] = MeshFaceSwapper(max_faces=limit)
+        except EngineError as exc:
+            # mediapipe is installed apart from the extras (--no-deps, see the Makefile).
+            log.warning("mediapipe face mesh unavailable, using the Haar landmark engine: %s", exc)
+            _landmark_engines[limit] = LandmarkFaceSwapper(max_faces=limit)
     return _landmark_engines[limit]
 
 

@@ -8,6 +8,7 @@ tiny ones built here and registered in a real ``models.json``.
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,11 @@ def test_face_engine_is_the_landmark_engine_until_all_three_insightface_models_a
     face_settings: Settings,
 ) -> None:
     pytest.importorskip("onnxruntime")
-    from inference.faceswap import InsightFaceSwapper, LandmarkFaceSwapper
+    from inference.faceswap import InsightFaceSwapper, LandmarkFaceSwapper, MeshFaceSwapper
     from inference.model_store import ModelStore
     from tests.inference.face_models import build_face_models, red_cells
+
+    weight_free = (MeshFaceSwapper, LandmarkFaceSwapper)  # which one: the tests below
 
     root = face_settings.models_dir
     paths = build_face_models(root)
@@ -138,8 +141,8 @@ def test_face_engine_is_the_landmark_engine_until_all_three_insightface_models_a
     store.add(paths["recognition"], id=f"rec-{suffix}")
 
     first = engines.face_engine(call_for(face_settings, "face_detect", {"image_url": URL}, {}))
-    assert isinstance(first, LandmarkFaceSwapper)
-    # Kept per worker process: the cascades are not parsed again for the next job.
+    assert isinstance(first, weight_free)
+    # Kept per worker process: its models are not loaded again for the next job.
     assert engines.face_engine(call_for(face_settings, "face_detect", {"image_url": URL}, {})) is first
 
     store.add(paths["swapper"], id=f"swap-{suffix}")
@@ -173,7 +176,48 @@ def test_face_engine_is_the_landmark_engine_until_all_three_insightface_models_a
     store.add(broken, id=f"swap2-{suffix}")
     store.remove(f"det-{suffix}")
     store.remove(f"rec-{suffix}")
-    assert isinstance(engines.face_engine(call), LandmarkFaceSwapper)
+    assert isinstance(engines.face_engine(call), weight_free)
+
+
+def _weight_free_jobs(settings: Settings, target: Image.Image) -> tuple[Any, Any, Any]:
+    """The engine face_engine picks with no InsightFace models, and a face_detect and a faceswap
+    run through the adapters on ``target``."""
+    detect = call_for(settings, "face_detect", {"image_url": URL}, {"image_url": target})
+    swap = call_for(
+        settings,
+        "faceswap",
+        {"source_url": URL, "target_url": URL, "upscale": 0},
+        {"source_url": Image.fromarray(marked_source(GREEN)), "target_url": target},
+    )
+    return engines.face_engine(detect), engines.run_face_detect(detect), engines.run_faceswap(swap)
+
+
+def test_face_engine_is_the_mediapipe_mesh_engine_when_mediapipe_imports(
+    face_settings: Settings, one_face: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mediapipe")
+    from inference.faceswap import MeshFaceSwapper
+
+    monkeypatch.setattr(engines, "_landmark_engines", {})
+    engine, detected, swapped = _weight_free_jobs(face_settings, one_face)
+    assert isinstance(engine, MeshFaceSwapper)
+    # face_detect and the swap ran on the same engine, so their face indices agree.
+    assert detected.backend == swapped.backend == "landmark-mediapipe-mesh"
+    assert len(detected.data["faces"]) == 1 and swapped.images[0].meta["swapped_faces_index"] == [0]
+
+
+def test_face_engine_falls_back_to_the_haar_engine_when_mediapipe_cannot_be_imported(
+    face_settings: Settings, one_face: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference.faceswap import LandmarkFaceSwapper
+
+    # None in sys.modules makes `import mediapipe` raise ImportError, as on a machine without it.
+    monkeypatch.setitem(sys.modules, "mediapipe", None)
+    monkeypatch.setattr(engines, "_landmark_engines", {})
+    engine, detected, swapped = _weight_free_jobs(face_settings, one_face)
+    assert isinstance(engine, LandmarkFaceSwapper)
+    assert detected.backend == swapped.backend == "landmark-opencv-haar"
+    assert len(detected.data["faces"]) == 1 and swapped.images[0].meta["swapped_faces_index"] == [0]
 
 
 def test_face_engine_limit_follows_aiorch_max_faces(face_settings: Settings, one_face: Image.Image) -> None:
@@ -291,9 +335,18 @@ def test_inputs_are_decoded_upright_by_their_exif_orientation(face_settings: Set
         call = call_for(face_settings, "face_detect", {"image_url": URL}, {"image_url": image})
         return engines.run_face_detect(call).data["faces"]
 
-    # The cascade finds no face lying on its side; the decoded picture has it upright.
-    assert faces(raw) == []
-    assert len(faces(upright)) == 1
+    def level(face: dict[str, Any]) -> bool:
+        marks = face["landmarks"]
+        if "left_eye" not in marks:
+            return False
+        dx, dy = np.subtract(marks["right_eye"], marks["left_eye"])
+        return abs(dy) < 0.3 * abs(dx)
+
+    # Lying on its side the face is not found (the Haar cascade) or found with its eyes one above
+    # the other (the mediapipe mesh); the decoded picture has it upright, eyes level.
+    assert not any(level(face) for face in faces(raw))
+    found = faces(upright)
+    assert len(found) == 1 and (level(found[0]) or not found[0]["landmarks"])
 
 
 # ---------------------------------------------------------------------------------------------

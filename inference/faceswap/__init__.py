@@ -1,15 +1,19 @@
 """Face detection and face swap engines (issue 6).
 
-- ``LandmarkFaceSwapper`` / ``FaceDetector``: weight-free, OpenCV Haar cascades.
+- ``MeshFaceSwapper`` / ``MeshDetector``: weight-free, mediapipe's 468-point face mesh (its
+  models ship in the mediapipe wheel), Delaunay-triangle warp.
+- ``LandmarkFaceSwapper`` / ``FaceDetector``: weight-free, OpenCV Haar cascades; the fallback
+  where mediapipe cannot be imported.
 - ``InsightFaceSwapper``: SCRFD + ArcFace + inswapper ONNX models from the model store.
 
-Both expose ``face_detect``, ``faceswap`` and ``faceswap_multi`` with the same parameters,
+All expose ``face_detect``, ``faceswap`` and ``faceswap_multi`` with the same parameters,
 errors and face index order; see ``common.FaceSwapEngine``.
 """
 
 from inference.faceswap.common import KEYPOINT_NAMES, Face, FaceSwapEngine, order_faces
 from inference.faceswap.insight import InsightFaceSwapper
 from inference.faceswap.landmark import FaceDetector, LandmarkFaceSwapper
+from inference.faceswap.mesh import MeshDetector, MeshFaceSwapper
 
 __all__ = [
     "KEYPOINT_NAMES",
@@ -18,5 +22,7 @@ __all__ = [
     "FaceSwapEngine",
     "InsightFaceSwapper",
     "LandmarkFaceSwapper",
+    "MeshDetector",
+    "MeshFaceSwapper",
     "order_faces",
 ]

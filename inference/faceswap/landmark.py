@@ -1,14 +1,13 @@
-"""The weight-free face engine: OpenCV Haar cascades, eye-based alignment, Poisson blending.
+"""The fallback weight-free face engine: OpenCV Haar cascades, eye-based alignment, Poisson blending.
 
-It is what a fresh install has before an operator adds the InsightFace models, and it is named
-for what it is. It finds faces and eye centres with the Haar cascades OpenCV (< 5) ships
-inside its wheel, so it needs no download and no model store. It does *not* have a dense
-landmark mesh: mediapipe 0.10.21, the last release that ships its face mesh, pins numpy < 2,
-protobuf < 5 and a second OpenCV wheel, which the rest of the platform (OpenCV 4.14 needs
-numpy >= 2, onnx needs protobuf >= 6) cannot share. The swap is therefore a similarity warp
-fixed by the two eyes (or by the face boxes when the eyes are not found), colour matched and
-Poisson-cloned inside a feathered face oval: a faithful "paste this face there" for frontal
-faces, not an identity-preserving neural swap.
+The dense-landmark engine (``mesh.py``, mediapipe's 468-point face mesh) is the weight-free
+engine of a full install; this one serves where mediapipe cannot be imported (it is installed
+with ``--no-deps`` outside the ``gpu`` extra, see the Makefile), and it is named for what it is.
+It finds faces and eye centres with the Haar cascades OpenCV (< 5) ships inside its wheel, so it
+needs nothing but OpenCV. Having no dense landmarks, its swap is a similarity warp fixed by the
+two eyes (or by the face boxes when the eyes are not found), colour matched and Poisson-cloned
+inside a feathered face oval: a faithful "paste this face there" for frontal faces, not an
+identity-preserving neural swap.
 """
 
 from __future__ import annotations
@@ -23,28 +22,14 @@ from inference.faceswap.common import (
     DEFAULT_MAX_FACES,
     Face,
     FaceSwapEngine,
-    alpha_blend,
+    drop_duplicates,
     expand_box,
-    feather,
     keep_largest,
-    match_colour,
-    seamless_clone,
+    paste_face,
     similarity_transform,
 )
 
 BACKEND = "landmark-opencv-haar"
-
-
-def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """Intersection over the smaller box: 1.0 when one box lies inside the other.
-
-    Plain IoU misses the cascade's typical duplicate, a small box on the lower half of a face
-    inside the full face box; two real faces never overlap that much.
-    """
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return ix * iy / smaller if smaller > 0 else 0.0
 
 
 class FaceDetector:
@@ -121,10 +106,7 @@ class FaceDetector:
         # The cascade's own grouping still leaves a face inside a larger face box now and then;
         # keep the better-voted one of any heavily overlapping pair (eyes found count first:
         # a box whose eyes sit where eyes belong is the real face).
-        kept: list[Face] = []
-        for face in sorted(candidates, key=lambda f: (f.kps is not None, f.score), reverse=True):
-            if all(_overlap(face.box, k.box) < 0.5 for k in kept):
-                kept.append(face)
+        kept = drop_duplicates(candidates, rank=lambda f: (f.kps is not None, f.score))
         return keep_largest(kept, self.max_faces)
 
     def _find_eyes(self, gray: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray | None:
@@ -203,18 +185,7 @@ class LandmarkFaceSwapper(FaceSwapEngine):
         axes = (max(2, int(0.40 * face.width)), max(2, int(0.50 * face.height)))
         cv2.ellipse(oval, (round(cx), round(cy)), axes, 0, 0, 360, 255, -1)
         mask = cv2.bitwise_and(oval, inside_source)
-        if cv2.countNonZero(mask) < 64:
-            raise EngineError("the source face does not cover the target face", code="swap_failed")
-
-        target_roi = rgb[y0:y1, x0:x1]
-        warped = match_colour(warped, target_roi, mask)
-        cloned = seamless_clone(warped, target_roi, mask)
-        alpha_roi = feather(mask, max(2, int(0.06 * face.width)))
-        out = rgb.copy()
-        out[y0:y1, x0:x1] = alpha_blend(cloned, target_roi, alpha_roi)
-        alpha = np.zeros((height, width), np.float32)
-        alpha[y0:y1, x0:x1] = alpha_roi
-        return out, alpha
+        return paste_face(rgb, (x0, y0, x1, y1), warped, mask, max(2, int(0.06 * face.width)))
 
 
 def _alignment(source: Face, target: Face) -> np.ndarray:
