@@ -36,8 +36,9 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## throughput and latency benchmark; prints a table, writes bench-results/
+bench: $(STAMP) ## throughput and latency benchmark (Postgres+RabbitMQ, then embedded); writes bench-results/
 	$(PY) -m tests.bench.run
+	$(PY) -m tests.bench.run --embedded
 
 bench-gpu: $(STAMP) ## GPU engines via a real worker vs the raw library call (CPU smoke run without CUDA)
 	$(PY) -m tests.bench.gpu

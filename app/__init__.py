@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from celery import Celery
-from flask import Flask, request
+from typing import TYPE_CHECKING
 
-from app import blocking, jobs, management, provider_webhooks, system
-from app.auth import authenticate
-from app.errors import JsonApi, register_error_handlers
-from app.schemas import StrictJSONProvider
-from app.services import Services
 from config import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from flask import Flask
 
 
 def create_app(settings: Settings | None = None, celery: Celery | None = None) -> Flask:
+    # Imported here, not at module level: ``python -m app.cli`` imports this package first, and
+    # the gunicorn master (and every other CLI command) need not carry the whole web stack.
+    from flask import Flask
+
+    from app import blocking, jobs, management, provider_webhooks, system
+    from app.auth import authenticate
+    from app.errors import JsonApi, register_error_handlers
+    from app.schemas import StrictJSONProvider
+    from app.services import Services
+
     settings = settings or Settings.from_env()
     app = Flask("aiorch")
     app.config.update(
@@ -49,6 +57,8 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
 def _json_without_content_type() -> None:
     """``curl -d '{...}'`` sends JSON labelled as a form. A body that starts like a JSON object is
     read as JSON instead of being silently seen as empty (which would name every field missing)."""
+    from flask import request
+
     if request.method not in ("POST", "PUT", "PATCH") or request.is_json:
         return
     if request.mimetype not in ("", "application/x-www-form-urlencoded", "text/plain"):

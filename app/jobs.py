@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,6 +56,22 @@ def owned_job(job_id: str) -> Job:
     if job is None or job.client_id != g.client_id:
         abort(404, code="job_not_found", message=f"No job {job_id}.")
     return job
+
+
+PREDICTION_TTL = 2.0  # seconds an estimate is reused for more jobs of the same task
+_predictions: dict[str, tuple[float, float]] = {}  # engine task -> (monotonic time, seconds)
+
+
+def _predicted(session: Any, engine_task: str) -> float:
+    """``predict_seconds`` for this task, reused for ``PREDICTION_TTL``: the estimate moves with
+    jobs that finish over seconds, and recomputing it costs every POST two more queries."""
+    now = time.monotonic()
+    cached = _predictions.get(engine_task)
+    if cached is not None and now - cached[0] < PREDICTION_TTL:
+        return cached[1]
+    value = predict_seconds(session, engine_task)
+    _predictions[engine_task] = (now, value)
+    return value
 
 
 def _admit(svc: Services, client_id: str, now: datetime) -> None:
@@ -165,7 +182,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     )
     try:
         with svc.db.session() as session:
-            job.predict_time = predict_seconds(session, spec.name)
+            job.predict_time = _predicted(session, spec.name)
             session.add(job)
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race.

@@ -520,15 +520,17 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
         recovered += 1
     removed = rt.store.expired_files()
     rt.storage.delete_outputs(removed)
-    from tasks.webhooks import due_deliveries
+    from tasks.webhooks import due_deliveries, lost_finishes
 
     retried = due_deliveries(rt, app)
+    resent = lost_finishes(rt, app)
     return {
         "expired": len(expired),
         "republished": republished,
         "recovered": recovered,
         "files_removed": len(removed),
         "webhooks_retried": retried,
+        "webhooks_resent": resent,
     }
 
 

@@ -12,11 +12,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from config import Settings
-from inference.watermark import to_eight_bit
 
 CONTENT_TYPES = {
     "jpg": "image/jpeg",
@@ -37,6 +35,12 @@ class SavedFile:
 
 
 def encode_image(image: Image.Image, fmt: str) -> bytes:
+    # Imported here: only workers encode outputs, and the API process (which builds a Storage to
+    # serve and delete files) must load neither numpy nor the engines.
+    import numpy as np
+
+    from inference.watermark import to_eight_bit
+
     buffer = io.BytesIO()
     if fmt != "png":
         # JPEG and WebP hold 8 bits per channel: 16-bit grey is scaled down, not clipped.

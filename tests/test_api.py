@@ -268,6 +268,21 @@ def test_the_api_never_imports_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_an_api_process_loads_neither_numpy_nor_the_engines_and_the_cli_not_even_flask() -> None:
+    # What every gunicorn process of the API carries; the master runs `app.cli` only.
+    code = (
+        "import sys; import app.cli; assert not {'flask', 'sqlalchemy', 'celery'} & set(sys.modules), 'cli'; "
+        "from app import create_app; from config import Settings; "
+        "create_app(Settings.from_env({'AIORCH_VAR_DIR': sys.argv[1]})); "
+        "loaded = {m.split('.')[0] for m in sys.modules}; "
+        "assert not {'numpy', 'inference', 'torch', 'cv2', 'onnxruntime'} & loaded, loaded"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as var:
+        subprocess.run([sys.executable, "-c", code, var], check=True, timeout=60)
+
+
 def test_database_down_is_503_with_retry_after_not_a_500(settings: Settings) -> None:
     # Port 1 on loopback refuses at once: the state of a Postgres that is down or restarting.
     down = settings.with_overrides(database_url="postgresql://postgres@127.0.0.1:1/aiorch")
