@@ -73,7 +73,10 @@ def claim_partners(rt: Runtime, job: Job) -> list[tuple[Claim, Job]]:
     partners: list[tuple[Claim, Job]] = []
     seen = {job.id}
     while True:
-        for candidate in _ready(rt, job, seen, limit=4 * settings.upscale_max_batch):
+        waiting = _queued(rt, job, seen, limit=4 * settings.upscale_max_batch)
+        for candidate in waiting:
+            if candidate.stage != "run" or candidate.cancel_requested:
+                continue  # still fetching its inputs: it may be ready on a later look
             seen.add(candidate.id)
             if batch_key(candidate) != key:
                 continue
@@ -87,45 +90,28 @@ def claim_partners(rt: Runtime, job: Job) -> list[tuple[Claim, Job]]:
             if len(partners) >= wanted:
                 return partners
         left = deadline - time.monotonic()
-        if left <= 0 or not _others_queued(rt, job, seen):
-            return partners
+        if left <= 0 or not any(c.id not in seen for c in waiting):
+            return partners  # nothing else of the task is queued: don't wait for it
         time.sleep(min(POLL_SECONDS, left))
 
 
-def _ready(rt: Runtime, job: Job, seen: set[str], limit: int) -> list[Job]:
-    """Queued jobs of the same task and queue whose inputs are fetched, oldest first."""
+def _queued(rt: Runtime, job: Job, seen: set[str], limit: int) -> list[Job]:
+    """Queued jobs of the same task and queue not looked at yet, ready or still fetching their
+    inputs, oldest first: one query tells both which can join now and whether to wait."""
     with rt.db.session() as session:
         return list(
             session.scalars(
                 select(Job)
                 .where(
                     Job.status == JobStatus.QUEUED.value,
-                    Job.stage == "run",
                     Job.engine_task == job.engine_task,
                     Job.queue == job.queue,
-                    Job.cancel_requested.is_(False),
                     Job.id.not_in(seen),
                 )
                 .order_by(Job.priority.desc(), Job.queued_at)
                 .limit(limit)
             )
         )
-
-
-def _others_queued(rt: Runtime, job: Job, seen: set[str]) -> bool:
-    """Whether any unseen job of the task is queued (ready, or still fetching its inputs)."""
-    with rt.db.session() as session:
-        found = session.scalar(
-            select(Job.id)
-            .where(
-                Job.status == JobStatus.QUEUED.value,
-                Job.engine_task == job.engine_task,
-                Job.queue == job.queue,
-                Job.id.not_in(seen),
-            )
-            .limit(1)
-        )
-        return found is not None
 
 
 class BatchControl:

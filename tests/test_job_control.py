@@ -55,10 +55,22 @@ def test_progress_writes_are_throttled_and_cancel_is_seen_on_the_next_step(
 
     # Cancelled after step 90: the very next step's check sees it.
     assert stopped_at == cancel_at + 1
-    # ~1 s of steps: one write at the start and one per PROGRESS_INTERVAL after, not one per step.
+    # ~1 s of steps: one write per PROGRESS_INTERVAL counted from the claim, not one per step.
     writes = progress_writes(statements)
-    assert 2 <= writes <= 1 + elapsed / PROGRESS_INTERVAL + 1, (writes, elapsed)
+    assert 1 <= writes <= elapsed / PROGRESS_INTERVAL, (writes, elapsed)
     assert writes < stopped_at / 10
+
+
+def test_a_job_shorter_than_the_progress_interval_writes_no_progress(
+    db: Database, statements: list[str]
+) -> None:
+    store = JobStore(db, max_attempts=3)
+    control = JobControl(store, store.claim(make_job(db), redelivered=False))
+    statements.clear()
+    for step in range(10):
+        control.progress(10 * step)
+        assert not control.should_stop()
+    assert progress_writes(statements) == 0
 
 
 def test_a_cancel_seen_once_stays_seen_without_more_queries(db: Database, statements: list[str]) -> None:
