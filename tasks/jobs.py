@@ -465,7 +465,9 @@ def finish_job(self: JobTask, job_id: str) -> None:
     rt.storage.remove_inputs(job_id)
     from tasks.webhooks import schedule_event
 
-    schedule_event(self.app, job)
+    # This task already runs on the cpu queue, where deliveries run: the first attempt is made
+    # here rather than queued (under the same per-receiver breaker and timeouts).
+    schedule_event(self.app, job, now=True)
 
 
 # -- sweeps -----------------------------------------------------------------------------------------

@@ -132,22 +132,24 @@ def event_body(job: Job, event: str, event_id: str) -> dict[str, Any]:
     return body
 
 
-def schedule_event(app: Any, job: Job, event: str = FINISHED) -> None:
+def schedule_event(app: Any, job: Job, event: str = FINISHED, now: bool = False) -> None:
     """Queue one event for delivery. ``job.started`` and ``job.progress`` go only to jobs that
-    opted in with ``webhook_events``; ``job.finished`` goes to every job with a webhook_url."""
+    opted in with ``webhook_events``; ``job.finished`` goes to every job with a webhook_url.
+
+    ``now``: make the first attempt in this process instead of queueing it, for callers that
+    already run on the cpu queue (``finish_job``): one broker hop less between a job's end and
+    its webhook. Retries are queued as usual."""
     if not job.webhook_url:
         return
     if event != FINISHED and event not in (job.webhook_events or ()):
         return
     event_id = finished_event_id(job.id) if event == FINISHED else new_id()
     body = json.dumps(event_body(job, event, event_id), separators=(",", ":"))
-    publish(
-        app,
-        DELIVER,
-        job.id,
-        "cpu",
-        task_kwargs={"event_id": event_id, "event": event, "body": body, "attempt": 1},
-    )
+    kwargs = {"event_id": event_id, "event": event, "body": body, "attempt": 1}
+    if now:
+        deliver_webhook(job.id, **kwargs)  # a direct call runs the task body here, synchronously
+        return
+    publish(app, DELIVER, job.id, "cpu", task_kwargs=kwargs)
 
 
 @shared_task(bind=True, base=JobTask, name=DELIVER, queue="cpu", soft_time_limit=30, time_limit=45)
