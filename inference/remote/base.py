@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import requests
@@ -111,6 +111,14 @@ class RemoteResult:
 
 
 # --------------------------------------------------------------------------------------- errors
+
+
+class ProviderErrorContext(TypedDict):
+    """The keyword arguments a client's error mapper passes to every error it may raise."""
+
+    provider: str
+    provider_code: str | int | None
+    http_status: int | None
 
 
 class ProviderException(Exception):

@@ -29,6 +29,7 @@ from inference.remote.base import (
     HttpClient,
     ProviderAuthError,
     ProviderError,
+    ProviderErrorContext,
     ProviderRejected,
     ProviderRetryableError,
     RemoteOutput,
@@ -218,7 +219,7 @@ class SenseTimeClient(HttpClient):
             raise ProviderError(f"HTTP {status}", provider=self.name, http_status=status)
         code = _code(error)
         message = str(error.get("message") or f"error code {code}")
-        kwargs = {"provider": self.name, "provider_code": code, "http_status": status}
+        kwargs: ProviderErrorContext = {"provider": self.name, "provider_code": code, "http_status": status}
         if code == 18:
             raise ProviderRejected(message, **kwargs)
         if code == 16:
@@ -288,9 +289,9 @@ class SenseTimeClient(HttpClient):
             for chunk in chunked(list(ids), MAX_BATCH):
                 body = self._call("GET", batch_path, json={"task_ids": list(chunk)})
                 for item in body.get("results") or []:
-                    remote_id = ids.get(str(item.get("task_id")))
-                    if remote_id is not None:
-                        results[remote_id] = _to_result(remote_id, family, item)
+                    answered_id = ids.get(str(item.get("task_id")))
+                    if answered_id is not None:
+                        results[answered_id] = _to_result(answered_id, family, item)
         # An id the batch answer left out is asked about alone, so it gets a definite answer
         # (a 404 becomes a failed result) instead of silently never finishing.
         for remote_id in remote_ids:
@@ -422,7 +423,7 @@ def _lora(item: Any) -> dict[str, Any]:
     if isinstance(item, str):
         return {"model_id": item}
     if isinstance(item, Mapping) and (item.get("model_id") or item.get("id")):
-        lora = {"model_id": str(item.get("model_id") or item.get("id"))}
+        lora: dict[str, Any] = {"model_id": str(item.get("model_id") or item.get("id"))}
         weight = item.get("merge_weight", item.get("weight"))
         if weight is not None:
             if not 0 < float(weight) < 2:
@@ -644,7 +645,8 @@ def _image_output(img: Mapping[str, Any]) -> RemoteOutput:
 
 
 def _faceswap_result(remote_id: str, body: Mapping[str, Any]) -> RemoteResult:
-    task = body.get("task") if isinstance(body.get("task"), Mapping) else body
+    found = body.get("task")
+    task: Mapping[str, Any] = found if isinstance(found, Mapping) else body
     raw = dict(body)
     if _int(task.get("state")) != 1:
         return RemoteResult(remote_id, RemoteStatus.RUNNING, raw=raw)

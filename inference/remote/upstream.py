@@ -19,6 +19,7 @@ from inference.remote.base import (
     HttpClient,
     ProviderAuthError,
     ProviderError,
+    ProviderErrorContext,
     ProviderRejected,
     ProviderRetryableError,
     RemoteOutput,
@@ -80,7 +81,11 @@ class UpstreamClient(HttpClient):
                 code, message = error.get("code"), str(error.get("message") or message)
         except (ValueError, AttributeError):
             pass
-        kwargs = {"provider": self.name, "provider_code": code or status, "http_status": status}
+        kwargs: ProviderErrorContext = {
+            "provider": self.name,
+            "provider_code": code or status,
+            "http_status": status,
+        }
         if status == 401:
             raise ProviderAuthError(message, **kwargs)
         if status in (429, 503) or status >= 500:
@@ -188,7 +193,8 @@ class UpstreamClient(HttpClient):
             return RemoteResult(remote_id, RemoteStatus.RUNNING, raw=raw)
         progress = job.get("progress") if isinstance(job.get("progress"), int | float) else None
         if status is RemoteStatus.SUCCEEDED:
-            result = job.get("result") if isinstance(job.get("result"), Mapping) else {}
+            found = job.get("result")
+            result: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
             outputs = self._outputs(result)
             data = None if outputs else {k: v for k, v in result.items() if k not in ("ok", "status")}
             if not outputs and not data:
@@ -201,7 +207,8 @@ class UpstreamClient(HttpClient):
                 )
             return RemoteResult(remote_id, status, outputs=outputs, data=data, progress=100.0, raw=raw)
         if status.final:
-            error = job.get("error") if isinstance(job.get("error"), Mapping) else {}
+            found = job.get("error")
+            error: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
             return RemoteResult(
                 remote_id,
                 status,

@@ -32,6 +32,7 @@ from inference.remote.base import (
     HttpClient,
     ProviderAuthError,
     ProviderError,
+    ProviderErrorContext,
     ProviderRejected,
     ProviderRetryableError,
     RemoteOutput,
@@ -213,7 +214,11 @@ class VolcengineClient(HttpClient):
             return
         code = str(error.get("Code") or "")
         message = str(error.get("Message") or code or "gateway error")
-        kwargs = {"provider": self.name, "provider_code": code, "http_status": response.status_code}
+        kwargs: ProviderErrorContext = {
+            "provider": self.name,
+            "provider_code": code,
+            "http_status": response.status_code,
+        }
         if code in _AUTH_GATEWAY_CODES or response.status_code in (401, 403):
             raise ProviderAuthError(message, **kwargs)
         if code in _RETRY_GATEWAY_CODES or response.status_code >= 500 or response.status_code == 429:
@@ -283,7 +288,8 @@ class VolcengineClient(HttpClient):
                 http_status=response.status_code,
                 code="invalid_input" if response.status_code == 400 else "provider_error",
             )
-        data = answer.get("data") if isinstance(answer.get("data"), Mapping) else {}
+        found = answer.get("data")
+        data: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
         task_id = data.get("task_id")
         if not task_id:
             raise ProviderRetryableError(
@@ -330,7 +336,8 @@ class VolcengineClient(HttpClient):
                 error_message=str(answer.get("message") or f"error code {code}"),
                 raw=raw,
             )
-        data = answer.get("data") if isinstance(answer.get("data"), Mapping) else {}
+        found = answer.get("data")
+        data: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
         status = data.get("status")
         if status == "in_queue":
             return RemoteResult(remote_id, RemoteStatus.QUEUED, raw=raw)

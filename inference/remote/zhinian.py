@@ -28,6 +28,7 @@ from inference.remote.base import (
     InvalidWebhookSignature,
     ProviderAuthError,
     ProviderError,
+    ProviderErrorContext,
     ProviderRetryableError,
     RemoteOutput,
     RemoteRef,
@@ -90,9 +91,11 @@ class ZhinianClient(HttpClient):
             return {"Authorization": f"Bearer {self._api_key.reveal()}"}
         return {"X-Zhinian-Api-Key": self._api_key.reveal()}
 
-    def _call(self, method: str, path: str, *, json_body: Any = None, headers: Mapping[str, str] = ()) -> Any:
+    def _call(
+        self, method: str, path: str, *, json_body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> Any:
         response = self._send(
-            method, self.base_url + path, json=json_body, headers={**self._auth_headers(), **dict(headers)}
+            method, self.base_url + path, json=json_body, headers={**self._auth_headers(), **(headers or {})}
         )
         if response.status_code < 400:
             return self._json(response)
@@ -104,7 +107,7 @@ class ZhinianClient(HttpClient):
             message = str(response.json().get("error") or f"HTTP {status}")
         except (ValueError, AttributeError):
             message = f"HTTP {status}"
-        kwargs = {"provider": self.name, "provider_code": status, "http_status": status}
+        kwargs: ProviderErrorContext = {"provider": self.name, "provider_code": status, "http_status": status}
         if status == 401 or status == 403:
             raise ProviderAuthError(message, **kwargs)
         if status == 429 or status >= 500:
