@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from config import Settings
@@ -40,6 +41,15 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE run through ``Session.execute`` matched.
+
+    ``Session.execute`` is typed to return a plain ``Result`` whatever the statement; for DML it
+    returns a ``CursorResult``, which is the class that carries ``rowcount``.
+    """
+    return cast("CursorResult[Any]", result).rowcount
 
 
 class Base(DeclarativeBase):

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from models.db import Database, utcnow
+from models.db import Database, rowcount, utcnow
 from models.jobs import Job, StoredFile, WebhookDelivery
 from models.state import FINAL_STATUSES, JobStatus, sources_of, timestamps_for
 
@@ -123,7 +123,7 @@ class JobStore:
                 .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.stage == "prepare")
                 .values(inputs=inputs, stage="run", updated_at=now, dispatched_at=now)
             )
-            return bool(done.rowcount)
+            return bool(rowcount(done))
 
     def claim(self, job_id: str, *, redelivered: bool) -> Claim:
         """Take a prepared job for running, with a fresh fencing token.
@@ -151,7 +151,7 @@ class JobStore:
                     **timestamps_for(JobStatus.RUNNING, now),
                 )
             )
-            if not taken.rowcount and redelivered:
+            if not rowcount(taken) and redelivered:
                 taken = session.execute(
                     update(Job)
                     .where(
@@ -162,7 +162,7 @@ class JobStore:
                     )
                     .values(attempts=Job.attempts + 1, claim_token=token, started_at=now, updated_at=now)
                 )
-            if taken.rowcount:
+            if rowcount(taken):
                 attempts = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 1
                 return Claim(job_id, token, attempts)
             refusal = self._refusal(session, job_id, redelivered)
@@ -251,7 +251,7 @@ class JobStore:
                 )
                 .values(**values)
             )
-            if not done.rowcount:
+            if not rowcount(done):
                 return False
             for stored in files:
                 stored.expires_at = expires
@@ -278,9 +278,9 @@ class JobStore:
             .where(Job.id == job_id, Job.status.in_(sources))
             .values(status=status.value, error=error, stage="done", **timestamps_for(status, utcnow()))
         )
-        if done.rowcount:
+        if rowcount(done):
             notify_final(session, job_id)
-        return bool(done.rowcount)
+        return bool(rowcount(done))
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job: ``queued`` ends at once; ``running`` is flagged for its engine to stop.
@@ -302,7 +302,7 @@ class JobStore:
                 .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
                 .values(cancel_requested=True, updated_at=utcnow())
             )
-            if flagged.rowcount:
+            if rowcount(flagged):
                 return JobStatus.RUNNING.value
             status = session.scalar(select(Job.status).where(Job.id == job_id))
             raise ClaimRefused(f"job is already {status}")

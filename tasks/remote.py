@@ -79,7 +79,7 @@ from inference.remote import (
     build_client,
     idempotency_key_for_job,
 )
-from models.db import Database, utcnow
+from models.db import Database, rowcount, utcnow
 from models.jobs import Job, StoredFile
 from models.jobstore import Claim, ClaimRefused, new_id
 from models.state import JobStatus
@@ -410,7 +410,7 @@ def _record_remote(rt: Runtime, claim: Claim, backend: str, remote_id: str, firs
                 updated_at=now,
             )
         )
-        return bool(done.rowcount)
+        return bool(rowcount(done))
 
 
 # -- the inputs a provider sees ---------------------------------------------------------------------
@@ -497,7 +497,7 @@ def _public_copies(rt: Runtime, job: Job, claim: Claim, route: Route | None) -> 
         kept = session.execute(
             update(Job).where(Job.id == job.id, Job.claim_token == claim.token).values(inputs=dict(inputs))
         )
-        if not kept.rowcount:
+        if not rowcount(kept):
             # Fenced off meanwhile: the copies are nobody's.
             rt.storage.delete_outputs([row.name for row in rows])
             raise ClaimRefused("the claim was lost while copying the inputs")
@@ -751,7 +751,7 @@ def _lease_due(rt: Runtime, job: Job, limit: int, now: datetime, due_by: datetim
                 )
                 .values(next_poll_at=now + timedelta(seconds=POLL_LEASE), updated_at=now)
             )
-            if taken.rowcount:
+            if rowcount(taken):
                 leased.append(candidate)
         session.expunge_all()
     return leased
@@ -978,7 +978,7 @@ def resume_remote(rt: Runtime, app: Any, job_id: str, silent_for: float) -> bool
             )
             .values(claim_token=token, next_poll_at=None, updated_at=utcnow())
         )
-        if not taken.rowcount:
+        if not rowcount(taken):
             return False  # it spoke up meanwhile
     claim = Claim(job.id, token, job.attempts)
     if job.remote_id and job.backend in rt.settings.routes.providers:
