@@ -85,10 +85,14 @@ class _PinnedMixin:
             infos = socket.getaddrinfo(self._dns_host, self.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise urllib3.exceptions.NameResolutionError(self._dns_host, self, exc) from exc  # type: ignore[arg-type]
-        addresses = [info[4][0] for info in infos]
-        blocked = [a for a in addresses if not _is_public(a)]
-        if blocked:
-            raise PrivateAddressError(f"{self._dns_host} resolves to a non-public address ({blocked[0]})")
+        addresses: list[str] = []
+        for *_, sockaddr in infos:
+            address = sockaddr[0]
+            # A Python built without IPv6 reports an AF_INET6 address as (int, bytes): it can be
+            # neither checked nor dialled, so it is refused like a private one.
+            if not isinstance(address, str) or not _is_public(address):
+                raise PrivateAddressError(f"{self._dns_host} resolves to a non-public address ({address})")
+            addresses.append(address)
         self._dns_host = addresses[0]
         return super()._new_conn()  # type: ignore[misc]
 
