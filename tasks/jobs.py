@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -538,5 +538,12 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
     }
 
 
-def _limits(spec: catalog.TaskSpec) -> dict[str, int]:
+class _TimeLimits(TypedDict):
+    """``send_task`` options: typed keys, so ``**`` cannot be mistaken for ``publish``'s own arguments."""
+
+    soft_time_limit: int
+    time_limit: int
+
+
+def _limits(spec: catalog.TaskSpec) -> _TimeLimits:
     return {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}
