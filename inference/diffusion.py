@@ -22,7 +22,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -442,6 +442,9 @@ class DiffusionModels:
 
 class _DiffusionEngine:
     task = ""
+    # Each engine's __call__ takes its own task's keywords; declared here (an annotation only)
+    # so that code holding any engine of ENGINES may call it.
+    __call__: Callable[..., EngineResult]
 
     def __init__(self, models: DiffusionModels):
         self.models = models

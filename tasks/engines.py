@@ -6,6 +6,7 @@ never pull torch in, and a GPU worker must load its models in the forked child, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -125,9 +126,8 @@ def upscale_engine(call: EngineCall) -> Any:
         device = torch_device() if candidates else "cpu"
         for model_id, path in choose_sr_model(candidates, scale=payload["scale"]):
             try:
-                engine = load_cached(
-                    f"sr:{model_id}", path, lambda m=model_id, p=path: Upscaler(p, model_id=m, device=device)
-                )
+                loader = functools.partial(Upscaler, path, model_id=model_id, device=device)
+                engine = load_cached(f"sr:{model_id}", path, loader)
                 break
             except EngineError:
                 if entry is not None:
