@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from flask import current_app, g, request
-from flask_smorest import abort
+
+from app.errors import abort
 
 # Paths open without a key: health, metrics, the OpenAPI document and docs, and output files
 # (served under unguessable names, as in seed 000).

@@ -17,9 +17,9 @@ import psycopg2
 import psycopg2.extensions
 from flask import current_app, request
 from flask.views import MethodView
-from flask_smorest import abort
 from marshmallow import Schema
 
+from app.errors import abort
 from app.jobs import create_job, owned_job
 from app.schemas import Blueprint, JobSchema
 from models.jobstore import FINAL_CHANNEL

@@ -15,6 +15,10 @@ from flask.typing import ResponseReturnValue
 from flask_smorest import Api
 from marshmallow import Schema, fields, validate
 from sqlalchemy.exc import DBAPIError
+
+# The views' abort. flask_smorest re-exports this same function but ships no py.typed, so through
+# it mypy sees Any and cannot tell that abort never returns; imported from webargs it is NoReturn.
+from webargs.flaskparser import abort as abort
 from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 
 log = logging.getLogger("aiorch.api")

@@ -13,12 +13,12 @@ from typing import Any
 
 from flask import current_app, g, request
 from flask.views import MethodView
-from flask_smorest import abort
 from kombu.exceptions import OperationalError
 from marshmallow import RAISE, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from app.errors import abort
 from app.schemas import (
     JOB_ID_RE,
     Blueprint,

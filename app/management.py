@@ -8,13 +8,13 @@ from typing import Any
 
 from flask import Response, current_app, g
 from flask.views import MethodView
-from flask_smorest import abort
 from marshmallow import Schema, fields, validate
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import case, func, select
+from sqlalchemy import ColumnElement, case, func, select
 
+from app.errors import abort
 from app.schemas import Blueprint
 from config import QUEUES
 from models.jobs import Job, WebhookDelivery
@@ -251,6 +251,7 @@ class JobCollector:
             ):
                 jobs.add_metric([task, status], count)
             yield jobs
+            seconds: ColumnElement[Any]
             if db.is_postgres:
                 seconds = func.extract("epoch", Job.finished_at - Job.started_at)
             else:

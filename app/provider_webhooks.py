@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, request
 from flask.typing import ResponseReturnValue
-from flask_smorest import abort
+
+from app.errors import abort
 
 blp = Blueprint("provider_webhooks", __name__)
 

@@ -6,8 +6,9 @@ from typing import Any
 
 from flask import Blueprint, current_app, send_file
 from flask.typing import ResponseReturnValue
-from flask_smorest import abort
 from sqlalchemy import text
+
+from app.errors import abort
 
 blp = Blueprint("system", __name__)
 
