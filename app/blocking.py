@@ -140,7 +140,9 @@ def run_blocking(task: str) -> tuple[dict[str, Any], int]:
     svc = current_app.extensions["aiorch"]
 
     def is_final() -> bool:
-        return svc.store.get(job_id).status in FINAL_STATUSES  # type: ignore[union-attr]
+        # A job deleted while its request waits is over too: owned_job below answers 404.
+        job = svc.store.get(job_id)
+        return job is None or job.status in FINAL_STATUSES
 
     if not waiter().wait(job_id, is_final, svc.settings.sync_timeout):
         abort(
@@ -155,7 +157,7 @@ def run_blocking(task: str) -> tuple[dict[str, Any], int]:
 
 def _body_schema(task: str) -> type[Schema] | dict[str, Any]:
     """The OpenAPI request body: the task's payload schema (``/faceswap`` takes either face
-    swap's); a task with no local payload schema (``ahv_video``) takes any object."""
+    swap's); a name with no payload schema of its own takes any object."""
     names = ["faceswap", "faceswap_multi"] if task == "faceswap" else [task]
     canonical = [catalog.REMOTE_TARGETS.get(n) or catalog.ALIASES.get(n, n) for n in names]
     schemas = [catalog.TASKS[n].schema for n in canonical if n in catalog.TASKS]

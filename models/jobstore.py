@@ -380,4 +380,5 @@ class JobStore:
             session.query(StoredFile).filter(StoredFile.job_id == job_id).delete()
             session.query(WebhookDelivery).filter(WebhookDelivery.job_id == job_id).delete()
             session.query(Job).filter(Job.id == job_id).delete()
+            notify_final(session, job_id)  # a blocking request waiting on it answers at once
             return names

@@ -495,8 +495,10 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
             if stage == "prepare":
                 publish(app, PREPARE, job_id, "cpu", priority)
             elif not republish_remote(rt, app, job_id, priority):
-                spec = catalog.TASKS[rt.store.get(job_id).engine_task]  # type: ignore[union-attr]
-                publish(app, RUN, job_id, queue, priority, **_limits(spec))
+                job = rt.store.get(job_id)
+                if job is None:
+                    continue  # deleted since stuck_jobs listed it
+                publish(app, RUN, job_id, queue, priority, **_limits(catalog.TASKS[job.engine_task]))
         except OperationalError:
             break
         rt.store.mark_dispatched(job_id)

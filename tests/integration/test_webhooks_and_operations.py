@@ -262,6 +262,39 @@ def test_blocking_endpoint_times_out_with_504_and_the_job_goes_on(
     requests.post(f"{platform.base_url}/v1/jobs/{job_id}/cancel", headers=H, timeout=5)
 
 
+def test_a_job_deleted_while_its_blocking_request_waits_answers_404_at_once(
+    platform: Platform, images: ImageServer
+) -> None:
+    import threading
+
+    answers: list[requests.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(
+            requests.post(
+                f"{platform.base_url}/upscale",
+                json={"image_url": images.url("slow/big.png")},
+                headers=H,
+                timeout=30,
+            )
+        )
+    )
+    waiting.start()
+    deadline = time.monotonic() + 10
+    job_id = None
+    while job_id is None and time.monotonic() < deadline:
+        listed = requests.get(f"{platform.base_url}/v1/jobs?limit=1", headers=H, timeout=5).json()["jobs"]
+        if listed and listed[0]["status"] in ("queued", "running") and listed[0]["metadata"].get("blocking"):
+            job_id = listed[0]["job_id"]
+        time.sleep(0.05)
+    assert job_id is not None
+    deleted = time.monotonic()
+    assert requests.delete(f"{platform.base_url}/v1/jobs/{job_id}", headers=H, timeout=5).status_code == 204
+    waiting.join(timeout=10)
+    assert answers and answers[0].status_code == 404, answers and answers[0].text
+    assert answers[0].json()["error"]["code"] == "job_not_found"
+    assert time.monotonic() - deleted < 1.5  # woken by the delete, not by the sync timeout (3 s)
+
+
 def test_blocking_endpoints_for_missing_engines_say_which_task(platform: Platform) -> None:
     response = requests.post(
         f"{platform.base_url}/ahv/image", json={"prompt": "a cat"}, headers=H, timeout=10
