@@ -344,6 +344,9 @@ def flower() -> None:
             "--address=127.0.0.1",
             f"--port={settings.flower_port}",
             f"--basic-auth={settings.flower_user}:{password}",
+            # Workers answer inspect over the broker; the default 1 s wait drops the replies of a
+            # busy worker (or of the embedded transport's polled folders) and shows no workers.
+            "--inspect_timeout=3000",
             # Queue depths of an amqp broker come from RabbitMQ's management API.
             *([f"--broker_api={settings.broker_management_api}"] if settings.broker_management_api else []),
         ],
