@@ -620,9 +620,81 @@ def bench_superres(bench: Bench) -> dict[str, Any]:
     return details
 
 
+# -- faceswap ----------------------------------------------------------------------------------------
+
+
+def bench_faceswap(bench: Bench) -> dict[str, Any]:
+    """Swaps per second on a 1080p target with 1 and 4 faces: a real ``faceswap`` job (started_at
+    to finished_at: decode, engine, PNG encode and store) against the same engine's ``faceswap``
+    called in this process on the same images. Whichever engine the worker picks (InsightFace
+    when its models are installed, else the landmark engine) is the one called raw."""
+    from PIL import Image
+
+    from inference.faceswap import LandmarkFaceSwapper, MeshFaceSwapper
+    from tests.inference.face_images import astronaut, group
+
+    side = (540, 960) if bench.small else (1080, 1920)
+    k = side[0] / 1080
+    targets = {
+        1: group([(int(760 * k), int(240 * k), 2.4 * k)], size=side)[0],
+        4: group([(int(x * k), int(380 * k), 1.3 * k) for x in (120, 560, 1000, 1440)], size=side)[0],
+    }
+    source = Image.fromarray(astronaut())
+    source_uri = data_uri(source)
+    details: dict[str, Any] = {"target": f"{side[1]}x{side[0]}", "faces": {}}
+    raw_engine: Any = None
+    for faces, rgb in targets.items():
+        target = Image.fromarray(rgb)
+        payload = {
+            "source_url": source_uri,
+            "target_url": data_uri(target),
+            "upscale": 0,
+            "max_side": max(side),
+            "format": "png",
+        }
+        first = bench.job("faceswap", payload)  # warm-up: the worker builds its face engine
+        backend = first["result"]["meta"]["backend"]
+        if raw_engine is None:
+            if backend.startswith("insightface"):
+                raise RuntimeError("raw InsightFace comparison needs the store's model paths; not wired")
+            mesh = backend.startswith("landmark-mediapipe")
+            raw_engine = MeshFaceSwapper() if mesh else LandmarkFaceSwapper()
+        raw_engine.faceswap(source, target, max_side=max(side))  # warm-up of the raw engine
+        worker_s, raw_s = [], []
+        for i in range(bench.repeats):
+            worker_s.append(job_seconds(bench.job("faceswap", payload)))
+            t0 = time.perf_counter()
+            raw_engine.faceswap(source, target, max_side=max(side))
+            raw_s.append(time.perf_counter() - t0)
+            say(
+                f"faceswap {faces} face(s) {i + 1}/{bench.repeats}: "
+                f"job {worker_s[-1]:.3f}s raw {raw_s[-1]:.3f}s"
+            )
+        job_median, raw_median = median(worker_s), median(raw_s)
+        overhead = ratio(job_median, raw_median)
+        bench.row(
+            "faceswap",
+            f"{side[1]}x{side[0]}, {faces} face(s): swaps/s, job vs raw engine",
+            round(faces / job_median, 2) if job_median else None,
+            round(faces / raw_median, 2) if raw_median else None,
+            overhead,
+            "info (job time includes decode + PNG encode)",
+            None,
+            "",
+        )
+        details["faces"][faces] = {
+            "backend": backend,
+            "job_s": worker_s,
+            "raw_s": raw_s,
+            "overhead": overhead,
+        }
+    return details
+
+
 SECTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "diffusion": bench_diffusion,
     "superres": bench_superres,
+    "faceswap": bench_faceswap,
 }
 
 
