@@ -43,19 +43,26 @@ def platform_settings(base: Settings, tmp: Path, **overrides: object) -> Setting
 
 
 @contextlib.contextmanager
-def routed_platform(
-    base: Settings, broker_url: str, tmp: Path, routes: dict[str, Any]
-) -> Iterator[Platform]:
-    """The API and workers with ``routes`` as their routes file, as an operator configures it."""
-    path = tmp / "routes.json"
-    path.write_text(json.dumps(routes))
-    plat = Platform(platform_settings(base, tmp, broker_url=broker_url, routes_file=path), tmp / "logs")
+def running_platform(settings: Settings, tmp: Path) -> Iterator[Platform]:
+    """The API under gunicorn and the cpu and gpu workers on ``settings``, stopped on exit."""
+    plat = Platform(settings, tmp / "logs")
     try:
         plat.start_api()
         plat.start_workers()
         yield plat
     finally:
         plat.stop()
+
+
+@contextlib.contextmanager
+def routed_platform(
+    base: Settings, broker_url: str, tmp: Path, routes: dict[str, Any]
+) -> Iterator[Platform]:
+    """The API and workers with ``routes`` as their routes file, as an operator configures it."""
+    path = tmp / "routes.json"
+    path.write_text(json.dumps(routes))
+    with running_platform(platform_settings(base, tmp, broker_url=broker_url, routes_file=path), tmp) as plat:
+        yield plat
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +70,5 @@ def platform(
     base_settings: Settings, worker_amqp_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     tmp = tmp_path_factory.mktemp("platform")
-    plat = Platform(platform_settings(base_settings, tmp, broker_url=worker_amqp_url), tmp / "logs")
-    try:
-        plat.start_api()
-        plat.start_workers()
+    with running_platform(platform_settings(base_settings, tmp, broker_url=worker_amqp_url), tmp) as plat:
         yield plat
-    finally:
-        plat.stop()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from config import Settings
 from tests.conftest import KEYS
-from tests.integration.conftest import platform_settings
+from tests.integration.conftest import platform_settings, running_platform
 from tests.support.platform import Platform
 
 pytestmark = pytest.mark.integration
@@ -44,16 +44,11 @@ def platform(
         models_dir=models,
         prompt_blocklist=("forbidden thing",),
     )
-    plat = Platform(settings, tmp / "logs")
-    try:
-        plat.start_api()
-        plat.start_workers()
+    with running_platform(settings, tmp) as plat:
         # The first diffusion model is installed while the API and the workers already run.
         AT_START["generate_installed"] = _generate_installed(plat)
         ModelStore(models).add(save_tiny_sd(models / "tiny-sd"), id="tiny-sd")
         yield plat
-    finally:
-        plat.stop()
 
 
 AT_START: dict[str, bool] = {}

@@ -13,7 +13,7 @@ from PIL import Image
 
 from config import Settings
 from tests.conftest import KEYS
-from tests.integration.conftest import platform_settings
+from tests.integration.conftest import platform_settings, running_platform
 from tests.support.platform import Platform
 from tests.support.servers import ImageServer
 
@@ -52,15 +52,9 @@ def platform(
     base_settings: Settings, worker_amqp_url: str, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     tmp = tmp_path_factory.mktemp("engines")
-    plat = Platform(
-        platform_settings(base_settings, tmp, broker_url=worker_amqp_url, models_dir=models_dir), tmp / "logs"
-    )
-    try:
-        plat.start_api()
-        plat.start_workers()
+    settings = platform_settings(base_settings, tmp, broker_url=worker_amqp_url, models_dir=models_dir)
+    with running_platform(settings, tmp) as plat:
         yield plat
-    finally:
-        plat.stop()
 
 
 @pytest.fixture(scope="module")

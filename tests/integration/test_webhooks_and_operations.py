@@ -18,7 +18,7 @@ from config import Settings
 from tasks.celery_app import FINISH, create_celery, publish
 from tasks.jobs import Runtime, sweep
 from tests.conftest import KEYS
-from tests.integration.conftest import platform_settings
+from tests.integration.conftest import platform_settings, running_platform
 from tests.support.platform import Platform
 from tests.support.servers import ImageServer, WebhookReceiver
 
@@ -66,13 +66,8 @@ def platform(
         webhook_retry_base=0.5,
         sync_timeout=3.0,
     )
-    plat = Platform(settings, tmp / "logs")
-    try:
-        plat.start_api()
-        plat.start_workers()
+    with running_platform(settings, tmp) as plat:
         yield plat
-    finally:
-        plat.stop()
 
 
 @pytest.fixture
