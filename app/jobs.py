@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -57,13 +56,6 @@ def owned_job(job_id: str) -> Job:
     if job is None or job.client_id != g.client_id:
         abort(404, code="job_not_found", message=f"No job {job_id}.")
     return job
-
-
-@functools.lru_cache(maxsize=256)
-def _payload_schema(spec: catalog.TaskSpec, allow_private_urls: bool, max_faces: int) -> Any:
-    """One schema instance per task and settings: building one costs more than loading with it,
-    and ``load`` keeps no state on the instance."""
-    return spec.schema(allow_private_urls=allow_private_urls, max_faces=max_faces)  # type: ignore[call-arg]
 
 
 PREDICTION_TTL = 2.0  # seconds an estimate is reused for more jobs of the same task
@@ -143,7 +135,8 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         abort(501, code="task_not_installed", message=str(exc), details={"task": [str(exc)]})
     try:
         check_webhook_url(body.get("webhook_url"), settings.allow_private_urls)
-        payload = _payload_schema(spec, settings.allow_private_urls, settings.max_faces).load(body["payload"])
+        schema = catalog.payload_schema(spec, settings.allow_private_urls, settings.max_faces)
+        payload = schema.load(body["payload"])
     except ValidationError as exc:
         details = exc.messages if "webhook_url" in exc.messages else {"payload": exc.messages}
         abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)

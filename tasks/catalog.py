@@ -7,8 +7,10 @@ refuses it with a clear error instead of queueing a job that can never run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from marshmallow import Schema
 
@@ -228,6 +230,13 @@ def resolve(
             "(aiorch models add PATH)"
         )
     return spec
+
+
+@functools.lru_cache(maxsize=256)
+def payload_schema(spec: TaskSpec, allow_private_urls: bool, max_faces: int) -> Any:
+    """One payload schema instance per task and settings, for the API and the workers alike:
+    building one costs more than loading with it, and ``load`` keeps no state on the instance."""
+    return spec.schema(allow_private_urls=allow_private_urls, max_faces=max_faces)  # type: ignore[call-arg]
 
 
 def known_names(debug_tasks: bool = False) -> list[str]:

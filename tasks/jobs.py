@@ -117,10 +117,7 @@ class JobControl:
 
 
 def validate_payload(spec: catalog.TaskSpec, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    schema = spec.schema(  # type: ignore[call-arg]
-        allow_private_urls=settings.allow_private_urls, max_faces=settings.max_faces
-    )
-    return schema.load(payload)
+    return catalog.payload_schema(spec, settings.allow_private_urls, settings.max_faces).load(payload)
 
 
 # -- prepare ----------------------------------------------------------------------------------------
