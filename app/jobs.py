@@ -34,7 +34,7 @@ from models.jobstore import ClaimRefused, new_id, predict_seconds
 from models.public import iso, job_object
 from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
-from tasks.celery_app import FINISH, PREPARE, publish
+from tasks.celery_app import FINISH, PREPARE, RUN, publish
 from tasks.model_registry import has_model_for
 
 log = logging.getLogger("aiorch.api")
@@ -191,7 +191,21 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         return existing, 200
     # Published only after COMMIT: a worker can never receive an id whose row it cannot see.
     try:
-        publish(svc.celery, PREPARE, job.id, "cpu", job.priority)
+        route = settings.routes.for_task(job.task, spec.name)
+        if catalog.fetch_free(spec, body["payload"]) and not (route is not None and route.remote_first):
+            # Nothing to download: the run queue checks the inputs itself, one queue hop fewer.
+            publish(
+                svc.celery,
+                RUN,
+                job.id,
+                spec.queue,
+                job.priority,
+                task_kwargs={"prepare": True},
+                soft_time_limit=spec.soft_time_limit,
+                time_limit=spec.time_limit,
+            )
+        else:
+            publish(svc.celery, PREPARE, job.id, "cpu", job.priority)
     except (OperationalError, OSError):
         log.warning("broker unreachable; job %s withdrawn", job.id)
         svc.store.delete(job.id)

@@ -125,22 +125,35 @@ class JobStore:
             )
             return bool(rowcount(done))
 
-    def claim(self, job_id: str, *, redelivered: bool) -> Claim:
-        """Take a prepared job for running, with a fresh fencing token.
+    def claim(self, job_id: str, *, redelivered: bool, inputs: dict[str, Any] | None = None) -> Claim:
+        """``claim_job`` without the row."""
+        return self.claim_job(job_id, redelivered=redelivered, inputs=inputs)[0]
+
+    def claim_job(
+        self, job_id: str, *, redelivered: bool, inputs: dict[str, Any] | None = None
+    ) -> tuple[Claim, Job]:
+        """Take a prepared job for running, with a fresh fencing token; returns the claim and the
+        row as it is after the claim (one UPDATE ... RETURNING, no read before or after).
 
         A first delivery may only take a ``queued`` job. A redelivered message (its worker died
         mid-run) may also re-take a ``running`` job, counting another attempt; past the limit the
         job fails instead, so a job that kills its worker every time cannot loop forever.
+
+        ``inputs``: the job was prepared by the claiming worker itself (inputs that needed no
+        network, checked in the run task): the claim also records them and moves the job out of
+        ``prepare``, in the same statement.
         """
         now = utcnow()
         token = new_id()
+        stages = ("prepare", "run") if inputs is not None else ("run",)
+        prepared: dict[str, Any] = {} if inputs is None else {"inputs": inputs, "stage": "run", "dispatched_at": now}
         with self.db.session() as session:
-            taken = session.execute(
+            job = session.scalars(
                 update(Job)
                 .where(
                     Job.id == job_id,
                     Job.status.in_(sources_of(JobStatus.RUNNING)),
-                    Job.stage == "run",
+                    Job.stage.in_(stages),
                     Job.cancel_requested.is_(False),
                     Job.attempts < self.max_attempts,
                 )
@@ -148,11 +161,13 @@ class JobStore:
                     status=JobStatus.RUNNING.value,
                     attempts=Job.attempts + 1,
                     claim_token=token,
+                    **prepared,
                     **timestamps_for(JobStatus.RUNNING, now),
                 )
-            )
-            if not rowcount(taken) and redelivered:
-                taken = session.execute(
+                .returning(Job)
+            ).first()
+            if job is None and redelivered:
+                job = session.scalars(
                     update(Job)
                     .where(
                         Job.id == job_id,
@@ -161,10 +176,10 @@ class JobStore:
                         Job.attempts < self.max_attempts,
                     )
                     .values(attempts=Job.attempts + 1, claim_token=token, started_at=now, updated_at=now)
-                )
-            if rowcount(taken):
-                attempts = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 1
-                return Claim(job_id, token, attempts)
+                    .returning(Job)
+                ).first()
+            if job is not None:
+                return Claim(job_id, token, job.attempts), job
             refusal = self._refusal(session, job_id, redelivered)
         # Raised outside the unit of work, so the final status written by _refusal is committed.
         raise refusal

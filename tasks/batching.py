@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from inference.base import RunControl
+from models.db import utcnow
 from models.jobs import Job
 from models.jobstore import Claim, ClaimRefused
 from models.state import JobStatus
+from tasks.catalog import TASKS, fetch_free
 
 if TYPE_CHECKING:
     from tasks.jobs import Runtime
@@ -36,6 +38,9 @@ log = logging.getLogger("aiorch.tasks")
 # ones stack into one tensor. Larger images keep the device busy on their own.
 BATCH_MAX_SIDE = 512
 POLL_SECONDS = 0.005
+# A job on the prepare queue dispatched longer ago than this is not about to join a batch (a slow
+# download, or a row whose message was lost and awaits the sweep): nobody waits for it.
+FETCH_RECENT_SECONDS = 2.0
 
 
 def batch_key(job: Job) -> tuple[Any, ...] | None:
@@ -58,12 +63,17 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     return (job.queue, payload.get("model"), width, height, scale <= 2)
 
 
-def claim_partners(rt: Runtime, job: Job) -> list[tuple[Claim, Job]]:
+def claim_partners(rt: Runtime, app: Any, job: Job) -> list[tuple[Claim, Job]]:
     """Claim up to ``upscale_max_batch - 1`` waiting jobs that can run in one batch with ``job``.
 
-    Waits up to ``upscale_batch_wait_ms`` for the batch to fill, but only while other jobs of the
-    task are queued at all: a job that is alone on the queue starts at once.
+    A waiting job the API sent straight to the run queue (inputs that need no network) is still at
+    stage ``prepare``: it is prepared here, as its own run task would, and claimed if it fits.
+    Waits up to ``upscale_batch_wait_ms`` for the batch to fill, but only while a job of the task
+    is being fetched on the prepare queue right now: a job alone on the queue, or next to jobs
+    whose messages are long gone, starts at once.
     """
+    from tasks.jobs import checked_inputs  # tasks.jobs imports this module
+
     settings = rt.settings
     wanted = settings.upscale_max_batch - 1
     key = batch_key(job)
@@ -74,25 +84,43 @@ def claim_partners(rt: Runtime, job: Job) -> list[tuple[Claim, Job]]:
     seen = {job.id}
     while True:
         waiting = _queued(rt, job, seen, limit=4 * settings.upscale_max_batch)
+        fetching = False
         for candidate in waiting:
-            if candidate.stage != "run" or candidate.cancel_requested:
-                continue  # still fetching its inputs: it may be ready on a later look
+            if candidate.cancel_requested:
+                continue
+            inputs = None
+            if candidate.stage != "run":
+                if not fetch_free(TASKS[candidate.engine_task], candidate.payload or {}):
+                    # On the prepare queue: worth waiting for if it was dispatched just now.
+                    fetching = fetching or _recent(candidate, FETCH_RECENT_SECONDS)
+                    continue
+                seen.add(candidate.id)
+                inputs = checked_inputs(rt, app, candidate)
+                if inputs is None:
+                    continue  # failed (bad input) or cancelled: ended by checked_inputs
+                candidate.inputs = inputs
             seen.add(candidate.id)
             if batch_key(candidate) != key:
+                if inputs is not None:
+                    # Checked for nothing: record it, so its own run task does not check it again.
+                    rt.store.set_prepared(candidate.id, inputs)
                 continue
             try:
-                claim = rt.store.claim(candidate.id, redelivered=False)
+                claim, claimed = rt.store.claim_job(candidate.id, redelivered=False, inputs=inputs)
             except ClaimRefused:
                 continue  # another worker took it, or it was cancelled meanwhile
-            claimed = rt.store.get(candidate.id)
-            if claimed is not None:
-                partners.append((claim, claimed))
+            partners.append((claim, claimed))
             if len(partners) >= wanted:
                 return partners
         left = deadline - time.monotonic()
-        if left <= 0 or not any(c.id not in seen for c in waiting):
-            return partners  # nothing else of the task is queued: don't wait for it
+        if left <= 0 or not fetching:
+            return partners  # nothing of the task is on its way: don't wait for it
         time.sleep(min(POLL_SECONDS, left))
+
+
+def _recent(job: Job, seconds: float) -> bool:
+    sent = job.dispatched_at or job.queued_at
+    return sent is not None and (utcnow() - sent).total_seconds() < seconds
 
 
 def _queued(rt: Runtime, job: Job, seen: set[str], limit: int) -> list[Job]:

@@ -242,3 +242,21 @@ def payload_schema(spec: TaskSpec, allow_private_urls: bool, max_faces: int) -> 
 def known_names(debug_tasks: bool = False) -> list[str]:
     names = [n for n, s in TASKS.items() if debug_tasks or not s.debug_only]
     return sorted([*names, *ALIASES, *REMOTE_ONLY])
+
+
+# Input references a worker reads without the network: checked on the run queue itself.
+LOCAL_REFS = ("data:", "asset://")
+
+
+def fetch_free(spec: TaskSpec, payload: dict[str, Any]) -> bool:
+    """True when every input of the payload is a ``data:`` URI or a stored asset, and none is a
+    video: such a job skips the prepare queue and its hop (its run task checks the inputs).
+    Anything else, an http(s) URL above all, is fetched on the cpu queue, never on a GPU slot."""
+    if spec.videos and any(payload.get(field) is not None for field in spec.videos):
+        return False
+    for field in spec.inputs:
+        value = payload.get(field)
+        for ref in value if isinstance(value, list) else [value]:
+            if ref is not None and not (isinstance(ref, str) and ref.startswith(LOCAL_REFS)):
+                return False
+    return True

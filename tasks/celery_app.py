@@ -102,12 +102,13 @@ def publish(
     priority: int = 0,
     task_kwargs: dict[str, Any] | None = None,
     **options: Any,
-) -> None:
+) -> Any:
     """Send one job id to a queue; raises kombu's OperationalError when the broker is down.
+    Returns Celery's ``AsyncResult`` (the platform keeps results in its own tables, not there).
 
     ``options`` go to ``send_task`` (e.g. per-task ``soft_time_limit`` / ``time_limit``).
     """
-    app.send_task(
+    return app.send_task(
         task_name,
         args=[job_id],
         kwargs=task_kwargs,

@@ -8,6 +8,8 @@ engine; and holds no database session while the engine works.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, TypedDict
@@ -135,29 +137,15 @@ def prepare_job(self: JobTask, job_id: str) -> None:
     with bind_job(job_id=job_id, task=job.task, worker=self.request.hostname or ""):
         spec = catalog.TASKS[job.engine_task]
         try:
-            payload = validate_payload(spec, job.payload, rt.settings)
-            inputs = _fetch_inputs(rt, job_id, spec, payload)
-        except ValidationError as exc:
-            _fail_before_run(
-                rt,
-                self.app,
-                job_id,
-                {"code": "invalid_payload", "message": "The payload is invalid.", "details": exc.messages},
-            )
-            return
-        except InputProblem as exc:
-            log.info("input refused: %s", exc.message)
-            _fail_before_run(rt, self.app, job_id, exc.as_error())
-            return
-        except FetchCancelled:
-            rt.storage.remove_inputs(job_id)
-            return
+            inputs = checked_inputs(rt, self.app, job)
         except TransientFetchError as exc:
             if self.request.retries >= self.max_retries:
                 _fail_before_run(rt, self.app, job_id, {"code": "input_unreachable", "message": str(exc)})
                 return
             log.warning("input fetch failed, retrying: %s", exc)
             raise self.retry(countdown=min(30, 2**self.request.retries), exc=exc) from None
+        if inputs is None:
+            return
         if not rt.store.set_prepared(job_id, inputs):
             # Cancelled (or expired) while the inputs were downloading: it stays that way.
             rt.storage.remove_inputs(job_id)
@@ -171,6 +159,30 @@ def prepare_job(self: JobTask, job_id: str) -> None:
             publish(self.app, SUBMIT_REMOTE, job_id, "cpu", job.priority)
             return
         publish(self.app, RUN, job_id, job.queue, job.priority, **_limits(spec))
+
+
+def checked_inputs(rt: Runtime, app: Any, job: Any) -> dict[str, Any] | None:
+    """Validate the stored payload and fetch and check its inputs into storage: what ``inputs``
+    the job runs with, or None when it ended here (a bad payload or input fails it and publishes
+    its finish; a cancel while downloading leaves it cancelled). A network failure worth retrying
+    raises ``TransientFetchError``."""
+    spec = catalog.TASKS[job.engine_task]
+    try:
+        payload = validate_payload(spec, job.payload, rt.settings)
+        return _fetch_inputs(rt, job.id, spec, payload)
+    except ValidationError as exc:
+        _fail_before_run(
+            rt,
+            app,
+            job.id,
+            {"code": "invalid_payload", "message": "The payload is invalid.", "details": exc.messages},
+        )
+    except InputProblem as exc:
+        log.info("input refused: %s", exc.message)
+        _fail_before_run(rt, app, job.id, exc.as_error())
+    except FetchCancelled:
+        rt.storage.remove_inputs(job.id)
+    return None
 
 
 def _fetch_inputs(
@@ -193,7 +205,11 @@ def _fetch_inputs(
             is_video = field in spec.videos
             checked = (rt.fetcher.load_video if is_video else rt.fetcher.load)(ref, label, should_stop)
             path = folder / f"{field}_{index}.{checked.ext}"
-            path.write_bytes(checked.data)
+            # Written aside and renamed: two workers may prepare the same job at once (its own
+            # run message and a batching neighbour), and neither may read half a file.
+            part = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+            part.write_bytes(checked.data)
+            part.replace(path)
             paths.append(
                 {"path": str(path), "ext": checked.ext, "width": checked.width, "height": checked.height}
             )
@@ -222,23 +238,39 @@ def _publish_finish(app: Any, job_id: str) -> None:
 
 
 @shared_task(bind=True, base=JobTask, name=RUN, soft_time_limit=600, time_limit=660)
-def run_job(self: JobTask, job_id: str, recovered: bool = False) -> None:
-    """Claim the job, run its engine, store the outputs and the final status."""
+def run_job(self: JobTask, job_id: str, recovered: bool = False, prepare: bool = False) -> None:
+    """Claim the job, run its engine, store the outputs and the final status.
+
+    ``prepare``: the API sent the job here directly, skipping the prepare task, because none of
+    its inputs needs the network (``catalog.fetch_free``); the inputs are checked here, with the
+    same rules and failures as on the prepare queue, and recorded by the claim itself.
+    """
     rt = self.runtime
     redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or recovered
+    inputs = None
+    if prepare:
+        waiting = rt.store.get(job_id)
+        if waiting is not None and waiting.status == JobStatus.QUEUED.value and waiting.stage == "prepare":
+            with bind_job(job_id=job_id, task=waiting.task, worker=self.request.hostname or ""):
+                try:
+                    inputs = checked_inputs(rt, self.app, waiting)
+                except TransientFetchError:
+                    # Not expected of data: and asset:// inputs; the prepare queue retries it.
+                    publish(self.app, PREPARE, job_id, "cpu", waiting.priority)
+                    return
+            if inputs is None:
+                return
     try:
-        claim = rt.store.claim(job_id, redelivered=redelivered)
+        claim, job = rt.store.claim_job(job_id, redelivered=redelivered, inputs=inputs)
     except ClaimRefused as refused:
         log.info("not running %s: %s", job_id, refused.reason)
         if refused.finalized:
             rt.storage.remove_inputs(job_id)
             _publish_finish(self.app, job_id)
         return
-    job = rt.store.get(job_id)
-    assert job is not None
     spec = catalog.TASKS[job.engine_task]
     if spec.engine in BATCH_ENGINES:
-        partners = claim_partners(rt, job)
+        partners = claim_partners(rt, self.app, job)
         if partners:
             _run_batch(self, rt, spec, [(claim, job), *partners])
             return

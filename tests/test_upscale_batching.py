@@ -56,10 +56,11 @@ def test_a_claimed_small_job_takes_waiting_jobs_with_the_same_model_size_and_sca
         upscale_job(db, queue, scale=4),
         upscale_job(db, queue, face_enhance=True),
     ]
-    preparing = make_job(db, queue=queue, stage="prepare", payload={"scale": 2})
+    # Still downloading on the prepare queue: not ready, and not the batch's to fetch.
+    preparing = make_job(db, queue=queue, stage="prepare", payload={"image_url": "http://x/b.png", "scale": 2})
     rt.store.claim(leader, redelivered=False)
 
-    partners = claim_partners(rt, get(db, leader))
+    partners = claim_partners(rt, None, get(db, leader))
 
     assert [job.id for _claim, job in partners] == same[:2]  # oldest first, up to max_batch - 1
     assert {get(db, job_id).status for job_id in same[:2]} == {"running"}
@@ -88,7 +89,7 @@ def test_the_batch_waits_for_a_job_that_becomes_ready_within_the_wait(
     thread = threading.Thread(target=finish_fetching)
     thread.start()
     started = time.monotonic()
-    partners = claim_partners(rt, get(db, leader))
+    partners = claim_partners(rt, None, get(db, leader))
     elapsed = time.monotonic() - started
     thread.join()
 
@@ -103,7 +104,7 @@ def test_a_job_alone_on_its_queue_starts_without_waiting(
     leader = upscale_job(db, queue)
     rt.store.claim(leader, redelivered=False)
     started = time.monotonic()
-    assert claim_partners(rt, get(db, leader)) == []
+    assert claim_partners(rt, None, get(db, leader)) == []
     assert time.monotonic() - started < 1.0
 
 
@@ -111,7 +112,7 @@ def test_batching_is_off_with_a_max_batch_of_one(settings: Settings, db: Databas
     rt = runtime(settings, upscale_max_batch=1)
     leader, other = upscale_job(db, queue), upscale_job(db, queue)
     rt.store.claim(leader, redelivered=False)
-    assert claim_partners(rt, get(db, leader)) == []
+    assert claim_partners(rt, None, get(db, leader)) == []
     assert get(db, other).status == "queued"
 
 
@@ -143,3 +144,61 @@ def test_upscale_settings_come_from_the_environment() -> None:
     for name, value in (("AIORCH_UPSCALE_MAX_BATCH", "0"), ("AIORCH_UPSCALE_BATCH_WAIT_MS", "soon")):
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: value})
+
+
+def png_uri(side: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_waiting_jobs_sent_straight_to_the_run_queue_are_checked_and_claimed_by_the_batch(
+    settings: Settings, db: Database, queue: str
+) -> None:
+    """The API sends a job whose inputs are data: URIs to the run queue at stage ``prepare``; a
+    batching worker checks its inputs itself (as the job's own run task would) and takes it."""
+    rt = runtime(settings, upscale_max_batch=4, upscale_batch_wait_ms=0)
+    leader = make_job(
+        db, queue=queue, payload={"image_url": png_uri(24), "scale": 2},
+        inputs={"image_url": {"path": "/nowhere.png", "ext": "png", "width": 24, "height": 24}},
+    )
+    direct = make_job(db, queue=queue, stage="prepare", payload={"image_url": png_uri(24), "scale": 2})
+    other_size = make_job(db, queue=queue, stage="prepare", payload={"image_url": png_uri(40), "scale": 2})
+    rt.store.claim(leader, redelivered=False)
+
+    partners = claim_partners(rt, None, get(db, leader))
+
+    assert [job.id for _claim, job in partners] == [direct]
+    taken = get(db, direct)
+    assert (taken.status, taken.stage) == ("running", "run")
+    assert taken.inputs["image_url"]["width"] == 24
+    with open(taken.inputs["image_url"]["path"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Checked but of another size: recorded as prepared, so its own run task does not redo it.
+    skipped = get(db, other_size)
+    assert (skipped.status, skipped.stage, skipped.inputs["image_url"]["width"]) == ("queued", "run", 40)
+
+
+def test_a_long_stuck_preparing_job_does_not_make_the_batch_wait(
+    settings: Settings, db: Database, queue: str
+) -> None:
+    """A row at stage prepare dispatched minutes ago (a slow download, or a message the sweep has
+    yet to re-publish) is not about to join: the leader starts at once."""
+    from datetime import timedelta
+
+    from models.db import utcnow
+
+    rt = runtime(settings, upscale_max_batch=8, upscale_batch_wait_ms=3000)
+    leader = upscale_job(db, queue)
+    long_ago = utcnow() - timedelta(minutes=5)
+    make_job(db, queue=queue, stage="prepare", payload={"image_url": "http://x/c.png", "scale": 2},
+             queued_at=long_ago, dispatched_at=long_ago)
+    rt.store.claim(leader, redelivered=False)
+    started = time.monotonic()
+    assert claim_partners(rt, None, get(db, leader)) == []
+    assert time.monotonic() - started < 1.0

@@ -8,8 +8,11 @@
    under gunicorn with no workers, against a floor: the same INSERT + COMMIT (SQLAlchemy, a Job
    row like the API's) + ``tasks.celery_app.publish`` of the prepare task, at the same concurrency.
 2. submit -> ``succeeded`` of a tiny upscale job (32x32 PNG data: URI, scale 2) through the API and
-   real workers, polling every 10 ms, against a raw Celery round trip on the same broker (a trivial
-   task on ``create_celery(settings)``, run by its own worker process with the same pool flags).
+   real workers, polling every 10 ms, against a raw Celery round trip on the same broker and
+   database: a trivial task on ``create_celery(settings)`` run by its own worker process with the
+   same pool flags, its result in Celery's database result backend on the same database, polled
+   every 10 ms (``tests/bench/raw_celery.py``). The one-way transport (send -> task body, no result)
+   is reported beside it.
 3. Webhook delay: receive time at a real receiver minus the body's ``finished_at_ms``.
 4. API RSS: gunicorn master + workers (VmRSS summed; PSS alongside, which counts shared pages once).
 
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 
 from config import QUEUES, Settings
 from models.db import Database, utcnow
@@ -54,7 +57,7 @@ from models.migrate import upgrade
 from tasks import catalog
 from tasks.celery_app import PREPARE, create_celery, publish
 from tests.bench import infra
-from tests.bench.raw_celery import PING, RAW_QUEUE, build
+from tests.bench.raw_celery import ECHO, PING, RAW_QUEUE, RESULT_TABLES, build
 from tests.bench.stats import closed_loop, percentile, summary_ms
 from tests.support.platform import FINAL, ROOT, Platform, free_port
 from tests.support.servers import WebhookReceiver
@@ -299,15 +302,36 @@ def part_submit(plat: Platform, settings: Settings, payload: dict[str, Any], lev
 # -- part 2: tiny upscale job against a raw Celery round trip -----------------------------------------
 
 class RawRoundTrip:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, poll: float):
+        self.settings = settings
         self.app = build(settings)
+        self.poll = poll
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
 
-    def once(self, crashed: Any = lambda: False, timeout: float = 20.0) -> tuple[float, float] | None:
-        """(send -> the benchmark hears the task ran, send -> task body started) in seconds, or
-        None when a worker died meanwhile (its message is lost with it)."""
+    def once(self, crashed: Any = lambda: False, timeout: float = 20.0) -> float | None:
+        """send -> the result read back from Celery's result backend, polled every ``poll`` s as
+        the benchmark polls a job; None when a worker died meanwhile (its message is lost with it)."""
+        token = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        result = publish(self.app, ECHO, token, RAW_QUEUE)
+        while not result.ready():
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"raw task {token} did not finish within {timeout}s")
+            if crashed():
+                return None
+            time.sleep(self.poll)
+        value = result.get(timeout=timeout)
+        elapsed = time.perf_counter() - t0
+        if value.get("token") != token:
+            raise RuntimeError(f"raw task {token} returned {value!r}")
+        result.forget()
+        return elapsed
+
+    def one_way(self, crashed: Any = lambda: False, timeout: float = 20.0) -> tuple[float, float] | None:
+        """(send -> the benchmark hears the task ran, send -> task body started) in seconds: the
+        transport alone, no result, no polling; None when a worker died meanwhile."""
         token = uuid.uuid4().hex
         sent_wall = time.time()
         t0 = time.perf_counter()
@@ -332,6 +356,12 @@ class RawRoundTrip:
         self.sock.close()
         with contextlib.suppress(Exception), self.app.connection_for_write() as conn:
             self.app.amqp.queues[RAW_QUEUE].bind(conn.default_channel).delete()
+        with contextlib.suppress(Exception):
+            db = Database(self.settings)
+            with db.engine.begin() as conn:
+                for table in RESULT_TABLES.values():
+                    conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+            db.dispose()
 
 
 def run_job(http: requests.Session, base: str, payload: dict[str, Any], poll: float,
@@ -379,16 +409,18 @@ def part_latency(plat: Platform, sup: Supervisor, raw: RawRoundTrip, payload: di
     crashed = lambda: bool(sup.dead())  # noqa: E731
     for _ in range(3):  # forked children import the engine and open connections on first use
         raw.once(crashed)
+        raw.one_way(crashed)
         run_job(http, plat.base_url, payload, poll, crashed)
         sup.revive()
-    jobs, raws, raw_exec, failures = [], [], [], []
+    jobs, raws, one_way, raw_exec, failures = [], [], [], [], []
     raw_lost = streak = 0
     for _ in range(n):
-        measured = raw.once(crashed)
-        if measured is None:
+        round_trip, measured = raw.once(crashed), raw.one_way(crashed)
+        if round_trip is None or measured is None:
             raw_lost += 1
         else:
-            raws.append(measured[0])
+            raws.append(round_trip)
+            one_way.append(measured[0])
             raw_exec.append(measured[1])
         if sup.revive():
             continue
@@ -415,6 +447,7 @@ def part_latency(plat: Platform, sup: Supervisor, raw: RawRoundTrip, payload: di
     return {
         "job": job_lat,
         "raw_round_trip": raw_lat,
+        "raw_one_way": summary_ms(one_way),
         "raw_send_to_executed": summary_ms(raw_exec),
         "ratio_p50": round(job_lat["p50_ms"] / raw_lat["p50_ms"], 3) if jobs and raw_lat["p50_ms"] else None,
         "ratio_p99": round(job_lat["p99_ms"] / raw_lat["p99_ms"], 3) if jobs and raw_lat["p99_ms"] else None,
@@ -512,6 +545,9 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             " ms")
         row("tiny upscale submit->succeeded p99", lat["job"]["p99_ms"], lat["raw_round_trip"]["p99_ms"],
             lat["ratio_p99"], "info", None, " ms")
+        one = lat.get("raw_one_way", {}).get("p50_ms")
+        row("tiny upscale p50 vs one-way transport", lat["job"]["p50_ms"], one,
+            round(lat["job"]["p50_ms"] / one, 2) if one and lat["job"]["p50_ms"] else None, "info", None, " ms")
         lost = len([f for f in lat["failures"] if "job_id" in f])
         row("tiny upscale jobs not succeeded", lost, None, None, "0", lost == 0 and not lat["failures"])
     hooks = results.get("webhooks")
@@ -550,7 +586,7 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             f"(prepare + run hops), "
             f"started->finished {fmt(sp['started_to_finished_ms']['p50_ms'], ' ms')}, "
             f"finished->seen by poll {fmt(sp['finished_to_observed_ms']['p50_ms'], ' ms')}; "
-            f"POST {fmt(lat['submit_request']['p50_ms'], ' ms')}; raw send->task body "
+            f"POST {fmt(lat['submit_request']['p50_ms'], ' ms')}; raw one-way send->task body "
             f"{fmt(lat['raw_send_to_executed']['p50_ms'], ' ms')}; failed jobs {len(lat['failures'])}")
     for crash in results.get("worker_crashes", []):
         details.append(f"worker crash: {crash['worker']} rc {crash['returncode']} at {crash['at_s']} s: "
@@ -641,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
             results["submit"] = submit
             results["api_memory"] = {"after_submit_load": infra.memory(plat.procs["api"].pid)}
             results["purged_after_part1"] = infra.purge(publisher, list(QUEUES))
+            # Their rows too: thousands of jobs left queued without a message are not the idle
+            # platform part 2 measures (a batching worker would look at them on every job).
+            _delete_bench_rows(db)
             say(f"purged {results['purged_after_part1']}; starting workers")
 
             start_raw_worker(plat)
@@ -648,9 +687,10 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(plat, "raw")
             sup = Supervisor(plat)
             results["worker_crashes"] = sup.crashes
-            raw = RawRoundTrip(settings)
+            raw = RawRoundTrip(settings, args.poll)
             stack.callback(raw.close)
-            say(f"part 2: {args.jobs} tiny upscale jobs, alternating with raw Celery round trips")
+            say(f"part 2: {args.jobs} tiny upscale jobs, alternating with raw Celery round trips "
+                "(result backend on the same database) and one-way pings")
             results["latency"] = part_latency(plat, sup, raw, payload, args.jobs, args.poll)
             say(f"job p50 {results['latency']['job']['p50_ms']} ms, raw p50 "
                 f"{results['latency']['raw_round_trip']['p50_ms']} ms")
