@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event
+from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event, text
 from sqlalchemy.engine import CursorResult, Result
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from config import Settings
@@ -76,7 +78,44 @@ def make_engine(settings: Settings) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20)
+    _ping_after_idle(engine)
+    return engine
+
+
+# A pooled connection idle longer than this is pinged before use (a Postgres restart or an idle
+# timeout may have closed it); one used moments ago is not: a ping on every checkout would cost a
+# job's few short transactions a round trip each. A connection that broke anyway fails its
+# statement once, and SQLAlchemy then replaces every connection of the pool.
+IDLE_PING_SECONDS = 5.0
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return
+        try:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+            dbapi_conn.rollback()
+        except Exception as exc:
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError() from exc
+
+
+def relaxed_commit(session: Session) -> None:
+    """This transaction's COMMIT does not wait for the WAL flush (Postgres only). For writes that
+    may be lost in a database crash without harm, as a claim: its job reads ``queued`` again and its
+    unacknowledged message runs it again, while the fenced finish of the lost claim matches nothing."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 class Database:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Integer, String, bindparam, func, insert, literal, select, text, update
 from sqlalchemy.orm import Session
 
-from models.db import Database, rowcount, utcnow
+from models.db import Database, UTCDateTime, relaxed_commit, rowcount, utcnow
 from models.jobs import Job, StoredFile, WebhookDelivery
 from models.state import FINAL_STATUSES, JobStatus, sources_of, timestamps_for
 
@@ -85,6 +85,8 @@ class Claim:
     job_id: str
     token: str
     attempt: int
+    # Other jobs of the same task were queued on the same queue when the claim was made.
+    neighbours: bool = False
 
 
 class ClaimRefused(Exception):
@@ -95,6 +97,89 @@ class ClaimRefused(Exception):
         self.reason = reason
         # True when refusing also ended the job (cancelled, or failed at the attempt limit).
         self.finalized = finalized
+
+
+_jobs = Job.__table__
+_c = _jobs.c
+_other = _jobs.alias("neighbour")
+# Built once: the job's hot path runs these per job, and building a statement costs more than
+# running it on a local Postgres.
+_NEIGHBOURS = (
+    select(literal(1))
+    .where(
+        _other.c.status == JobStatus.QUEUED.value,
+        _other.c.engine_task == _c.engine_task,
+        _other.c.queue == _c.queue,
+        _other.c.id != _c.id,
+    )
+    .correlate(_jobs)
+    .exists()
+    .label("neighbours")
+)
+_NOW = bindparam("now", type_=UTCDateTime())
+
+
+def _claim_statement(stages: tuple[str, ...]) -> Any:
+    return (
+        update(_jobs)
+        .where(
+            _c.id == bindparam("job_id"),
+            _c.status.in_(sources_of(JobStatus.RUNNING)),
+            _c.stage.in_(stages),
+            _c.cancel_requested.is_(False),
+            _c.attempts < bindparam("max_attempts"),
+        )
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempts=_c.attempts + 1,
+            claim_token=bindparam("token"),
+            stage="run",
+            started_at=_NOW,
+            updated_at=_NOW,
+        )
+        .returning(*_c, _NEIGHBOURS)
+    )
+
+
+_CLAIM = _claim_statement(("run",))
+_CLAIM_FROM_PREPARE = _claim_statement(("prepare", "run"))
+_RECLAIM = (
+    update(_jobs)
+    .where(
+        _c.id == bindparam("job_id"),
+        _c.status == JobStatus.RUNNING.value,
+        _c.cancel_requested.is_(False),
+        _c.attempts < bindparam("max_attempts"),
+    )
+    .values(attempts=_c.attempts + 1, claim_token=bindparam("token"), started_at=_NOW, updated_at=_NOW)
+    .returning(*_c, _NEIGHBOURS)
+)
+_FINISH = (
+    update(_jobs)
+    .where(
+        _c.id == bindparam("job_id"),
+        _c.claim_token == bindparam("token"),
+        _c.status.in_(bindparam("sources", expanding=True)),
+    )
+    .values(
+        status=bindparam("status"),
+        result=bindparam("result"),
+        error=bindparam("error"),
+        stage="done",
+        backend=func.coalesce(bindparam("backend", type_=String()), _c.backend),
+        progress=func.coalesce(bindparam("progress", type_=Integer()), _c.progress),
+        expires_at=bindparam("expires", type_=UTCDateTime()),
+        finished_at=_NOW,
+        updated_at=_NOW,
+    )
+)
+_ATTRIBUTES = {attr.columns[0].name: attr.key for attr in Job.__mapper__.column_attrs}
+
+
+def _job_from(row: Any) -> Job:
+    """A detached ``Job`` from a RETURNING row of the jobs table."""
+    mapping = row._mapping
+    return Job(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
 
 
 class JobStore:
@@ -125,61 +210,39 @@ class JobStore:
             )
             return bool(rowcount(done))
 
-    def claim(self, job_id: str, *, redelivered: bool, inputs: dict[str, Any] | None = None) -> Claim:
+    def claim(self, job_id: str, *, redelivered: bool, from_prepare: bool = False) -> Claim:
         """``claim_job`` without the row."""
-        return self.claim_job(job_id, redelivered=redelivered, inputs=inputs)[0]
+        return self.claim_job(job_id, redelivered=redelivered, from_prepare=from_prepare)[0]
 
     def claim_job(
-        self, job_id: str, *, redelivered: bool, inputs: dict[str, Any] | None = None
+        self, job_id: str, *, redelivered: bool, from_prepare: bool = False
     ) -> tuple[Claim, Job]:
         """Take a prepared job for running, with a fresh fencing token; returns the claim and the
-        row as it is after the claim (one UPDATE ... RETURNING, no read before or after).
+        row as it is after the claim, from one UPDATE ... RETURNING (no read before or after).
 
         A first delivery may only take a ``queued`` job. A redelivered message (its worker died
         mid-run) may also re-take a ``running`` job, counting another attempt; past the limit the
         job fails instead, so a job that kills its worker every time cannot loop forever.
 
-        ``inputs``: the job was prepared by the claiming worker itself (inputs that needed no
-        network, checked in the run task): the claim also records them and moves the job out of
-        ``prepare``, in the same statement.
+        ``from_prepare``: the job may still be at stage ``prepare`` (sent to the run queue by the
+        API because its inputs need no network); the claim moves it to ``run`` and the claiming
+        worker checks the inputs itself. A job a prepare task already handled is taken as usual.
+
+        The claim also says whether other jobs of the same task wait on the same queue
+        (``Claim.neighbours``), so a batching engine looks for partners only when there are any.
         """
         now = utcnow()
-        token = new_id()
-        stages = ("prepare", "run") if inputs is not None else ("run",)
-        prepared: dict[str, Any] = {} if inputs is None else {"inputs": inputs, "stage": "run", "dispatched_at": now}
+        params = {"job_id": job_id, "token": new_id(), "now": now, "max_attempts": self.max_attempts}
         with self.db.session() as session:
-            job = session.scalars(
-                update(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.status.in_(sources_of(JobStatus.RUNNING)),
-                    Job.stage.in_(stages),
-                    Job.cancel_requested.is_(False),
-                    Job.attempts < self.max_attempts,
-                )
-                .values(
-                    status=JobStatus.RUNNING.value,
-                    attempts=Job.attempts + 1,
-                    claim_token=token,
-                    **prepared,
-                    **timestamps_for(JobStatus.RUNNING, now),
-                )
-                .returning(Job)
+            relaxed_commit(session)
+            row = session.execute(
+                _CLAIM_FROM_PREPARE if from_prepare else _CLAIM, params
             ).first()
-            if job is None and redelivered:
-                job = session.scalars(
-                    update(Job)
-                    .where(
-                        Job.id == job_id,
-                        Job.status == JobStatus.RUNNING.value,
-                        Job.cancel_requested.is_(False),
-                        Job.attempts < self.max_attempts,
-                    )
-                    .values(attempts=Job.attempts + 1, claim_token=token, started_at=now, updated_at=now)
-                    .returning(Job)
-                ).first()
-            if job is not None:
-                return Claim(job_id, token, job.attempts), job
+            if row is None and redelivered:
+                row = session.execute(_RECLAIM, params).first()
+            if row is not None:
+                job = _job_from(row)
+                return Claim(job_id, params["token"], job.attempts, bool(row.neighbours)), job
             refusal = self._refusal(session, job_id, redelivered)
         # Raised outside the unit of work, so the final status written by _refusal is committed.
         raise refusal
@@ -243,34 +306,43 @@ class JobStore:
         """Write the final status of a claimed run; False when the claim was fenced off."""
         now = utcnow()
         expires = now + timedelta(seconds=retention) if retention and files else None
+        succeeded = status is JobStatus.SUCCEEDED
         with self.db.session() as session:
-            values: dict[str, Any] = {
-                "status": status.value,
-                "result": result,
-                "error": error,
-                "stage": "done",
-                **timestamps_for(status, now),
-            }
-            if backend:
-                values["backend"] = backend
-            if status is JobStatus.SUCCEEDED:
-                values["progress"] = 100
-                values["expires_at"] = expires
             done = session.execute(
-                update(Job)
-                .where(
-                    Job.id == claim.job_id,
-                    Job.claim_token == claim.token,
-                    Job.status.in_(sources_of(status)),
-                    Job.status == JobStatus.RUNNING.value,
-                )
-                .values(**values)
+                _FINISH,
+                {
+                    "job_id": claim.job_id,
+                    "token": claim.token,
+                    "sources": [s for s in sources_of(status) if s == JobStatus.RUNNING.value],
+                    "status": status.value,
+                    "result": result,
+                    "error": error,
+                    "backend": backend or None,
+                    "progress": 100 if succeeded else None,
+                    "expires": expires if succeeded else None,
+                    "now": now,
+                },
             )
             if not rowcount(done):
                 return False
-            for stored in files:
-                stored.expires_at = expires
-                session.add(stored)
+            if files:
+                session.execute(
+                    insert(StoredFile.__table__),
+                    [
+                        {
+                            "name": f.name,
+                            "job_id": f.job_id,
+                            "client_id": f.client_id,
+                            "content_type": f.content_type,
+                            "size": f.size,
+                            "created_at": now,
+                            "expires_at": expires,
+                        }
+                        for f in files
+                    ],
+                )
+                for stored in files:
+                    stored.expires_at = expires
             notify_final(session, claim.job_id)
             return True
 

@@ -106,9 +106,13 @@ def claim_partners(rt: Runtime, app: Any, job: Job) -> list[tuple[Claim, Job]]:
                     rt.store.set_prepared(candidate.id, inputs)
                 continue
             try:
-                claim, claimed = rt.store.claim_job(candidate.id, redelivered=False, inputs=inputs)
+                claim, claimed = rt.store.claim_job(
+                    candidate.id, redelivered=False, from_prepare=inputs is not None
+                )
             except ClaimRefused:
                 continue  # another worker took it, or it was cancelled meanwhile
+            if inputs is not None:
+                claimed.inputs = inputs  # checked here; the run needs them, the row need not keep them
             partners.append((claim, claimed))
             if len(partners) >= wanted:
                 return partners

@@ -162,27 +162,30 @@ def prepare_job(self: JobTask, job_id: str) -> None:
 
 
 def checked_inputs(rt: Runtime, app: Any, job: Any) -> dict[str, Any] | None:
-    """Validate the stored payload and fetch and check its inputs into storage: what ``inputs``
-    the job runs with, or None when it ended here (a bad payload or input fails it and publishes
-    its finish; a cancel while downloading leaves it cancelled). A network failure worth retrying
-    raises ``TransientFetchError``."""
-    spec = catalog.TASKS[job.engine_task]
+    """The ``inputs`` a queued job runs with (``load_inputs``), or None when it ended here: a
+    bad payload or input fails it and publishes its finish; a cancel while downloading leaves it
+    cancelled. A network failure worth retrying raises ``TransientFetchError``."""
     try:
-        payload = validate_payload(spec, job.payload, rt.settings)
-        return _fetch_inputs(rt, job.id, spec, payload)
-    except ValidationError as exc:
-        _fail_before_run(
-            rt,
-            app,
-            job.id,
-            {"code": "invalid_payload", "message": "The payload is invalid.", "details": exc.messages},
-        )
-    except InputProblem as exc:
-        log.info("input refused: %s", exc.message)
-        _fail_before_run(rt, app, job.id, exc.as_error())
+        return load_inputs(rt, job)
+    except (ValidationError, InputProblem) as exc:
+        _fail_before_run(rt, app, job.id, input_error(exc))
     except FetchCancelled:
         rt.storage.remove_inputs(job.id)
     return None
+
+
+def load_inputs(rt: Runtime, job: Any) -> dict[str, Any]:
+    """Validate the stored payload, then fetch and check its inputs into storage."""
+    spec = catalog.TASKS[job.engine_task]
+    payload = validate_payload(spec, job.payload, rt.settings)
+    return _fetch_inputs(rt, job.id, spec, payload)
+
+
+def input_error(exc: ValidationError | InputProblem) -> dict[str, Any]:
+    if isinstance(exc, ValidationError):
+        return {"code": "invalid_payload", "message": "The payload is invalid.", "details": exc.messages}
+    log.info("input refused: %s", exc.message)
+    return exc.as_error()
 
 
 def _fetch_inputs(
@@ -242,26 +245,14 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False, prepare: bool =
     """Claim the job, run its engine, store the outputs and the final status.
 
     ``prepare``: the API sent the job here directly, skipping the prepare task, because none of
-    its inputs needs the network (``catalog.fetch_free``); the inputs are checked here, with the
-    same rules and failures as on the prepare queue, and recorded by the claim itself.
+    its inputs needs the network (``catalog.fetch_free``). The claim takes it from stage
+    ``prepare`` and its inputs are checked right after, with the same rules and errors as on the
+    prepare queue (a bad input ends the claimed job ``failed``).
     """
     rt = self.runtime
     redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or recovered
-    inputs = None
-    if prepare:
-        waiting = rt.store.get(job_id)
-        if waiting is not None and waiting.status == JobStatus.QUEUED.value and waiting.stage == "prepare":
-            with bind_job(job_id=job_id, task=waiting.task, worker=self.request.hostname or ""):
-                try:
-                    inputs = checked_inputs(rt, self.app, waiting)
-                except TransientFetchError:
-                    # Not expected of data: and asset:// inputs; the prepare queue retries it.
-                    publish(self.app, PREPARE, job_id, "cpu", waiting.priority)
-                    return
-            if inputs is None:
-                return
     try:
-        claim, job = rt.store.claim_job(job_id, redelivered=redelivered, inputs=inputs)
+        claim, job = rt.store.claim_job(job_id, redelivered=redelivered, from_prepare=prepare)
     except ClaimRefused as refused:
         log.info("not running %s: %s", job_id, refused.reason)
         if refused.finalized:
@@ -269,12 +260,34 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False, prepare: bool =
             _publish_finish(self.app, job_id)
         return
     spec = catalog.TASKS[job.engine_task]
-    if spec.engine in BATCH_ENGINES:
+    if job.inputs is None and spec.inputs:
+        # Claimed straight from the API's message (or re-claimed after its worker died before
+        # the inputs were recorded): check them now.
+        with bind_job(job_id=job_id, task=job.task, worker=self.request.hostname or ""):
+            try:
+                job.inputs = load_inputs(rt, job)
+            except (ValidationError, InputProblem, TransientFetchError, FetchCancelled) as exc:
+                _end_claimed(self.app, rt, claim, exc)
+                return
+    if spec.engine in BATCH_ENGINES and claim.neighbours:
         partners = claim_partners(rt, self.app, job)
         if partners:
             _run_batch(self, rt, spec, [(claim, job), *partners])
             return
     _run_claimed(self, rt, spec, claim, job)
+
+
+def _end_claimed(app: Any, rt: Runtime, claim: Claim, exc: Exception) -> None:
+    """A claimed job whose inputs did not pass: failed (or cancelled) through the fenced finish."""
+    if isinstance(exc, FetchCancelled):
+        status, error = JobStatus.CANCELLED, {"code": "cancelled", "message": "The job was cancelled."}
+    elif isinstance(exc, (ValidationError, InputProblem)):
+        status, error = JobStatus.FAILED, input_error(exc)
+    else:
+        status, error = JobStatus.FAILED, {"code": "input_unreachable", "message": str(exc)}
+    rt.storage.remove_inputs(claim.job_id)
+    if rt.store.finish(claim, status, error=error):
+        _publish_finish(app, claim.job_id)
 
 
 def _run_claimed(

@@ -176,8 +176,9 @@ def test_waiting_jobs_sent_straight_to_the_run_queue_are_checked_and_claimed_by_
     assert [job.id for _claim, job in partners] == [direct]
     taken = get(db, direct)
     assert (taken.status, taken.stage) == ("running", "run")
-    assert taken.inputs["image_url"]["width"] == 24
-    with open(taken.inputs["image_url"]["path"], "rb") as handle:
+    checked = partners[0][1].inputs["image_url"]
+    assert (checked["width"], checked["height"]) == (24, 24)
+    with open(checked["path"], "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     # Checked but of another size: recorded as prepared, so its own run task does not redo it.
     skipped = get(db, other_size)

@@ -46,7 +46,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import requests
 from sqlalchemy import delete, select, text
 
 from config import QUEUES, Settings
@@ -364,21 +363,45 @@ class RawRoundTrip:
             db.dispose()
 
 
-def run_job(http: requests.Session, base: str, payload: dict[str, Any], poll: float,
+class JsonClient:
+    """One keep-alive ``http.client`` connection, as in part 1: the client library's own cost
+    (``requests`` adds about a millisecond per call on this kind of machine) is the client's, not
+    the platform's, and would blur job latencies of a few tens of milliseconds."""
+
+    def __init__(self, port: int, key: str = KEY):
+        self.port = port
+        self.headers = {"X-API-Key": key, "Content-Type": "application/json"}
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body)
+        try:
+            self.conn.request(method, path, body=data, headers=self.headers)
+            response = self.conn.getresponse()
+            raw = response.read()
+        except (http.client.HTTPException, OSError):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+            raise
+        return response.status, json.loads(raw) if raw else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def run_job(http: JsonClient, payload: dict[str, Any], poll: float,
             crashed: Any = lambda: False, timeout: float = 20.0, **extra: Any) -> dict[str, Any]:
     """Submit one job and poll it to a final status; a job not final after ``timeout`` is
     reported with status ``timeout`` (a lost message, a dead consumer), not raised."""
-    headers = {"X-API-Key": KEY}
     t0 = time.perf_counter()
-    response = http.post(base + "/v1/jobs", json={"task": "upscale", "payload": payload, **extra},
-                         headers=headers, timeout=15)
-    if response.status_code != 202:
-        raise RuntimeError(f"submit answered {response.status_code}: {response.text[:300]}")
-    job_id = response.json()["job_id"]
+    status, answer = http.call("POST", "/v1/jobs", {"task": "upscale", "payload": payload, **extra})
+    if status != 202:
+        raise RuntimeError(f"submit answered {status}: {str(answer)[:300]}")
+    job_id = answer["job_id"]
     submit_s = time.perf_counter() - t0
     polls = 0
     while True:
-        job = http.get(f"{base}/v1/jobs/{job_id}", headers=headers, timeout=10).json()
+        job = http.call("GET", f"/v1/jobs/{job_id}")[1]
         polls += 1
         if job["status"] in FINAL:
             observed_wall_ms = time.time() * 1000
@@ -395,8 +418,9 @@ def run_job(http: requests.Session, base: str, payload: dict[str, Any], poll: fl
     return {
         "job_id": job_id, "status": job["status"], "error": job.get("error"), "elapsed_s": elapsed,
         "submit_s": submit_s, "polls": polls,
-        # Server-side split (ms): queued -> claimed by the run task (prepare hop + run hop),
-        # engine run (claim -> final write), final write -> the poll that saw it.
+        # Server-side split (ms): queued -> claimed by the run task (the run queue's hop),
+        # claim -> final write (inputs checked, engine, outputs stored), final write -> the poll
+        # that saw it.
         "queued_to_started_ms": started - created if started and created else None,
         "started_to_finished_ms": finished - started if finished and started else None,
         "finished_to_observed_ms": observed_wall_ms - finished if finished else None,
@@ -405,12 +429,12 @@ def run_job(http: requests.Session, base: str, payload: dict[str, Any], poll: fl
 
 def part_latency(plat: Platform, sup: Supervisor, raw: RawRoundTrip, payload: dict[str, Any], n: int,
                  poll: float) -> dict[str, Any]:
-    http = requests.Session()
+    http = JsonClient(plat.settings.port)
     crashed = lambda: bool(sup.dead())  # noqa: E731
     for _ in range(3):  # forked children import the engine and open connections on first use
         raw.once(crashed)
         raw.one_way(crashed)
-        run_job(http, plat.base_url, payload, poll, crashed)
+        run_job(http, payload, poll, crashed)
         sup.revive()
     jobs, raws, one_way, raw_exec, failures = [], [], [], [], []
     raw_lost = streak = 0
@@ -424,7 +448,7 @@ def part_latency(plat: Platform, sup: Supervisor, raw: RawRoundTrip, payload: di
             raw_exec.append(measured[1])
         if sup.revive():
             continue
-        job = run_job(http, plat.base_url, payload, poll, crashed)
+        job = run_job(http, payload, poll, crashed)
         sup.revive()
         if job["status"] == "succeeded":
             jobs.append(job)
@@ -464,17 +488,16 @@ def part_latency(plat: Platform, sup: Supervisor, raw: RawRoundTrip, payload: di
 
 def part_webhooks(plat: Platform, sup: Supervisor, payload: dict[str, Any], n: int) -> dict[str, Any]:
     receiver = WebhookReceiver().start()
-    http = requests.Session()
-    headers = {"X-API-Key": KEY}
+    http = JsonClient(plat.settings.port)
     delays, totals, problems = [], [], []
     try:
         for index in range(n + 2):  # the first two warm the cpu worker's webhook path up
             t0 = time.perf_counter()
-            response = http.post(plat.base_url + "/v1/jobs", headers=headers, timeout=15,
-                                 json={"task": "upscale", "payload": payload, "webhook_url": receiver.url})
-            if response.status_code != 202:
-                raise RuntimeError(f"submit answered {response.status_code}: {response.text[:300]}")
-            job_id = response.json()["job_id"]
+            status, answer = http.call("POST", "/v1/jobs", {"task": "upscale", "payload": payload,
+                                                            "webhook_url": receiver.url})
+            if status != 202:
+                raise RuntimeError(f"submit answered {status}: {str(answer)[:300]}")
+            job_id = answer["job_id"]
             deadline = time.monotonic() + 15
             hit = None
             while hit is None and time.monotonic() < deadline and not sup.dead():
@@ -547,7 +570,8 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             lat["ratio_p99"], "info", None, " ms")
         one = lat.get("raw_one_way", {}).get("p50_ms")
         row("tiny upscale p50 vs one-way transport", lat["job"]["p50_ms"], one,
-            round(lat["job"]["p50_ms"] / one, 2) if one and lat["job"]["p50_ms"] else None, "info", None, " ms")
+            round(lat["job"]["p50_ms"] / one, 2) if one and lat["job"]["p50_ms"] else None, "info", None,
+            " ms")
         lost = len([f for f in lat["failures"] if "job_id" in f])
         row("tiny upscale jobs not succeeded", lost, None, None, "0", lost == 0 and not lat["failures"])
     hooks = results.get("webhooks")
@@ -583,7 +607,7 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         sp = lat["split"]
         details.append(
             f"job split p50: queued->started {fmt(sp['queued_to_started_ms']['p50_ms'], ' ms')} "
-            f"(prepare + run hops), "
+            f"(the run queue's hop), "
             f"started->finished {fmt(sp['started_to_finished_ms']['p50_ms'], ' ms')}, "
             f"finished->seen by poll {fmt(sp['finished_to_observed_ms']['p50_ms'], ' ms')}; "
             f"POST {fmt(lat['submit_request']['p50_ms'], ' ms')}; raw one-way send->task body "
