@@ -176,6 +176,16 @@ _FINISH = (
 _ATTRIBUTES = {attr.columns[0].name: attr.key for attr in Job.__mapper__.column_attrs}
 
 
+_INSERT_JOB = insert(_jobs)
+
+
+def insert_job(session: Session, job: Job) -> None:
+    """INSERT a new job from a transient ``Job`` (the attributes it was given, column defaults
+    for the rest), without the ORM unit of work: the submit path's one write."""
+    state = job.__dict__
+    session.execute(_INSERT_JOB, {name: state[key] for name, key in _ATTRIBUTES.items() if key in state})
+
+
 def _job_from(row: Any) -> Job:
     """A detached ``Job`` from a RETURNING row of the jobs table."""
     mapping = row._mapping

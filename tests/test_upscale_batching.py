@@ -57,7 +57,9 @@ def test_a_claimed_small_job_takes_waiting_jobs_with_the_same_model_size_and_sca
         upscale_job(db, queue, face_enhance=True),
     ]
     # Still downloading on the prepare queue: not ready, and not the batch's to fetch.
-    preparing = make_job(db, queue=queue, stage="prepare", payload={"image_url": "http://x/b.png", "scale": 2})
+    preparing = make_job(
+        db, queue=queue, stage="prepare", payload={"image_url": "http://x/b.png", "scale": 2}
+    )
     rt.store.claim(leader, redelivered=False)
 
     partners = claim_partners(rt, None, get(db, leader))
