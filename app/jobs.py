@@ -222,7 +222,7 @@ def job_response(body: dict[str, Any], status: int = 200) -> Response:
     """A job object as the response, without a second pass through ``JobSchema``: ``job_object``
     already builds exactly the documented fields from JSON types, and the hottest endpoints (submit
     and poll) would spend more on re-dumping it than on their database work."""
-    response = current_app.json.response(body)
+    response: Response = current_app.json.response(body)  # type: ignore[assignment]
     response.status_code = status
     return response
 

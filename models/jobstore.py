@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, String, bindparam, func, insert, literal, select, text, update
+from sqlalchemy import Integer, String, Table, bindparam, func, insert, literal, select, text, update
 from sqlalchemy.orm import Session
 
 from models.db import Database, UTCDateTime, relaxed_commit, rowcount, utcnow
@@ -99,7 +99,8 @@ class ClaimRefused(Exception):
         self.finalized = finalized
 
 
-_jobs = Job.__table__
+_jobs: Table = Job.__table__  # type: ignore[assignment]
+_files: Table = StoredFile.__table__  # type: ignore[assignment]
 _c = _jobs.c
 _other = _jobs.alias("neighbour")
 # Built once: the job's hot path runs these per job, and building a statement costs more than
@@ -192,6 +193,19 @@ def _job_from(row: Any) -> Job:
     return Job(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
 
 
+def fenced_update(
+    session: Session, job_id: str, token: str | None, *conditions: Any, running: bool = False, **values: Any
+) -> bool:
+    """A claim holder's write: ``values`` (and ``updated_at``) land only while the job still
+    carries ``token`` (and, with ``running``, is still ``running``) and every extra condition
+    holds. False when the claim was fenced off meanwhile."""
+    where = [Job.id == job_id, Job.claim_token == token, *conditions]
+    if running:
+        where.append(Job.status == JobStatus.RUNNING.value)
+    values.setdefault("updated_at", utcnow())
+    return bool(rowcount(session.execute(update(Job).where(*where).values(**values))))
+
+
 class JobStore:
     """Job writes against one database."""
 
@@ -203,6 +217,13 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         with self.db.session() as session:
             return session.get(Job, job_id)
+
+    def update_claimed(
+        self, job_id: str, token: str | None, *conditions: Any, running: bool = False, **values: Any
+    ) -> bool:
+        """``fenced_update`` in a transaction of its own."""
+        with self.db.session() as session:
+            return fenced_update(session, job_id, token, *conditions, running=running, **values)
 
     # -- the pipeline ---------------------------------------------------------------------------
     def mark_dispatched(self, job_id: str) -> None:
@@ -224,9 +245,7 @@ class JobStore:
         """``claim_job`` without the row."""
         return self.claim_job(job_id, redelivered=redelivered, from_prepare=from_prepare)[0]
 
-    def claim_job(
-        self, job_id: str, *, redelivered: bool, from_prepare: bool = False
-    ) -> tuple[Claim, Job]:
+    def claim_job(self, job_id: str, *, redelivered: bool, from_prepare: bool = False) -> tuple[Claim, Job]:
         """Take a prepared job for running, with a fresh fencing token; returns the claim and the
         row as it is after the claim, from one UPDATE ... RETURNING (no read before or after).
 
@@ -242,17 +261,16 @@ class JobStore:
         (``Claim.neighbours``), so a batching engine looks for partners only when there are any.
         """
         now = utcnow()
-        params = {"job_id": job_id, "token": new_id(), "now": now, "max_attempts": self.max_attempts}
+        token = new_id()
+        params = {"job_id": job_id, "token": token, "now": now, "max_attempts": self.max_attempts}
         with self.db.session() as session:
             relaxed_commit(session)
-            row = session.execute(
-                _CLAIM_FROM_PREPARE if from_prepare else _CLAIM, params
-            ).first()
+            row = session.execute(_CLAIM_FROM_PREPARE if from_prepare else _CLAIM, params).first()
             if row is None and redelivered:
                 row = session.execute(_RECLAIM, params).first()
             if row is not None:
                 job = _job_from(row)
-                return Claim(job_id, params["token"], job.attempts, bool(row.neighbours)), job
+                return Claim(job_id, token, job.attempts, bool(row.neighbours)), job
             refusal = self._refusal(session, job_id, redelivered)
         # Raised outside the unit of work, so the final status written by _refusal is committed.
         raise refusal
@@ -337,7 +355,7 @@ class JobStore:
                 return False
             if files:
                 session.execute(
-                    insert(StoredFile.__table__),
+                    insert(_files),
                     [
                         {
                             "name": f.name,

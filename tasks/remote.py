@@ -48,7 +48,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError
 from PIL import Image
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 
 from config import Settings
 from config.logs import bind_job
@@ -79,9 +79,9 @@ from inference.remote import (
     build_client,
     idempotency_key_for_job,
 )
-from models.db import Database, rowcount, utcnow
+from models.db import Database, utcnow
 from models.jobs import Job, StoredFile
-from models.jobstore import Claim, ClaimRefused, new_id
+from models.jobstore import Claim, ClaimRefused, fenced_update, new_id
 from models.state import JobStatus
 from tasks import catalog
 from tasks.celery_app import RUN, publish
@@ -381,12 +381,7 @@ def _run_locally(app: Any, rt: Runtime, job: Job, claim: Claim) -> None:
     attempt against ``AIORCH_MAX_ATTEMPTS``. ``backend`` says ``local`` meanwhile, so the sweep
     treats a silent job as the local run it now is, not as a lost submit.
     """
-    with rt.db.session() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == claim.job_id, Job.claim_token == claim.token)
-            .values(backend=LOCAL, remote_id=None, updated_at=utcnow())
-        )
+    rt.store.update_claimed(claim.job_id, claim.token, backend=LOCAL, remote_id=None)
     spec = catalog.TASKS[job.engine_task]
     publish(app, RUN, job.id, job.queue, job.priority, task_kwargs={"recovered": True}, **_limits(spec))
 
@@ -395,22 +390,15 @@ def _record_remote(rt: Runtime, claim: Claim, backend: str, remote_id: str, firs
     # One write with the first poll's time: the shorter the gap between the provider accepting
     # the job and this task's ack, the rarer a redelivered submit (which costs an attempt).
     now = utcnow()
-    with rt.db.session() as session:
-        done = session.execute(
-            update(Job)
-            .where(
-                Job.id == claim.job_id,
-                Job.claim_token == claim.token,
-                Job.status == JobStatus.RUNNING.value,
-            )
-            .values(
-                backend=backend,
-                remote_id=remote_id,
-                next_poll_at=now + timedelta(seconds=first_poll),
-                updated_at=now,
-            )
-        )
-        return bool(rowcount(done))
+    return rt.store.update_claimed(
+        claim.job_id,
+        claim.token,
+        running=True,
+        backend=backend,
+        remote_id=remote_id,
+        next_poll_at=now + timedelta(seconds=first_poll),
+        updated_at=now,
+    )
 
 
 # -- the inputs a provider sees ---------------------------------------------------------------------
@@ -494,10 +482,7 @@ def _public_copies(rt: Runtime, job: Job, claim: Claim, route: Route | None) -> 
             )
         )
     with rt.db.session() as session:
-        kept = session.execute(
-            update(Job).where(Job.id == job.id, Job.claim_token == claim.token).values(inputs=dict(inputs))
-        )
-        if not rowcount(kept):
+        if not fenced_update(session, job.id, claim.token, inputs=dict(inputs)):
             # Fenced off meanwhile: the copies are nobody's.
             rt.storage.delete_outputs([row.name for row in rows])
             raise ClaimRefused("the claim was lost while copying the inputs")
@@ -548,12 +533,7 @@ def _again(app: Any, rt: Runtime, job: Job, claim: Claim, delay: float) -> None:
 
 
 def _set_next_poll(rt: Runtime, job_id: str, token: str, when: datetime | None) -> None:
-    with rt.db.session() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.claim_token == token)
-            .values(next_poll_at=when, updated_at=utcnow())
-        )
+    rt.store.update_claimed(job_id, token, next_poll_at=when)
 
 
 # -- poll -------------------------------------------------------------------------------------------
@@ -741,17 +721,15 @@ def _lease_due(rt: Runtime, job: Job, limit: int, now: datetime, due_by: datetim
         )
         leased = []
         for candidate in candidates:
-            taken = session.execute(
-                update(Job)
-                .where(
-                    Job.id == candidate.id,
-                    Job.claim_token == candidate.claim_token,
-                    Job.status == JobStatus.RUNNING.value,
-                    due,
-                )
-                .values(next_poll_at=now + timedelta(seconds=POLL_LEASE), updated_at=now)
-            )
-            if rowcount(taken):
+            if fenced_update(
+                session,
+                candidate.id,
+                candidate.claim_token,
+                due,
+                running=True,
+                next_poll_at=now + timedelta(seconds=POLL_LEASE),
+                updated_at=now,
+            ):
                 leased.append(candidate)
         session.expunge_all()
     return leased
@@ -967,19 +945,15 @@ def resume_remote(rt: Runtime, app: Any, job_id: str, silent_for: float) -> bool
     if silent_for < remote_silence_limit(route):
         return False
     token = new_id()
-    with rt.db.session() as session:
-        taken = session.execute(
-            update(Job)
-            .where(
-                Job.id == job.id,
-                Job.claim_token == job.claim_token,
-                Job.status == JobStatus.RUNNING.value,
-                Job.updated_at <= job.updated_at,
-            )
-            .values(claim_token=token, next_poll_at=None, updated_at=utcnow())
-        )
-        if not rowcount(taken):
-            return False  # it spoke up meanwhile
+    if not rt.store.update_claimed(
+        job.id,
+        job.claim_token,
+        Job.updated_at <= job.updated_at,
+        running=True,
+        claim_token=token,
+        next_poll_at=None,
+    ):
+        return False  # it spoke up meanwhile
     claim = Claim(job.id, token, job.attempts)
     if job.remote_id and job.backend in rt.settings.routes.providers:
         log.warning("resuming the silent poll of %s at %s", job.id, job.backend)

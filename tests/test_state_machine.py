@@ -95,3 +95,44 @@ def test_progress_is_clamped_below_100_until_success(db: Database) -> None:
     claim = store.claim(job_id, redelivered=False)
     store.report_progress(claim, 150)
     assert store.get(job_id).progress == 99
+
+
+def test_a_claim_says_whether_jobs_of_its_task_wait_on_its_queue(db: Database) -> None:
+    store = JobStore(db, max_attempts=3)
+    queue = "gpu.neighbours-" + make_job(db)[:8]  # a queue no other test uses
+    alone = make_job(db, queue=queue)
+    assert store.claim(alone, redelivered=False).neighbours is False
+    first, second = make_job(db, queue=queue), make_job(db, queue=queue)
+    make_job(db, queue=queue, engine_task="scan_objects")  # another task on the queue: not a partner
+    assert store.claim(first, redelivered=False).neighbours is True
+    assert store.claim(second, redelivered=False).neighbours is False
+
+
+def test_a_claim_from_prepare_takes_a_job_the_api_sent_straight_to_its_run_queue(db: Database) -> None:
+    store = JobStore(db, max_attempts=3)
+    direct = make_job(db, stage="prepare")
+    with pytest.raises(ClaimRefused):
+        store.claim(direct, redelivered=False)  # an ordinary run message waits for the prepare task
+    claim, job = store.claim_job(direct, redelivered=False, from_prepare=True)
+    assert (job.status, job.stage, job.attempts, job.claim_token) == ("running", "run", 1, claim.token)
+    assert job.started_at is not None and job.inputs is None  # the run task checks them next
+    assert store.finish(claim, JobStatus.FAILED, error={"code": "input_not_image", "message": "x"})
+    assert store.get(direct).error["code"] == "input_not_image"
+
+
+def test_a_pooled_connection_that_died_while_idle_is_replaced_before_use(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Postgres restart or an idle timeout closes pooled connections; the next checkout after
+    an idle spell pings its connection and opens a new one instead of failing a job."""
+    from sqlalchemy import text
+
+    import models.db
+    from tests.conftest import _pg_admin
+
+    with db.session() as session:
+        pid = session.scalar(text("SELECT pg_backend_pid()"))
+    _pg_admin(f"SELECT pg_terminate_backend({int(pid)})")  # from outside the pool, as a restart would
+    monkeypatch.setattr(models.db, "IDLE_PING_SECONDS", 0.0)
+    with db.session() as session:
+        assert session.scalar(text("SELECT pg_backend_pid()")) != pid

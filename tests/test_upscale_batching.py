@@ -166,7 +166,9 @@ def test_waiting_jobs_sent_straight_to_the_run_queue_are_checked_and_claimed_by_
     batching worker checks its inputs itself (as the job's own run task would) and takes it."""
     rt = runtime(settings, upscale_max_batch=4, upscale_batch_wait_ms=0)
     leader = make_job(
-        db, queue=queue, payload={"image_url": png_uri(24), "scale": 2},
+        db,
+        queue=queue,
+        payload={"image_url": png_uri(24), "scale": 2},
         inputs={"image_url": {"path": "/nowhere.png", "ext": "png", "width": 24, "height": 24}},
     )
     direct = make_job(db, queue=queue, stage="prepare", payload={"image_url": png_uri(24), "scale": 2})
@@ -199,8 +201,14 @@ def test_a_long_stuck_preparing_job_does_not_make_the_batch_wait(
     rt = runtime(settings, upscale_max_batch=8, upscale_batch_wait_ms=3000)
     leader = upscale_job(db, queue)
     long_ago = utcnow() - timedelta(minutes=5)
-    make_job(db, queue=queue, stage="prepare", payload={"image_url": "http://x/c.png", "scale": 2},
-             queued_at=long_ago, dispatched_at=long_ago)
+    make_job(
+        db,
+        queue=queue,
+        stage="prepare",
+        payload={"image_url": "http://x/c.png", "scale": 2},
+        queued_at=long_ago,
+        dispatched_at=long_ago,
+    )
     rt.store.claim(leader, redelivered=False)
     started = time.monotonic()
     assert claim_partners(rt, None, get(db, leader)) == []

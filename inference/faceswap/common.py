@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -343,6 +343,10 @@ def _check_index(value: Any, field: str) -> int:
     return int(value)
 
 
+class Detector(Protocol):
+    def detect(self, rgb: np.ndarray) -> list[Face]: ...
+
+
 class FaceSwapEngine:
     """Base of the face engines: ``face_detect``, ``faceswap`` and ``faceswap_multi``.
 
@@ -353,18 +357,32 @@ class FaceSwapEngine:
     """
 
     backend = "face-engine"
+    # An engine whose detector needs no files names its class here: it is built with
+    # ``max_faces`` when the constructor is given no detector.
+    detector_class: Callable[..., Detector] | None = None
 
-    def __init__(self, *, max_faces: int = DEFAULT_MAX_FACES, source_max_side: int = 1280):
+    def __init__(
+        self,
+        *,
+        detector: Detector | None = None,
+        max_faces: int = DEFAULT_MAX_FACES,
+        source_max_side: int = 1280,
+    ):
         if max_faces < 1:
             raise ValueError(f"max_faces must be at least 1, got {max_faces}")
         self.max_faces = max_faces
         self.source_max_side = source_max_side
+        if detector is None and self.detector_class is not None:
+            detector = self.detector_class(max_faces=max_faces)
+        self.detector = detector
 
     # -- what a subclass provides --------------------------------------------------------------
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         """Faces in ``rgb`` (HxWx3 uint8), at most ``max_faces``, in index order."""
-        raise NotImplementedError
+        if self.detector is None:
+            raise NotImplementedError(f"{type(self).__name__} has no detector")
+        return self.detector.detect(rgb)
 
     def _prepare_source(self, rgb: np.ndarray, face: Face) -> Any:
         raise NotImplementedError

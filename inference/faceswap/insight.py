@@ -296,14 +296,14 @@ class InsightFaceSwapper(FaceSwapEngine):
         source_max_side: int = 1280,
         threads: int | None = None,
     ):
-        super().__init__(max_faces=max_faces, source_max_side=source_max_side)
-        self.detector = ScrfdDetector(
+        detector = ScrfdDetector(
             detector_path,
             providers=providers,
             det_size=det_size,
             score_threshold=det_threshold,
             threads=threads,
         )
+        super().__init__(detector=detector, max_faces=max_faces, source_max_side=source_max_side)
         self.encoder = ArcFaceEncoder(recognition_path, providers=providers, threads=threads)
         self.swapper = InSwapper(swapper_path, providers=providers, threads=threads)
         self.backend = f"insightface:{Path(swapper_path).stem}"
@@ -314,7 +314,7 @@ class InsightFaceSwapper(FaceSwapEngine):
         return {"providers": list(self.swapper.session.get_providers())}
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        return keep_largest(self.detector.detect(rgb), self.max_faces)
+        return keep_largest(super().detect(rgb), self.max_faces)
 
     def _prepare_source(self, rgb: np.ndarray, face: Face) -> Any:
         assert face.kps is not None  # SCRFD faces always carry five points

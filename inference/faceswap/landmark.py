@@ -141,19 +141,7 @@ class LandmarkFaceSwapper(FaceSwapEngine):
     """
 
     backend = BACKEND
-
-    def __init__(
-        self,
-        *,
-        detector: FaceDetector | None = None,
-        max_faces: int = DEFAULT_MAX_FACES,
-        source_max_side: int = 1280,
-    ):
-        super().__init__(max_faces=max_faces, source_max_side=source_max_side)
-        self.detector = detector or FaceDetector(max_faces=max_faces)
-
-    def detect(self, rgb: np.ndarray) -> list[Face]:
-        return self.detector.detect(rgb)
+    detector_class = FaceDetector
 
     def _prepare_source(self, rgb: np.ndarray, face: Face) -> Any:
         return rgb, face

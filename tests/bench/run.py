@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--broker-url", default=os.environ.get("AIORCH_BROKER_URL") or None,
                         help="an existing broker (default: $AIORCH_BROKER_URL, else a private RabbitMQ "
                              "vhost); its aiorch queues are purged")
-    parser.add_argument("--api-workers", type=int, default=2,
-                        help="gunicorn processes of the API (default 2, as `aiorch serve`)")
+    parser.add_argument("--api-workers", type=int, default=1,
+                        help="gunicorn processes of the API (default 1, as `aiorch serve` ships)")
     parser.add_argument("--levels", default="1,8,32", help="client concurrencies of part 1 (default 1,8,32)")
     parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per level (default 6)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each level")
@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             plat.start_api(workers=args.api_workers)
             results["api_workers"] = args.api_workers
-            say(f"API up on {plat.base_url} (gunicorn, {args.api_workers} workers x 16 threads); "
+            say(f"API up on {plat.base_url} (gunicorn, {args.api_workers} workers x 32 threads); "
                 "part 1: POST /v1/jobs, no workers")
             submit = part_submit(plat, settings, payload, levels, args.warmup, args.duration)
             publisher = submit.pop("publisher")

@@ -94,9 +94,11 @@ class Platform:
         self.procs[name] = proc
         return proc
 
-    def start_api(self, workers: int = 1) -> None:
+    def start_api(self, workers: int = 1, threads: int = 32) -> None:
+        """``aiorch serve`` as it ships (one gunicorn process, 32 threads) unless told otherwise."""
         self._spawn(
-            "api", [sys.executable, "-m", "app.cli", "serve", "--workers", str(workers), "--threads", "16"]
+            "api",
+            [sys.executable, "-m", "app.cli", "serve", "--workers", str(workers), "--threads", str(threads)],
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
