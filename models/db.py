@@ -111,9 +111,10 @@ def _ping_after_idle(engine: Engine) -> None:
 
 
 def relaxed_commit(session: Session) -> None:
-    """This transaction's COMMIT does not wait for the WAL flush (Postgres only). For writes that
-    may be lost in a database crash without harm, as a claim: its job reads ``queued`` again and its
-    unacknowledged message runs it again, while the fenced finish of the lost claim matches nothing."""
+    """This transaction's COMMIT does not wait for the WAL flush (Postgres only; the flush follows
+    within ``wal_writer_delay``, and any later synchronous commit flushes it first). For writes a
+    database crash may lose without harm, as a claim: its job reads ``queued`` again, the fenced
+    finish of the lost claim matches nothing, and the sweep publishes the job again."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 

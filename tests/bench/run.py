@@ -207,7 +207,6 @@ class Supervisor:
 def part_submit(plat: Platform, settings: Settings, payload: dict[str, Any], levels: list[int],
                 warmup: float, duration: float) -> dict[str, Any]:
     body = json.dumps({"task": "upscale", "payload": payload}).encode()
-    headers = {"Content-Type": "application/json", "X-API-Key": KEY}
     api_pid = plat.procs["api"].pid
     spec = catalog.resolve("upscale")
     predict = DEFAULT_PREDICT_SECONDS["upscale"]
@@ -217,19 +216,12 @@ def part_submit(plat: Platform, settings: Settings, payload: dict[str, Any], lev
     floor_celery = create_celery(settings)
 
     def api_op() -> Any:
-        conn = [http.client.HTTPConnection("127.0.0.1", settings.port, timeout=30)]
+        client = JsonClient(settings.port)
 
         def op() -> None:
-            try:
-                conn[0].request("POST", "/v1/jobs", body=body, headers=headers)
-                response = conn[0].getresponse()
-                data = response.read()
-            except (http.client.HTTPException, OSError):
-                conn[0].close()
-                conn[0] = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=30)
-                raise
-            if response.status != 202:
-                raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+            status, data = client.raw("POST", "/v1/jobs", body)
+            if status != 202:
+                raise RuntimeError(f"HTTP {status}: {data[:200]!r}")
 
         return op
 
@@ -374,16 +366,19 @@ class JsonClient:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body)
+        status, raw = self.raw(method, path, None if body is None else json.dumps(body))
+        return status, json.loads(raw) if raw else None
+
+    def raw(self, method: str, path: str, data: str | bytes | None = None) -> tuple[int, bytes]:
+        """One request on the kept-alive connection; a broken one is replaced for the next call."""
         try:
             self.conn.request(method, path, body=data, headers=self.headers)
             response = self.conn.getresponse()
-            raw = response.read()
+            return response.status, response.read()
         except (http.client.HTTPException, OSError):
             self.conn.close()
             self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
             raise
-        return response.status, json.loads(raw) if raw else None
 
     def close(self) -> None:
         self.conn.close()
