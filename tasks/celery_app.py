@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.utils.uuid import uuid
 
 from config import QUEUES, Settings
 
@@ -94,6 +95,11 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
+# Publisher retries: a client waiting on POST /v1/jobs gets a 503 in about a second rather than
+# hanging while the broker is away.
+RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5}
+
+
 def publish(
     app: Celery,
     task_name: str,
@@ -101,24 +107,42 @@ def publish(
     queue: str,
     priority: int = 0,
     task_kwargs: dict[str, Any] | None = None,
-    **options: Any,
+    *,
+    countdown: float | None = None,
+    soft_time_limit: float | None = None,
+    time_limit: float | None = None,
 ) -> Any:
     """Send one job id to a queue; raises kombu's OperationalError when the broker is down.
     Returns Celery's ``AsyncResult`` (the platform keeps results in its own tables, not there).
 
-    ``options`` go to ``send_task`` (e.g. per-task ``soft_time_limit`` / ``time_limit``).
+    The message is Celery's own (``amqp.as_task_v2``), sent by Celery's own sender on a pooled
+    producer, with the queue declared and the publish confirmed; what ``send_task`` adds on top
+    (routing by name, merging a registered task's options, parent links) is skipped: the queue is
+    always named here, and on a 2-core API host that part cost more than the publish itself.
     """
-    return app.send_task(
+    task_id = uuid()
+    kwargs = task_kwargs or {}
+    message = app.amqp.as_task_v2(
+        task_id,
         task_name,
         args=[job_id],
-        kwargs=task_kwargs,
-        queue=queue,
-        routing_key=queue,
-        exchange=EXCHANGE.name,
-        priority=max(0, min(MAX_PRIORITY, priority)),
-        retry=True,
-        # A short policy: a client waiting on POST /v1/jobs gets a 503 in about a second rather
-        # than hanging while the broker is away.
-        retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5},
-        **options,
+        kwargs=kwargs,
+        countdown=countdown,
+        soft_time_limit=soft_time_limit,
+        time_limit=time_limit,
+        argsrepr=repr([job_id]),
+        kwargsrepr=repr(kwargs),
     )
+    with app.producer_or_acquire() as producer, producer.connection._reraise_as_library_errors():
+        app.amqp.send_task_message(
+            producer,
+            task_name,
+            message,
+            queue=queue,
+            exchange=EXCHANGE.name,
+            routing_key=queue,
+            priority=max(0, min(MAX_PRIORITY, priority)),
+            retry=True,
+            retry_policy=RETRY_POLICY,
+        )
+    return app.AsyncResult(task_id)
