@@ -180,7 +180,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         dispatched_at=now,
     )
     try:
-        with svc.db.session() as session:
+        with svc.db.writing() as session:
             job.predict_time = _predicted(session, spec.name)
             insert_job(session, job)
     except IntegrityError:

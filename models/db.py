@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -126,6 +127,9 @@ class Database:
         self.settings = settings
         self.engine = make_engine(settings)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_turn: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -139,6 +143,16 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Session]:
+        """``session`` for a unit of work that writes. On SQLite (one writer at a time) the threads
+        of this process take turns on a lock first: waiting on SQLite's own busy handler means
+        sleeping in steps of up to 100 ms, and a thread holding the database lock while it waits
+        for the GIL makes every other writer sleep its way up those steps (32 submitting threads
+        ran at half the rate). Postgres needs no such turn."""
+        with self._write_turn, self.session() as session:
+            yield session
 
     @property
     def is_postgres(self) -> bool:

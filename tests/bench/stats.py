@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,16 @@ class LevelResult:
     # Every operation finished by the threads, warm-up and stragglers included: the denominator
     # for CPU seconds measured over the whole level.
     all_ops: int = 0
+
+    def add(self, other: LevelResult) -> None:
+        """Fold another slice measured at the same concurrency into this one."""
+        self.duration_s += other.duration_s
+        self.ok += other.ok
+        self.errors += other.errors
+        self.latencies_s.extend(other.latencies_s)
+        self.error_samples.extend(other.error_samples)
+        self.client_cpu_s += other.client_cpu_s
+        self.all_ops += other.all_ops
 
     @property
     def throughput(self) -> float:
@@ -139,3 +150,13 @@ def closed_loop(
         thread.join(timeout=warmup_s + duration_s + 60)
     result.client_cpu_s = time.process_time() - cpu0
     return result
+
+
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to others, all CPUs together (``steal`` in /proc/stat)."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
