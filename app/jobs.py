@@ -243,7 +243,7 @@ def _idempotent_match(svc: Services, key: str, fingerprint: str) -> dict[str, An
 
 @blp.route("")
 class Jobs(MethodView):
-    @blp.arguments(JobCreateSchema)
+    @blp.arguments(JobCreateSchema())  # one instance: webargs would build one per request from the class
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="An earlier job with the same Idempotency-Key")
     def post(self, body: dict[str, Any]) -> Response:
