@@ -50,9 +50,8 @@ def services() -> Services:
 
 def owned_job(job_id: str) -> Job:
     """The caller's job, or 404 (another client's job is not found, never forbidden)."""
-    with services().db.session() as session:
-        # Not a job id, not looked up: a NUL byte in the path would make psycopg2 raise (a 500).
-        job = session.get(Job, job_id) if JOB_ID_RE.fullmatch(job_id) else None
+    # Not a job id, not looked up: a NUL byte in the path would make psycopg2 raise (a 500).
+    job = services().store.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None
     if job is None or job.client_id != g.client_id:
         abort(404, code="job_not_found", message=f"No job {job_id}.")
     return job

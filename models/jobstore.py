@@ -178,6 +178,7 @@ _ATTRIBUTES = {attr.columns[0].name: attr.key for attr in Job.__mapper__.column_
 
 
 _INSERT_JOB = insert(_jobs)
+_GET_JOB = select(_jobs).where(_c.id == bindparam("job_id"))
 
 
 def insert_job(session: Session, job: Job) -> None:
@@ -215,8 +216,10 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
+        """The job as a detached ``Job``, or None (a prebuilt SELECT: polls and every task read it)."""
         with self.db.session() as session:
-            return session.get(Job, job_id)
+            row = session.execute(_GET_JOB, {"job_id": job_id}).first()
+            return None if row is None else _job_from(row)
 
     def update_claimed(
         self, job_id: str, token: str | None, *conditions: Any, running: bool = False, **values: Any

@@ -351,7 +351,10 @@ def _run_claimed(
             rt.storage.delete_outputs([f.name for f in files])
             return
         rt.storage.remove_inputs(job_id)
-        _publish_finish(task.app, job_id)
+        if job.webhook_url:
+            # The finish task only delivers job.finished: a job without a webhook needs no message
+            # (nor a cpu worker's time while its client polls for the result).
+            _publish_finish(task.app, job_id)
 
 
 def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list[tuple[Claim, Any]]) -> None:
