@@ -7,6 +7,8 @@ on the source's chin marks "this came from the source" in the swapped result.
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 from skimage import data
@@ -65,3 +67,24 @@ def colour_pixels(rgb: np.ndarray, colour: tuple[int, int, int], box: tuple[int,
     channel = int(np.argmax(colour))
     others = np.delete(region, channel, axis=2).mean(axis=2)
     return int((region[..., channel] - others > 50).sum())
+
+
+def swap_named_faces(engine: Any, canvas: np.ndarray, rects: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """``faceswap_multi`` of the green source onto face 2 and the blue one onto face 0 of ``canvas``
+    (faces at ``rects``), checked the same way for every engine: each named face got its own source,
+    and face 1, not named, is unchanged to the pixel. Returns the output for engine-specific checks."""
+    from PIL import Image
+
+    result = engine.faceswap_multi(
+        [Image.fromarray(marked_source(GREEN)), Image.fromarray(marked_source(BLUE))],
+        Image.fromarray(canvas),
+        swap_faces_index=[0, 0],
+        target_faces_index=[2, 0],
+    )
+    out = np.asarray(result.images[0].image)
+    assert result.images[0].meta["swapped_faces_index"] == [2, 0]
+    assert colour_pixels(out, GREEN, rects[2]) > 40 and colour_pixels(out, BLUE, rects[2]) == 0
+    assert colour_pixels(out, BLUE, rects[0]) > 40 and colour_pixels(out, GREEN, rects[0]) == 0
+    x0, y0, x1, y1 = rects[1]
+    assert np.array_equal(out[y0:y1, x0:x1], canvas[y0:y1, x0:x1])
+    return out

@@ -18,7 +18,6 @@ from inference.base import EngineError, InvalidInput
 from inference.faceswap import KEYPOINT_NAMES, MeshFaceSwapper
 from inference.faceswap.mesh import MESH_POINTS, triangulate, warp_triangles
 from tests.inference.face_images import (
-    BLUE,
     CANVAS,
     GREEN,
     HEAD,
@@ -26,6 +25,7 @@ from tests.inference.face_images import (
     colour_pixels,
     group,
     marked_source,
+    swap_named_faces,
 )
 
 PLACES = [(60, 60, 1.0), (420, 300, 0.8), (720, 50, 1.1)]
@@ -235,19 +235,7 @@ def test_faceswap_changes_every_target_face_and_no_pixel_far_from_them(engine, t
 def test_faceswap_multi_swaps_exactly_the_named_faces_by_face_detect_index(engine, trio):
     canvas, rects = trio
     faces = engine.face_detect(Image.fromarray(canvas)).data["faces"]
-    result = engine.faceswap_multi(
-        [Image.fromarray(marked_source(GREEN)), Image.fromarray(marked_source(BLUE))],
-        Image.fromarray(canvas),
-        swap_faces_index=[0, 0],
-        target_faces_index=[2, 0],
-    )
-    out = np.asarray(result.images[0].image)
-    assert result.images[0].meta["swapped_faces_index"] == [2, 0]
-    assert colour_pixels(out, GREEN, rects[2]) > 40 and colour_pixels(out, BLUE, rects[2]) == 0
-    assert colour_pixels(out, BLUE, rects[0]) > 40 and colour_pixels(out, GREEN, rects[0]) == 0
-    # Face 1 was not named: every pixel of its picture is as it was.
-    x0, y0, x1, y1 = rects[1]
-    assert np.array_equal(out[y0:y1, x0:x1], canvas[y0:y1, x0:x1])
+    out = swap_named_faces(engine, canvas, rects)
     assert _inside(_changed(canvas, out), [_grown(faces[i]["box"], 1.4) for i in (0, 2)])
 
 

@@ -20,7 +20,14 @@ from inference.base import Cancelled, EngineError, InvalidInput
 from inference.faceswap import Face, FaceDetector, InsightFaceSwapper, LandmarkFaceSwapper, order_faces
 from inference.faceswap.common import similarity_transform
 from inference.faceswap.insight import ARCFACE_TEMPLATE_112, arcface_template
-from tests.inference.face_images import BLUE, CANVAS, GREEN, colour_pixels, group, marked_source
+from tests.inference.face_images import (
+    CANVAS,
+    GREEN,
+    colour_pixels,
+    group,
+    marked_source,
+    swap_named_faces,
+)
 from tests.inference.face_models import BOX_DISTANCE, KPS_OFFSETS, build_face_models, red_cells
 
 PLACES = [(60, 60, 1.0), (420, 300, 0.8), (720, 50, 1.1)]
@@ -139,19 +146,7 @@ def test_faceswap_puts_the_source_face_on_every_target_face_and_nothing_else(eng
 
 def test_faceswap_multi_swaps_exactly_the_named_faces(engine, trio):
     canvas, rects = trio
-    result = engine.faceswap_multi(
-        [Image.fromarray(marked_source(GREEN)), Image.fromarray(marked_source(BLUE))],
-        Image.fromarray(canvas),
-        swap_faces_index=[0, 0],
-        target_faces_index=[2, 0],
-    )
-    out = np.asarray(result.images[0].image)
-    assert result.images[0].meta["swapped_faces_index"] == [2, 0]
-    assert colour_pixels(out, GREEN, rects[2]) > 40 and colour_pixels(out, BLUE, rects[2]) == 0
-    assert colour_pixels(out, BLUE, rects[0]) > 40 and colour_pixels(out, GREEN, rects[0]) == 0
-    # Face 1 was not named: every pixel of its picture is as it was.
-    x0, y0, x1, y1 = rects[1]
-    assert np.array_equal(out[y0:y1, x0:x1], canvas[y0:y1, x0:x1])
+    swap_named_faces(engine, canvas, rects)
 
 
 def test_faceswap_max_faces_swaps_only_the_largest(engine, trio):
