@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,3 +188,12 @@ def slow(fault: Fault | None) -> None:
     """Apply a ``slow`` fault: hold the request so the client's read timeout fires."""
     if fault is not None and fault.kind == "slow":
         time.sleep(float(fault.params.get("seconds", 2.0)))
+
+
+@contextmanager
+def all_running(fakes: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every fake of ``fakes`` serving at once (a test module's providers), stopped on exit."""
+    with ExitStack() as stack:
+        for fake in fakes.values():
+            stack.enter_context(fake.running())
+        yield fakes

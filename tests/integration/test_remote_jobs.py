@@ -7,7 +7,6 @@ routes file, exactly as an operator configures it.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import signal
@@ -33,6 +32,7 @@ from tasks.jobs import Runtime, sweep
 from tasks.remote import POLL_REMOTE, _submit
 from tests.conftest import KEYS
 from tests.fakes.aiorch_upstream_fake import UpstreamFake
+from tests.fakes.common import all_running
 from tests.fakes.sensetime_fake import SenseTimeFake
 from tests.fakes.volcengine_fake import VolcengineFake
 from tests.fakes.zhinian_fake import ZhinianFake, sign_webhook
@@ -63,9 +63,7 @@ def fakes() -> Iterator[dict[str, Any]]:
     # "slow" never finishes a job; "zn" finishes only when a test says so (then it sends the webhook).
     found["slow"].polls_to_finish = 10**9
     found["zn"].polls_to_finish = 10**9
-    with contextlib.ExitStack() as stack:
-        for fake in found.values():
-            stack.enter_context(fake.running())
+    with all_running(found):
         yield found
 
 

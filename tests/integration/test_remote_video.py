@@ -8,7 +8,6 @@ video input before it is served from ``/files/``.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import time
@@ -26,7 +25,7 @@ from tasks.celery_app import create_celery
 from tasks.jobs import Runtime
 from tasks.remote import _submit
 from tests.fakes.aiorch_upstream_fake import UpstreamFake
-from tests.fakes.common import VIDEO_FRAMES
+from tests.fakes.common import VIDEO_FRAMES, all_running
 from tests.fakes.sensetime_fake import SenseTimeFake
 from tests.fakes.zhinian_fake import ZhinianFake
 from tests.integration.conftest import routed_platform
@@ -55,9 +54,7 @@ def fakes() -> Iterator[dict[str, Any]]:
         "zn": ZhinianFake(api_keys={"aiorch": ZN_KEY}, clock=time.time),  # type: ignore[arg-type]
         "up": UpstreamFake(api_keys={UP_KEY: "aiorch"}, clock=time.time),  # type: ignore[arg-type]
     }
-    with contextlib.ExitStack() as stack:
-        for fake in found.values():
-            stack.enter_context(fake.running())
+    with all_running(found):
         yield found
 
 
