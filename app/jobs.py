@@ -190,8 +190,8 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         return existing, 200
     # Published only after COMMIT: a worker can never receive an id whose row it cannot see.
     try:
-        route = settings.routes.for_task(job.task, spec.name)
-        if catalog.fetch_free(spec, body["payload"]) and not (route is not None and route.remote_first):
+        remote = settings.routes.remote_first(job.task, spec.name)
+        if catalog.fetch_free(spec, body["payload"]) and not remote:
             # Nothing to download: the run queue checks the inputs itself, one queue hop fewer.
             publish(
                 svc.celery,
@@ -200,8 +200,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
                 spec.queue,
                 job.priority,
                 task_kwargs={"prepare": True},
-                soft_time_limit=spec.soft_time_limit,
-                time_limit=spec.time_limit,
+                **catalog.time_limits(spec),
             )
         else:
             publish(svc.celery, PREPARE, job.id, "cpu", job.priority)

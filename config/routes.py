@@ -111,6 +111,11 @@ class Routes:
                 return self.routes[name]
         return None
 
+    def remote_first(self, *names: str) -> bool:
+        """Whether the route of ``names`` (as ``for_task``) sends the job to a remote provider first."""
+        route = self.for_task(*names)
+        return route is not None and route.remote_first
+
     def __bool__(self) -> bool:
         return bool(self.routes)
 

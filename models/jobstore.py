@@ -189,7 +189,7 @@ def insert_job(session: Session, job: Job) -> None:
 
 
 def _job_from(row: Any) -> Job:
-    """A detached ``Job`` from a RETURNING row of the jobs table."""
+    """A detached ``Job`` from a row of all the jobs table's columns (SELECT or RETURNING)."""
     mapping = row._mapping
     return Job(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
 

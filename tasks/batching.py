@@ -88,18 +88,18 @@ def claim_partners(rt: Runtime, app: Any, job: Job) -> list[tuple[Claim, Job]]:
         for candidate in waiting:
             if candidate.cancel_requested:
                 continue
+            preparing = candidate.stage != "run"
+            if preparing and not fetch_free(TASKS[candidate.engine_task], candidate.payload or {}):
+                # On the prepare queue: worth waiting for if it was dispatched just now.
+                fetching = fetching or _recent(candidate, FETCH_RECENT_SECONDS)
+                continue
+            seen.add(candidate.id)
             inputs = None
-            if candidate.stage != "run":
-                if not fetch_free(TASKS[candidate.engine_task], candidate.payload or {}):
-                    # On the prepare queue: worth waiting for if it was dispatched just now.
-                    fetching = fetching or _recent(candidate, FETCH_RECENT_SECONDS)
-                    continue
-                seen.add(candidate.id)
+            if preparing:
                 inputs = checked_inputs(rt, app, candidate)
                 if inputs is None:
                     continue  # failed (bad input) or cancelled: ended by checked_inputs
                 candidate.inputs = inputs
-            seen.add(candidate.id)
             if batch_key(candidate) != key:
                 if inputs is not None:
                     # Checked for nothing: record it, so its own run task does not check it again.

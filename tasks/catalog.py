@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from marshmallow import Schema
 
@@ -230,6 +230,18 @@ def resolve(
             "(aiorch models add PATH)"
         )
     return spec
+
+
+class TimeLimits(TypedDict):
+    """``publish`` options: typed keys, so ``**`` cannot be mistaken for its other arguments."""
+
+    soft_time_limit: int
+    time_limit: int
+
+
+def time_limits(spec: TaskSpec) -> TimeLimits:
+    """The run task's limits for this task, sent with its message."""
+    return {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}
 
 
 @functools.lru_cache(maxsize=256)

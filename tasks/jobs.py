@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -150,15 +150,14 @@ def prepare_job(self: JobTask, job_id: str) -> None:
             # Cancelled (or expired) while the inputs were downloading: it stays that way.
             rt.storage.remove_inputs(job_id)
             return
-        route = rt.settings.routes.for_task(job.task, job.engine_task)
-        if route is not None and route.remote_first:
+        if rt.settings.routes.remote_first(job.task, job.engine_task):
             # A remote provider serves it: submit and poll on the cpu queue (tasks/remote.py), which
             # hands the job back to RUN if the route falls through to "local".
             from tasks.remote import SUBMIT_REMOTE
 
             publish(self.app, SUBMIT_REMOTE, job_id, "cpu", job.priority)
             return
-        publish(self.app, RUN, job_id, job.queue, job.priority, **_limits(spec))
+        publish(self.app, RUN, job_id, job.queue, job.priority, **catalog.time_limits(spec))
 
 
 def checked_inputs(rt: Runtime, app: Any, job: Any) -> dict[str, Any] | None:
@@ -228,7 +227,12 @@ def _fail_before_run(rt: Runtime, app: Any, job_id: str, error: dict[str, Any]) 
         _publish_finish(app, job_id)
 
 
-def _publish_finish(app: Any, job_id: str) -> None:
+def _publish_finish(app: Any, job_id: str, job: Any = None) -> None:
+    """Queue the finish task, which delivers ``job.finished``; given the ``job`` and it has no
+    webhook, there is nothing to deliver and no message is sent (nor a cpu worker's time spent
+    while its client polls for the result)."""
+    if job is not None and not job.webhook_url:
+        return
     try:
         publish(app, FINISH, job_id, "cpu")
     except OperationalError:
@@ -267,7 +271,7 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False, prepare: bool =
             try:
                 job.inputs = load_inputs(rt, job)
             except (ValidationError, InputProblem, TransientFetchError, FetchCancelled) as exc:
-                _end_claimed(self.app, rt, claim, exc)
+                _end_claimed(self.app, rt, claim, job, exc)
                 return
     if spec.engine in BATCH_ENGINES and claim.neighbours:
         partners = claim_partners(rt, self.app, job)
@@ -277,7 +281,7 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False, prepare: bool =
     _run_claimed(self, rt, spec, claim, job)
 
 
-def _end_claimed(app: Any, rt: Runtime, claim: Claim, exc: Exception) -> None:
+def _end_claimed(app: Any, rt: Runtime, claim: Claim, job: Any, exc: Exception) -> None:
     """A claimed job whose inputs did not pass: failed (or cancelled) through the fenced finish."""
     if isinstance(exc, FetchCancelled):
         status, error = JobStatus.CANCELLED, {"code": "cancelled", "message": "The job was cancelled."}
@@ -287,7 +291,7 @@ def _end_claimed(app: Any, rt: Runtime, claim: Claim, exc: Exception) -> None:
         status, error = JobStatus.FAILED, {"code": "input_unreachable", "message": str(exc)}
     rt.storage.remove_inputs(claim.job_id)
     if rt.store.finish(claim, status, error=error):
-        _publish_finish(app, claim.job_id)
+        _publish_finish(app, claim.job_id, job)
 
 
 def _run_claimed(
@@ -351,10 +355,7 @@ def _run_claimed(
             rt.storage.delete_outputs([f.name for f in files])
             return
         rt.storage.remove_inputs(job_id)
-        if job.webhook_url:
-            # The finish task only delivers job.finished: a job without a webhook needs no message
-            # (nor a cpu worker's time while its client polls for the result).
-            _publish_finish(task.app, job_id)
+        _publish_finish(task.app, job_id, job)
 
 
 def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list[tuple[Claim, Any]]) -> None:
@@ -543,7 +544,9 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
                 job = rt.store.get(job_id)
                 if job is None:
                     continue  # deleted since stuck_jobs listed it
-                publish(app, RUN, job_id, queue, priority, **_limits(catalog.TASKS[job.engine_task]))
+                publish(
+                    app, RUN, job_id, queue, priority, **catalog.time_limits(catalog.TASKS[job.engine_task])
+                )
         except OperationalError:
             break
         rt.store.mark_dispatched(job_id)
@@ -565,7 +568,15 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
         if silent_for < spec.time_limit + 60:
             continue
         try:
-            publish(app, RUN, job_id, queue, priority, task_kwargs={"recovered": True}, **_limits(spec))
+            publish(
+                app,
+                RUN,
+                job_id,
+                queue,
+                priority,
+                task_kwargs={"recovered": True},
+                **catalog.time_limits(spec),
+            )
         except OperationalError:
             break
         recovered += 1
@@ -583,14 +594,3 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
         "webhooks_retried": retried,
         "webhooks_resent": resent,
     }
-
-
-class _TimeLimits(TypedDict):
-    """``send_task`` options: typed keys, so ``**`` cannot be mistaken for ``publish``'s own arguments."""
-
-    soft_time_limit: int
-    time_limit: int
-
-
-def _limits(spec: catalog.TaskSpec) -> _TimeLimits:
-    return {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}

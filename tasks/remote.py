@@ -86,7 +86,7 @@ from models.state import JobStatus
 from tasks import catalog
 from tasks.celery_app import RUN, publish
 from tasks.inputs import InputProblem, check_image, check_video
-from tasks.jobs import JobTask, Runtime, _limits, _publish_finish, _store_outputs
+from tasks.jobs import JobTask, Runtime, _publish_finish, _store_outputs
 from tasks.storage import encode_image
 
 log = logging.getLogger("aiorch.remote")
@@ -383,7 +383,15 @@ def _run_locally(app: Any, rt: Runtime, job: Job, claim: Claim) -> None:
     """
     rt.store.update_claimed(claim.job_id, claim.token, backend=LOCAL, remote_id=None)
     spec = catalog.TASKS[job.engine_task]
-    publish(app, RUN, job.id, job.queue, job.priority, task_kwargs={"recovered": True}, **_limits(spec))
+    publish(
+        app,
+        RUN,
+        job.id,
+        job.queue,
+        job.priority,
+        task_kwargs={"recovered": True},
+        **catalog.time_limits(spec),
+    )
 
 
 def _record_remote(rt: Runtime, claim: Claim, backend: str, remote_id: str, first_poll: float) -> bool:
