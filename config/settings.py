@@ -68,6 +68,32 @@ def _webhook_secret(name: str, raw: str) -> str | None:
     return raw
 
 
+def _networks(name: str, raw: str) -> tuple[str, ...]:
+    """``10.1.2.0/24,fd00::/8`` -> the networks as normalised CIDR strings (checked here, so a typo
+    stops the process at start-up with the variable's name)."""
+    import ipaddress
+
+    networks = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise SettingsError(f"{name}: {item!r} is not an IP network in CIDR form") from None
+    return tuple(networks)
+
+
+def _existing_file(name: str, raw: str) -> Path | None:
+    if not raw:
+        return None
+    path = Path(raw).expanduser().resolve()
+    if not path.is_file():
+        raise SettingsError(f"{name}: {raw} is not a readable file")
+    return path
+
+
 def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     """``client-a:key-a,client-b:key-b`` -> ((client, key), ...)."""
     pairs = []
@@ -111,6 +137,11 @@ class Settings:
     webhook_secret: str | None = None
     models_dir: Path = Path("var/models")
     allow_private_urls: bool = False
+    # The SSRF guard's exceptions: private networks (CIDR) an operator lets through the same
+    # checked, pinned path (an internal image server), and extra CA certificates to trust for
+    # every outbound https request (inputs, webhooks, providers).
+    allow_private_networks: tuple[str, ...] = ()
+    ca_bundle: Path | None = None
     # Inputs: the limits every image passes before an engine sees it.
     max_input_bytes: int = 25 * 1024 * 1024
     max_input_pixels: int = 40_000_000
@@ -134,6 +165,10 @@ class Settings:
     sync_timeout: float = 120.0
     webhook_timeout: float = 10.0
     webhook_retry_base: float = 10.0
+    # After a client rotates its webhook secret, deliveries carry both signatures this long.
+    webhook_secret_grace: float = 86400.0
+    # Assets: bytes of uploads one client may keep at once (0 = no quota).
+    asset_quota_bytes: int = 5 * 1024**3
     # Workers.
     broker_poll_interval: float = 0.05
     worker_concurrency: int = 0
@@ -225,6 +260,10 @@ class Settings:
             webhook_secret=_webhook_secret("AIORCH_WEBHOOK_SECRET", get("WEBHOOK_SECRET")),
             models_dir=Path(get("MODELS_DIR") or var_dir / "models").resolve(),
             allow_private_urls=_bool("AIORCH_ALLOW_PRIVATE_URLS", get("ALLOW_PRIVATE_URLS", "0")),
+            allow_private_networks=_networks(
+                "AIORCH_ALLOW_PRIVATE_NETWORKS", get("ALLOW_PRIVATE_NETWORKS")
+            ),
+            ca_bundle=_existing_file("AIORCH_CA_BUNDLE", get("CA_BUNDLE")),
             max_input_bytes=_int("AIORCH_MAX_INPUT_BYTES", get("MAX_INPUT_BYTES", str(25 << 20)), low=1024),
             max_input_pixels=_int("AIORCH_MAX_INPUT_PIXELS", get("MAX_INPUT_PIXELS", "40000000"), low=1),
             min_input_side=_int("AIORCH_MIN_INPUT_SIDE", get("MIN_INPUT_SIDE", "16"), low=1),
@@ -246,6 +285,12 @@ class Settings:
             sync_timeout=_float("AIORCH_SYNC_TIMEOUT", get("SYNC_TIMEOUT", "120"), low=0.1),
             webhook_timeout=_float("AIORCH_WEBHOOK_TIMEOUT", get("WEBHOOK_TIMEOUT", "10"), low=0.1),
             webhook_retry_base=_float("AIORCH_WEBHOOK_RETRY_BASE", get("WEBHOOK_RETRY_BASE", "10"), low=0.01),
+            webhook_secret_grace=_float(
+                "AIORCH_WEBHOOK_SECRET_GRACE", get("WEBHOOK_SECRET_GRACE", "86400"), low=0
+            ),
+            asset_quota_bytes=_int(
+                "AIORCH_ASSET_QUOTA_BYTES", get("ASSET_QUOTA_BYTES", str(5 * 1024**3)), low=0
+            ),
             broker_poll_interval=_float("AIORCH_BROKER_POLL_INTERVAL", get("BROKER_POLL_INTERVAL", "0.05")),
             worker_concurrency=_int("AIORCH_WORKER_CONCURRENCY", get("WORKER_CONCURRENCY", "0"), low=0),
             debug_tasks=_bool("AIORCH_DEBUG_TASKS", get("DEBUG_TASKS", "0")),

@@ -1,7 +1,7 @@
 """Persistence: SQLAlchemy models, sessions, migrations and the job state machine."""
 
 from models.db import Base, Database, utcnow
-from models.jobs import ApiKey, Job, StoredFile, WebhookDelivery
+from models.jobs import ApiKey, Job, StoredFile, WebhookDelivery, WebhookEvent, WebhookSecret
 from models.state import FINAL_STATUSES, IllegalTransition, JobStatus, transition
 
 __all__ = [
@@ -14,6 +14,8 @@ __all__ = [
     "JobStatus",
     "StoredFile",
     "WebhookDelivery",
+    "WebhookEvent",
+    "WebhookSecret",
     "transition",
     "utcnow",
 ]

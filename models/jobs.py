@@ -1,4 +1,5 @@
-"""Tables: jobs, API keys, stored output files and webhook deliveries."""
+"""Tables: jobs, API keys, stored files (outputs and uploads: the assets), webhook events, their
+deliveries and the clients' webhook signing secrets."""
 
 from __future__ import annotations
 
@@ -86,18 +87,34 @@ class ApiKey(Base):
     label: Mapped[str | None] = mapped_column(String(255), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Optional seed 001-style JWT auth for this key: ``Authorization: Bearer <JWT HS256>`` whose
+    # ``iss`` is the access key, signed with the secret key. The secret key must be readable to
+    # verify an HMAC, so it is stored as given (like the webhook secrets below).
+    access_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    secret_key: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class StoredFile(Base):
-    """An output file served at ``/files/<name>``; the name carries 128 random bits."""
+    """A file in storage owned by one client, and so one of its assets (``asset_id``): a job's
+    output (``kind`` "output", ``job_id`` set, also served at ``/files/<name>``) or an upload
+    (``kind`` "upload": multipart, a registered URL, or a large ``data:`` input). The storage
+    name carries 128 random bits; the asset id is another 128, unrelated to it."""
 
     __tablename__ = "stored_files"
+    __table_args__ = (Index("ix_stored_files_client_created", "client_id", "created_at"),)
 
     name: Mapped[str] = mapped_column(String(80), primary_key=True)
-    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    asset_id: Mapped[str | None] = mapped_column(String(32), unique=True, nullable=True)
+    kind: Mapped[str] = mapped_column(String(16), default="output")
+    job_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("jobs.id", ondelete="CASCADE"), index=True, nullable=True
+    )
     client_id: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str | None] = mapped_column(String(255), nullable=True)
     content_type: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
 
@@ -121,3 +138,29 @@ class WebhookDelivery(Base):
     request_body: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     next_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebhookEvent(Base):
+    """One event of a job, with the exact body every attempt sends: delivery tasks carry ids only,
+    so no tenant's body (and its result URLs) travels through the broker or shows in Flower."""
+
+    __tablename__ = "webhook_events"
+
+    event_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookSecret(Base):
+    """A client's webhook signing secret once it was rotated (before that it is derived from the
+    master ``AIORCH_WEBHOOK_SECRET`` and needs no row); the previous one signs too until
+    ``rotated_at`` + the grace period."""
+
+    __tablename__ = "webhook_secrets"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
