@@ -44,11 +44,35 @@ def test_values_are_parsed() -> None:
         ("AIORCH_ALLOW_PRIVATE_URLS", "maybe"),
         ("AIORCH_MAX_ATTEMPTS", "0"),
         ("AIORCH_SYNC_TIMEOUT", "-1"),
+        ("AIORCH_ALLOW_PRIVATE_NETWORKS", "10.1.2.0/24,not-a-network"),
+        ("AIORCH_CA_BUNDLE", "/nonexistent/ca.pem"),
+        ("AIORCH_ASSET_QUOTA_BYTES", "-5"),
+        ("AIORCH_WEBHOOK_SECRET_GRACE", "soon"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value})
+
+
+def test_guard_exceptions_and_tenancy_limits_are_parsed(tmp_path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = Settings.from_env(
+        {
+            "AIORCH_ALLOW_PRIVATE_NETWORKS": " 10.1.2.7/24 , fd00::/8,",
+            "AIORCH_CA_BUNDLE": str(bundle),
+            "AIORCH_ASSET_QUOTA_BYTES": "1048576",
+            "AIORCH_WEBHOOK_SECRET_GRACE": "60",
+        }
+    )
+    # Host bits are dropped: the operator's 10.1.2.7/24 means the network 10.1.2.0/24.
+    assert settings.allow_private_networks == ("10.1.2.0/24", "fd00::/8")
+    assert settings.ca_bundle == bundle
+    assert settings.asset_quota_bytes == 1048576
+    assert settings.webhook_secret_grace == 60.0
+    defaults = Settings.from_env({})
+    assert defaults.allow_private_networks == () and defaults.ca_bundle is None
 
 
 def test_settings_are_frozen() -> None:
