@@ -16,10 +16,10 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     # the gunicorn master (and every other CLI command) need not carry the whole web stack.
     from flask import Flask
 
-    from app import blocking, jobs, management, provider_webhooks, system
+    from app import assets, blocking, jobs, management, provider_webhooks, system, webhook_secrets
     from app.auth import authenticate
     from app.errors import JsonApi, register_error_handlers
-    from app.schemas import StrictJSONProvider
+    from app.schemas import StrictJSONProvider, max_body_bytes
     from app.services import Services
 
     settings = settings or Settings.from_env()
@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="docs",
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
-        MAX_CONTENT_LENGTH=settings.max_input_bytes * 2,
+        MAX_CONTENT_LENGTH=max_body_bytes(settings.max_input_bytes),
         JSON_SORT_KEYS=False,
     )
     app.json = StrictJSONProvider(app)
@@ -46,10 +46,13 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     api.register_blueprint(jobs.legacy)
     api.register_blueprint(management.blp)
     api.register_blueprint(blocking.blp)
+    api.register_blueprint(webhook_secrets.blp)
+    api.register_blueprint(assets.blp)
     app.register_blueprint(system.blp)
     app.register_blueprint(provider_webhooks.blp)
-    app.before_request(_json_without_content_type)
+    # Authentication first: nothing may read a body before the key is checked (app/auth.py).
     app.before_request(authenticate)
+    app.before_request(_json_without_content_type)
     register_error_handlers(app)
     return app
 
@@ -57,10 +60,10 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
 def _json_without_content_type() -> None:
     """``curl -d '{...}'`` sends JSON labelled as a form. A body that starts like a JSON object is
     read as JSON instead of being silently seen as empty (which would name every field missing)."""
-    from flask import request
+    from flask import g, request
 
-    if request.method not in ("POST", "PUT", "PATCH") or request.is_json:
-        return
+    if "client_id" not in g or request.method not in ("POST", "PUT", "PATCH") or request.is_json:
+        return  # without a client (public or unknown URLs) no body is read here
     if request.mimetype not in ("", "application/x-www-form-urlencoded", "text/plain"):
         return
     head = request.get_data(cache=True)[:64].lstrip()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,15 +16,31 @@ from config import QUEUES, Settings
 from config.logs import configure_logging
 
 GPU_QUEUES = [q for q in QUEUES if q.startswith("gpu.")]
+# Every file an aiorch process creates (database, broker folders, keys, outputs, logs) is its
+# owner's only: no other local user reads a tenant's images or the platform's secrets.
+PRIVATE_UMASK = 0o077
+JSON_ERROR_WORKER = "app.gunicorn_json.JsonErrorWorker"
 
 
 def settings_from_env() -> Settings:
     return Settings.from_env()
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and its parents) as ``0700``; an existing one of ours is tightened to it,
+    so a ``var/`` made world-readable by an older version stops being so."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
+    return path
+
+
 @click.group()
 def main() -> None:
     """aiorch: a self-hosted AI image job platform."""
+    # Here, before any command runs, so that it holds for every aiorch process and for what they
+    # exec (celery workers, beat, Flower) and spawn (``aiorch up``).
+    os.umask(PRIVATE_UMASK)
 
 
 @main.command()
@@ -33,7 +50,7 @@ def migrate() -> None:
     from models.migrate import upgrade
 
     settings = settings_from_env()
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.var_dir)
     db = Database(settings)
     upgrade(db)
     click.echo(f"database at head: {db.engine.url.render_as_string(hide_password=True)}")
@@ -62,12 +79,15 @@ def serve(workers: int, threads: int) -> None:
 
     settings = settings_from_env()
     configure_logging(settings.log_level, settings.log_json)
+    private_dir(settings.var_dir)
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", workers)
-            self.cfg.set("worker_class", "gthread")
+            # gthread, answering gunicorn's own errors (bad request line, URL or headers too
+            # long) in the API's JSON error shape instead of HTML pages.
+            self.cfg.set("worker_class", JSON_ERROR_WORKER)
             self.cfg.set("threads", threads)
             self.cfg.set("timeout", int(settings.sync_timeout) + 30)
             self.cfg.set("accesslog", None)
@@ -124,7 +144,7 @@ def worker(queues: str, concurrency: int | None, name: str | None, extra: tuple[
 def beat() -> None:
     """Run the periodic scheduler (expiry, re-publish, retention, webhook retries)."""
     settings = settings_from_env()
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.var_dir)
     schedule = settings.var_dir / "celerybeat-schedule"
     os.execv(
         sys.executable,
@@ -151,13 +171,28 @@ def keys() -> None:
 @keys.command("create")
 @click.argument("client")
 @click.option("--label", default=None)
-def keys_create(client: str, label: str | None) -> None:
-    """Create a key for CLIENT and print it once."""
+@click.option(
+    "--jwt",
+    "jwt_auth",
+    is_flag=True,
+    help="also an access key / secret key pair, for seed 001-style JWT auth (Bearer <JWT HS256, iss=AK>)",
+)
+def keys_create(client: str, label: str | None, jwt_auth: bool) -> None:
+    """Create a key for CLIENT and print it once, with the client's webhook signing secret.
+
+    The key is the last line (scripts read it from there)."""
     from models.db import Database
     from models.keys import KeyRing
+    from models.webhook_secrets import WebhookSecrets
 
-    row, key = KeyRing(Database(settings_from_env())).create(client, label)
-    click.echo(f"id={row.id} client={client}\n{key}")
+    settings = settings_from_env()
+    db = Database(settings)
+    row, key = KeyRing(db).create(client, label, jwt_auth=jwt_auth)
+    lines = [f"id={row.id} client={client}", f"webhook_secret={WebhookSecrets(db, settings).current(client)}"]
+    if jwt_auth:
+        lines += [f"access_key={row.access_key}", f"secret_key={row.secret_key}"]
+    click.echo("\n".join([*lines, key]))
+    db.dispose()
 
 
 @keys.command("list")
@@ -168,7 +203,8 @@ def keys_list() -> None:
 
     for row in KeyRing(Database(settings_from_env())).list():
         state = "revoked" if row.revoked_at else "active"
-        click.echo(f"{row.id}\t{row.client_id}\t{row.prefix}…\t{state}\t{row.label or ''}")
+        access = f"\tak={row.access_key}" if row.access_key else ""
+        click.echo(f"{row.id}\t{row.client_id}\t{row.prefix}…\t{state}\t{row.label or ''}{access}")
 
 
 @keys.command("revoke")
@@ -282,7 +318,7 @@ def ensure_dev_key(settings: Settings) -> str | None:
 def up(flower: bool) -> None:
     """Migrate, then run the API, a cpu worker, a GPU-queues worker and the scheduler together."""
     settings = settings_from_env()
-    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.var_dir)
     exe = [sys.executable, "-m", "app.cli"]
     subprocess.run([*exe, "migrate"], check=True)
     key = ensure_dev_key(settings)
@@ -325,42 +361,62 @@ def up(flower: bool) -> None:
                 proc.kill()
 
 
+def flower_command(settings: Settings, password: str) -> tuple[list[str], dict[str, str]]:
+    """The argv that runs Flower, and the variables to add to its environment.
+
+    Credentials travel only in the environment, which Flower reads (``FLOWER_<OPTION>``): a
+    process's argv is readable by every local user (``ps``, ``/proc/<pid>/cmdline``), its
+    environment only by its own user."""
+    # Flower splits FLOWER_BASIC_AUTH on commas (several user:password pairs): a comma inside
+    # would turn the tail of the password into a credential of its own.
+    if "," in password or "," in settings.flower_user or ":" in settings.flower_user:
+        raise click.ClickException(
+            "AIORCH_FLOWER_USER and AIORCH_FLOWER_PASSWORD may not contain ',' (nor the user ':')"
+        )
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.worker:celery",
+        "flower",
+        "--address=127.0.0.1",
+        f"--port={settings.flower_port}",
+        # Workers answer inspect over the broker; the default 1 s wait drops the replies of a
+        # busy worker (or of the embedded transport's polled folders) and shows no workers.
+        "--inspect_timeout=3000",
+    ]
+    env = {"FLOWER_BASIC_AUTH": f"{settings.flower_user}:{password}"}
+    if settings.broker_management_api:
+        # Queue depths of an amqp broker come from RabbitMQ's management API; its URL carries
+        # the management password.
+        env["FLOWER_BROKER_API"] = settings.broker_management_api
+    return argv, env
+
+
 @main.command()
 def flower() -> None:
     """Run Flower on 127.0.0.1 with basic auth, watching this platform's broker."""
     settings = settings_from_env()
     password = settings.flower_password
     if not password:
-        keyfile = settings.var_dir / "flower-password"
+        keyfile = private_dir(settings.var_dir) / "flower-password"
         if not keyfile.exists():
             import secrets
 
-            keyfile.write_text(secrets.token_urlsafe(16) + "\n")
+            keyfile.write_text(secrets.token_urlsafe(16) + "\n")  # 0600: the umask above
             keyfile.chmod(0o600)
         password = keyfile.read_text().strip()
         click.echo(
             f"Flower: http://127.0.0.1:{settings.flower_port} user {settings.flower_user}, "
             f"password in {keyfile}"
         )
-    os.execv(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tasks.worker:celery",
-            "flower",
-            "--address=127.0.0.1",
-            f"--port={settings.flower_port}",
-            f"--basic-auth={settings.flower_user}:{password}",
-            # Workers answer inspect over the broker; the default 1 s wait drops the replies of a
-            # busy worker (or of the embedded transport's polled folders) and shows no workers.
-            "--inspect_timeout=3000",
-            # Queue depths of an amqp broker come from RabbitMQ's management API.
-            *([f"--broker_api={settings.broker_management_api}"] if settings.broker_management_api else []),
-        ],
-    )
+    argv, env = flower_command(settings, password)
+    # Added to the process's own environment, which exec hands on: this process only writes the
+    # environment (config/ alone reads it).
+    for name, value in env.items():
+        os.putenv(name, value)
+    os.execv(sys.executable, argv)
 
 
 if __name__ == "__main__":

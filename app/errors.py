@@ -19,7 +19,9 @@ from sqlalchemy.exc import DBAPIError
 # The views' abort. flask_smorest re-exports this same function but ships no py.typed, so through
 # it mypy sees Any and cannot tell that abort never returns; imported from webargs it is NoReturn.
 from webargs.flaskparser import abort as abort
-from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable, UnprocessableEntity
+
+from app.schemas import JsonTooDeep
 
 log = logging.getLogger("aiorch.api")
 
@@ -41,7 +43,7 @@ DEFAULT_CODES = {
 }
 DEFAULT_MESSAGES = {
     400: "The request is malformed.",
-    401: "A valid API key is required (X-API-Key or Authorization: Bearer).",
+    401: "A valid API key is required (X-API-Key, or Authorization: Bearer with a key or a signed JWT).",
     404: "Not found.",
     405: "This method is not allowed on this URL.",
     413: "The request body is too large.",
@@ -109,6 +111,12 @@ class JsonApi(Api):
 
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(HTTPException, error_response)
+
+    @app.errorhandler(JsonTooDeep)
+    def _too_deep(exc: JsonTooDeep) -> ResponseReturnValue:
+        refused = UnprocessableEntity()
+        refused.data = {"code": "json_too_deep", "message": str(exc)}  # type: ignore[attr-defined]
+        return error_response(refused)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> ResponseReturnValue:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,6 +19,7 @@ from marshmallow import RAISE, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from app.assets import data_inputs_to_assets, discard_uploads
 from app.errors import abort
 from app.schemas import (
     JOB_ID_RE,
@@ -133,8 +136,8 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     except catalog.TaskUnavailable as exc:
         abort(501, code="task_not_installed", message=str(exc), details={"task": [str(exc)]})
     try:
-        check_webhook_url(body.get("webhook_url"), settings.allow_private_urls)
-        schema = catalog.payload_schema(spec, settings.allow_private_urls, settings.max_faces)
+        check_webhook_url(body.get("webhook_url"), settings)
+        schema = catalog.payload_schema(spec, settings)
         payload = schema.load(body["payload"])
     except ValidationError as exc:
         details = exc.messages if "webhook_url" in exc.messages else {"payload": exc.messages}
@@ -155,6 +158,9 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
 
     now = utcnow()
     _admit(svc, g.client_id, now)
+    # Large data: inputs become assets of the client, so the row holds asset:// instead of the
+    # bytes (the fingerprint above stays that of the body the client sent).
+    stored_payload, uploads = data_inputs_to_assets(svc, g.client_id, spec, body["payload"])
     job = Job(
         id=new_id(),
         client_id=g.client_id,
@@ -165,7 +171,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         stage="prepare",
         progress=0,
         priority=body["priority"],
-        payload=body["payload"],
+        payload=stored_payload,
         meta=body["metadata"],
         webhook_url=body.get("webhook_url"),
         webhook_events=body.get("webhook_events"),
@@ -184,6 +190,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
             insert_job(session, job)
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race.
+        discard_uploads(svc, uploads)
         existing = _idempotent_match(svc, idempotency_key or "", fingerprint)
         if existing is None:
             raise
@@ -207,6 +214,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     except (OperationalError, OSError):
         log.warning("broker unreachable; job %s withdrawn", job.id)
         svc.store.delete(job.id)
+        discard_uploads(svc, uploads)
         abort(
             503,
             code="broker_unavailable",
@@ -239,8 +247,33 @@ def _idempotent_match(svc: Services, key: str, fingerprint: str) -> dict[str, An
     return {**job_object(job), "reused": True}
 
 
+# Bodies that are no JSON however they are read (a form that starts like a JSON object was already
+# relabelled by the app's before_request hook).
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def json_body_only(view: Callable[..., Any]) -> Callable[..., Any]:
+    """A form or a multipart upload sent to a JSON endpoint gets a 415 that says what to send,
+    instead of webargs' "task: Missing data" for a body it never read."""
+
+    @functools.wraps(view)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if request.mimetype in FORM_TYPES:
+            abort(
+                415,
+                code="unsupported_media_type",
+                message="POST /v1/jobs takes a JSON body (Content-Type: application/json). Upload "
+                "images with POST /v1/assets (multipart/form-data) and pass asset://<asset_id> as the "
+                "input, or put a data: URI in the payload.",
+            )
+        return view(*args, **kwargs)
+
+    return checked
+
+
 @blp.route("")
 class Jobs(MethodView):
+    @json_body_only
     @blp.arguments(JobCreateSchema())  # one instance: webargs would build one per request from the class
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="An earlier job with the same Idempotency-Key")

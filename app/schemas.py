@@ -15,12 +15,55 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from webargs.core import missing
 from webargs.flaskparser import FlaskParser, is_json_request
 
+from config import Settings
 from models.state import JobStatus
 from tasks import catalog
-from tasks.payloads import literal_private_host
+from tasks.outbound import UrlPolicy, refused_host_reason
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 PROGRESS_EVENTS = ("job.started", "job.progress")
+
+
+# Request bodies. The largest legitimate body is one input image at the byte limit sent inline as a
+# base64 ``data:`` URI (4/3 of its size) plus the JSON around it; anything bigger is refused with a
+# 413 before it is read, so one request can never hold more than this much of a worker's memory.
+BODY_ENVELOPE_BYTES = 1 << 20
+# Deeper JSON than any payload needs; deep nesting only ever served to exhaust a parser's stack
+# (the stdlib's recursion limit is ~1000 levels: a 960-deep body used to reach the worker).
+MAX_JSON_DEPTH = 32
+
+
+def max_body_bytes(max_input_bytes: int) -> int:
+    """The one cap on request bodies (Flask's ``MAX_CONTENT_LENGTH``): the input limit as base64,
+    plus the envelope."""
+    return max_input_bytes * 4 // 3 + BODY_ENVELOPE_BYTES
+
+
+class JsonTooDeep(Exception):
+    """A JSON body nested deeper than ``MAX_JSON_DEPTH``; answered 422 ``json_too_deep``.
+
+    Deliberately not a ``ValueError``: ``request.get_json(silent=True)`` swallows those, and this
+    refusal must reach the client as itself, not as "the body is not an object"."""
+
+    def __init__(self, limit: int = MAX_JSON_DEPTH) -> None:
+        super().__init__(f"The JSON body is nested more than {limit} levels deep (at most {limit}).")
+        self.limit = limit
+
+
+def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` deep (``{}`` is depth 1).
+    An explicit stack, not recursion: the point is to refuse what would exhaust a stack."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 def _refuse_constant(name: str) -> Any:
@@ -35,17 +78,25 @@ def _finite_float(text: str) -> float:
 
 
 def strict_json_loads(data: str | bytes) -> Any:
-    """A request body as RFC 8259 JSON. Python's json reads ``NaN``/``Infinity`` (and ``1e400`` as
-    infinity), which Postgres cannot store and no other client would send, and raises
-    RecursionError on deeply nested arrays: here all of these are a ``JSONDecodeError``, which the
-    parsers answer with a 400/422 instead of a 500."""
+    """A request body as RFC 8259 JSON at most ``MAX_JSON_DEPTH`` deep. Python's json reads
+    ``NaN``/``Infinity`` (and ``1e400`` as infinity), which Postgres cannot store and no other client
+    would send: those are a ``JSONDecodeError``, which the parsers answer with a 400/422. Nesting
+    deeper than the limit raises ``JsonTooDeep`` (422), including nesting so deep that the stdlib
+    parser itself gives up with RecursionError."""
     text = data.decode("utf-8", errors="strict") if isinstance(data, bytes | bytearray) else data
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError:
         raise
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise JsonTooDeep() from None
+    except ValueError as exc:
         raise json.JSONDecodeError(f"not valid JSON: {exc}", text, 0) from None
+    # Counting brackets is C-speed and settles almost every body (flat ones, and those whose only
+    # brackets are a few objects) without walking the parsed value.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and json_depth_exceeds(value):
+        raise JsonTooDeep()
+    return value
 
 
 class StrictJSONProvider(DefaultJSONProvider):
@@ -103,9 +154,17 @@ class JobCreateSchema(Schema):
             raise ValidationError("metadata must be at most 16 KiB of JSON")
 
 
-def check_webhook_url(url: str | None, allow_private: bool) -> None:
-    if url and not allow_private and literal_private_host(urlsplit(url).hostname or ""):
-        raise ValidationError({"webhook_url": ["private, loopback and link-local addresses are not allowed"]})
+def check_webhook_url(url: str | None, settings: Settings) -> None:
+    """The SSRF guard's check of the host, without DNS (the worker checks what it resolves to)."""
+    if not url:
+        return
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:  # a broken [IPv6] literal
+        raise ValidationError({"webhook_url": ["Not a valid URL."]}) from None
+    reason = refused_host_reason(host, UrlPolicy.from_settings(settings))
+    if reason is not None:
+        raise ValidationError({"webhook_url": [f"refused: the host {reason}"]})
 
 
 class JobSchema(Schema):

@@ -52,6 +52,10 @@ def files(name: str) -> ResponseReturnValue:
     path = svc.storage.path_for(name)
     if path is None or not path.is_file():
         abort(404, code="file_not_found", message="No such file (it may have expired).")
-    response = send_file(path, conditional=True, max_age=3600)
+    response = send_file(path, conditional=True)
+    # Private: the name is the only protection of a tenant's output, so no shared cache (a CDN,
+    # a corporate proxy) may keep a copy to hand to whoever asks next. Only outputs are here;
+    # uploads live in a folder of their own, read with the owner's key (app/assets.py).
+    response.headers["Cache-Control"] = "private"
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response

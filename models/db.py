@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -160,3 +161,11 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def insert_or_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> None:
+    """INSERT a row unless one with the same primary key exists (then leave that row as it is).
+    One statement on Postgres and SQLite alike, so two processes racing to create the same row
+    both succeed and agree on the first one, without a read-then-write window."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Integer, String, Table, bindparam, func, insert, literal, select, text, update
 from sqlalchemy.orm import Session
 
+from models.assets import OUTPUT, stamps
 from models.db import Database, UTCDateTime, relaxed_commit, rowcount, utcnow
 from models.jobs import Job, StoredFile, WebhookDelivery
 from models.state import FINAL_STATUSES, JobStatus, sources_of, timestamps_for
@@ -362,14 +363,19 @@ class JobStore:
                     [
                         {
                             "name": f.name,
+                            "asset_id": f.asset_id,
+                            "kind": f.kind or OUTPUT,
                             "job_id": f.job_id,
                             "client_id": f.client_id,
+                            "filename": f.filename,
                             "content_type": f.content_type,
                             "size": f.size,
-                            "created_at": now,
+                            "width": f.width,
+                            "height": f.height,
+                            "created_at": created,
                             "expires_at": expires,
                         }
-                        for f in files
+                        for f, created in zip(files, stamps(now, len(files)), strict=True)
                     ],
                 )
                 for stored in files:
@@ -482,14 +488,18 @@ class JobStore:
                 (r.id, r.queue, r.priority, r.engine_task, (now - r.updated_at).total_seconds()) for r in rows
             ]
 
-    def expired_files(self, now: datetime | None = None) -> list[str]:
-        """Delete the rows of output files past their retention; returns their names."""
+    def expired_files(self, now: datetime | None = None) -> list[tuple[str, str]]:
+        """Delete the rows of stored files past their retention, outputs and uploads alike;
+        returns them as ``(kind, name)`` for ``Storage.delete_files``."""
         now = now or utcnow()
         with self.db.session() as session:
-            names = list(session.scalars(select(StoredFile.name).where(StoredFile.expires_at < now)))
+            rows = session.execute(
+                select(StoredFile.kind, StoredFile.name).where(StoredFile.expires_at < now)
+            ).all()
+            names = [row.name for row in rows]
             if names:
                 session.query(StoredFile).filter(StoredFile.name.in_(names)).delete()
-            return names
+            return [(row.kind, row.name) for row in rows]
 
     def delete(self, job_id: str) -> list[str]:
         """Delete a job with its files and deliveries; returns the file names to unlink."""

@@ -14,8 +14,10 @@ from typing import Any, TypedDict
 
 from marshmallow import Schema
 
+from config import Settings
 from config.routes import Routes
 from tasks import payloads as p
+from tasks.outbound import UrlPolicy
 
 
 @dataclass(frozen=True)
@@ -244,11 +246,17 @@ def time_limits(spec: TaskSpec) -> TimeLimits:
     return {"soft_time_limit": spec.soft_time_limit, "time_limit": spec.time_limit}
 
 
+def payload_schema(spec: TaskSpec, settings: Settings) -> Any:
+    """The payload schema of ``spec`` under these settings (the SSRF guard's policy and
+    AIORCH_MAX_FACES), for the API and the workers alike."""
+    return _schema(spec, UrlPolicy.from_settings(settings), settings.max_faces)
+
+
 @functools.lru_cache(maxsize=256)
-def payload_schema(spec: TaskSpec, allow_private_urls: bool, max_faces: int) -> Any:
-    """One payload schema instance per task and settings, for the API and the workers alike:
-    building one costs more than loading with it, and ``load`` keeps no state on the instance."""
-    return spec.schema(allow_private_urls=allow_private_urls, max_faces=max_faces)  # type: ignore[call-arg]
+def _schema(spec: TaskSpec, url_policy: UrlPolicy, max_faces: int) -> Any:
+    # One instance per task and policy: building one costs more than loading with it, and
+    # ``load`` keeps no state on the instance.
+    return spec.schema(url_policy=url_policy, max_faces=max_faces)  # type: ignore[call-arg]
 
 
 def known_names(debug_tasks: bool = False) -> list[str]:

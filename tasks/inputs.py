@@ -1,10 +1,10 @@
 """Fetching and checking input images, on the cpu queue, before any engine sees them.
 
-Three rules hold for every input: the bytes come from an allowed place (no private, loopback or
-link-local address unless ``AIORCH_ALLOW_PRIVATE_URLS``, checked on the address actually dialled,
-so DNS rebinding cannot slip past), they stay under a byte cap while streaming, and the image's
-header is checked for format and pixel count before it is decoded, so a decompression bomb never
-gets expanded.
+Three rules hold for every input: the bytes come from an allowed place (the SSRF guard of
+``tasks/outbound.py``: no private, loopback or link-local address unless the operator allows it,
+checked on the address actually dialled, so DNS rebinding cannot slip past), they stay under a
+byte cap while streaming, and the image's header is checked for format and pixel count before it
+is decoded, so a decompression bomb never gets expanded.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
-import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -24,10 +22,9 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import urllib3
 from PIL import Image, ImageOps
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from config import Settings
+from tasks.outbound import PrivateAddressError, UnresolvableHost, UrlPolicy, http_pool, refused_host_reason
 
 ALLOWED_FORMATS = {
     "JPEG": "jpg",
@@ -63,61 +60,8 @@ class FetchCancelled(Exception):
     pass
 
 
-class PrivateAddressError(urllib3.exceptions.HTTPError):
-    pass
-
-
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-class _PinnedMixin:
-    """Resolve once, refuse non-public addresses, then dial exactly the address that was checked."""
-
-    _dns_host: str
-    port: int
-
-    def _new_conn(self) -> socket.socket:
-        try:
-            infos = socket.getaddrinfo(self._dns_host, self.port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise urllib3.exceptions.NameResolutionError(self._dns_host, self, exc) from exc  # type: ignore[arg-type]
-        addresses: list[str] = []
-        for *_, sockaddr in infos:
-            address = sockaddr[0]
-            # A Python built without IPv6 reports an AF_INET6 address as (int, bytes): it can be
-            # neither checked nor dialled, so it is refused like a private one.
-            if not isinstance(address, str) or not _is_public(address):
-                raise PrivateAddressError(f"{self._dns_host} resolves to a non-public address ({address})")
-            addresses.append(address)
-        self._dns_host = addresses[0]
-        return super()._new_conn()  # type: ignore[misc]
-
-
-class _PinnedHTTPConnection(_PinnedMixin, HTTPConnection):
-    pass
-
-
-class _PinnedHTTPSConnection(_PinnedMixin, HTTPSConnection):
-    pass
-
-
-class _PinnedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _PinnedHTTPConnection
-
-
-class _PinnedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _PinnedHTTPSConnection
-
-
-def http_pool(allow_private: bool) -> urllib3.PoolManager:
-    pool = urllib3.PoolManager(num_pools=20, maxsize=4, retries=False)
-    if not allow_private:
-        pool.pool_classes_by_scheme = {"http": _PinnedHTTPPool, "https": _PinnedHTTPSPool}
-    return pool
+# ``asset://<id>`` of a client -> its file, or None (missing, expired, or another client's).
+ResolveAsset = Callable[[str, str], Path | None]
 
 
 @dataclass(frozen=True)
@@ -131,17 +75,29 @@ class CheckedImage:
 class Fetcher:
     """Loads input references (http(s), ``data:``, ``asset://``) into checked bytes."""
 
-    def __init__(self, settings: Settings, resolve_asset: Callable[[str], Path | None] | None = None):
+    def __init__(self, settings: Settings, resolve_asset: ResolveAsset | None = None):
         self.settings = settings
-        self.pool = http_pool(settings.allow_private_urls)
+        self.pool = http_pool(settings)
+        self.url_policy = UrlPolicy.from_settings(settings)
         self.resolve_asset = resolve_asset
         self._video_fetcher: Fetcher | None = None
 
-    def load(self, ref: str, field: str, should_stop: Callable[[], bool] = lambda: False) -> CheckedImage:
-        return check_image(self._bytes(ref, field, should_stop), field, self.settings)
+    def load(
+        self,
+        ref: str,
+        field: str,
+        should_stop: Callable[[], bool] = lambda: False,
+        owner: str | None = None,
+    ) -> CheckedImage:
+        """``owner``: the client whose ``asset://`` ids may be read (none without it)."""
+        return check_image(self._bytes(ref, field, should_stop, owner), field, self.settings)
 
     def load_video(
-        self, ref: str, field: str, should_stop: Callable[[], bool] = lambda: False
+        self,
+        ref: str,
+        field: str,
+        should_stop: Callable[[], bool] = lambda: False,
+        owner: str | None = None,
     ) -> CheckedVideo:
         """A video input: fetched under the video byte cap, then probed (see ``check_video``)."""
         if self._video_fetcher is None:
@@ -150,14 +106,16 @@ class Fetcher:
                 self.settings.with_overrides(max_input_bytes=self.settings.max_video_bytes),
                 self.resolve_asset,
             )
-        data = self._video_fetcher._bytes(ref, field, should_stop)
+        data = self._video_fetcher._bytes(ref, field, should_stop, owner)
         return check_video(data, field, self.settings)
 
-    def _bytes(self, ref: str, field: str, should_stop: Callable[[], bool]) -> bytes:
+    def _bytes(
+        self, ref: str, field: str, should_stop: Callable[[], bool], owner: str | None = None
+    ) -> bytes:
         if ref.startswith("data:"):
             return self._data_uri(ref, field)
         if ref.startswith("asset://"):
-            return self._asset(ref, field)
+            return self._asset(ref, field, owner)
         return self._http(ref, field, should_stop)
 
     def _data_uri(self, ref: str, field: str) -> bytes:
@@ -175,9 +133,10 @@ class Fetcher:
         except (binascii.Error, ValueError):
             raise InputProblem("invalid_input", "the data: URI is not valid base64", field) from None
 
-    def _asset(self, ref: str, field: str) -> bytes:
+    def _asset(self, ref: str, field: str, owner: str | None) -> bytes:
         asset_id = ref[len("asset://") :]
-        path = self.resolve_asset(asset_id) if self.resolve_asset else None
+        # Only the owner's assets resolve; another client's is "not found", word for word.
+        path = self.resolve_asset(asset_id, owner) if self.resolve_asset and owner else None
         if path is None or not path.is_file():
             raise InputProblem("input_not_found", f"asset {asset_id!r} does not exist", field)
         if path.stat().st_size > self.settings.max_input_bytes:
@@ -192,9 +151,7 @@ class Fetcher:
             connect=min(5.0, self.settings.fetch_timeout), read=self.settings.fetch_timeout
         )
         for _ in range(MAX_REDIRECTS + 1):
-            scheme = urlsplit(url).scheme
-            if scheme not in ("http", "https"):
-                raise InputProblem("invalid_input", f"unsupported URL scheme {scheme!r}", field)
+            self._check_url(url, field)
             try:
                 response = self.pool.request(
                     "GET",
@@ -204,18 +161,8 @@ class Fetcher:
                     timeout=timeout,
                     headers={"User-Agent": "aiorch-fetch/1"},
                 )
-            except PrivateAddressError as exc:
-                raise InputProblem("private_address", f"refused: {exc}", field) from None
-            except urllib3.exceptions.MaxRetryError as exc:
-                if isinstance(exc.reason, PrivateAddressError):
-                    raise InputProblem("private_address", f"refused: {exc.reason}", field) from None
-                if isinstance(exc.reason, urllib3.exceptions.NameResolutionError):
-                    raise InputProblem(
-                        "input_unreachable", f"cannot resolve the host of {url}", field
-                    ) from None
-                raise TransientFetchError(f"cannot reach {url}: {exc.reason}") from None
             except urllib3.exceptions.HTTPError as exc:
-                raise TransientFetchError(f"cannot reach {url}: {exc}") from None
+                raise self._failure(exc, url, field) from None
             try:
                 if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
                     url = urljoin(url, response.headers["Location"])
@@ -228,8 +175,45 @@ class Fetcher:
                     raise InputProblem("input_http_error", f"{url} answered HTTP {response.status}", field)
                 return self._read_capped(response, url, field, deadline, should_stop)
             finally:
+                # An answer not read to its end (an error status, a redirect's body, a cap or a
+                # cancel) leaves its kept-alive connection mid-stream: close it, or the next
+                # request on it would fail.
+                if not response.closed:
+                    response.close()
                 response.release_conn()
         raise InputProblem("invalid_input", f"more than {MAX_REDIRECTS} redirects", field)
+
+    def _check_url(self, url: str, field: str) -> None:
+        """Scheme and host, before any connection: the API's check, again on every redirect."""
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            raise InputProblem("invalid_input", f"{field} is not a valid URL", field) from None
+        if parts.scheme not in ("http", "https"):
+            raise InputProblem("invalid_input", f"unsupported URL scheme {parts.scheme!r}", field)
+        if not host:
+            raise InputProblem("invalid_input", f"{field} has no host", field)
+        reason = refused_host_reason(host, self.url_policy)
+        if reason is not None:
+            raise InputProblem("private_address", f"refused: the host of {field} {reason}", field)
+
+    def _failure(self, exc: urllib3.exceptions.HTTPError, url: str, field: str) -> Exception:
+        """What a failed request means for the job: refusals and broken TLS are final (retrying
+        cannot change them), anything else on the way is worth another try."""
+        if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+            exc = exc.reason  # type: ignore[assignment]
+        if isinstance(exc, UnresolvableHost):
+            return InputProblem("input_unreachable", f"refused: the host of {field} {exc.reason}", field)
+        if isinstance(exc, PrivateAddressError):
+            return InputProblem("private_address", f"refused: the host of {field} {exc.reason}", field)
+        if isinstance(exc, urllib3.exceptions.LocationParseError):
+            return InputProblem("invalid_input", f"{field} is not a valid URL", field)
+        if isinstance(exc, urllib3.exceptions.SSLError):
+            # The certificate does not name the host, or no trusted CA signed it
+            # (AIORCH_CA_BUNDLE adds CAs): a server's configuration, not a passing failure.
+            return InputProblem("input_tls_error", f"TLS with the host of {field} failed: {exc}", field)
+        return TransientFetchError(f"cannot reach {url}: {exc}")
 
     def _read_capped(
         self, response: Any, url: str, field: str, deadline: float, should_stop: Callable[[], bool]

@@ -8,8 +8,6 @@ engine; and holds no database session while the engine works.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from config import Settings
 from config.logs import bind_job
 from inference.base import Cancelled, ContentRejected, EngineError, EngineResult
 from inference.watermark import add_label
+from models.assets import AssetStore, output_asset
 from models.db import Database
 from models.jobs import StoredFile
 from models.jobstore import Claim, ClaimRefused, JobStore
@@ -34,7 +33,7 @@ from tasks.batching import BatchControl, claim_partners
 from tasks.celery_app import FINISH, PREPARE, RUN, SWEEP, publish
 from tasks.engines import BATCH_ENGINES, ENGINES, EngineCall
 from tasks.inputs import FetchCancelled, Fetcher, InputProblem, TransientFetchError, decode_image
-from tasks.storage import Storage, default_format, encode_image
+from tasks.storage import SavedFile, Storage, default_format, encode_image, write_private
 
 log = logging.getLogger("aiorch.tasks")
 
@@ -49,12 +48,14 @@ class Runtime:
         self.db = Database(settings)
         self.store = JobStore(self.db, settings.max_attempts)
         self.storage = Storage(settings)
+        self.assets = AssetStore(self.db)
         self.fetcher = Fetcher(settings, resolve_asset=self._asset_path)
 
-    def _asset_path(self, asset_id: str) -> Any:
-        with self.db.session() as session:
-            row = session.get(StoredFile, asset_id)
-            return None if row is None else self.storage.path_for(row.name)
+    def _asset_path(self, asset_id: str, client_id: str) -> Path | None:
+        """The file of ``asset://<asset_id>`` for a job of ``client_id``: looked up by id AND
+        owner, so another client's asset is missing exactly like a deleted one."""
+        row = self.assets.get(client_id, asset_id)
+        return None if row is None else self.storage.asset_path(row.kind, row.name)
 
 
 _runtimes: dict[int, Runtime] = {}
@@ -119,7 +120,7 @@ class JobControl:
 
 
 def validate_payload(spec: catalog.TaskSpec, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    return catalog.payload_schema(spec, settings.allow_private_urls, settings.max_faces).load(payload)
+    return catalog.payload_schema(spec, settings).load(payload)
 
 
 # -- prepare ----------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def load_inputs(rt: Runtime, job: Any) -> dict[str, Any]:
     """Validate the stored payload, then fetch and check its inputs into storage."""
     spec = catalog.TASKS[job.engine_task]
     payload = validate_payload(spec, job.payload, rt.settings)
-    return _fetch_inputs(rt, job.id, spec, payload)
+    return _fetch_inputs(rt, job.id, job.client_id, spec, payload)
 
 
 def input_error(exc: ValidationError | InputProblem) -> dict[str, Any]:
@@ -188,7 +189,7 @@ def input_error(exc: ValidationError | InputProblem) -> dict[str, Any]:
 
 
 def _fetch_inputs(
-    rt: Runtime, job_id: str, spec: catalog.TaskSpec, payload: dict[str, Any]
+    rt: Runtime, job_id: str, client_id: str, spec: catalog.TaskSpec, payload: dict[str, Any]
 ) -> dict[str, Any]:
     folder = rt.storage.input_dir(job_id)
     stored: dict[str, Any] = {}
@@ -205,13 +206,12 @@ def _fetch_inputs(
         for index, ref in enumerate(refs):
             label = f"{field}[{index}]" if isinstance(value, list) else field
             is_video = field in spec.videos
-            checked = (rt.fetcher.load_video if is_video else rt.fetcher.load)(ref, label, should_stop)
+            load = rt.fetcher.load_video if is_video else rt.fetcher.load
+            checked = load(ref, label, should_stop, owner=client_id)
             path = folder / f"{field}_{index}.{checked.ext}"
             # Written aside and renamed: two workers may prepare the same job at once (its own
             # run message and a batching neighbour), and neither may read half a file.
-            part = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
-            part.write_bytes(checked.data)
-            part.replace(path)
+            write_private(path, checked.data)
             paths.append(
                 {"path": str(path), "ext": checked.ext, "width": checked.width, "height": checked.height}
             )
@@ -411,7 +411,7 @@ def _progress_events(rt: Runtime, app: Any, job: Any) -> Any:
         current = rt.store.get(job.id)
         if current is not None:
             try:
-                schedule_event(app, current, event)
+                schedule_event(rt.db, app, current, event)
             except OperationalError:
                 log.warning("progress event for %s not published", job.id)
 
@@ -445,7 +445,16 @@ def _store_outputs(
     first_input = inputs.get("target_url") or next(iter(inputs.values()), None)
     input_ext = first_input.get("ext") if isinstance(first_input, dict) else None
     watermark = payload.get("watermark")
-    outputs, rows = [], []
+    outputs: list[dict[str, Any]] = []
+    rows: list[StoredFile] = []
+
+    def keep(saved: SavedFile, meta: dict[str, Any], width: Any, height: Any) -> None:
+        # Every output is also an asset of the job's client (result.asset_id, files[].asset_id).
+        row = output_asset(saved.name, job_id, client_id, saved.content_type, saved.size, width, height)
+        rows.append(row)
+        entry = {"url": rt.storage.url_for(saved.name), "filename": saved.name, "asset_id": row.asset_id}
+        outputs.append({**entry, "meta": meta})
+
     for output in outcome.images:
         image = output.image
         if watermark:
@@ -459,16 +468,7 @@ def _store_outputs(
             "backend": outcome.backend,
             "format": fmt,
         }
-        outputs.append({"url": rt.storage.url_for(saved.name), "filename": saved.name, "meta": meta})
-        rows.append(
-            StoredFile(
-                name=saved.name,
-                job_id=job_id,
-                client_id=client_id,
-                content_type=saved.content_type,
-                size=saved.size,
-            )
-        )
+        keep(saved, meta, image.width, image.height)
     for produced in outcome.files:
         # A video the engine wrote to a scratch file: stored under its own random name.
         try:
@@ -476,16 +476,7 @@ def _store_outputs(
         finally:
             produced.path.unlink(missing_ok=True)
         meta = {**produced.meta, "backend": outcome.backend, "format": produced.ext}
-        outputs.append({"url": rt.storage.url_for(saved.name), "filename": saved.name, "meta": meta})
-        rows.append(
-            StoredFile(
-                name=saved.name,
-                job_id=job_id,
-                client_id=client_id,
-                content_type=saved.content_type,
-                size=saved.size,
-            )
-        )
+        keep(saved, meta, meta.get("width"), meta.get("height"))
     result: dict[str, Any] = {"ok": True, "status": JobStatus.SUCCEEDED.value}
     if outputs:
         result.update(outputs[0])
@@ -513,7 +504,7 @@ def finish_job(self: JobTask, job_id: str) -> None:
 
     # This task already runs on the cpu queue, where deliveries run: the first attempt is made
     # here rather than queued (under the same per-receiver breaker and timeouts).
-    schedule_event(self.app, job, now=True)
+    schedule_event(rt.db, self.app, job, now=True)
 
 
 # -- sweeps -----------------------------------------------------------------------------------------
@@ -580,8 +571,8 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
         except OperationalError:
             break
         recovered += 1
-    removed = rt.store.expired_files()
-    rt.storage.delete_outputs(removed)
+    removed = rt.store.expired_files()  # outputs and uploads
+    rt.storage.delete_files(removed)
     from tasks.webhooks import due_deliveries, lost_finishes
 
     retried = due_deliveries(rt, app)

@@ -7,13 +7,13 @@ the Zhinian seed (003) for generation, inpainting and outpainting.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
 
 from config import limits
+from tasks.outbound import UrlPolicy, refused_host_reason
 
 DEFAULT_MAX_FACES = 8  # AIORCH_MAX_FACES when no settings are given (config.Settings.max_faces)
 
@@ -25,23 +25,12 @@ WATERMARK_POSITIONS = ("topleft", "topright", "bottomleft", "bottomright", "bott
 MAX_OBJECTS = 300
 
 
-def literal_private_host(host: str) -> bool:
-    """True for hosts that are private without a DNS look-up (IP literals, localhost names)."""
-    host = host.strip("[]").lower()
-    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return not address.is_global
-
-
 class InputRef(fields.String):
     """An input image: an http(s) URL, a ``data:`` URI, or ``asset://<id>``.
 
-    Private targets given as literals are refused here when the schema's context forbids them;
-    names that resolve to private addresses are caught when the worker fetches them.
+    Hosts the schema's ``url_policy`` refuses without a DNS look-up (IP literals in any spelling,
+    ``localhost`` names) are refused here; names that resolve to refused addresses are caught
+    when the worker fetches them, with the same policy (``tasks/outbound.py``).
     """
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
@@ -54,16 +43,22 @@ class InputRef(fields.String):
             if not text[len("asset://") :].strip():
                 raise ValidationError("asset:// needs an asset id")
             return text
-        parts = urlsplit(text)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(text)
+            host = parts.hostname
+        except ValueError:  # a broken [IPv6] literal
+            raise ValidationError("must be an http(s) URL, a data: URI or asset://<id>") from None
+        if parts.scheme not in ("http", "https") or not host:
             raise ValidationError("must be an http(s) URL, a data: URI or asset://<id>")
-        if not self.parent_allows_private() and literal_private_host(parts.hostname):
-            raise ValidationError("private, loopback and link-local addresses are not allowed")
+        reason = refused_host_reason(host, self.url_policy())
+        if reason is not None:
+            raise ValidationError(f"refused: the host {reason}")
         return text
 
-    def parent_allows_private(self) -> bool:
-        root = self.root
-        return bool(getattr(root, "allow_private_urls", False))
+    def url_policy(self) -> UrlPolicy:
+        # The root schema carries the settings' policy; a schema built without one guards.
+        policy = getattr(self.root, "url_policy", None)
+        return policy if isinstance(policy, UrlPolicy) else UrlPolicy()
 
 
 class WatermarkSchema(Schema):
@@ -87,12 +82,13 @@ class BasePayload(Schema):
     def __init__(
         self,
         *args: Any,
-        allow_private_urls: bool = False,
+        url_policy: UrlPolicy = UrlPolicy(),
         max_faces: int = DEFAULT_MAX_FACES,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.allow_private_urls = allow_private_urls
+        # Which URL hosts InputRef fields accept: the settings' SSRF guard (tasks/outbound.py).
+        self.url_policy = url_policy
         # AIORCH_MAX_FACES: the face tasks' limit, a setting, so the schema is told it.
         self.face_limit = max_faces
 
@@ -364,5 +360,5 @@ class DebugSleepPayload(Schema):
     seconds = fields.Float(load_default=1.0, validate=validate.Range(min=0.0, max=600.0))
     crash = fields.String(load_default="never", validate=validate.OneOf(("never", "always", "first")))
 
-    def __init__(self, *args: Any, allow_private_urls: bool = False, max_faces: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, url_policy: UrlPolicy = UrlPolicy(), max_faces: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)

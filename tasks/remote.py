@@ -79,6 +79,7 @@ from inference.remote import (
     build_client,
     idempotency_key_for_job,
 )
+from models.assets import OUTPUT
 from models.db import Database, utcnow
 from models.jobs import Job, StoredFile
 from models.jobstore import Claim, ClaimRefused, fenced_update, new_id
@@ -87,6 +88,7 @@ from tasks import catalog
 from tasks.celery_app import RUN, publish
 from tasks.inputs import InputProblem, check_image, check_video
 from tasks.jobs import JobTask, Runtime, _publish_finish, _store_outputs
+from tasks.outbound import tls_context
 from tasks.storage import encode_image
 
 log = logging.getLogger("aiorch.remote")
@@ -100,8 +102,9 @@ PROVIDER_DRAWS_WATERMARK = {"sensetime", "volcengine", "upstream"}
 # A poll of a job still running waits a little longer each time; an error backs off faster.
 POLL_GROWTH = 1.5
 ERROR_GROWTH = 2.0
-# Output meta worth keeping from a provider (the rest, e.g. its URLs, is not ours to publish).
-KEPT_OUTPUT_META = ("index", "seed", "asset_id")
+# Output meta worth keeping from a provider (the rest, e.g. its URLs, is not ours to publish),
+# under the name the result shows: a provider's asset id is not ours (``result.asset_id``).
+KEPT_OUTPUT_META = {"index": "index", "seed": "seed", "asset_id": "provider_asset_id"}
 # Providers that take input images inline as base64 (Volcengine's binary_data_base64); the others
 # fetch a public URL of ours.
 INLINE_INPUTS = {"volcengine"}
@@ -142,7 +145,9 @@ def client_for(settings: Settings, provider_name: str) -> RemoteProvider:
     key = (id(settings), provider_name)
     if key not in _clients:
         provider = settings.routes.providers[provider_name]
-        _clients[key] = build_client(provider.kind, **provider.client_kwargs())
+        # AIORCH_CA_BUNDLE: a provider behind a private CA is trusted like inputs and webhooks.
+        context = tls_context(settings)
+        _clients[key] = build_client(provider.kind, **provider.client_kwargs(), ssl_context=context)
     return _clients[key]
 
 
@@ -480,8 +485,11 @@ def _public_copies(rt: Runtime, job: Job, claim: Claim, route: Route | None) -> 
         entry["public_name"] = saved.name
         names[entry["path"]] = saved.name
         rows.append(
+            # Served at /files like an output, but no asset of the client (no asset_id): a copy
+            # of its input for the provider's eyes only, deleted when the job finishes.
             StoredFile(
                 name=saved.name,
+                kind=OUTPUT,
                 job_id=job.id,
                 client_id=job.client_id,
                 content_type=saved.content_type,
@@ -818,7 +826,7 @@ def _outcome(
             checked = check_image(raw, f"output[{index}]", rt.settings)
             image = Image.open(io.BytesIO(checked.data))
             image.load()
-            meta = {key: output.meta[key] for key in KEPT_OUTPUT_META if key in output.meta}
+            meta = _kept_meta(output)
             images.append(OutputImage(image, meta))
         data = dict(result.data) if result.data else None
         return JobStatus.SUCCEEDED, EngineResult(backend=f"{kind}:{name}", images=images, data=data), None
@@ -839,6 +847,10 @@ def _outcome(
     return JobStatus.FAILED, None, error
 
 
+def _kept_meta(output: RemoteOutput) -> dict[str, Any]:
+    return {ours: output.meta[theirs] for theirs, ours in KEPT_OUTPUT_META.items() if theirs in output.meta}
+
+
 def _video_output(
     rt: Runtime, job: Job, client: RemoteProvider, index: int, output: RemoteOutput
 ) -> OutputFile:
@@ -855,7 +867,7 @@ def _video_output(
         raise InputProblem("output_not_mp4", f"the video is {checked.ext}, not MP4", field)
     path = rt.storage.input_dir(job.id) / f"remote_output_{index}.mp4"
     path.write_bytes(checked.data)
-    meta = {key: output.meta[key] for key in KEPT_OUTPUT_META if key in output.meta}
+    meta = _kept_meta(output)
     meta.update(
         width=checked.width,
         height=checked.height,

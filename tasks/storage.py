@@ -1,20 +1,29 @@
-"""Local file storage for inputs and outputs (an S3-compatible backend can take this shape later).
+"""Local file storage for inputs, outputs and uploads (an S3-compatible backend can take this
+shape later).
 
-Output names carry 128 random bits, because ``/files/<name>`` is served without a key.
+Every name carries 128 random bits, because ``/files/<name>`` serves outputs without a key.
+Uploads (``POST /v1/assets``, large ``data:`` inputs) live in a folder of their own that
+``/files`` never serves: their bytes are the client's alone, read through
+``/v1/assets/{id}/content`` with its key. Folders are created ``0700`` and files ``0600``, so no
+other local user reads a tenant's images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
 import secrets
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from config import Settings
+from models.assets import UPLOAD
 
 CONTENT_TYPES = {
     "jpg": "image/jpeg",
@@ -22,8 +31,42 @@ CONTENT_TYPES = {
     "webp": "image/webp",
     "json": "application/json",
     "mp4": "video/mp4",  # faceswap_video's output
+    # Uploads keep the format they came in (every format an input may have).
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "gif": "image/gif",
 }
-NAME_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp|json|mp4)$")
+NAME_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp|json|mp4|bmp|tiff|gif)$")
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """``mkdir -p`` with every folder it creates ``0700`` (``Path.mkdir`` gives the parents it
+    creates the default mode, so each level is made here)."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            folder.mkdir(mode=DIR_MODE)
+    return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as a ``0600`` file, aside and then renamed: readers (and two
+    workers writing the same input) never see half a file."""
+    part = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -78,23 +121,34 @@ class Storage:
     def __init__(self, settings: Settings):
         self.files_dir = settings.files_dir
         self.inputs_dir = settings.inputs_dir
+        self.uploads_dir = settings.storage_dir / "uploads"
         self.public_url = settings.public_url
 
     def url_for(self, name: str) -> str:
         return f"{self.public_url}/files/{name}"
 
     def path_for(self, name: str) -> Path | None:
+        """An output's path (what ``/files/<name>`` may serve); None for a name we never make."""
         if not NAME_RE.match(name):
             return None
         return self.files_dir / name
 
+    def asset_path(self, kind: str, name: str) -> Path | None:
+        """The path of a stored file of either kind (``StoredFile.kind``)."""
+        if not NAME_RE.match(name):
+            return None
+        return (self.uploads_dir if kind == UPLOAD else self.files_dir) / name
+
     def save_output(self, data: bytes, ext: str) -> SavedFile:
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+        return self._save(self.files_dir, data, ext)
+
+    def save_upload(self, data: bytes, ext: str) -> SavedFile:
+        return self._save(self.uploads_dir, data, ext)
+
+    def _save(self, folder: Path, data: bytes, ext: str) -> SavedFile:
         name = f"{secrets.token_hex(16)}.{ext}"
-        path = self.files_dir / name
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # readers never see half a file
+        path = private_dir(folder) / name
+        write_private(path, data)
         return SavedFile(name, path, len(data), CONTENT_TYPES[ext])
 
     def delete_outputs(self, names: list[str]) -> None:
@@ -103,10 +157,15 @@ class Storage:
             if path is not None:
                 path.unlink(missing_ok=True)
 
+    def delete_files(self, files: list[tuple[str, str]]) -> None:
+        """Unlink stored files of either kind, given as ``(kind, name)``."""
+        for kind, name in files:
+            path = self.asset_path(kind, name)
+            if path is not None:
+                path.unlink(missing_ok=True)
+
     def input_dir(self, job_id: str) -> Path:
-        path = self.inputs_dir / job_id
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return private_dir(self.inputs_dir / job_id)
 
     def remove_inputs(self, job_id: str) -> None:
         shutil.rmtree(self.inputs_dir / job_id, ignore_errors=True)

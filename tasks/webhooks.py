@@ -1,9 +1,21 @@
 """Webhook delivery on the cpu queue: the seed 000 body, Standard Webhooks signatures, retries.
 
+Each event's body is composed once, when the event is scheduled, and stored (``WebhookEvent``):
+every attempt, retry and redelivery sends those exact bytes, and the delivery task's arguments
+are ids only (job, event, attempt). No tenant's body, with its result URLs, ever travels through
+the broker or shows in Flower; the receiver's URL is read from the job at each attempt.
+
+Every delivery is signed with the secrets of the job's client (``models.webhook_secrets``): its
+current secret, and for the grace period after a rotation its previous one too, as a second
+signature in the same header (``v1,<new> v1,<old>``), which Standard Webhooks verifiers accept
+when either matches. No client holds a key that signs another client's events.
+
 A delivery attempt has a short timeout and runs on the cpu queue, so a slow or dead receiver
 never holds a GPU slot. Failures retry with exponential backoff and jitter for hours: short waits
 ride on a Celery countdown, longer ones are parked in the database (``next_retry_at``) and sent by
 the periodic sweep, because RabbitMQ drops a consumer that holds an unacked message for too long.
+A receiver address the SSRF guard refuses is final: recorded once, never retried (the address
+will not become public by waiting).
 
 A receiver that keeps timing out would otherwise eat the cpu slots other clients' webhooks need,
 one timeout each. So every worker process keeps a small circuit breaker per receiver (scheme, host
@@ -13,7 +25,7 @@ being sent (and without using up an attempt); the first one after that is the pr
 
 ``job.finished`` has one event id per job, derived from the job id, so a redelivered finish
 message, a sweep that re-sends a lost one and a manual redelivery all carry the same
-``webhook-id`` and a receiver can drop duplicates.
+``webhook-id`` (and the same stored body) and a receiver can drop duplicates.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import urllib3
@@ -36,13 +48,15 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import exists, select
 
-from models.db import Database, utcnow
-from models.jobs import Job, WebhookDelivery
+from config import Settings
+from models.db import Database, insert_or_ignore, utcnow
+from models.jobs import Job, WebhookDelivery, WebhookEvent
 from models.jobstore import new_id
 from models.public import iso, job_object
+from models.webhook_secrets import WebhookSecrets, signing_key
 from tasks.celery_app import publish
-from tasks.inputs import PrivateAddressError, http_pool
 from tasks.jobs import JobTask, Runtime
+from tasks.outbound import PrivateAddressError, http_pool
 
 log = logging.getLogger("aiorch.webhooks")
 
@@ -55,7 +69,9 @@ BREAKER_FAILURES = 2  # network failures in a row that open a receiver's circuit
 BREAKER_OPEN_SECONDS = 30.0
 MAX_DEFERRALS = 240  # about two hours of an open circuit before the event is given up
 
-_pools: dict[bool, urllib3.PoolManager] = {}
+# One pool per worker process and settings object (Settings holds dicts, so it is not hashable:
+# keyed by identity, the object kept alongside so its id cannot be reused by another).
+_pools: dict[int, tuple[Settings, urllib3.PoolManager]] = {}
 
 
 @dataclass
@@ -102,6 +118,17 @@ class ReceiverBreaker:
 breaker = ReceiverBreaker()
 
 
+class Attempt(NamedTuple):
+    """What one POST came to. ``refused``: the SSRF guard refused the receiver's address, which
+    no retry can change."""
+
+    ok: bool
+    status_code: int | None
+    error: str | None
+    elapsed: float
+    refused: bool = False
+
+
 def finished_event_id(job_id: str) -> str:
     """The one event id of a job's ``job.finished``: 32 hex, stable across re-sends."""
     return hashlib.sha256(f"{job_id}:{FINISHED}".encode()).hexdigest()[:32]
@@ -113,17 +140,16 @@ def retry_delay(attempt: int, base: float = 10.0, rng: random.Random | None = No
     return delay * (rng or random).uniform(0.8, 1.2)
 
 
-def signing_key(secret: str) -> bytes:
-    """Standard Webhooks keys are base64, usually behind ``whsec_``; the verifier libraries
-    decode a key without the prefix the same way, so both sign alike (Settings refuses a secret
-    that is not base64)."""
-    return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-
-
 def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
     message = f"{event_id}.{timestamp}.".encode() + body
     digest = hmac.new(signing_key(secret), message, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
+
+
+def signature_header(secrets: list[str], event_id: str, timestamp: int, body: bytes) -> str:
+    """``v1,<sig> v1,<sig>``: one signature per secret, space-separated, as Standard Webhooks
+    lays out several; a verifier accepts the delivery when any of them matches its secret."""
+    return " ".join(sign(secret, event_id, timestamp, body) for secret in secrets)
 
 
 def event_body(job: Job, event: str, event_id: str) -> dict[str, Any]:
@@ -132,9 +158,29 @@ def event_body(job: Job, event: str, event_id: str) -> dict[str, Any]:
     return body
 
 
-def schedule_event(app: Any, job: Job, event: str = FINISHED, now: bool = False) -> None:
-    """Queue one event for delivery. ``job.started`` and ``job.progress`` go only to jobs that
-    opted in with ``webhook_events``; ``job.finished`` goes to every job with a webhook_url.
+def _compose(job: Job, event: str, event_id: str) -> str:
+    return json.dumps(event_body(job, event, event_id), separators=(",", ":"))
+
+
+def _store_event(db: Database, job_id: str, event_id: str, event: str, body: str) -> None:
+    """Keep an event's body for all its attempts. A second store of the same event (a re-sent
+    ``job.finished``) keeps the first body, so every send of one event id is byte for byte the
+    same."""
+    with db.writing() as session:
+        values = {
+            "event_id": event_id,
+            "job_id": job_id,
+            "event": event,
+            "body": body,
+            "created_at": utcnow(),
+        }
+        insert_or_ignore(session, WebhookEvent, values)
+
+
+def schedule_event(db: Database, app: Any, job: Job, event: str = FINISHED, now: bool = False) -> None:
+    """Store one event and queue its delivery. ``job.started`` and ``job.progress`` go only to
+    jobs that opted in with ``webhook_events``; ``job.finished`` goes to every job with a
+    webhook_url.
 
     ``now``: make the first attempt in this process instead of queueing it, for callers that
     already run on the cpu queue (``finish_job``): one broker hop less between a job's end and
@@ -144,12 +190,12 @@ def schedule_event(app: Any, job: Job, event: str = FINISHED, now: bool = False)
     if event != FINISHED and event not in (job.webhook_events or ()):
         return
     event_id = finished_event_id(job.id) if event == FINISHED else new_id()
-    body = json.dumps(event_body(job, event, event_id), separators=(",", ":"))
-    kwargs = {"event_id": event_id, "event": event, "body": body, "attempt": 1}
+    # Stored (and committed) before the message that names it is published.
+    _store_event(db, job.id, event_id, event, _compose(job, event, event_id))
     if now:
-        deliver_webhook(job.id, **kwargs)  # a direct call runs the task body here, synchronously
+        deliver_webhook(job.id, event_id)  # a direct call runs the task body here, synchronously
         return
-    publish(app, DELIVER, job.id, "cpu", task_kwargs=kwargs)
+    publish(app, DELIVER, job.id, "cpu", task_kwargs={"event_id": event_id, "attempt": 1})
 
 
 @shared_task(bind=True, base=JobTask, name=DELIVER, queue="cpu", soft_time_limit=30, time_limit=45)
@@ -157,15 +203,16 @@ def deliver_webhook(
     self: JobTask,
     job_id: str,
     event_id: str,
-    event: str,
-    body: str,
     attempt: int = 1,
     manual: bool = False,
     deferrals: int = 0,
+    **published_before_upgrade: Any,
 ) -> None:
+    """Send one stored event to the job's webhook_url (both read now, by id)."""
     rt = self.runtime
     with rt.db.session() as session:
-        url = session.scalar(select(Job.webhook_url).where(Job.id == job_id))
+        job = session.execute(select(Job.webhook_url, Job.client_id).where(Job.id == job_id)).first()
+        stored = session.get(WebhookEvent, event_id)
         # A second first attempt of one event (a redelivered finish message, or the sweep
         # re-sending a finish it thought lost) joins the chain already under way.
         duplicate = (
@@ -173,9 +220,15 @@ def deliver_webhook(
             and not manual
             and session.scalar(select(exists().where(WebhookDelivery.event_id == event_id)))
         )
-    if not url or duplicate:
+    if job is None or not job.webhook_url or duplicate:
         return  # the job was deleted meanwhile, or this event is already being delivered
-    kwargs = {"event_id": event_id, "event": event, "body": body, "attempt": attempt, "manual": manual}
+    url, client_id = job.webhook_url, job.client_id
+    if stored is None:
+        stored = _adopt_legacy_message(rt.db, job_id, event_id, published_before_upgrade)
+        if stored is None:
+            log.warning("webhook event %s of %s has no stored body; not sent", event_id, job_id)
+            return
+    ids = {"event_id": event_id, "attempt": attempt, "manual": manual}
     wait = breaker.open_for(url)
     if wait and deferrals < MAX_DEFERRALS:
         # The receiver has just failed several times in a row: don't spend a slot (and an
@@ -186,30 +239,32 @@ def deliver_webhook(
             job_id,
             "cpu",
             countdown=wait + random.uniform(0, 2),
-            task_kwargs={**kwargs, "deferrals": deferrals + 1},
+            task_kwargs={**ids, "deferrals": deferrals + 1},
         )
         return
-    ok, status_code, error, elapsed = send(rt, url, event_id, body)
-    breaker.record(url, network_failure=status_code is None)
-    delay = None if ok or attempt >= MAX_ATTEMPTS else retry_delay(attempt, rt.settings.webhook_retry_base)
+    secrets = WebhookSecrets(rt.db, rt.settings).signing_secrets(client_id)
+    result = send(rt, url, event_id, stored.body, secrets)
+    if not result.refused:
+        breaker.record(url, network_failure=result.status_code is None)
+    final = result.ok or result.refused or attempt >= MAX_ATTEMPTS
+    delay = None if final else retry_delay(attempt, rt.settings.webhook_retry_base)
     with rt.db.session() as session:
         row = WebhookDelivery(
             job_id=job_id,
             event_id=event_id,
-            event=event,
+            event=stored.event,
             attempt=attempt,
             url=url,
-            status_code=status_code,
-            error=error,
-            duration_ms=round(elapsed * 1000, 2),
-            ok=ok,
-            request_body=body,
+            status_code=result.status_code,
+            error=result.error,
+            duration_ms=round(result.elapsed * 1000, 2),
+            ok=result.ok,
             next_retry_at=utcnow() + timedelta(seconds=delay) if delay and delay > COUNTDOWN_LIMIT else None,
         )
         session.add(row)
-    if ok:
+    if result.ok:
         return
-    log.info("webhook attempt %d for %s failed: %s", attempt, job_id, error or status_code)
+    log.info("webhook attempt %d for %s failed: %s", attempt, job_id, result.error or result.status_code)
     if delay is not None and delay <= COUNTDOWN_LIMIT:
         try:
             publish(
@@ -218,7 +273,7 @@ def deliver_webhook(
                 job_id,
                 "cpu",
                 countdown=delay,
-                task_kwargs={**kwargs, "attempt": attempt + 1},
+                task_kwargs={**ids, "attempt": attempt + 1},
             )
         except Exception:
             # The broker is away: park the retry so the sweep sends it instead of losing it.
@@ -229,11 +284,34 @@ def deliver_webhook(
                     parked.next_retry_at = utcnow() + timedelta(seconds=delay)
 
 
-def send(rt: Runtime, url: str, event_id: str, body: str) -> tuple[bool, int | None, str | None, float]:
-    """One POST; returns (ok, status code, error, seconds). Redirects are not followed."""
-    pool = _pools.get(rt.settings.allow_private_urls)
-    if pool is None:
-        pool = _pools[rt.settings.allow_private_urls] = http_pool(rt.settings.allow_private_urls)
+def _adopt_legacy_message(
+    db: Database, job_id: str, event_id: str, legacy: dict[str, Any]
+) -> WebhookEvent | None:
+    """A delivery message published before events were stored carried ``event`` and ``body``;
+    store them as the event, so that message and its retries still send the same bytes."""
+    event, body = legacy.get("event"), legacy.get("body")
+    if not (isinstance(event, str) and isinstance(body, str)):
+        return None
+    _store_event(db, job_id, event_id, event, body)
+    with db.session() as session:
+        return session.get(WebhookEvent, event_id)
+
+
+def _pool(settings: Settings) -> urllib3.PoolManager:
+    entry = _pools.get(id(settings))
+    if entry is None or entry[0] is not settings:
+        entry = _pools[id(settings)] = (settings, http_pool(settings))
+    return entry[1]
+
+
+def _refusal(exc: Exception) -> str:
+    """``refused: <why>``; the guard's message says why without naming any resolved address."""
+    message = str(exc)
+    return message if message.startswith("refused:") else f"refused: {message}"
+
+
+def send(rt: Runtime, url: str, event_id: str, body: str, secrets: list[str]) -> Attempt:
+    """One POST signed with ``secrets``; redirects are not followed."""
     raw = body.encode()
     timestamp = int(time.time())
     headers = {
@@ -241,29 +319,28 @@ def send(rt: Runtime, url: str, event_id: str, body: str) -> tuple[bool, int | N
         "User-Agent": "aiorch-webhooks/1",
         "webhook-id": event_id,
         "webhook-timestamp": str(timestamp),
+        "webhook-signature": signature_header(secrets, event_id, timestamp, raw),
     }
-    if rt.settings.webhook_secret:
-        headers["webhook-signature"] = sign(rt.settings.webhook_secret, event_id, timestamp, raw)
     started = time.monotonic()
     timeout = urllib3.Timeout(connect=min(3.0, rt.settings.webhook_timeout), read=rt.settings.webhook_timeout)
     try:
-        response = pool.request(
+        response = _pool(rt.settings).request(
             "POST", url, body=raw, headers=headers, redirect=False, timeout=timeout, preload_content=True
         )
     except SoftTimeLimitExceeded:
         # A receiver dripping its answer byte by byte outlives every read timeout; the task's
         # soft limit ends the attempt, which is then recorded and retried like a timeout.
-        return False, None, "network error: timed out (answer too slow)", time.monotonic() - started
+        return Attempt(False, None, "network error: timed out (answer too slow)", time.monotonic() - started)
     except urllib3.exceptions.MaxRetryError as exc:
         reason = exc.reason if exc.reason is not None else exc
-        prefix = "refused" if isinstance(reason, PrivateAddressError) else "network error"
-        return False, None, f"{prefix}: {reason}", time.monotonic() - started
+        if isinstance(reason, PrivateAddressError):
+            return Attempt(False, None, _refusal(reason), time.monotonic() - started, refused=True)
+        return Attempt(False, None, f"network error: {reason}", time.monotonic() - started)
     except PrivateAddressError as exc:
-        return False, None, f"refused: {exc}", time.monotonic() - started
+        return Attempt(False, None, _refusal(exc), time.monotonic() - started, refused=True)
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return False, None, f"network error: {exc}", time.monotonic() - started
-    elapsed = time.monotonic() - started
-    return 200 <= response.status < 300, response.status, None, elapsed
+        return Attempt(False, None, f"network error: {exc}", time.monotonic() - started)
+    return Attempt(200 <= response.status < 300, response.status, None, time.monotonic() - started)
 
 
 def due_deliveries(rt: Runtime, app: Any) -> int:
@@ -276,17 +353,20 @@ def due_deliveries(rt: Runtime, app: Any) -> int:
             )
         )
         for row in rows:
+            if row.request_body:
+                # Parked before events were stored, its body only on the attempt's row: stored
+                # as the event, and committed before the message that will read it goes out.
+                values = {"event_id": row.event_id, "job_id": row.job_id, "event": row.event}
+                insert_or_ignore(
+                    session, WebhookEvent, {**values, "body": row.request_body, "created_at": utcnow()}
+                )
+                session.commit()
             publish(
                 app,
                 DELIVER,
                 row.job_id,
                 "cpu",
-                task_kwargs={
-                    "event_id": row.event_id,
-                    "event": row.event,
-                    "body": row.request_body or "{}",
-                    "attempt": row.attempt + 1,
-                },
+                task_kwargs={"event_id": row.event_id, "attempt": row.attempt + 1},
             )
             row.next_retry_at = None
             sent += 1
@@ -303,23 +383,16 @@ def redeliver(db: Database, app: Any, job: Job) -> str:
             .order_by(WebhookDelivery.id.desc())
         ).first()
         attempt = last.attempt + 1 if last else 1
-        body = (
-            last.request_body
-            if last and last.request_body
-            else json.dumps(event_body(job, FINISHED, event_id), separators=(",", ":"))
-        )
+        # Normally stored when the job finished; composed now for a job that finished before
+        # events were stored (its body then only on its delivery rows) or whose finish was lost.
+        body = last.request_body if last and last.request_body else _compose(job, FINISHED, event_id)
+    _store_event(db, job.id, event_id, FINISHED, body)
     publish(
         app,
         DELIVER,
         job.id,
         "cpu",
-        task_kwargs={
-            "event_id": event_id,
-            "event": FINISHED,
-            "body": body,
-            "attempt": attempt,
-            "manual": True,
-        },
+        task_kwargs={"event_id": event_id, "attempt": attempt, "manual": True},
     )
     return event_id
 
@@ -345,5 +418,5 @@ def lost_finishes(rt: Runtime, app: Any, older_than: float = 120.0, window: floa
     for job_id in rows:
         job = rt.store.get(job_id)
         if job is not None:
-            schedule_event(app, job)
+            schedule_event(rt.db, app, job)
     return len(rows)

@@ -7,6 +7,7 @@ its RabbitMQ, and drops both at the end, so parallel runs never see each other's
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -36,6 +37,17 @@ def _pg_admin(sql: str) -> None:
 
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _restore_umask() -> Iterator[None]:
+    """The ``aiorch`` CLI sets umask 077 in its own process; a test that runs it in-process
+    (click's CliRunner) must not leave it set for the tests after it, whose file-mode checks
+    would then pass without the code under test doing anything."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +97,10 @@ def base_settings(pg_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathF
         storage_dir=var / "storage",
         public_url="http://127.0.0.1:8000",
         models_dir=var / "models",
-        allow_private_urls=True,
+        # The production guard, with loopback let through its allow-list: the test servers
+        # listen on 127.0.0.1 and are reached through the same checked, pinned path.
+        allow_private_urls=False,
+        allow_private_networks=("127.0.0.0/8", "::1/128"),
         debug_tasks=True,
         log_json=False,
     )

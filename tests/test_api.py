@@ -143,7 +143,7 @@ def test_non_json_body_is_400_json(client: FlaskClient) -> None:
 
 
 def test_private_targets_are_refused_when_not_allowed(settings: Settings) -> None:
-    app = create_app(settings.with_overrides(allow_private_urls=False))
+    app = create_app(settings.with_overrides(allow_private_networks=()))
     client = app.test_client()
     for url in (
         "http://127.0.0.1/a.png",

@@ -84,7 +84,8 @@ DOCUMENTED_5XX = {501: "task_not_installed", 504: "timeout"}
 # Operations whose body depends on the task (POST /v1/jobs: one "payload" object for every task;
 # blocking endpoints: inputs that must be real URLs, cross-field rules such as "a multiple of 8").
 # An OpenAPI schema cannot say all of that, so a schema-valid body may rightly be a 422 there.
-TASK_BODIES = re.compile(r"^POST (/v1/jobs|/(?!v1/)[a-z/-]+)$")
+# POST /v1/assets likewise: a schema-valid upload must still be an image, its URL one that answers.
+TASK_BODIES = re.compile(r"^POST (/v1/jobs|/v1/assets|/(?!v1/)[a-z/-]+)$")
 
 
 @schema.parametrize()

@@ -35,7 +35,7 @@ def call_for(settings: Settings, task: str, payload: dict[str, Any], images: dic
         "faceswap": payloads.FaceswapPayload,
         "faceswap_multi": payloads.FaceswapMultiPayload,
         "face_detect": payloads.FaceDetectPayload,
-    }[task](allow_private_urls=True, max_faces=settings.max_faces)
+    }[task](max_faces=settings.max_faces)
     return EngineCall(task, schema.load(payload), images, NullControl(), 1, settings)
 
 

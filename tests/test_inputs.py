@@ -30,23 +30,51 @@ def problem(call) -> InputProblem:
     return caught.value
 
 
+# The production guard with the test servers' loopback let through (tests/conftest.py does the same).
+LOOPBACK = Settings(allow_private_networks=("127.0.0.0/8", "::1/128"))
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_private_addresses_are_refused_by_default_even_through_dns(server: ImageServer, host: str) -> None:
     fetcher = Fetcher(Settings(allow_private_urls=False))
     url = f"http://{host}:{server.port}/img/a.png"
     err = problem(lambda: fetcher.load(url, "image_url"))
     assert err.code == "private_address" and err.field == "image_url"
+    assert err.message == "refused: the host of image_url is a private or reserved address"
+    assert server.hits == []
 
 
-def test_private_addresses_are_fetched_when_allowed(server: ImageServer) -> None:
-    fetcher = Fetcher(Settings(allow_private_urls=True))
-    checked = fetcher.load(server.url("img/a.png"), "image_url")
+@pytest.mark.parametrize(
+    "settings", [LOOPBACK, Settings(allow_private_urls=True)], ids=["allowed-network", "guard-off"]
+)
+def test_private_addresses_are_fetched_when_allowed(server: ImageServer, settings: Settings) -> None:
+    checked = Fetcher(settings).load(server.url("img/a.png"), "image_url")
     assert (checked.width, checked.height, checked.ext) == (96, 96, "png")
 
 
+def test_an_allowed_network_lets_only_itself_through(server: ImageServer) -> None:
+    fetcher = Fetcher(Settings(allow_private_networks=("10.0.0.0/8",)))
+    err = problem(lambda: fetcher.load(server.url("img/a.png"), "image_url"))
+    assert err.code == "private_address"
+
+
 def test_byte_cap_applies_while_streaming(server: ImageServer) -> None:
-    fetcher = Fetcher(Settings(allow_private_urls=True, max_input_bytes=2048))
+    fetcher = Fetcher(LOOPBACK.with_overrides(max_input_bytes=2048))
     assert problem(lambda: fetcher.load(server.url("img/a.png"), "image_url")).code == "input_too_large"
+
+
+def test_the_next_input_is_fetched_after_an_unread_error_answer(server: ImageServer) -> None:
+    # The servers keep connections alive: the 404's connection must not spoil the next request.
+    fetcher = Fetcher(LOOPBACK)
+    assert problem(lambda: fetcher.load(server.url("status/404"), "image_url")).code == "input_not_found"
+    assert fetcher.load(server.url("img/a.png"), "image_url").width == 96
+
+
+def test_redirects_are_checked_at_every_hop(server: ImageServer) -> None:
+    fetcher = Fetcher(LOOPBACK)
+    assert fetcher.load(server.url("redirect/a.png"), "image_url").width == 96
+    err = problem(lambda: fetcher.load(server.url("goto/http://169.254.169.254/latest"), "image_url"))
+    assert err.code == "private_address" and "169.254" not in err.message
 
 
 def test_data_uri_and_bad_base64(astronaut_png: Path) -> None:

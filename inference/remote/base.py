@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from typing import Any, Protocol, TypedDict, runtime_checkable
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from inference.base import ContentRejected, EngineError, InvalidInput
 
@@ -315,6 +317,22 @@ def check_range(
         raise InvalidInput(f"'{name}' must be in {bracket}{low}, {high}]", field=name)
 
 
+class _TlsContextAdapter(HTTPAdapter):
+    """An adapter whose https connections use a given TLS context (extra CA certificates).
+
+    requests still adds its own CA bundle to the context for ``verify=True``: the extra CAs are
+    trusted besides the usual ones, never instead of them.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, **kwargs: Any):
+        self._ssl_context = ssl_context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._ssl_context
+        super().init_poolmanager(*args, **kwargs)
+
+
 class HttpClient:
     """The requests plumbing every client shares: one session, explicit timeouts, error mapping.
 
@@ -334,6 +352,7 @@ class HttpClient:
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         session: requests.Session | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
     ):
         if not base_url.startswith(("http://", "https://")):
@@ -343,6 +362,10 @@ class HttpClient:
         # Seconds every request must fit in while a caller's ``time_budget`` is open (None: none).
         self._budget_ends: float | None = None
         self.session = session or requests.Session()
+        if ssl_context is not None:
+            # The operator's AIORCH_CA_BUNDLE (a provider behind a private CA), passed in by the
+            # task that builds the client.
+            self.session.mount("https://", _TlsContextAdapter(ssl_context))
         # Injected so token refresh and 12-hour expiry are testable without waiting.
         self.clock = clock
 

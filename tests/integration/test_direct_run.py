@@ -49,7 +49,7 @@ def test_data_and_asset_inputs_run_without_the_prepare_queue(
     first = gpu_only.wait(ALICE, inline["job_id"])
     assert first["status"] == "succeeded", first
     assert first["result"]["meta"]["width"] == 192
-    asset = gpu_only.submit(ALICE, "upscale", {"image_url": "asset://" + first["result"]["filename"]}).json()
+    asset = gpu_only.submit(ALICE, "upscale", {"image_url": "asset://" + first["result"]["asset_id"]}).json()
     second = gpu_only.wait(ALICE, asset["job_id"])
     assert second["status"] == "succeeded" and second["result"]["meta"]["width"] == 384
     # The http job needs the prepare task, and no cpu worker runs: it waits, untouched.
@@ -66,7 +66,7 @@ def test_a_bad_inline_input_fails_its_job_with_the_field_named_and_the_worker_go
 ) -> None:
     not_an_image = "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode()
     bad = gpu_only.submit(ALICE, "upscale", {"image_url": not_an_image}).json()
-    missing = gpu_only.submit(ALICE, "upscale", {"image_url": "asset://" + "0" * 32 + ".png"}).json()
+    missing = gpu_only.submit(ALICE, "upscale", {"image_url": "asset://" + "0" * 32}).json()
     good = gpu_only.submit(ALICE, "upscale", {"image_url": data_uri(astronaut_png)}).json()
 
     failed = gpu_only.wait(ALICE, bad["job_id"])

@@ -91,7 +91,7 @@ def test_an_output_can_feed_another_job_as_an_asset(platform: Platform, images: 
         ALICE,
         platform.submit(ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}).json()["job_id"],
     )
-    asset = "asset://" + first["result"]["filename"]
+    asset = "asset://" + first["result"]["asset_id"]  # its asset id, not its public file name
     second = platform.wait(ALICE, platform.submit(ALICE, "upscale", {"image_url": asset}).json()["job_id"])
     assert second["status"] == "succeeded" and second["result"]["meta"]["width"] == 384
 

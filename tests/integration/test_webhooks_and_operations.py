@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import base64
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -17,14 +21,17 @@ from app.management import DIAG_CACHE_SECONDS
 from config import Settings
 from tasks.celery_app import FINISH, create_celery, publish
 from tasks.jobs import Runtime, sweep
+from tasks.webhooks import DELIVER
 from tests.conftest import KEYS
 from tests.integration.conftest import platform_settings, running_platform
 from tests.support.platform import Platform
-from tests.support.servers import ImageServer, WebhookReceiver
+from tests.support.servers import ImageServer, Received, WebhookReceiver
 
 pytestmark = pytest.mark.integration
 ALICE = KEYS[0][1]
+BOB = KEYS[1][1]
 H = {"X-API-Key": ALICE}
+# The operator's master: each client's first secret derives from it; no client ever sees it.
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 SEED_FIELDS = [
     "event",
@@ -77,6 +84,22 @@ def receiver() -> Iterator[WebhookReceiver]:
     rec.stop()
 
 
+def client_secret(platform: Platform, key: str) -> str:
+    """The caller's signing secret, as a client configures its receiver with it."""
+    response = requests.get(f"{platform.base_url}/v1/webhooks/secret", headers={"X-API-Key": key}, timeout=5)
+    assert response.status_code == 200, response.text
+    assert SECRET[6:] not in response.text
+    return str(response.json()["secret"])
+
+
+def verifies(secret: str, hit: Received) -> bool:
+    try:
+        Webhook(secret).verify(hit.body, {k.lower(): v for k, v in hit.headers.items()})
+    except WebhookVerificationError:
+        return False
+    return True
+
+
 def deliveries(platform: Platform, job_id: str) -> list[dict]:
     return requests.get(f"{platform.base_url}/v1/jobs/{job_id}/deliveries", headers=H, timeout=5).json()[
         "deliveries"
@@ -91,7 +114,8 @@ def test_finished_webhook_has_the_seed_body_and_a_standard_signature(
     ).json()["job_id"]
     job = platform.wait(ALICE, job_id)
     [hit] = receiver.wait_for(1)
-    payload = Webhook(SECRET).verify(hit.body, {k.lower(): v for k, v in hit.headers.items()})
+    secret = client_secret(platform, ALICE)
+    payload = Webhook(secret).verify(hit.body, {k.lower(): v for k, v in hit.headers.items()})
     assert list(payload)[: len(SEED_FIELDS) - 1] == SEED_FIELDS[:-1] and "predictTime" in payload
     assert payload["event"] == "job.finished" and len(payload["event_id"]) == 32
     assert hit.headers["webhook-id"] == payload["event_id"]
@@ -100,7 +124,101 @@ def test_finished_webhook_has_the_seed_body_and_a_standard_signature(
         assert payload[name] == job[name]
     tampered = hit.body.replace(b"succeeded", b"failed")
     with pytest.raises(WebhookVerificationError):
-        Webhook(SECRET).verify(tampered, {k.lower(): v for k, v in hit.headers.items()})
+        Webhook(secret).verify(tampered, {k.lower(): v for k, v in hit.headers.items()})
+
+
+# -- a signing secret per client -------------------------------------------------------------------
+
+
+def test_each_client_verifies_its_own_webhooks_and_another_clients_forgery_fails(
+    platform: Platform, images: ImageServer, receiver: WebhookReceiver
+) -> None:
+    alice, bob = client_secret(platform, ALICE), client_secret(platform, BOB)
+    assert len({alice, bob, SECRET}) == 3
+    url = images.url("img/astronaut.png")
+    hers = platform.submit(ALICE, "upscale", {"image_url": url}, webhook_url=receiver.url).json()["job_id"]
+    # Bob points his own job's webhook at alice's receiver: the platform signs it, but with
+    # bob's secret, which alice's receiver does not hold.
+    his = platform.submit(BOB, "upscale", {"image_url": url}, webhook_url=receiver.url).json()["job_id"]
+    hits = {hit.json()["job_id"]: hit for hit in receiver.wait_for(2)}
+    assert verifies(alice, hits[hers]) and not verifies(alice, hits[his])
+    assert verifies(bob, hits[his]) and not verifies(bob, hits[hers])
+    assert not any(verifies(SECRET, hit) for hit in hits.values())  # the master signs nothing
+
+
+def test_after_a_rotation_a_delivery_carries_both_signatures(
+    platform: Platform, images: ImageServer, receiver: WebhookReceiver
+) -> None:
+    old = client_secret(platform, BOB)
+    rotated = requests.post(
+        f"{platform.base_url}/v1/webhooks/secret/rotate", headers={"X-API-Key": BOB}, timeout=5
+    )
+    assert rotated.status_code == 200 and SECRET[6:] not in rotated.text
+    new = rotated.json()["secret"]
+    assert new != old and client_secret(platform, BOB) == new
+    platform.submit(BOB, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=receiver.url)
+    [hit] = receiver.wait_for(1)
+    assert len(hit.headers["webhook-signature"].split(" ")) == 2  # v1,<new> v1,<old>
+    assert verifies(new, hit) and verifies(old, hit)
+    assert not verifies(client_secret(platform, ALICE), hit)
+
+
+@contextlib.contextmanager
+def flower_view(settings: Settings) -> Iterator[list[dict[str, Any]]]:
+    """The task events the workers send, as Flower receives and shows them (``args`` and
+    ``kwargs`` are the messages' ``argsrepr`` and ``kwargsrepr``)."""
+    app = create_celery(settings)
+    events: list[dict[str, Any]] = []
+    listening = threading.Event()
+    receivers: list[Any] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        listening.set()  # any event (the heartbeats the wakeup asks for) proves the binding is up
+        if event.get("type") == "task-received":
+            events.append(event)
+
+    def capture() -> None:
+        with app.connection_for_read() as connection:
+            receivers.append(app.events.Receiver(connection, handlers={"*": on_event}))
+            receivers[0].capture(limit=None, timeout=None, wakeup=True)
+
+    thread = threading.Thread(target=capture, daemon=True)
+    thread.start()
+    assert listening.wait(10), "no worker event within 10 s"
+    try:
+        yield events
+    finally:
+        receivers[0].should_stop = True
+        thread.join(5)
+
+
+def test_webhook_task_messages_show_flower_ids_only_never_bodies_or_urls(
+    platform: Platform, images: ImageServer
+) -> None:
+    failing = WebhookReceiver(plan=lambda n: 500 if n <= 2 else 204).start()
+    try:
+        with flower_view(platform.settings) as events:
+            job_id = platform.submit(
+                ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=failing.url
+            ).json()["job_id"]
+            job = platform.wait(ALICE, job_id)
+            failing.wait_for(3, timeout=30)
+            requests.post(f"{platform.base_url}/v1/jobs/{job_id}/deliveries/redeliver", headers=H, timeout=5)
+            failing.wait_for(4)
+            time.sleep(1.0)  # the last task-received event trails its delivery
+        shown = [e for e in events if e.get("name") == DELIVER and job_id in e["args"]]
+        # Two retries and the redelivery (the first attempt runs inside the finish task).
+        assert len(shown) >= 3
+        body = failing.received[0].body.decode()
+        for event in shown:
+            assert ast.literal_eval(event["args"]) == [job_id]
+            kwargs = ast.literal_eval(event["kwargs"])
+            assert set(kwargs) <= {"event_id", "attempt", "manual", "deferrals"}
+            assert kwargs["event_id"] == failing.received[0].headers["webhook-id"]
+            for leak in (failing.url, job["result"]["url"], body, "job.finished"):
+                assert leak not in repr(event)
+    finally:
+        failing.stop()
 
 
 def test_failing_receiver_is_retried_with_the_same_id_and_every_attempt_logged(

@@ -41,11 +41,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "AIORCH_PUBLIC_URL": settings.public_url,
         "AIORCH_MODELS_DIR": str(settings.models_dir),
         "AIORCH_ALLOW_PRIVATE_URLS": "1" if settings.allow_private_urls else "0",
+        "AIORCH_ALLOW_PRIVATE_NETWORKS": ",".join(settings.allow_private_networks),
         "AIORCH_MAX_ATTEMPTS": str(settings.max_attempts),
         "AIORCH_DEBUG_TASKS": "1" if settings.debug_tasks else "0",
         "AIORCH_SYNC_TIMEOUT": str(settings.sync_timeout),
         "AIORCH_WEBHOOK_TIMEOUT": str(settings.webhook_timeout),
         "AIORCH_WEBHOOK_RETRY_BASE": str(settings.webhook_retry_base),
+        "AIORCH_WEBHOOK_SECRET_GRACE": str(settings.webhook_secret_grace),
+        "AIORCH_ASSET_QUOTA_BYTES": str(settings.asset_quota_bytes),
         "AIORCH_RESULT_RETENTION": str(settings.result_retention),
         "AIORCH_REPUBLISH_AFTER": str(settings.republish_after),
         "AIORCH_JOB_TTL": str(settings.job_ttl),
@@ -65,6 +68,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env["AIORCH_WEBHOOK_SECRET"] = settings.webhook_secret
     if settings.routes_file is not None:
         env["AIORCH_ROUTES_FILE"] = str(settings.routes_file)
+    if settings.ca_bundle is not None:
+        env["AIORCH_CA_BUNDLE"] = str(settings.ca_bundle)
     return env
 
 
