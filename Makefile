@@ -37,11 +37,11 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/mypy
 
 bench: $(STAMP) ## throughput and latency benchmark (Postgres+RabbitMQ, then embedded); writes bench-results/
-	$(PY) -m tests.bench.run
-	$(PY) -m tests.bench.run --embedded
+	$(PY) -m bench.run
+	$(PY) -m bench.run --embedded
 
 bench-gpu: $(STAMP) ## GPU engines via a real worker vs the raw library call (CPU smoke run without CUDA)
-	$(PY) -m tests.bench.gpu
+	$(PY) -m bench.gpu
 
 flower: $(STAMP) ## Flower on 127.0.0.1:5555 with basic auth
 	$(VENV)/bin/aiorch flower

@@ -16,9 +16,10 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     # the gunicorn master (and every other CLI command) need not carry the whole web stack.
     from flask import Flask
 
-    from app import assets, blocking, jobs, management, provider_webhooks, system, webhook_secrets
+    from app import assets, blocking, jobs, provider_webhooks, system, webhook_secrets
     from app.auth import authenticate
     from app.errors import JsonApi, register_error_handlers
+    from app.management import BLUEPRINTS as MANAGEMENT
     from app.schemas import StrictJSONProvider, max_body_bytes
     from app.services import Services
 
@@ -44,7 +45,8 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     api.spec.options["security"] = [{"ApiKey": []}, {"Bearer": []}]
     api.register_blueprint(jobs.blp)
     api.register_blueprint(jobs.legacy)
-    api.register_blueprint(management.blp)
+    for resource in MANAGEMENT:  # /stats, /diag/backends, /v1/capabilities, /v1/models, /metrics
+        api.register_blueprint(resource)
     api.register_blueprint(blocking.blp)
     api.register_blueprint(webhook_secrets.blp)
     api.register_blueprint(assets.blp)

@@ -262,7 +262,9 @@ def _decoded_size(ref: str) -> int:
 
 def _multipart_items() -> list[tuple[CheckedImage, str | None]]:
     settings = services().settings
-    unknown = sorted({*request.form.keys(), *(k for k in request.files if k != "file")})
+    # A part whose name werkzeug cannot read (a line break in it, say) comes back as None.
+    names = {*request.form.keys(), *(k for k in request.files if k != "file")}
+    unknown = sorted(name if name is not None else "(unnamed part)" for name in names)
     if unknown:
         abort(
             422,

@@ -30,19 +30,10 @@ from tasks import catalog
 log = logging.getLogger("aiorch.api")
 blp = Blueprint("blocking", __name__, description="Blocking endpoints (seed 000): wait for the result")
 
-# endpoint path -> task name (seed 000's names; aliases resolve through the catalog)
-ENDPOINTS = {
-    "/upscale": "upscale",
-    "/faceswap": "faceswap",
-    "/faceswap/video": "faceswap_video",
-    "/ahv/image": "ahv_image",
-    "/ahv/video": "ahv_video",
-    "/gg/image": "gg_image",
-    "/cx/image": "cx_image",
-    "/remove-object": "remove_object",
-    "/scan-objects": "scan_objects",
-    "/remove-background": "remove_background",
-}
+# endpoint path -> task name (seed 000's names; aliases resolve through the catalog): each task's
+# ``blocking_path`` as its engine declares it (inference/engines/), plus the seed names that are
+# aliases or remote-only (catalog.SEED_ENDPOINTS).
+ENDPOINTS = catalog.blocking_endpoints()
 
 
 class FinalWaiter:

@@ -14,7 +14,7 @@ from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from flask_smorest import Api
 from marshmallow import Schema, fields, validate
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 # The views' abort. flask_smorest re-exports this same function but ships no py.typed, so through
 # it mypy sees Any and cannot tell that abort never returns; imported from webargs it is NoReturn.
@@ -52,6 +52,41 @@ DEFAULT_MESSAGES = {
 }
 
 
+# Where webargs reads from, and so how it nests its messages (``{"json": {"task": [...]}}``), and
+# the name a refusal of that location as a whole goes under in ``details``.
+LOCATIONS = {
+    "json": "body",
+    "form": "body",
+    "json_or_form": "body",
+    "files": "body",
+    "query": "query",
+    "querystring": "query",
+    "headers": "headers",
+    "cookies": "cookies",
+    "view_args": "path",
+}
+# marshmallow's key for an error of the data as a whole rather than of one field.
+WHOLE = "_schema"
+# Statuses that mean "your input is wrong": their details always name what was wrong.
+INPUT_STATUSES = (400, 422)
+
+
+def field_details(details: Any, where: str = "body") -> dict[str, Any]:
+    """``details`` as an object keyed by what was wrong, whatever shape it came in.
+
+    webargs' location level goes (clients want fields, not "json"); marshmallow's ``_schema``
+    (the data as a whole) is named after the location (``body``, ``query``); a bare list or
+    sentence (webargs' ``["Invalid JSON body."]``) is the location's own. A client can always
+    read ``details`` as an object whose keys name the fields."""
+    if isinstance(details, dict) and len(details) == 1:
+        ((key, inner),) = details.items()
+        if key in LOCATIONS:
+            details, where = inner, LOCATIONS[key]
+    if not isinstance(details, dict):
+        return {where: details if isinstance(details, list) else [details]}
+    return {(where if key == WHOLE else key): value for key, value in details.items()}
+
+
 def error_body(
     status: int, code: str | None = None, message: str | None = None, details: Any = None
 ) -> dict[str, Any]:
@@ -59,8 +94,11 @@ def error_body(
         "code": code or DEFAULT_CODES.get(status, "error"),
         "message": message or DEFAULT_MESSAGES.get(status, "The request failed."),
     }
+    if details is None and status in INPUT_STATUSES:
+        # Bad input that named nothing (a body that is no JSON object, say) is the body's fault.
+        details = [error["message"]]
     if details is not None:
-        error["details"] = details
+        error["details"] = field_details(details)
     return {"error": error}
 
 
@@ -68,14 +106,8 @@ def error_response(exc: HTTPException) -> ResponseReturnValue:
     status = exc.code or 500
     data = getattr(exc, "data", None) or {}
     details = data.get("details")
-    messages = data.get("messages")
-    if details is None and messages is not None:
-        # webargs nests field errors under the location ("json", "query"); clients want fields.
-        details = (
-            messages.get("json") or messages.get("query") or messages
-            if isinstance(messages, dict)
-            else messages
-        )
+    if details is None:
+        details = data.get("messages")  # webargs' validation errors
     message = data.get("message")
     if message is None and status not in DEFAULT_MESSAGES and exc.description:
         message = exc.description
@@ -91,7 +123,13 @@ def error_response(exc: HTTPException) -> ResponseReturnValue:
 class ErrorDetailSchema(Schema):
     code = fields.String(required=True, validate=validate.Regexp(r"^[a-z][a-z0-9_]*$"))
     message = fields.String(required=True, validate=validate.Length(min=1))
-    details = fields.Raw(metadata={"description": "Which fields were wrong, and why"})
+    details = fields.Dict(
+        metadata={
+            "description": "An object: for bad input, keyed by the fields that were wrong (nested as "
+            "the request nests them; body for the body as a whole, query for the query), each with "
+            "what was wrong"
+        }
+    )
 
 
 class ErrorSchema(Schema):
@@ -139,8 +177,6 @@ def register_error_handlers(app: Flask) -> None:
 def _database_unreachable(exc: Exception) -> bool:
     """An OperationalError that means "no connection" (refused, reset, shut down), as opposed to
     a bad query, which is a bug and stays a 500."""
-    from sqlalchemy.exc import OperationalError
-
     if not isinstance(exc, OperationalError):
         return False
     text = str(exc.orig).lower()

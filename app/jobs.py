@@ -16,7 +16,6 @@ from flask import Response, current_app, g, request
 from flask.views import MethodView
 from kombu.exceptions import OperationalError
 from marshmallow import RAISE, ValidationError
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from app.assets import data_inputs_to_assets, discard_uploads
@@ -24,6 +23,7 @@ from app.errors import abort
 from app.schemas import (
     JOB_ID_RE,
     Blueprint,
+    DeliveryListSchema,
     JobCreateSchema,
     JobListSchema,
     JobQueryArgsSchema,
@@ -35,9 +35,10 @@ from models.db import utcnow
 from models.jobs import Job, WebhookDelivery
 from models.jobstore import ClaimRefused, insert_job, new_id, predict_seconds
 from models.public import iso, job_object
+from models.reads import JobFilter, admission_counts, deliveries_of, job_by_idempotency_key, list_jobs
 from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
-from tasks.celery_app import FINISH, PREPARE, RUN, publish
+from tasks.celery_app import PREPARE, RUN, publish
 from tasks.model_registry import has_model_for
 
 log = logging.getLogger("aiorch.api")
@@ -64,14 +65,14 @@ PREDICTION_TTL = 2.0  # seconds an estimate is reused for more jobs of the same 
 _predictions: dict[str, tuple[float, float]] = {}  # engine task -> (monotonic time, seconds)
 
 
-def _predicted(session: Any, engine_task: str) -> float:
+def _predicted(session: Any, engine_task: str, default: float) -> float:
     """``predict_seconds`` for this task, reused for ``PREDICTION_TTL``: the estimate moves with
     jobs that finish over seconds, and recomputing it costs every POST two more queries."""
     now = time.monotonic()
     cached = _predictions.get(engine_task)
     if cached is not None and now - cached[0] < PREDICTION_TTL:
         return cached[1]
-    value = predict_seconds(session, engine_task)
+    value = predict_seconds(session, engine_task, default)
     _predictions[engine_task] = (now, value)
     return value
 
@@ -82,32 +83,25 @@ def _admit(svc: Services, client_id: str, now: datetime) -> None:
     settings = svc.settings
     if not (settings.rate_limit_per_minute or settings.max_queued_per_client):
         return
-    mine = Job.client_id == client_id
-    with svc.db.session() as session:
-        if settings.rate_limit_per_minute:
-            recent = mine & (Job.created_at > now - timedelta(seconds=60))
-            count, oldest = session.execute(
-                select(func.count(), func.min(Job.created_at)).where(recent)
-            ).one()
-            if count >= settings.rate_limit_per_minute:
-                wait = 60 - (now - oldest).total_seconds() if oldest else 60
-                abort(
-                    429,
-                    code="rate_limited",
-                    message=f"More than {settings.rate_limit_per_minute} jobs in a minute; retry later.",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
-                )
-        if settings.max_queued_per_client:
-            waiting = mine & (Job.status == JobStatus.QUEUED.value)
-            queued = session.scalar(select(func.count()).where(waiting)) or 0
-            if queued >= settings.max_queued_per_client:
-                limit = settings.max_queued_per_client
-                abort(
-                    429,
-                    code="too_many_queued_jobs",
-                    message=f"{queued} of your jobs are still queued (limit {limit}).",
-                    headers={"Retry-After": "5"},
-                )
+    since = now - timedelta(seconds=60) if settings.rate_limit_per_minute else None
+    counts = admission_counts(svc.db, client_id, since, queued=bool(settings.max_queued_per_client))
+    if settings.rate_limit_per_minute and counts.created_since >= settings.rate_limit_per_minute:
+        oldest = counts.oldest_since
+        wait = 60 - (now - oldest).total_seconds() if oldest else 60
+        abort(
+            429,
+            code="rate_limited",
+            message=f"More than {settings.rate_limit_per_minute} jobs in a minute; retry later.",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    if settings.max_queued_per_client and counts.queued >= settings.max_queued_per_client:
+        limit = settings.max_queued_per_client
+        abort(
+            429,
+            code="too_many_queued_jobs",
+            message=f"{counts.queued} of your jobs are still queued (limit {limit}).",
+            headers={"Retry-After": "5"},
+        )
 
 
 def request_fingerprint(body: dict[str, Any]) -> str:
@@ -151,6 +145,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
                 400,
                 code="invalid_idempotency_key",
                 message="Idempotency-Key must be 1 to 255 printable characters.",
+                details={"Idempotency-Key": ["must be 1 to 255 printable characters"]},
             )
         existing = _idempotent_match(svc, idempotency_key, fingerprint)
         if existing is not None:
@@ -186,8 +181,8 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     )
     try:
         with svc.db.writing() as session:
-            job.predict_time = _predicted(session, spec.name)
-            insert_job(session, job)
+            job.predict_time = _predicted(session, spec.name, spec.predict_seconds)
+            created = insert_job(session, job)  # the INSERT and its first event
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race.
         discard_uploads(svc, uploads)
@@ -221,7 +216,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
             message="The job queue is unreachable; retry shortly.",
             headers={"Retry-After": RETRY_AFTER_BROKER},
         )
-    return {**job_object(job), "reused": False}, 202
+    return {**created, "reused": False}, 202
 
 
 def job_response(body: dict[str, Any], status: int = 200) -> Response:
@@ -234,8 +229,7 @@ def job_response(body: dict[str, Any], status: int = 200) -> Response:
 
 
 def _idempotent_match(svc: Services, key: str, fingerprint: str) -> dict[str, Any] | None:
-    with svc.db.session() as session:
-        job = session.scalar(select(Job).where(Job.client_id == g.client_id, Job.idempotency_key == key))
+    job = job_by_idempotency_key(svc.db, g.client_id, key)
     if job is None:
         return None
     if job.request_hash != fingerprint:
@@ -287,30 +281,19 @@ class Jobs(MethodView):
     @blp.response(200, JobListSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List jobs, newest first"""
-        query = select(Job).where(Job.client_id == g.client_id)
-        if "ids" in args:
-            ids = [part for part in args["ids"].split(",") if part]
-            query = query.where(Job.id.in_(ids))
-        if "status" in args:
-            query = query.where(Job.status == args["status"])
-        if "task" in args:
-            name = args["task"]
-            if name not in catalog.known_names(services().settings.debug_tasks):
-                abort(
-                    422,
-                    code="unknown_task",
-                    message=f"unknown task {name!r}",
-                    details={"task": ["unknown task"]},
-                )
-            query = query.where(Job.task == name)
-        if "before" in args:
-            query = query.where(Job.created_at < args["before"])
-        limit = args["limit"]
-        with services().db.session() as session:
-            rows = list(
-                session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+        name = args.get("task")
+        if name is not None and name not in catalog.known_names(services().settings.debug_tasks):
+            abort(
+                422, code="unknown_task", message=f"unknown task {name!r}", details={"task": ["unknown task"]}
             )
-        return {"jobs": [job_object(job) for job in rows[:limit]], "have_next": len(rows) > limit}
+        filters = JobFilter(
+            ids=[part for part in args["ids"].split(",") if part] if "ids" in args else None,
+            status=args.get("status"),
+            task=name,
+            before=args.get("before"),
+        )
+        rows, more = list_jobs(services().db, g.client_id, filters, args["limit"])
+        return {"jobs": [job_object(job) for job in rows], "have_next": more}
 
 
 @blp.route("/<job_id>")
@@ -334,14 +317,12 @@ class JobCancel(MethodView):
         owned_job(job_id)
         svc = services()
         try:
+            # A move like any other: its job.finished reaches the webhook through the event log.
             status = svc.store.cancel(job_id)
         except ClaimRefused as exc:
             abort(409, code="job_finished", message=f"The job cannot be cancelled: {exc.reason}.")
         if status == JobStatus.CANCELLED.value:
-            try:
-                publish(svc.celery, FINISH, job_id, "cpu")
-            except (OperationalError, OSError):
-                log.warning("finish for cancelled job %s not published", job_id)
+            svc.storage.remove_inputs(job_id)  # fetched already, never to be used
         return job_object(owned_job(job_id))
 
 
@@ -361,38 +342,30 @@ class LegacyTask(MethodView):
         delete_job(job_id)
 
 
+def delivery_object(row: WebhookDelivery) -> dict[str, Any]:
+    """One delivery attempt as its job's owner sees it (documented by ``DeliverySchema``)."""
+    return {
+        "id": row.id,
+        "event": row.event,
+        "event_id": row.event_id,
+        "attempt": row.attempt,
+        "url": row.url,
+        "ok": row.ok,
+        "status_code": row.status_code,
+        "error": row.error,
+        "duration_ms": row.duration_ms,
+        "created_at": iso(row.created_at),
+        "next_retry_at": iso(row.next_retry_at),
+    }
+
+
 @blp.route("/<job_id>/deliveries")
 class JobDeliveries(MethodView):
-    @blp.response(200)
+    @blp.response(200, DeliveryListSchema)
     def get(self, job_id: str) -> dict[str, Any]:
         """List webhook delivery attempts"""
         owned_job(job_id)
-        with services().db.session() as session:
-            rows = list(
-                session.scalars(
-                    select(WebhookDelivery)
-                    .where(WebhookDelivery.job_id == job_id)
-                    .order_by(WebhookDelivery.id)
-                )
-            )
-        return {
-            "deliveries": [
-                {
-                    "id": row.id,
-                    "event": row.event,
-                    "event_id": row.event_id,
-                    "attempt": row.attempt,
-                    "url": row.url,
-                    "ok": row.ok,
-                    "status_code": row.status_code,
-                    "error": row.error,
-                    "duration_ms": row.duration_ms,
-                    "created_at": iso(row.created_at),
-                    "next_retry_at": iso(row.next_retry_at),
-                }
-                for row in rows
-            ]
-        }
+        return {"deliveries": [delivery_object(row) for row in deliveries_of(services().db, job_id)]}
 
 
 @blp.route("/<job_id>/deliveries/redeliver")

@@ -168,7 +168,10 @@ def check_webhook_url(url: str | None, settings: Settings) -> None:
 
 
 class JobSchema(Schema):
-    """The job object (seed 000's webhook body without event fields)."""
+    """The job object (seed 000's webhook body without event fields).
+
+    ``models.public.job_object`` builds it and the views send that dict as it is; this schema
+    documents it, and tests/test_api_shapes.py holds the two to the same fields and types."""
 
     job_id = fields.String()
     task = fields.String()
@@ -193,12 +196,54 @@ class JobSchema(Schema):
     webhook_url = fields.String(allow_none=True)
     priority = fields.Integer()
     expires_at = fields.String(allow_none=True)
-    reused = fields.Boolean()
+    reused = fields.Boolean(
+        metadata={
+            "description": "Only on POST: true when an earlier job with the same Idempotency-Key answers"
+        }
+    )
 
 
 class JobListSchema(Schema):
     jobs = fields.List(fields.Nested(JobSchema))
     have_next = fields.Boolean()
+
+
+class StatsCountsSchema(Schema):
+    by_status = fields.Dict(keys=fields.String(), values=fields.Integer())
+    by_task = fields.Dict(keys=fields.String(), values=fields.Integer())
+    total = fields.Integer()
+
+
+class StatsSchema(Schema):
+    """The caller's jobs at a glance, and how busy the queues are."""
+
+    recent = fields.List(fields.Nested(JobSchema), metadata={"description": "The latest jobs, newest first"})
+    counts = fields.Nested(StatsCountsSchema)
+    queues = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(allow_none=True),
+        metadata={"description": "Messages waiting per queue; null when the broker cannot say"},
+    )
+
+
+class DeliverySchema(Schema):
+    """One attempt to deliver one webhook event of a job."""
+
+    id = fields.Integer()
+    event = fields.String()
+    event_id = fields.String(metadata={"description": "The webhook-id header, the same on every retry"})
+    attempt = fields.Integer()
+    url = fields.String()
+    ok = fields.Boolean()
+    status_code = fields.Integer(allow_none=True)
+    error = fields.String(allow_none=True)
+    duration_ms = fields.Float(allow_none=True)
+    created_at = fields.String()
+    next_retry_at = fields.String(allow_none=True)
+
+
+class DeliveryListSchema(Schema):
+    deliveries = fields.List(fields.Nested(DeliverySchema))
 
 
 class JobQueryArgsSchema(Schema):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from celery import Celery
+from flask import current_app
 
 from config import Settings
 from models.db import Database
@@ -24,14 +25,22 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings, celery: Celery | None = None) -> Services:
-        from tasks.celery_app import create_celery
+        from tasks.celery_app import create_celery, kick_dispatcher
 
         db = Database(settings)
+        celery = celery or create_celery(settings)
         return cls(
             settings=settings,
             db=db,
-            store=JobStore(db, settings.max_attempts),
+            # A move a webhook wants (a cancel) kicks the dispatcher once it is committed.
+            store=JobStore(db, settings.max_attempts, lambda moved: kick_dispatcher(celery, moved.job.id)),
             keyring=KeyRing(db, settings.api_keys),
-            celery=celery or create_celery(settings),
+            celery=celery,
             storage=Storage(settings),
         )
+
+
+def current_services() -> Services:
+    """The services of the app handling the current request (``create_app`` put them there)."""
+    services: Services = current_app.extensions["aiorch"]
+    return services

@@ -1,10 +1,15 @@
-"""Input limits shared by the API's payload schemas (``tasks/payloads.py``) and the engines
+"""Input limits shared by the API's payload schemas (``tasks/payloads/``) and the engines
 (``inference/``), so the API refuses with a 422 exactly what an engine would refuse later.
 
 Plain constants, stdlib only: the API process imports them without importing any engine.
 """
 
 from __future__ import annotations
+
+# -- scan_objects ---------------------------------------------------------------------------------
+# The most objects one image yields: the payload's ``max_objects`` cap, and the detections per
+# image the worker builds its detector with.
+SCAN_MAX_OBJECTS = 300
 
 # -- diffusion (generate, inpaint, remove_object, outpaint) ---------------------------------------
 DIFFUSION_MAX_PROMPT_CHARS = 2000

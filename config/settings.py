@@ -167,12 +167,17 @@ class Settings:
     webhook_retry_base: float = 10.0
     # After a client rotates its webhook secret, deliveries carry both signatures this long.
     webhook_secret_grace: float = 86400.0
+    # Events of the jobs' lifecycle log are kept this long, then pruned by the sweep.
+    event_retention: float = 7 * 24 * 3600.0
     # Assets: bytes of uploads one client may keep at once (0 = no quota).
     asset_quota_bytes: int = 5 * 1024**3
     # Workers.
     broker_poll_interval: float = 0.05
     worker_concurrency: int = 0
     debug_tasks: bool = False
+    # Fault tests only (honoured with debug_tasks): a worker that commits a move with this event
+    # type (e.g. ``job.finished``) kills itself before kicking the dispatcher.
+    debug_crash_before_dispatch: str = ""
     # Content safety: prompts containing any of these words or phrases are refused (rejected).
     prompt_blocklist: tuple[str, ...] = ()
     log_json: bool = True
@@ -288,12 +293,16 @@ class Settings:
             webhook_secret_grace=_float(
                 "AIORCH_WEBHOOK_SECRET_GRACE", get("WEBHOOK_SECRET_GRACE", "86400"), low=0
             ),
+            event_retention=_float(
+                "AIORCH_EVENT_RETENTION", get("EVENT_RETENTION", str(7 * 86400)), low=60
+            ),
             asset_quota_bytes=_int(
                 "AIORCH_ASSET_QUOTA_BYTES", get("ASSET_QUOTA_BYTES", str(5 * 1024**3)), low=0
             ),
             broker_poll_interval=_float("AIORCH_BROKER_POLL_INTERVAL", get("BROKER_POLL_INTERVAL", "0.05")),
             worker_concurrency=_int("AIORCH_WORKER_CONCURRENCY", get("WORKER_CONCURRENCY", "0"), low=0),
             debug_tasks=_bool("AIORCH_DEBUG_TASKS", get("DEBUG_TASKS", "0")),
+            debug_crash_before_dispatch=get("DEBUG_CRASH_BEFORE_DISPATCH"),
             prompt_blocklist=_blocklist(get("PROMPT_BLOCKLIST")),
             log_json=_bool("AIORCH_LOG_JSON", get("LOG_JSON", "1")),
             log_level=get("LOG_LEVEL", "INFO").upper(),

@@ -10,8 +10,6 @@ border as background. Both return an RGBA image whose alpha is the foreground ma
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from inference.base import (
     RunControl,
     check_stop,
 )
+from inference.runtime import onnx_providers
 
 log = logging.getLogger(__name__)
 
@@ -237,163 +236,6 @@ class GrabCutBackgroundRemover:
 
 
 # -- which family an ONNX file belongs to -------------------------------------------------------
-
-_FAMILY_NAME_HINTS = (
-    # RMBG-2.0 is BiRefNet trained by BRIA: BiRefNet's normalisation and logits, not RMBG-1.4's.
-    (re.compile(r"birefnet|rmbg[-_.]?v?2", re.I), "birefnet"),
-    (re.compile(r"rmbg|isnet", re.I), "rmbg"),
-    (re.compile(r"u2net|u2netp|silueta", re.I), "u2net"),
-)
-
-
-@dataclass(frozen=True)
-class OnnxSignature:
-    """The graph's real inputs (name, dims; a dim is an int or a symbolic name) and its outputs."""
-
-    inputs: tuple[tuple[str, tuple[int | str, ...]], ...]
-    outputs: tuple[str, ...]
-
-
-def segmentation_family(path: str | Path) -> str | None:
-    """The preset (``PRESETS``) an ONNX segmentation file needs, or None when nothing tells.
-
-    The file name is the strongest hint (``BiRefNet-general.onnx``, ``RMBG-1.4.onnx``,
-    ``u2net.onnx``). Without one, the graph does: U2-Net takes 320 px; at 1024 px BiRefNet
-    (and RMBG-2.0) give one logit map, IS-Net and RMBG-1.4 a probability map plus side outputs.
-    """
-    path = Path(path)
-    for pattern, family in _FAMILY_NAME_HINTS:
-        if pattern.search(path.stem):
-            return family
-    try:
-        signature = read_onnx_signature(path)
-    except (OSError, ValueError):
-        return None
-    if len(signature.inputs) != 1:
-        return None
-    dims = signature.inputs[0][1]
-    side = dims[2] if len(dims) == 4 and isinstance(dims[2], int) and dims[2] == dims[3] else None
-    if side == 320:
-        return "u2net"
-    if side == 1024:
-        return "birefnet" if len(signature.outputs) == 1 else "rmbg"
-    return None
-
-
-def read_onnx_signature(path: str | Path) -> OnnxSignature:
-    """Read an ONNX file's inputs and outputs without loading its weights.
-
-    Walks the protobuf wire format and seeks past the initializers, so a 1 GB BiRefNet file is
-    inspected in milliseconds and without the ``onnx`` package (which the API image lacks).
-    Inputs that are initializers (older exports list weights as graph inputs) are left out.
-    """
-    with open(path, "rb") as handle:
-        end = handle.seek(0, 2)
-        handle.seek(0)
-        graph = next((value for number, value in _pb_fields(handle, end) if number == 7), None)
-        if not isinstance(graph, tuple):
-            raise ValueError(f"{Path(path).name} holds no ONNX graph")
-        start, length = graph
-        handle.seek(start)
-        inputs: list[tuple[str, tuple[int | str, ...]]] = []
-        outputs: list[str] = []
-        weights: set[str] = set()
-        for number, value in _pb_fields(handle, start + length):
-            if number in (11, 12) and isinstance(value, tuple):
-                handle.seek(value[0])
-                name, dims = _pb_value_info(handle.read(value[1]))
-                if number == 11:
-                    inputs.append((name, dims))
-                else:
-                    outputs.append(name)
-            elif number == 5 and isinstance(value, tuple):
-                for field_number, field_value in _pb_fields(handle, value[0] + value[1]):
-                    if field_number == 8 and isinstance(field_value, tuple):
-                        handle.seek(field_value[0])
-                        weights.add(handle.read(field_value[1]).decode("utf-8", "replace"))
-    return OnnxSignature(tuple(i for i in inputs if i[0] not in weights), tuple(outputs))
-
-
-def _pb_varint(handle) -> int:
-    result = shift = 0
-    while True:
-        byte = handle.read(1)
-        if not byte:
-            raise ValueError("truncated protobuf")
-        result |= (byte[0] & 0x7F) << shift
-        if byte[0] < 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ValueError("malformed protobuf varint")
-
-
-def _pb_fields(handle, end: int):
-    """(field number, value) of each field up to ``end``: an int for varints, (offset, length)
-    for length-delimited fields, which the caller may read; the walk resumes after them."""
-    while handle.tell() < end:
-        key = _pb_varint(handle)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            yield number, _pb_varint(handle)
-        elif wire == 2:
-            length = _pb_varint(handle)
-            start = handle.tell()
-            if start + length > end:
-                raise ValueError("protobuf field runs past its message")
-            yield number, (start, length)
-            handle.seek(start + length)
-        elif wire in (1, 5):
-            handle.seek(8 if wire == 1 else 4, 1)
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
-def _pb_value_info(data: bytes) -> tuple[str, tuple[int | str, ...]]:
-    """ValueInfoProto -> (name, dims): name is field 1; type (2) -> tensor_type (1) -> shape (2)
-    -> dim (1) -> dim_value (1) or dim_param (2)."""
-    import io
-
-    def fields(blob: bytes):
-        buffer = io.BytesIO(blob)
-        for number, value in _pb_fields(buffer, len(blob)):
-            yield number, blob[value[0] : value[0] + value[1]] if isinstance(value, tuple) else value
-
-    name, dims = "", []
-    for number, value in fields(data):
-        if number == 1 and isinstance(value, bytes):
-            name = value.decode("utf-8", "replace")
-        elif number == 2 and isinstance(value, bytes):
-            tensor = next((v for n, v in fields(value) if n == 1 and isinstance(v, bytes)), b"")
-            shape = next((v for n, v in fields(tensor) if n == 2 and isinstance(v, bytes)), b"")
-            for dim_number, dim in fields(shape):
-                if dim_number != 1 or not isinstance(dim, bytes):
-                    continue
-                parts = dict(fields(dim))
-                if isinstance(parts.get(1), int):
-                    dims.append(parts[1])
-                else:
-                    param = parts.get(2)
-                    dims.append(param.decode("utf-8", "replace") if isinstance(param, bytes) else "?")
-    return name, tuple(dims)
-
-
-def onnx_providers(available: Sequence[str], device: str = "auto") -> list[str]:
-    """The execution providers to open a session with, best first, given what this onnxruntime
-    build offers (``ort.get_available_providers()``).
-
-    ``auto``: CUDA first when the build has it (a GPU worker installs ``onnxruntime-gpu``), and
-    always the CPU after it, where onnxruntime places any op the CUDA provider lacks. ``cuda``
-    insists on CUDA; ``cpu`` never uses it.
-    """
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
-    has_cuda = "CUDAExecutionProvider" in available
-    if device == "cuda" and not has_cuda:
-        raise EngineError("device 'cuda' asked for, but this onnxruntime has no CUDA provider")
-    if device != "cpu" and has_cuda:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 def _open_session(path: Path, device: str, threads: int | None):

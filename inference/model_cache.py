@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from inference.base import EngineError
-from inference.model_store import safetensors_header
+from inference.model_files import safetensors_header
 
 T = TypeVar("T")
 

@@ -6,6 +6,9 @@ processes without a restart: each read checks the file's identity (inode, size, 
 reloads it when another process replaced it. Writes take an advisory lock and replace the file
 atomically, so concurrent writers never lose an entry and readers never see half a file.
 
+What a file is (a diffusers folder, a LoRA, an ESRGAN or detector state dict, an ONNX model) is
+read by ``inference/model_files.py``, without loading it.
+
 Engines that need no weights (the Lanczos upscaler) are listed as built-ins so ``GET
 /v1/models`` shows every backend that can run, but they are not in the manifest and cannot be
 removed.
@@ -18,7 +21,6 @@ import fcntl
 import json
 import os
 import re
-import struct
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,40 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from inference.model_files import MODEL_TYPES, ModelStoreError, detect_model, detect_onnx
+
 MANIFEST_NAME = "models.json"
 MANIFEST_VERSION = 1
-
-# What the platform's tasks can do with each kind of model. A diffusers base model serves all
-# four diffusion tasks through one loaded pipeline (see inference/diffusion.py).
-DIFFUSION_TASKS = ("generate", "inpaint", "remove_object", "outpaint")
-INPAINT_TASKS = ("inpaint", "remove_object", "outpaint")
-MODEL_TYPES = ("diffusers", "lora", "realesrgan", "onnx", "detector", "builtin")
-
-# ONNX files carry no declaration of their purpose; these name hints cover the models operators
-# install for the platform's tasks. Anything else gets no tasks until the operator names them.
-# ONNX super-resolution exports get no task: the upscale engine runs PyTorch weights through
-# spandrel (inference/superres.py), so tagging them would list a model no job can run.
-_ONNX_TASK_HINTS = ((re.compile(r"u2net|rmbg|birefnet|isnet|modnet|silueta", re.I), ("remove_background",)),)
-# Pre- and post-processing presets of the background remover (inference/background.py PRESETS);
-# an entry records its family in ``extra["family"]``, from ``--family`` or read from the file.
-SEGMENTATION_FAMILIES = ("u2net", "birefnet", "rmbg")
-
-# The InsightFace engine (inference/faceswap/insight.py) is three ONNX models, one per role; the
-# entry records its role in ``extra["role"]`` so the worker can assemble the engine. Names are
-# those of the insightface packs (buffalo_l's det_10g and w600k_r50, antelopev2's scrfd_10g and
-# glintr100) and of inswapper_128. Only files in SCRFD's output layout fit the detector role
-# (OpenCV's YuNet does not), and only inswapper fits the swapper role (SimSwap is another model).
-FACE_SWAP_TASKS = ("faceswap", "faceswap_multi")
-FACE_ROLES = {
-    "face_detector": ("face_detect", *FACE_SWAP_TASKS),
-    "face_recognizer": FACE_SWAP_TASKS,
-    "face_swapper": FACE_SWAP_TASKS,
-}
-_ONNX_FACE_ROLE_HINTS = (
-    (re.compile(r"inswapper", re.I), "face_swapper"),
-    (re.compile(r"scrfd|retinaface|det_\d+|face_?det", re.I), "face_detector"),
-    (re.compile(r"w600k|glint|arcface|webface|ms1m", re.I), "face_recognizer"),
-)
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
@@ -81,10 +53,6 @@ DIFFUSERS_PULL_PATTERNS = (
 )
 # A repo that is one model file (a LoRA, an ONNX or .pth network) and its small companions.
 SINGLE_FILE_PULL_PATTERNS = ("*.json", "*.txt", "*.safetensors", "*.model", "*.onnx", "*.pth")
-
-
-class ModelStoreError(ValueError):
-    """The operation on the store cannot be done (bad path, unknown type, duplicate id...)."""
 
 
 class ModelNotFound(LookupError):
@@ -152,14 +120,6 @@ class Page:
 
     data: list[ModelEntry]
     have_next: bool
-
-
-@dataclass(frozen=True)
-class Detected:
-    type: str
-    tasks: tuple[str, ...]
-    base_model_type: str | None
-    extra: dict[str, Any]
 
 
 class ModelStore:
@@ -253,14 +213,14 @@ class ModelStore:
         if role is not None:
             if detected.type != "onnx":
                 raise ModelStoreError(f"a role is for ONNX face models; {path.name} is {detected.type!r}")
-            detected = _detect_onnx(path, role)
+            detected = detect_onnx(path, role)
         if family is not None:
             # A segmentation file named like "model.onnx" (as RMBG-2.0 ships): the operator says.
             if detected.type != "onnx":
                 raise ModelStoreError(
                     f"a family is for ONNX segmentation models; {path.name} is {detected.type!r}"
                 )
-            detected = _detect_onnx(path, family=family)
+            detected = detect_onnx(path, family=family)
         model_id = id or _slug(path.stem if path.is_file() else path.name)
         if not _ID_RE.match(model_id):
             raise ModelStoreError(
@@ -427,186 +387,3 @@ def _disk_size(path: Path) -> int:
         return path.stat().st_size
     # follow symlinks: an HF snapshot folder is made of links into the blob store
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-# -- type detection ------------------------------------------------------------------------------
-
-
-def detect_model(path: Path, type: str | None = None) -> Detected:
-    """Work out what the files at ``path`` are: a diffusers pipeline folder, a LoRA, a Real-ESRGAN
-    ``.pth`` state dict or an ONNX model. ``type`` forces the type (the files must still fit)."""
-    if path.is_dir():
-        if (path / "model_index.json").exists():
-            found = _detect_diffusers(path)
-        else:
-            loras = sorted(path.glob("*.safetensors"))
-            if len(loras) != 1:
-                raise ModelStoreError(
-                    f"{path} is a folder without model_index.json (not a diffusers pipeline) and "
-                    "without exactly one .safetensors file; pass the weight file itself"
-                )
-            found = detect_model(loras[0], type)
-    elif path.suffix == ".onnx":
-        found = _detect_onnx(path)
-    elif path.suffix in (".pth", ".pt"):
-        found = _detect_torch_state_dict(path)
-    elif path.suffix == ".safetensors":
-        found = _detect_safetensors(path)
-    else:
-        raise ModelStoreError(
-            f"cannot tell what {path.name} is; supported: a diffusers folder, "
-            ".safetensors LoRA, Real-ESRGAN .pth, .onnx"
-        )
-    if type is not None and type != found.type:
-        raise ModelStoreError(f"{path.name} looks like a {found.type!r} model, not {type!r}")
-    return found
-
-
-def _detect_diffusers(folder: Path) -> Detected:
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    cls_name = str(index.get("_class_name", ""))
-    unet_config: dict[str, Any] = {}
-    if (folder / "unet" / "config.json").exists():
-        unet_config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-    in_channels = int(unet_config.get("in_channels", 4))
-    cross_dim = unet_config.get("cross_attention_dim")
-    if "XL" in cls_name:
-        base = "sdxl"
-    elif cls_name.startswith("StableDiffusion") and not cls_name.startswith("StableDiffusion3"):
-        # SD 2.x shares SD 1.5's pipeline class; only its text width (1024) tells them apart.
-        base = "sd2" if cross_dim == 1024 else "sd15"
-    else:
-        base = re.sub(r"(Inpaint|Img2Img)?Pipeline$", "", cls_name).lower() or "unknown"
-    tasks: tuple[str, ...]
-    if base in ("sd15", "sd2", "sdxl"):
-        # A 9-channel UNet is an inpainting model: it cannot denoise from text alone.
-        tasks = INPAINT_TASKS if in_channels == 9 else DIFFUSION_TASKS
-    else:
-        tasks = ("generate",)
-    extra = {"pipeline_class": cls_name, "unet_in_channels": in_channels}
-    return Detected("diffusers", tasks, base, extra)
-
-
-def _detect_onnx(path: Path, role: str | None = None, family: str | None = None) -> Detected:
-    if role is None:
-        role = next((r for pattern, r in _ONNX_FACE_ROLE_HINTS if pattern.search(path.stem)), None)
-    if role is not None:
-        if role not in FACE_ROLES:
-            raise ModelStoreError(f"unknown role {role!r}; one of {', '.join(FACE_ROLES)}")
-        return Detected("onnx", FACE_ROLES[role], None, {"role": role})
-    if family is not None:
-        if family not in SEGMENTATION_FAMILIES:
-            raise ModelStoreError(f"unknown family {family!r}; one of {', '.join(SEGMENTATION_FAMILIES)}")
-        return Detected("onnx", ("remove_background",), None, {"family": family})
-    for pattern, tasks in _ONNX_TASK_HINTS:
-        if pattern.search(path.stem):
-            from inference.background import segmentation_family
-
-            # From the name, else the graph's input size and outputs; None: the engine's default.
-            found = segmentation_family(path)
-            return Detected("onnx", tasks, None, {"family": found} if found else {})
-    return Detected("onnx", (), None, {})
-
-
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The tensor table of a .safetensors file: name -> {dtype, shape, data_offsets}."""
-    # The header is a little-endian u64 length then JSON: reading it needs no torch and no
-    # loading of the (possibly gigabytes of) tensor data.
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length > 100 * 1024 * 1024:
-            raise ModelStoreError(f"{path.name} is not a safetensors file (header too large)")
-        header = json.loads(fh.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
-def _detect_safetensors(path: Path) -> Detected:
-    try:
-        header = safetensors_header(path)
-    except (OSError, ValueError, struct.error) as exc:
-        raise ModelStoreError(f"cannot read {path.name} as safetensors: {exc}") from exc
-    keys = list(header)
-    if any("lora" in k for k in keys):
-        return Detected("lora", DIFFUSION_TASKS, _lora_base_model(header), {})
-    if _looks_like_esrgan(keys):
-        return Detected(
-            "realesrgan", ("upscale",), None, _esrgan_facts({k: v["shape"] for k, v in header.items()})
-        )
-    raise ModelStoreError(
-        f"{path.name} is a safetensors file but neither a LoRA nor an ESRGAN state dict; "
-        "single-file checkpoints must be converted to a diffusers folder"
-    )
-
-
-def _lora_base_model(header: dict[str, Any]) -> str | None:
-    keys = list(header)
-    if any("te2" in k or "text_encoder_2" in k for k in keys):
-        return "sdxl"
-    # The down projection of a cross-attention key reads the text encoder's width.
-    for key, info in header.items():
-        if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key):
-            width = info["shape"][-1]
-            return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(width)
-    return None
-
-
-def _looks_like_detector(keys: Iterable[str]) -> bool:
-    keys = set(keys)
-    ssd = any(k.startswith("head.classification_head") for k in keys)
-    rcnn = any(k.startswith("roi_heads.box_predictor") for k in keys)
-    return ssd or rcnn
-
-
-def _detector_facts(path: Path, keys: Iterable[str]) -> dict[str, Any]:
-    """A detector is useless without its label map: ``<stem>.labels.json`` or ``labels.json`` beside it."""
-    for candidate in (path.with_name(path.stem + ".labels.json"), path.with_name("labels.json")):
-        if candidate.is_file():
-            arch = "ssdlite" if any(k.startswith("head.classification_head") for k in keys) else "faster_rcnn"
-            return {"arch_family": arch, "labels": candidate.name}
-    raise ModelStoreError(
-        f"{path.name} is a detector; put its label map (a JSON list or object) beside it as "
-        f"{path.stem}.labels.json or labels.json"
-    )
-
-
-def _looks_like_esrgan(keys: Iterable[str]) -> bool:
-    keys = set(keys)
-    rrdb = "conv_first.weight" in keys and any(k.startswith("body.") for k in keys)
-    compact = "body.0.weight" in keys and not any(k.startswith("conv_first") for k in keys)
-    return rrdb or compact
-
-
-def _esrgan_facts(shapes: dict[str, list[int]]) -> dict[str, Any]:
-    if "conv_first.weight" in shapes:
-        # RRDBNet folds x2/x1 models with pixel-unshuffle: 3 input channels -> x4, 12 -> x2, 48 -> x1.
-        in_ch = shapes["conv_first.weight"][1]
-        blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("body.") and k.split(".")[1].isdigit()}
-        return {"arch": "RRDBNet", "scale": {3: 4, 12: 2, 48: 1}.get(in_ch), "num_block": len(blocks)}
-    # SRVGGNetCompact ends with a conv to 3 * scale^2 channels before its pixel shuffle.
-    last = max((int(k.split(".")[1]), k) for k in shapes if k.startswith("body.") and k.endswith(".weight"))
-    out_ch = shapes[last[1]][0]
-    scale = round((out_ch / 3) ** 0.5)
-    return {"arch": "SRVGGNetCompact", "scale": scale if 3 * scale * scale == out_ch else None}
-
-
-def _detect_torch_state_dict(path: Path) -> Detected:
-    import torch  # heavy, and only needed for this one format
-
-    try:
-        # weights_only refuses pickled code: an operator-supplied file must not run anything.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors alike for a bad file
-        raise ModelStoreError(f"cannot read {path.name} as a PyTorch state dict: {exc}") from exc
-    if isinstance(state, dict):
-        # "model" is how torchvision's reference training scripts wrap a detector's weights.
-        for wrapper in ("params_ema", "params", "state_dict", "model"):
-            if isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-                break
-    if isinstance(state, dict) and _looks_like_detector(state):
-        return Detected("detector", ("scan_objects",), None, _detector_facts(path, state))
-    if not isinstance(state, dict) or not _looks_like_esrgan(state):
-        raise ModelStoreError(f"{path.name} is not a Real-ESRGAN/ESRGAN or torchvision detector state dict")
-    shapes = {k: list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
-    return Detected("realesrgan", ("upscale",), None, _esrgan_facts(shapes))

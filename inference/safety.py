@@ -1,7 +1,7 @@
 """Content safety checks that need no model: a configurable prompt blocklist.
 
 Output checks (a safety-checker model shipped with a diffusers pipeline) live with the pipeline in
-``inference/diffusion.py``; both refuse with ``ContentRejected``, so the job ends ``rejected`` and
+``inference/diffusion/loader.py``; both refuse with ``ContentRejected``, so the job ends ``rejected`` and
 ``error.code`` says which check refused it.
 """
 

@@ -1,8 +1,8 @@
-"""Persistence: SQLAlchemy models, sessions, migrations and the job state machine."""
+"""Persistence: SQLAlchemy models, sessions, migrations and the job lifecycle."""
 
 from models.db import Base, Database, utcnow
-from models.jobs import ApiKey, Job, StoredFile, WebhookDelivery, WebhookEvent, WebhookSecret
-from models.state import FINAL_STATUSES, IllegalTransition, JobStatus, transition
+from models.jobs import ApiKey, Job, JobEvent, StoredFile, WebhookDelivery, WebhookEvent, WebhookSecret
+from models.state import FINAL_STATUSES, IllegalTransition, JobStatus, Phase, State
 
 __all__ = [
     "FINAL_STATUSES",
@@ -11,11 +11,13 @@ __all__ = [
     "Database",
     "IllegalTransition",
     "Job",
+    "JobEvent",
     "JobStatus",
+    "Phase",
+    "State",
     "StoredFile",
     "WebhookDelivery",
     "WebhookEvent",
     "WebhookSecret",
-    "transition",
     "utcnow",
 ]

@@ -1,5 +1,6 @@
-"""Tables: jobs, API keys, stored files (outputs and uploads: the assets), webhook events, their
-deliveries and the clients' webhook signing secrets."""
+"""Tables: jobs, their event log and the counters their moves keep, API keys, stored files
+(outputs and uploads: the assets), webhook events, their deliveries and the clients' webhook
+signing secrets."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -16,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -39,7 +42,7 @@ class Job(Base):
     engine_task: Mapped[str] = mapped_column(String(64))
     queue: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
-    # Where the job is in its pipeline: prepare (cpu) -> run (its queue) -> done.
+    # Where the job is in its pipeline: a ``models.state.Phase`` (status + phase = its state).
     stage: Mapped[str] = mapped_column(String(16), default="prepare")
     progress: Mapped[int] = mapped_column(Integer, default=0)
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -73,6 +76,56 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The sequence number of the job's last event (``JobEvent.seq``): each move counts it up in
+    # its own UPDATE, so the event needs no read to find its number.
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class JobEvent(Base):
+    """One move of one job, in order: the job's event log (written by ``models.lifecycle`` only).
+
+    ``data`` is the public job object after the move. ``dispatched_at`` is NULL while a webhook
+    waits for the event (the dispatcher's outbox); events nobody waits for are written dispatched.
+    Pruned after ``AIORCH_EVENT_RETENTION``."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (
+        UniqueConstraint("job_id", "seq", name="uq_job_events_job_seq"),
+        Index("ix_job_events_created_at", "created_at"),
+        # Small: only the events the dispatcher has not taken yet.
+        Index(
+            "ix_job_events_pending",
+            "id",
+            postgresql_where=text("dispatched_at IS NULL"),
+            sqlite_where=text("dispatched_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class JobCounter(Base):
+    """One series of a ``/metrics`` counter (``models.counters``): added to by the move that ends a
+    job and by each webhook attempt, in their own transactions; never lowered, so deleting jobs
+    (or pruning their events) leaves it as it is, and a scrape reads one row per series."""
+
+    __tablename__ = "job_counters"
+
+    # jobs_finished, job_duration_seconds, job_predict_time_seconds or webhook_attempts
+    metric: Mapped[str] = mapped_column(String(32), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)  # the engine task; "" for none
+    # The series' own label: the final status, the histogram bucket's upper bound, or the outcome.
+    label: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)  # how many (a bucket's: only its own observations)
+    total: Mapped[float] = mapped_column(Float)  # the sum of the observations (histograms)
 
 
 class ApiKey(Base):
@@ -150,7 +203,8 @@ class WebhookEvent(Base):
     job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     event: Mapped[str] = mapped_column(String(32))
     body: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Indexed: the sweep looks for recent events that never had an attempt.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
 class WebhookSecret(Base):

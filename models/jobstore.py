@@ -1,61 +1,61 @@
-"""Every write that moves a job: create, claim, progress, finish, cancel, expire.
+"""A job's writes as the pipeline needs them, each one move of the lifecycle (``models.lifecycle``).
 
-Claims and finishes are conditional UPDATEs (``... WHERE status IN (...) AND claim_token = ...``)
-so two workers holding copies of one message, or a worker racing a cancel, can never both win.
+Claims and finishes are conditional UPDATEs (``... WHERE (status, stage) IN (...) AND claim_token
+= ...``) so two workers holding copies of one message, or a worker racing a cancel, can never both
+win. Every move writes its event in the same transaction; after the commit, a move whose event a
+webhook wants calls ``on_notify`` (the tasks layer's kick of the dispatcher).
 """
 
 from __future__ import annotations
 
 import statistics
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, String, Table, bindparam, func, insert, literal, select, text, update
+from sqlalchemy import Table, bindparam, func, insert, select
 from sqlalchemy.orm import Session
 
+from models import lifecycle
 from models.assets import OUTPUT, stamps
-from models.db import Database, UTCDateTime, relaxed_commit, rowcount, utcnow
+from models.db import Database, relaxed_commit, rowcount, utcnow
 from models.jobs import Job, StoredFile, WebhookDelivery
-from models.state import FINAL_STATUSES, JobStatus, sources_of, timestamps_for
+from models.lifecycle import FINAL_CHANNEL, Moved, job_from, notify_final
+from models.state import FINAL_STATUSES, MOVES, JobStatus, Phase, finish_move
 
-# Seconds a task takes before any job of it has finished here; replaced by measurements as soon
-# as there are some. Rough GPU figures, so a fresh install's ETA is not absurd.
-DEFAULT_PREDICT_SECONDS = {
-    "upscale": 3.0,
-    "generate": 8.0,
-    "inpaint": 8.0,
-    "outpaint": 10.0,
-    "remove_object": 6.0,
-    "remove_background": 2.0,
-    "scan_objects": 1.0,
-    "faceswap": 4.0,
-    "faceswap_multi": 6.0,
-    "face_detect": 1.0,
-}
+__all__ = [
+    "FINAL_CHANNEL",
+    "Claim",
+    "ClaimRefused",
+    "JobStore",
+    "Moved",
+    "insert_job",
+    "new_id",
+    "notify_final",
+]
+
 PREDICT_WINDOW = 20
-FINAL_CHANNEL = "aiorch_job_final"
-
-
-def notify_final(session: Session, job_id: str) -> None:
-    """Tell listeners (blocking endpoints) that a job is final; delivered only on COMMIT."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text("SELECT pg_notify(:channel, :job_id)"), {"channel": FINAL_CHANNEL, "job_id": job_id}
-        )
+# The ways a job that never ran ends, by status.
+_END_QUEUED = {
+    JobStatus.CANCELLED: MOVES["cancel"],
+    JobStatus.EXPIRED: MOVES["expire"],
+    JobStatus.FAILED: MOVES["fail"],
+}
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def predict_seconds(session: Session, engine_task: str) -> float:
+def predict_seconds(session: Session, engine_task: str, default: float) -> float:
     """The platform's estimate of a new job's run time, from the last finished jobs of the task.
 
     Jobs of the same task can run on different backends (a Lanczos fallback and a neural model
     differ by orders of magnitude), so only the backend that served the latest job counts.
+    ``default``: the estimate before any job of the task has finished here (its engine declares
+    it, ``LocalTask.predict_seconds``; the catalog's ``TaskSpec.predict_seconds``).
     """
     latest_backend = session.scalar(
         select(Job.backend)
@@ -64,7 +64,7 @@ def predict_seconds(session: Session, engine_task: str) -> float:
         .limit(1)
     )
     if latest_backend is None:
-        return DEFAULT_PREDICT_SECONDS.get(engine_task, 5.0)
+        return default
     rows = session.execute(
         select(Job.started_at, Job.finished_at)
         .where(
@@ -77,8 +77,14 @@ def predict_seconds(session: Session, engine_task: str) -> float:
     ).all()
     durations = [(f - s).total_seconds() for s, f in rows if s is not None and f is not None]
     if not durations:
-        return DEFAULT_PREDICT_SECONDS.get(engine_task, 5.0)
+        return default
     return round(statistics.median(durations), 3)
+
+
+def insert_job(session: Session, job: Job) -> dict[str, Any]:
+    """The submit path's one write: the job's INSERT and its first event (``lifecycle.create``);
+    returns the job object."""
+    return lifecycle.create(session, job)
 
 
 @dataclass(frozen=True)
@@ -100,229 +106,141 @@ class ClaimRefused(Exception):
         self.finalized = finalized
 
 
-_jobs: Table = Job.__table__  # type: ignore[assignment]
 _files: Table = StoredFile.__table__  # type: ignore[assignment]
-_c = _jobs.c
-_other = _jobs.alias("neighbour")
-# Built once: the job's hot path runs these per job, and building a statement costs more than
-# running it on a local Postgres.
-_NEIGHBOURS = (
-    select(literal(1))
-    .where(
-        _other.c.status == JobStatus.QUEUED.value,
-        _other.c.engine_task == _c.engine_task,
-        _other.c.queue == _c.queue,
-        _other.c.id != _c.id,
-    )
-    .correlate(_jobs)
-    .exists()
-    .label("neighbours")
-)
-_NOW = bindparam("now", type_=UTCDateTime())
-
-
-def _claim_statement(stages: tuple[str, ...]) -> Any:
-    return (
-        update(_jobs)
-        .where(
-            _c.id == bindparam("job_id"),
-            _c.status.in_(sources_of(JobStatus.RUNNING)),
-            _c.stage.in_(stages),
-            _c.cancel_requested.is_(False),
-            _c.attempts < bindparam("max_attempts"),
-        )
-        .values(
-            status=JobStatus.RUNNING.value,
-            attempts=_c.attempts + 1,
-            claim_token=bindparam("token"),
-            stage="run",
-            started_at=_NOW,
-            updated_at=_NOW,
-        )
-        .returning(*_c, _NEIGHBOURS)
-    )
-
-
-_CLAIM = _claim_statement(("run",))
-_CLAIM_FROM_PREPARE = _claim_statement(("prepare", "run"))
-_RECLAIM = (
-    update(_jobs)
-    .where(
-        _c.id == bindparam("job_id"),
-        _c.status == JobStatus.RUNNING.value,
-        _c.cancel_requested.is_(False),
-        _c.attempts < bindparam("max_attempts"),
-    )
-    .values(attempts=_c.attempts + 1, claim_token=bindparam("token"), started_at=_NOW, updated_at=_NOW)
-    .returning(*_c, _NEIGHBOURS)
-)
-_FINISH = (
-    update(_jobs)
-    .where(
-        _c.id == bindparam("job_id"),
-        _c.claim_token == bindparam("token"),
-        _c.status.in_(bindparam("sources", expanding=True)),
-    )
-    .values(
-        status=bindparam("status"),
-        result=bindparam("result"),
-        error=bindparam("error"),
-        stage="done",
-        backend=func.coalesce(bindparam("backend", type_=String()), _c.backend),
-        progress=func.coalesce(bindparam("progress", type_=Integer()), _c.progress),
-        expires_at=bindparam("expires", type_=UTCDateTime()),
-        finished_at=_NOW,
-        updated_at=_NOW,
-    )
-)
-_ATTRIBUTES = {attr.columns[0].name: attr.key for attr in Job.__mapper__.column_attrs}
-
-
-_INSERT_JOB = insert(_jobs)
-_GET_JOB = select(_jobs).where(_c.id == bindparam("job_id"))
-
-
-def insert_job(session: Session, job: Job) -> None:
-    """INSERT a new job from a transient ``Job`` (the attributes it was given, column defaults
-    for the rest), without the ORM unit of work: the submit path's one write."""
-    state = job.__dict__
-    session.execute(_INSERT_JOB, {name: state[key] for name, key in _ATTRIBUTES.items() if key in state})
-
-
-def _job_from(row: Any) -> Job:
-    """A detached ``Job`` from a row of all the jobs table's columns (SELECT or RETURNING)."""
-    mapping = row._mapping
-    return Job(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
-
-
-def fenced_update(
-    session: Session, job_id: str, token: str | None, *conditions: Any, running: bool = False, **values: Any
-) -> bool:
-    """A claim holder's write: ``values`` (and ``updated_at``) land only while the job still
-    carries ``token`` (and, with ``running``, is still ``running``) and every extra condition
-    holds. False when the claim was fenced off meanwhile."""
-    where = [Job.id == job_id, Job.claim_token == token, *conditions]
-    if running:
-        where.append(Job.status == JobStatus.RUNNING.value)
-    values.setdefault("updated_at", utcnow())
-    return bool(rowcount(session.execute(update(Job).where(*where).values(**values))))
+_GET_JOB = select(Job.__table__).where(Job.__table__.c.id == bindparam("job_id"))
 
 
 class JobStore:
-    """Job writes against one database."""
+    """Job writes against one database. ``on_notify`` is called, after the commit, with each move
+    whose event waits for the dispatcher (a webhook wants it)."""
 
-    def __init__(self, db: Database, max_attempts: int = 3):
+    def __init__(self, db: Database, max_attempts: int = 3, on_notify: Callable[[Moved], None] | None = None):
         self.db = db
         self.max_attempts = max_attempts
+        self.on_notify = on_notify
+
+    def _done(self, moved: Moved | None) -> Moved | None:
+        """After the commit of a move: hand a pending event to ``on_notify``."""
+        if moved is not None and moved.notify and self.on_notify is not None:
+            self.on_notify(moved)
+        return moved
 
     # -- reads ----------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
         """The job as a detached ``Job``, or None (a prebuilt SELECT: polls and every task read it)."""
         with self.db.session() as session:
             row = session.execute(_GET_JOB, {"job_id": job_id}).first()
-            return None if row is None else _job_from(row)
+            return None if row is None else job_from(row)
 
-    def update_claimed(
-        self, job_id: str, token: str | None, *conditions: Any, running: bool = False, **values: Any
-    ) -> bool:
-        """``fenced_update`` in a transaction of its own."""
+    def cancel_requested(self, job_id: str) -> bool:
         with self.db.session() as session:
-            return fenced_update(session, job_id, token, *conditions, running=running, **values)
+            row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
+            return row is None or bool(row.cancel_requested) or row.status in FINAL_STATUSES
 
     # -- the pipeline ---------------------------------------------------------------------------
-    def mark_dispatched(self, job_id: str) -> None:
-        with self.db.session() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
-
     def set_prepared(self, job_id: str, inputs: dict[str, Any]) -> bool:
         """Record fetched inputs and hand the job to its run queue; False if it left ``queued``."""
         now = utcnow()
         with self.db.session() as session:
-            done = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.stage == "prepare")
-                .values(inputs=inputs, stage="run", updated_at=now, dispatched_at=now)
-            )
-            return bool(rowcount(done))
+            moved = lifecycle.apply(session, MOVES["prepare"], job_id, now, inputs=inputs, dispatched_at=now)
+        return self._done(moved) is not None
 
-    def claim(self, job_id: str, *, redelivered: bool, from_prepare: bool = False) -> Claim:
+    def mark_dispatched(self, job_id: str) -> None:
+        with self.db.session() as session:
+            lifecycle.touch(session, "dispatched", job_id, utcnow())
+
+    def claim(
+        self, job_id: str, *, redelivered: bool, from_prepare: bool = False, remote: bool = False
+    ) -> Claim:
         """``claim_job`` without the row."""
-        return self.claim_job(job_id, redelivered=redelivered, from_prepare=from_prepare)[0]
+        return self.claim_job(job_id, redelivered=redelivered, from_prepare=from_prepare, remote=remote)[0]
 
-    def claim_job(self, job_id: str, *, redelivered: bool, from_prepare: bool = False) -> tuple[Claim, Job]:
+    def claim_job(
+        self, job_id: str, *, redelivered: bool, from_prepare: bool = False, remote: bool = False
+    ) -> tuple[Claim, Job]:
         """Take a prepared job for running, with a fresh fencing token; returns the claim and the
         row as it is after the claim, from one UPDATE ... RETURNING (no read before or after).
 
         A first delivery may only take a ``queued`` job. A redelivered message (its worker died
-        mid-run) may also re-take a ``running`` job, counting another attempt; past the limit the
-        job fails instead, so a job that kills its worker every time cannot loop forever.
+        mid-run) may also re-take a ``running`` job where it was (a local run, or a submit or poll
+        at a provider), counting another attempt; past the limit the job fails instead, so a job
+        that kills its worker every time cannot loop forever.
 
-        ``from_prepare``: the job may still be at stage ``prepare`` (sent to the run queue by the
-        API because its inputs need no network); the claim moves it to ``run`` and the claiming
-        worker checks the inputs itself. A job a prepare task already handled is taken as usual.
+        ``from_prepare``: the job may still be at phase PREPARING (sent to the run queue by the
+        API because its inputs need no network); the worker checks the inputs itself.
+        ``remote``: the claim is the submit task's: the job goes to a provider, not a local engine.
 
         The claim also says whether other jobs of the same task wait on the same queue
         (``Claim.neighbours``), so a batching engine looks for partners only when there are any.
         """
         now = utcnow()
         token = new_id()
-        params = {"job_id": job_id, "token": token, "now": now, "max_attempts": self.max_attempts}
+        first = MOVES["claim_remote" if remote else "claim_direct" if from_prepare else "claim"]
+        again = MOVES["reclaim_remote" if remote else "reclaim"]
+        given: dict[str, Any] = {"new_token": token, "max_attempts": self.max_attempts}
         with self.db.session() as session:
+            # A claim a database crash may lose is harmless: its job reads queued again, the lost
+            # run's fenced finish matches nothing, and the sweep publishes the job again.
             relaxed_commit(session)
-            row = session.execute(_CLAIM_FROM_PREPARE if from_prepare else _CLAIM, params).first()
-            if row is None and redelivered:
-                row = session.execute(_RECLAIM, params).first()
-            if row is not None:
-                job = _job_from(row)
-                return Claim(job_id, token, job.attempts, bool(row.neighbours)), job
-            refusal = self._refusal(session, job_id, redelivered)
-        # Raised outside the unit of work, so the final status written by _refusal is committed.
-        raise refusal
+            moved = lifecycle.apply(session, first, job_id, now, None, **given)
+            if moved is None and redelivered:
+                moved = lifecycle.apply(session, again, job_id, now, None, **given)
+            if moved is None:
+                refusal, ended = self._refusal(session, job_id, redelivered, now)
+        if moved is None:
+            # Raised after the unit of work, so the final status written by _refusal is committed.
+            self._done(ended)
+            raise refusal
+        self._done(moved)
+        return Claim(job_id, token, moved.job.attempts, moved.neighbours), moved.job
 
-    def _refusal(self, session: Session, job_id: str, redelivered: bool) -> ClaimRefused:
+    def _refusal(
+        self, session: Session, job_id: str, redelivered: bool, now: datetime
+    ) -> tuple[ClaimRefused, Moved | None]:
+        """Why a claim was refused, ending the job where the refusal shows its run is over."""
         job = session.get(Job, job_id)
         if job is None:
-            return ClaimRefused("job no longer exists")
+            return ClaimRefused("job no longer exists"), None
         if job.status in FINAL_STATUSES:
-            return ClaimRefused(f"job is already {job.status}")
+            return ClaimRefused(f"job is already {job.status}"), None
         if job.cancel_requested:
-            self._set_final(
-                session,
-                job_id,
-                JobStatus.CANCELLED,
-                None,
-                {"code": "cancelled", "message": "The job was cancelled."},
-            )
-            return ClaimRefused("job was cancelled", finalized=True)
+            error = {"code": "cancelled", "message": "The job was cancelled."}
+            ended = lifecycle.apply(session, MOVES["cancel_flagged"], job_id, now, error=error)
+            return ClaimRefused("job was cancelled", finalized=ended is not None), ended
         if job.attempts >= self.max_attempts and (job.status == JobStatus.RUNNING.value or redelivered):
-            self._set_final(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                None,
-                {
-                    "code": "worker_lost",
-                    "message": f"The job's worker died {job.attempts} times while running it; "
-                    "it is not retried again.",
-                },
+            error = {
+                "code": "worker_lost",
+                "message": f"The job's worker died {job.attempts} times while running it; "
+                "it is not retried again.",
+            }
+            ended = lifecycle.apply(
+                session, MOVES["give_up"], job_id, now, error=error, max_attempts=self.max_attempts
             )
-            return ClaimRefused("attempt limit reached", finalized=True)
-        return ClaimRefused(f"job is {job.status} (stage {job.stage}); this copy of the message is stale")
+            return ClaimRefused("attempt limit reached", finalized=ended is not None), ended
+        stale = f"job is {job.status} (stage {job.stage}); this copy of the message is stale"
+        return ClaimRefused(stale), None
 
     def report_progress(self, claim: Claim, percent: int) -> bool:
-        """Store progress; returns True when the job has been asked to stop."""
+        """Store progress (a ``progress`` move, fenced); returns True when the job has been asked
+        to stop, or was taken from this claim."""
         with self.db.session() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == claim.job_id, Job.claim_token == claim.token)
-                .values(progress=max(0, min(99, percent)), updated_at=utcnow())
+            moved = lifecycle.apply(
+                session,
+                MOVES["progress"],
+                claim.job_id,
+                utcnow(),
+                claim.token,
+                progress=max(0, min(99, percent)),
             )
-            return bool(session.scalar(select(Job.cancel_requested).where(Job.id == claim.job_id)))
+        self._done(moved)
+        return moved is None or bool(moved.job.cancel_requested)
 
-    def cancel_requested(self, job_id: str) -> bool:
+    def heartbeat(self, claim: Claim) -> bool:
+        """Show the claim alive without a move; False when the job was asked to stop or the claim
+        was lost (a remote submit checks this before each backend)."""
         with self.db.session() as session:
-            row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
-            return row is None or bool(row.cancel_requested) or row.status in FINAL_STATUSES
+            row = lifecycle.touch(session, "heartbeat", claim.job_id, utcnow(), claim.token).first()
+        return row is not None and not row.cancel_requested
 
     def finish(
         self,
@@ -334,29 +252,26 @@ class JobStore:
         backend: str | None = None,
         files: Sequence[StoredFile] = (),
         retention: float | None = None,
-    ) -> bool:
-        """Write the final status of a claimed run; False when the claim was fenced off."""
+    ) -> Moved | None:
+        """Write the final status of a claimed run and its output files; None when the claim was
+        fenced off."""
         now = utcnow()
         expires = now + timedelta(seconds=retention) if retention and files else None
         succeeded = status is JobStatus.SUCCEEDED
         with self.db.session() as session:
-            done = session.execute(
-                _FINISH,
-                {
-                    "job_id": claim.job_id,
-                    "token": claim.token,
-                    "sources": [s for s in sources_of(status) if s == JobStatus.RUNNING.value],
-                    "status": status.value,
-                    "result": result,
-                    "error": error,
-                    "backend": backend or None,
-                    "progress": 100 if succeeded else None,
-                    "expires": expires if succeeded else None,
-                    "now": now,
-                },
+            moved = lifecycle.apply(
+                session,
+                finish_move(status),
+                claim.job_id,
+                now,
+                claim.token,
+                result=result,
+                error=error,
+                backend=backend or None,
+                expires_at=expires if succeeded else None,
             )
-            if not rowcount(done):
-                return False
+            if moved is None:
+                return None
             if files:
                 session.execute(
                     insert(_files),
@@ -380,31 +295,13 @@ class JobStore:
                 )
                 for stored in files:
                     stored.expires_at = expires
-            notify_final(session, claim.job_id)
-            return True
+        return self._done(moved)
 
     def fail_unclaimed(self, job_id: str, status: JobStatus, error: dict[str, Any]) -> bool:
         """End a job that never ran (bad input found while preparing, expiry): from ``queued`` only."""
         with self.db.session() as session:
-            return self._set_final(session, job_id, status, [JobStatus.QUEUED.value], error)
-
-    def _set_final(
-        self,
-        session: Session,
-        job_id: str,
-        status: JobStatus,
-        only_from: list[str] | None,
-        error: dict[str, Any] | None,
-    ) -> bool:
-        sources = sources_of(status) if only_from is None else tuple(set(only_from) & set(sources_of(status)))
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(sources))
-            .values(status=status.value, error=error, stage="done", **timestamps_for(status, utcnow()))
-        )
-        if rowcount(done):
-            notify_final(session, job_id)
-        return bool(rowcount(done))
+            moved = lifecycle.apply(session, _END_QUEUED[status], job_id, utcnow(), error=error)
+        return self._done(moved) is not None
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job: ``queued`` ends at once; ``running`` is flagged for its engine to stop.
@@ -412,50 +309,135 @@ class JobStore:
         Returns the status the job has afterwards (``cancelled`` or ``running``), or raises
         ``ClaimRefused`` when it had already finished.
         """
+        now = utcnow()
+        error = {"code": "cancelled", "message": "The job was cancelled by the client."}
         with self.db.session() as session:
-            if self._set_final(
-                session,
-                job_id,
-                JobStatus.CANCELLED,
-                [JobStatus.QUEUED.value],
-                {"code": "cancelled", "message": "The job was cancelled by the client."},
-            ):
-                return JobStatus.CANCELLED.value
-            flagged = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
-                .values(cancel_requested=True, updated_at=utcnow())
-            )
-            if rowcount(flagged):
-                return JobStatus.RUNNING.value
-            status = session.scalar(select(Job.status).where(Job.id == job_id))
+            moved = lifecycle.apply(session, MOVES["cancel"], job_id, now, error=error)
+            if moved is None:
+                moved = lifecycle.apply(session, MOVES["request_cancel"], job_id, now)
+            status = moved.job.status if moved else session.scalar(select(Job.status).where(Job.id == job_id))
+        if moved is None:
             raise ClaimRefused(f"job is already {status}")
+        self._done(moved)
+        return moved.job.status
+
+    # -- a remote provider's side ---------------------------------------------------------------
+    def record_remote(self, claim: Claim, backend: str, remote_id: str, next_poll_at: datetime) -> bool:
+        """A provider accepted the job: its id, stored before the first poll."""
+        with self.db.session() as session:
+            moved = lifecycle.apply(
+                session,
+                MOVES["submitted"],
+                claim.job_id,
+                utcnow(),
+                claim.token,
+                backend=backend,
+                remote_id=remote_id,
+                next_poll_at=next_poll_at,
+            )
+        return self._done(moved) is not None
+
+    def run_locally(self, claim: Claim, backend: str) -> bool:
+        """The route fell through to a local engine: the job's run task takes it over."""
+        with self.db.session() as session:
+            moved = lifecycle.apply(
+                session,
+                MOVES["run_locally"],
+                claim.job_id,
+                utcnow(),
+                claim.token,
+                backend=backend,
+                remote_id=None,
+            )
+        return self._done(moved) is not None
+
+    def resume(self, job: Job, token: str) -> Claim | None:
+        """A fresh claim on a silent remote job, unless it was written since ``job`` was read."""
+        if job.claim_token is None:
+            return None
+        with self.db.session() as session:
+            moved = lifecycle.apply(
+                session,
+                MOVES["resume"],
+                job.id,
+                utcnow(),
+                job.claim_token,
+                claim_token=token,
+                next_poll_at=None,
+                seen=job.updated_at,
+            )
+        if self._done(moved) is None:
+            return None
+        return Claim(job.id, token, job.attempts)
+
+    def set_next_poll(self, job_id: str, token: str, when: datetime | None) -> bool:
+        with self.db.session() as session:
+            return bool(rowcount(lifecycle.touch(session, "next_poll", job_id, utcnow(), token, when=when)))
+
+    def record_inputs(self, claim: Claim, inputs: dict[str, Any], files: Sequence[StoredFile] = ()) -> bool:
+        """Store the job's inputs (with new entries) and the files they name, under the claim."""
+        with self.db.session() as session:
+            if not rowcount(
+                lifecycle.touch(session, "inputs", claim.job_id, utcnow(), claim.token, inputs=inputs)
+            ):
+                return False
+            session.add_all(files)
+            return True
+
+    def lease_due(self, job: Job, limit: int, now: datetime, due_by: datetime, until: datetime) -> list[Job]:
+        """Other running jobs at ``job``'s provider due to be polled by ``due_by``, leased until
+        ``until`` (``next_poll_at``), so a second poll task running at the same time does not ask
+        about them too."""
+        if limit <= 0:
+            return []
+        with self.db.session() as session:
+            candidates = list(
+                session.scalars(
+                    select(Job)
+                    .where(
+                        Job.backend == job.backend,
+                        Job.id != job.id,
+                        Job.status == JobStatus.RUNNING.value,
+                        Job.stage == Phase.POLLING.value,
+                        Job.claim_token.is_not(None),
+                        Job.cancel_requested.is_(False),
+                        func.coalesce(Job.next_poll_at, due_by) <= due_by,
+                    )
+                    .order_by(Job.next_poll_at)
+                    .limit(limit)
+                )
+            )
+            leased = [
+                candidate
+                for candidate in candidates
+                if rowcount(
+                    lifecycle.touch(
+                        session, "lease", candidate.id, now, candidate.claim_token, due_by=due_by, when=until
+                    )
+                )
+            ]
+            session.expunge_all()
+        return leased
 
     # -- sweeps ---------------------------------------------------------------------------------
     def expire_queued(self, ttl: float, now: datetime | None = None) -> list[str]:
         """Jobs still ``queued`` after their TTL end ``expired``."""
         now = now or utcnow()
         deadline = now - timedelta(seconds=ttl)
+        error = {"code": "expired", "message": f"The job waited longer than its TTL of {ttl:g} s."}
         with self.db.session() as session:
             ids = list(
                 session.scalars(
                     select(Job.id).where(Job.status == JobStatus.QUEUED.value, Job.queued_at < deadline)
                 )
             )
-            expired = []
-            for job_id in ids:
-                if self._set_final(
-                    session,
-                    job_id,
-                    JobStatus.EXPIRED,
-                    [JobStatus.QUEUED.value],
-                    {
-                        "code": "expired",
-                        "message": f"The job waited longer than its TTL of {ttl:g} s.",
-                    },
-                ):
-                    expired.append(job_id)
-            return expired
+        expired = []
+        for job_id in ids:
+            with self.db.session() as session:
+                moved = lifecycle.apply(session, MOVES["expire"], job_id, now, error=error)
+            if self._done(moved) is not None:
+                expired.append(job_id)
+        return expired
 
     def stuck_jobs(self, older_than: float, now: datetime | None = None) -> list[tuple[str, str, str, int]]:
         """Queued jobs whose message may have been lost: (id, stage, queue, priority).
@@ -501,8 +483,14 @@ class JobStore:
                 session.query(StoredFile).filter(StoredFile.name.in_(names)).delete()
             return [(row.kind, row.name) for row in rows]
 
+    def delete_files(self, names: Sequence[str]) -> None:
+        """Forget stored files by name (a remote job's public input copies, once it ended)."""
+        if names:
+            with self.db.session() as session:
+                session.query(StoredFile).filter(StoredFile.name.in_(list(names))).delete()
+
     def delete(self, job_id: str) -> list[str]:
-        """Delete a job with its files and deliveries; returns the file names to unlink."""
+        """Delete a job with its files, deliveries and events; returns the file names to unlink."""
         with self.db.session() as session:
             names = list(session.scalars(select(StoredFile.name).where(StoredFile.job_id == job_id)))
             session.query(StoredFile).filter(StoredFile.job_id == job_id).delete()

@@ -1,7 +1,7 @@
 """Batching of small upscale jobs: one worker runs several waiting jobs as one forward pass.
 
 Like Ray Serve's ``max_batch_size`` / ``batch_wait_timeout_s``, with Postgres as the queue of
-record. A job whose inputs are fetched is a ``queued`` row at stage ``run`` before its message
+record. A job whose inputs are fetched is a ``queued`` row at phase DISPATCHED before its message
 reaches a GPU worker, so the worker that claims one small upscale job looks in the table for more
 rows with the same batch key (model, input size, scale class) and claims up to
 ``AIORCH_UPSCALE_MAX_BATCH - 1`` of them with the same conditional UPDATE every claim uses,
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 
@@ -26,11 +26,10 @@ from inference.base import RunControl
 from models.db import utcnow
 from models.jobs import Job
 from models.jobstore import Claim, ClaimRefused
-from models.state import JobStatus
+from models.state import JobStatus, Phase
 from tasks.catalog import TASKS, fetch_free
-
-if TYPE_CHECKING:
-    from tasks.jobs import Runtime
+from tasks.prepare import checked_inputs
+from tasks.runtime import Runtime
 
 log = logging.getLogger("aiorch.tasks")
 
@@ -63,7 +62,7 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     return (job.queue, payload.get("model"), width, height, scale <= 2)
 
 
-def claim_partners(rt: Runtime, app: Any, job: Job) -> list[tuple[Claim, Job]]:
+def claim_partners(rt: Runtime, job: Job) -> list[tuple[Claim, Job]]:
     """Claim up to ``upscale_max_batch - 1`` waiting jobs that can run in one batch with ``job``.
 
     A waiting job the API sent straight to the run queue (inputs that need no network) is still at
@@ -72,8 +71,6 @@ def claim_partners(rt: Runtime, app: Any, job: Job) -> list[tuple[Claim, Job]]:
     is being fetched on the prepare queue right now: a job alone on the queue, or next to jobs
     whose messages are long gone, starts at once.
     """
-    from tasks.jobs import checked_inputs  # tasks.jobs imports this module
-
     settings = rt.settings
     wanted = settings.upscale_max_batch - 1
     key = batch_key(job)
@@ -88,7 +85,7 @@ def claim_partners(rt: Runtime, app: Any, job: Job) -> list[tuple[Claim, Job]]:
         for candidate in waiting:
             if candidate.cancel_requested:
                 continue
-            preparing = candidate.stage != "run"
+            preparing = candidate.stage != Phase.DISPATCHED.value
             if preparing and not fetch_free(TASKS[candidate.engine_task], candidate.payload or {}):
                 # On the prepare queue: worth waiting for if it was dispatched just now.
                 fetching = fetching or _recent(candidate, FETCH_RECENT_SECONDS)
@@ -96,7 +93,7 @@ def claim_partners(rt: Runtime, app: Any, job: Job) -> list[tuple[Claim, Job]]:
             seen.add(candidate.id)
             inputs = None
             if preparing:
-                inputs = checked_inputs(rt, app, candidate)
+                inputs = checked_inputs(rt, candidate)
                 if inputs is None:
                     continue  # failed (bad input) or cancelled: ended by checked_inputs
                 candidate.inputs = inputs

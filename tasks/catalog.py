@@ -1,14 +1,17 @@
 """Every task the platform knows: its queue, payload schema, input fields and time limits.
 
-``engine`` names the adapter in ``tasks/engines.py`` that runs it; a task whose engine has not
-been built yet is still listed (the capabilities endpoint says it is not installed) and the API
-refuses it with a clear error instead of queueing a job that can never run.
+Local tasks come from the engine registry (``inference/engines/``: each engine declares its
+tasks, queue, model types, time estimate and limits once), each paired with its payload schema
+(``tasks/payloads/``, ``@payload_for``); the inputs are the schema's ``InputRef`` fields. The
+seed 000 names served only by a remote provider, and the aliases, are listed here. A task whose
+engine is missing is refused by the API with a clear error instead of queueing a job that can
+never run.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -16,7 +19,9 @@ from marshmallow import Schema
 
 from config import Settings
 from config.routes import Routes
-from tasks import payloads as p
+from inference.engines import REGISTRY
+from inference.registry import Engine, LocalTask
+from tasks import payloads
 from tasks.outbound import UrlPolicy
 
 
@@ -28,6 +33,7 @@ class TaskSpec:
     # Payload fields that hold input images (a list field holds several).
     inputs: tuple[str, ...]
     summary: str
+    # The registered engine that runs it (``inference/engines/``); None: no local engine.
     engine: str | None = None
     soft_time_limit: int = 600
     time_limit: int = 660
@@ -40,135 +46,100 @@ class TaskSpec:
     remote_only: bool = False
     # What the task makes: "image" (outputs checked and stored as images) or "video" (an MP4).
     output: str = "image"
+    # Seconds a job takes before any job of the task has finished here (``predict_time``).
+    predict_seconds: float = 5.0
+    # The seed 000 blocking endpoint that runs it, if any.
+    blocking_path: str | None = None
 
     @property
     def available(self) -> bool:
         return self.engine is not None
 
 
-TASKS: dict[str, TaskSpec] = {
-    spec.name: spec
-    for spec in (
-        TaskSpec(
-            "upscale",
-            "gpu.superres",
-            p.UpscalePayload,
-            ("image_url",),
-            "Upscale an image by 1-4x",
-            engine="upscale",
-            soft_time_limit=300,
-            time_limit=330,
-        ),
-        TaskSpec(
-            "generate",
-            "gpu.diffusion",
-            p.GeneratePayload,
-            ("image_url",),
-            "Text-to-image and img2img diffusion",
-            engine="diffusion",
-            model_types=("diffusers",),
-        ),
-        TaskSpec(
-            "inpaint",
-            "gpu.diffusion",
-            p.InpaintPayload,
-            ("image_url", "mask_url"),
-            "Repaint the masked region from a prompt",
-            engine="diffusion",
-            model_types=("diffusers",),
-        ),
-        TaskSpec(
-            "remove_object",
-            "gpu.diffusion",
-            p.RemoveObjectPayload,
-            ("image_url", "mask_url"),
-            "Erase the masked object and fill the background",
-            engine="diffusion",
-            model_types=("diffusers",),
-        ),
-        TaskSpec(
-            "outpaint",
-            "gpu.diffusion",
-            p.OutpaintPayload,
-            ("image_url",),
-            "Extend an image to a larger canvas",
-            engine="diffusion",
-            model_types=("diffusers",),
-        ),
-        TaskSpec(
-            "remove_background",
-            "gpu.vision",
-            p.RemoveBackgroundPayload,
-            ("image_url",),
-            "Cut out the foreground as a PNG with alpha",
-            engine="remove_background",
-        ),
-        TaskSpec(
-            "scan_objects",
-            "gpu.vision",
-            p.ScanObjectsPayload,
-            ("image_url",),
-            "Detect objects and return boxes as JSON",
-            engine="scan_objects",
-            model_types=("detector",),
-        ),
-        TaskSpec(
-            "face_detect",
-            "gpu.faceswap",
-            p.FaceDetectPayload,
-            ("image_url",),
-            "Detect faces and return their indices and boxes",
-            engine="face_detect",
-        ),
-        TaskSpec(
-            "faceswap",
-            "gpu.faceswap",
-            p.FaceswapPayload,
-            ("source_url", "target_url"),
-            "Swap one source face onto every face of the target",
-            engine="faceswap",
-        ),
-        TaskSpec(
-            "faceswap_multi",
-            "gpu.faceswap",
-            p.FaceswapMultiPayload,
-            ("source_urls", "target_url"),
-            "Swap several source faces onto chosen target faces",
-            engine="faceswap_multi",
-        ),
-        TaskSpec(
-            "faceswap_video",
-            "gpu.faceswap",
-            p.FaceswapVideoPayload,
-            ("source_url", "source_urls", "target_url"),
-            "Swap faces in every frame of a video, its audio kept",
-            engine="faceswap_video",
-            soft_time_limit=1800,
-            time_limit=1860,
-            videos=("target_url",),
-        ),
-        TaskSpec(
-            "ahv_video",
-            "cpu",
-            p.AhvVideoPayload,
-            ("image_url",),
-            "Video generation (text or image to video) through a configured remote provider",
-            remote_only=True,
-            output="video",
-        ),
-        TaskSpec(
-            "debug_sleep",
-            "gpu.diffusion",
-            p.DebugSleepPayload,
-            (),
-            "Diagnostics: sleep with progress, optionally kill the worker",
-            engine="debug_sleep",
-            debug_only=True,
-            soft_time_limit=620,
-            time_limit=650,
-        ),
+def local_spec(engine: Engine, task: LocalTask) -> TaskSpec:
+    """The catalog entry of a task an engine declares, with its payload schema."""
+    schema = payloads.schema_for(task.name)
+    inputs, videos = payloads.input_fields(schema)
+    return TaskSpec(
+        task.name,
+        engine.queue,
+        schema,
+        inputs,
+        task.summary,
+        engine=engine.name,
+        soft_time_limit=task.soft_time_limit,
+        time_limit=task.time_limit,
+        debug_only=task.debug_only,
+        model_types=task.model_types,
+        videos=videos,
+        predict_seconds=task.predict_seconds,
+        blocking_path=task.blocking_path,
     )
-}
+
+
+def _remote_spec(name: str, summary: str, *, output: str, blocking_path: str) -> TaskSpec:
+    schema = payloads.schema_for(name)
+    inputs, videos = payloads.input_fields(schema)
+    return TaskSpec(
+        name,
+        "cpu",
+        schema,
+        inputs,
+        summary,
+        videos=videos,
+        remote_only=True,
+        output=output,
+        blocking_path=blocking_path,
+    )
+
+
+# Tasks of their own with no local engine: they run only through a configured remote route.
+# (ahv_video: no local task generates video; faceswap_video edits one.)
+REMOTE_TASKS = (
+    _remote_spec(
+        "ahv_video",
+        "Video generation (text or image to video) through a configured remote provider",
+        output="video",
+        blocking_path="/ahv/video",
+    ),
+)
+
+
+class TaskTable(Mapping[str, TaskSpec]):
+    """Task name -> ``TaskSpec``, read from the engine registry and rebuilt when it changes (an
+    engine a test registers is a task at once). Local tasks in registry order, then
+    ``REMOTE_TASKS``."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, TaskSpec] = {}
+        self._generation = -1
+
+    def _table(self) -> dict[str, TaskSpec]:
+        if self._generation != REGISTRY.generation:
+            specs = {task.name: local_spec(engine, task) for engine, task in REGISTRY.tasks()}
+            for spec in REMOTE_TASKS:
+                if spec.name in specs:
+                    raise ValueError(f"task {spec.name!r} is both remote-only and served by a local engine")
+                specs[spec.name] = spec
+            self._specs, self._generation = specs, REGISTRY.generation
+        return self._specs
+
+    def build(self) -> None:
+        """Build the table now (at import: an engine without a payload schema fails there)."""
+        self._table()
+
+    def __getitem__(self, name: str) -> TaskSpec:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+TASKS = TaskTable()
+TASKS.build()
 
 # Seed 000's task names and endpoint spellings, mapped onto our tasks.
 ALIASES: dict[str, str] = {
@@ -187,9 +158,18 @@ REMOTE_ONLY = {
     "gg_image": "Image generation through a configured remote provider",
     "cx_image": "Image generation through a configured remote provider",
 }
-# The task whose payload schema and local queue a routed remote-only name takes. (ahv_video is a
-# task of its own, ``remote_only``: no local task generates video; faceswap_video edits one.)
+# The task whose payload schema and local queue a routed remote-only name takes.
 REMOTE_TARGETS = {"gg_image": "generate", "cx_image": "generate"}
+
+# Seed 000's blocking endpoints for names that are not tasks of their own (an alias, the
+# remote-only names); a task's own endpoint is its ``blocking_path``.
+SEED_ENDPOINTS = {"/ahv/image": "ahv_image", "/gg/image": "gg_image", "/cx/image": "cx_image"}
+
+
+def blocking_endpoints() -> dict[str, str]:
+    """Blocking endpoint path -> the task name it submits (seed 000)."""
+    found = {spec.blocking_path: name for name, spec in TASKS.items() if spec.blocking_path}
+    return {**found, **SEED_ENDPOINTS}
 
 
 class UnknownTask(LookupError):

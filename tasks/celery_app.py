@@ -7,22 +7,48 @@ in Postgres, and a worker that dies mid-job hands its message back to the broker
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.exceptions import OperationalError
 from kombu.utils.uuid import uuid
 
 from config import QUEUES, Settings
+from tasks import fs_transport  # registers its transport alias with kombu
+
+log = logging.getLogger("aiorch.tasks")
 
 EXCHANGE = Exchange("aiorch", type="direct", durable=True)
 MAX_PRIORITY = 9
 
-PREPARE = "aiorch.prepare_job"
-RUN = "aiorch.run_job"
+# Every task's name, here where the API and every task module can read them without importing
+# one another. Messages in flight name them: a name never changes.
+PREPARE = "aiorch.prepare_job"  # tasks/prepare.py
+RUN = "aiorch.run_job"  # tasks/run.py
+SUBMIT_REMOTE = "aiorch.submit_remote"  # tasks/remote/submit.py
+POLL_REMOTE = "aiorch.poll_remote"  # tasks/remote/poll.py
+SWEEP = "aiorch.sweep_jobs"  # tasks/sweeps.py
+# The dispatcher of a job's logged events (webhooks), kicked after a move that a webhook wants.
+DISPATCH = "aiorch.dispatch_events"  # tasks/events.py
+# Only messages published before the event log existed still name it (tasks/events.py).
 FINISH = "aiorch.finish_job"
-SWEEP = "aiorch.sweep_jobs"
+DELIVER = "aiorch.deliver_webhook"  # tasks/webhooks.py
+# The modules that define the tasks, and the worker's signal handlers: ``tasks.worker`` imports
+# each of them, and a worker started from ``create_celery`` includes them.
+TASK_MODULES = (
+    "tasks.prepare",
+    "tasks.run",
+    "tasks.remote.submit",
+    "tasks.remote.poll",
+    "tasks.sweeps",
+    "tasks.events",
+    "tasks.webhooks",
+    "tasks.diag",
+    "tasks.warmup",
+)
 
 
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
@@ -31,8 +57,6 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        from tasks import fs_transport  # registers the alias in this process
-
         # A host part, which the transport ignores, keeps kombu from warning on every connection.
         return f"{fs_transport.ALIAS}://localhost//", {
             # One folder in and out: every process on this machine shares the same queues.
@@ -66,7 +90,7 @@ def create_celery(settings: Settings) -> Celery:
         task_default_exchange=EXCHANGE.name,
         task_default_routing_key="cpu",
         task_default_delivery_mode="persistent",
-        task_routes={PREPARE: {"queue": "cpu"}, FINISH: {"queue": "cpu"}, SWEEP: {"queue": "cpu"}},
+        task_routes={name: {"queue": "cpu"} for name in (PREPARE, FINISH, SWEEP, DISPATCH)},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
@@ -89,7 +113,7 @@ def create_celery(settings: Settings) -> Celery:
         beat_schedule={
             "sweep-jobs": {"task": SWEEP, "schedule": timedelta(seconds=30), "options": {"queue": "cpu"}},
         },
-        include=["tasks.jobs", "tasks.webhooks", "tasks.diag", "tasks.remote", "tasks.warmup"],
+        include=list(TASK_MODULES),
     )
     app.aiorch_settings = settings  # type: ignore[attr-defined]
     return app
@@ -146,3 +170,12 @@ def publish(
             retry_policy=RETRY_POLICY,
         )
     return app.AsyncResult(task_id)
+
+
+def kick_dispatcher(app: Celery, job_id: str) -> None:
+    """Ask the cpu queue to dispatch the job's new events now. The events are in the database
+    already: a kick the broker does not take is only late, the sweep dispatches what it left."""
+    try:
+        publish(app, DISPATCH, job_id, "cpu")
+    except (OperationalError, OSError):
+        log.warning("events of %s left to the sweep: broker unavailable", job_id)

@@ -18,6 +18,8 @@ from typing import Any
 from celery.signals import task_postrun, worker_process_init
 from celery.worker.control import inspect_command
 
+from inference import runtime
+
 _hostname: dict[str, str] = {}
 
 
@@ -50,12 +52,8 @@ def device_info() -> dict[str, Any]:
 
 
 def loaded_models() -> list[dict[str, Any]]:
-    engines = sys.modules.get("tasks.engines")
-    cache = getattr(engines, "_cache", None)
-    if cache is None:
-        return []
     try:
-        return list(cache.loaded())
+        return runtime.loaded_models()
     except Exception:  # diagnostics must never fail a task
         return []
 

@@ -24,7 +24,15 @@ import urllib3
 from PIL import Image, ImageOps
 
 from config import Settings
-from tasks.outbound import PrivateAddressError, UnresolvableHost, UrlPolicy, http_pool, refused_host_reason
+from tasks.outbound import (
+    PrivateAddressError,
+    UnresolvableHost,
+    UrlPolicy,
+    describe_network_error,
+    http_pool,
+    refused_host_reason,
+    tls_failure_reason,
+)
 
 ALLOWED_FORMATS = {
     "JPEG": "jpg",
@@ -212,8 +220,9 @@ class Fetcher:
         if isinstance(exc, urllib3.exceptions.SSLError):
             # The certificate does not name the host, or no trusted CA signed it
             # (AIORCH_CA_BUNDLE adds CAs): a server's configuration, not a passing failure.
-            return InputProblem("input_tls_error", f"TLS with the host of {field} failed: {exc}", field)
-        return TransientFetchError(f"cannot reach {url}: {exc}")
+            reason = tls_failure_reason(exc)
+            return InputProblem("input_tls_error", f"TLS with the host of {field} failed: {reason}", field)
+        return TransientFetchError(f"cannot reach {url}: {describe_network_error(exc)}")
 
     def _read_capped(
         self, response: Any, url: str, field: str, deadline: float, should_stop: Callable[[], bool]
@@ -240,7 +249,7 @@ class Fetcher:
                     if should_stop():
                         raise FetchCancelled()
         except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError) as exc:
-            raise TransientFetchError(f"downloading {url} failed: {exc}") from None
+            raise TransientFetchError(f"downloading {url} failed: {describe_network_error(exc)}") from None
         return bytes(buffer)
 
 

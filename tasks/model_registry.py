@@ -1,22 +1,21 @@
-"""The model store as the API and workers see it (the store itself is pure and lives in inference/)."""
+"""The model store as the API and workers see it (the store itself is pure and lives in inference/).
+
+The manifest reader is stdlib-only: importing it pulls neither torch nor numpy into the API.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from config import Settings
+from inference.model_store import ModelStore
 
 
 def list_models(settings: Settings, model_type: str | None = None) -> list[dict[str, Any]]:
-    # The manifest reader is stdlib-only: importing it does not pull torch into the API process.
-    from inference.model_store import ModelStore
-
     return [entry.to_dict() for entry in ModelStore(settings.models_dir).list(type=model_type)]
 
 
 def has_model_for(settings: Settings, task: str, types: tuple[str, ...]) -> bool:
-    from inference.model_store import ModelStore
-
     store = ModelStore(settings.models_dir, include_builtin=False)
     return any(entry.type in types for entry in store.list(task=task))
 
@@ -29,8 +28,6 @@ def add_model(
     role: str | None = None,
     family: str | None = None,
 ) -> dict[str, Any]:
-    from inference.model_store import ModelStore
-
     store = ModelStore(settings.models_dir)
     return store.add(path, id=model_id, type=model_type, role=role, family=family).to_dict()
 
@@ -38,13 +35,9 @@ def add_model(
 def pull_model(
     settings: Settings, repo: str, model_id: str | None, revision: str | None, offline: bool = False
 ) -> dict[str, Any]:
-    from inference.model_store import ModelStore
-
     store = ModelStore(settings.models_dir)
     return store.pull(repo, id=model_id, revision=revision, local_files_only=offline).to_dict()
 
 
 def remove_model(settings: Settings, model_id: str) -> dict[str, Any]:
-    from inference.model_store import ModelStore
-
     return ModelStore(settings.models_dir).remove(model_id).to_dict()

@@ -22,6 +22,7 @@ path; ``AIORCH_ALLOW_PRIVATE_URLS=1`` turns the guard off (development only);
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import re
 import socket
@@ -360,3 +361,46 @@ def http_pool(settings: Settings) -> urllib3.PoolManager:
     if not policy.guard:
         return urllib3.PoolManager(**kwargs)
     return _GuardedPoolManager(policy, **kwargs)
+
+
+# What a network failure's own text says, without what only this process knows: urllib3 puts
+# the connection object's repr (``_PinnedHTTPSConnection(host=..., port=...)``) or a tuple of
+# exception reprs in front, and ssl the C source line behind.
+_ERRNO = re.compile(r"^\[Errno -?\d+\]\s*")
+_SSL_LIBRARY = re.compile(r"^\[SSL(?:: [A-Z0-9_]+)?\]\s*|\s*\(_ssl\.c:\d+\)$")
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """A failed request in words a client can act on ("the connection was refused", "TLS
+    failed: certificate verify failed: self-signed certificate"), never a class name or an
+    object's repr: the text ends up in job errors, API errors and webhook delivery records."""
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    if isinstance(exc, urllib3.exceptions.NameResolutionError):
+        return "the host name does not resolve"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before its base, ConnectTimeoutError
+        reason = str(exc).rpartition("Failed to establish a new connection: ")[2]
+        return f"the connection failed: {_ERRNO.sub('', reason).lower() or 'no answer'}"
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return "connecting timed out"
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+        return "the server did not answer in time"
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return f"TLS failed: {tls_failure_reason(exc)}"
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None)
+        if isinstance(inner, http.client.IncompleteRead):
+            return "the answer ended before its declared length"
+        if isinstance(inner, OSError) and inner.strerror:
+            return f"the connection broke off: {inner.strerror.lower()}"
+        return "the connection was closed before the answer was complete"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return "the request failed"
+
+
+def tls_failure_reason(exc: urllib3.exceptions.SSLError) -> str:
+    """Why a TLS handshake failed, as ssl says it ("certificate verify failed: self-signed
+    certificate", "wrong version number"), without its library tag and C source line."""
+    inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+    return _SSL_LIBRARY.sub("", str(inner)) or "the handshake failed"

@@ -3,11 +3,14 @@
 Importing torch, diffusers or onnxruntime takes seconds; done lazily, the first job of every new
 child paid for it (about 5 s for a 64 px Lanczos upscale on the embedded default). The parent only
 records which queues it consumes (it must never import torch or touch CUDA); each forked child
-imports the engine modules of those queues in a background thread as soon as it starts. Not in
-the signal handler itself: the pool kills a child that has not reported ready within
-``worker_proc_alive_timeout`` (4 s), and these imports can take longer on a busy machine. A job
-that arrives meanwhile waits on the module import lock for whatever is still loading. Loading
-weights stays lazy: which model a job needs is not known until it arrives.
+imports the modules the engines of those queues declare (``Engine.warmup``, in
+``inference/engines/``) in a background thread as soon as it starts. Not in the signal handler
+itself: the pool kills a child that has not reported ready within ``worker_proc_alive_timeout``
+(4 s), and these imports can take longer on a busy machine. A job that arrives meanwhile waits on
+the module import lock for whatever is still loading. Loading weights stays lazy: which model a
+job needs is not known until it arrives.
+
+The child also learns its slot in the pool here, which picks its GPU (``inference.runtime``).
 """
 
 from __future__ import annotations
@@ -18,22 +21,19 @@ import threading
 import time
 from typing import Any
 
+from billiard.process import current_process
 from celery.signals import celeryd_after_setup, worker_process_init
 
-log = logging.getLogger("aiorch.warmup")
+from inference import runtime
+from inference.engines import REGISTRY
 
-ENGINE_MODULES = {
-    "gpu.superres": ("inference.superres", "inference.lanczos"),
-    "gpu.diffusion": ("inference.diffusion",),
-    "gpu.faceswap": ("inference.faceswap.landmark", "inference.faceswap.insight"),
-    "gpu.vision": ("inference.background", "inference.detection"),
-}
+log = logging.getLogger("aiorch.warmup")
 
 _queues: list[str] = []
 
 
 def modules_for(queues: list[str]) -> list[str]:
-    return [m for q in queues for m in ENGINE_MODULES.get(q, ())]
+    return REGISTRY.warmup_modules(queues)
 
 
 @celeryd_after_setup.connect
@@ -46,6 +46,10 @@ def _remember_queues(sender: Any = None, instance: Any = None, **_: Any) -> None
 
 @worker_process_init.connect
 def _start_imports(**_: Any) -> None:
+    try:
+        runtime.set_pool_index(int(getattr(current_process(), "index", 0) or 0))
+    except (TypeError, ValueError):
+        runtime.set_pool_index(0)
     names = modules_for(_queues)
     if names:
         threading.Thread(target=import_engines, args=(names,), name="aiorch-warmup", daemon=True).start()

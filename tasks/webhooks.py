@@ -1,6 +1,10 @@
 """Webhook delivery on the cpu queue: the seed 000 body, Standard Webhooks signatures, retries.
 
-Each event's body is composed once, when the event is scheduled, and stored (``WebhookEvent``):
+Webhooks are fed by the jobs' event log through one dispatcher (``tasks.events``), which hands
+each pending event to ``deliver_webhook``; no other code path sends a job's webhook (but a manual
+``redeliver``).
+
+Each event's body is composed once, when the event is dispatched, and stored (``WebhookEvent``):
 every attempt, retry and redelivery sends those exact bytes, and the delivery task's arguments
 are ids only (job, event, attempt). No tenant's body, with its result URLs, ever travels through
 the broker or shows in Flower; the receiver's URL is read from the job at each attempt.
@@ -23,9 +27,10 @@ and port): after ``BREAKER_FAILURES`` network failures in a row the circuit open
 ``BREAKER_OPEN_SECONDS``, and deliveries to that receiver are put back with a countdown without
 being sent (and without using up an attempt); the first one after that is the probe.
 
-``job.finished`` has one event id per job, derived from the job id, so a redelivered finish
-message, a sweep that re-sends a lost one and a manual redelivery all carry the same
-``webhook-id`` (and the same stored body) and a receiver can drop duplicates.
+``job.finished`` has one event id per job, derived from the job id, and every other event one
+derived from its place in the log, so a dispatch repeated after a crash, a sweep that re-sends a
+lost one and a manual redelivery all carry the same ``webhook-id`` (and the same stored body) and
+a receiver can drop duplicates.
 """
 
 from __future__ import annotations
@@ -49,18 +54,18 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import exists, select
 
 from config import Settings
+from models import counters
 from models.db import Database, insert_or_ignore, utcnow
 from models.jobs import Job, WebhookDelivery, WebhookEvent
 from models.jobstore import new_id
 from models.public import iso, job_object
 from models.webhook_secrets import WebhookSecrets, signing_key
-from tasks.celery_app import publish
-from tasks.jobs import JobTask, Runtime
-from tasks.outbound import PrivateAddressError, http_pool
+from tasks.celery_app import DELIVER, publish
+from tasks.outbound import PrivateAddressError, describe_network_error, http_pool
+from tasks.runtime import JobTask, Runtime
 
 log = logging.getLogger("aiorch.webhooks")
 
-DELIVER = "aiorch.deliver_webhook"
 MAX_ATTEMPTS = 15  # 10 s doubling to an hour between tries: about six and a half hours in all
 MAX_DELAY = 3600.0
 COUNTDOWN_LIMIT = 60.0  # longer waits are parked in the database for the sweep
@@ -178,13 +183,13 @@ def _store_event(db: Database, job_id: str, event_id: str, event: str, body: str
 
 
 def schedule_event(db: Database, app: Any, job: Job, event: str = FINISHED, now: bool = False) -> None:
-    """Store one event and queue its delivery. ``job.started`` and ``job.progress`` go only to
-    jobs that opted in with ``webhook_events``; ``job.finished`` goes to every job with a
+    """Store one event composed from the job's row and queue its delivery: the way of a job that
+    ended before its moves were logged (``tasks.events.finish_job``). ``job.started`` and ``job.progress`` go
+    only to jobs that opted in with ``webhook_events``; ``job.finished`` goes to every job with a
     webhook_url.
 
     ``now``: make the first attempt in this process instead of queueing it, for callers that
-    already run on the cpu queue (``finish_job``): one broker hop less between a job's end and
-    its webhook. Retries are queued as usual."""
+    already run on the cpu queue. Retries are queued as usual."""
     if not job.webhook_url:
         return
     if event != FINISHED and event not in (job.webhook_events or ()):
@@ -262,6 +267,7 @@ def deliver_webhook(
             next_retry_at=utcnow() + timedelta(seconds=delay) if delay and delay > COUNTDOWN_LIMIT else None,
         )
         session.add(row)
+        counters.count_webhook_attempt(session, result.ok)  # /metrics, with the row or not at all
     if result.ok:
         return
     log.info("webhook attempt %d for %s failed: %s", attempt, job_id, result.error or result.status_code)
@@ -310,6 +316,12 @@ def _refusal(exc: Exception) -> str:
     return message if message.startswith("refused:") else f"refused: {message}"
 
 
+def _network_error(exc: BaseException) -> str:
+    """``network error: <what happened>``, in words (never a class name or a connection's repr):
+    the text is shown to the job's owner by ``GET /v1/jobs/{id}/deliveries``."""
+    return f"network error: {describe_network_error(exc)}"
+
+
 def send(rt: Runtime, url: str, event_id: str, body: str, secrets: list[str]) -> Attempt:
     """One POST signed with ``secrets``; redirects are not followed."""
     raw = body.encode()
@@ -335,11 +347,11 @@ def send(rt: Runtime, url: str, event_id: str, body: str, secrets: list[str]) ->
         reason = exc.reason if exc.reason is not None else exc
         if isinstance(reason, PrivateAddressError):
             return Attempt(False, None, _refusal(reason), time.monotonic() - started, refused=True)
-        return Attempt(False, None, f"network error: {reason}", time.monotonic() - started)
+        return Attempt(False, None, _network_error(reason), time.monotonic() - started)
     except PrivateAddressError as exc:
         return Attempt(False, None, _refusal(exc), time.monotonic() - started, refused=True)
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return Attempt(False, None, f"network error: {exc}", time.monotonic() - started)
+        return Attempt(False, None, _network_error(exc), time.monotonic() - started)
     return Attempt(200 <= response.status < 300, response.status, None, time.monotonic() - started)
 
 
@@ -395,28 +407,3 @@ def redeliver(db: Database, app: Any, job: Job) -> str:
         task_kwargs={"event_id": event_id, "attempt": attempt, "manual": True},
     )
     return event_id
-
-
-def lost_finishes(rt: Runtime, app: Any, older_than: float = 120.0, window: float = 86400.0) -> int:
-    """Sweep: re-send ``job.finished`` of final jobs that have a webhook but no delivery at all,
-    e.g. because the finish message could not be published. A finish merely slow in the queue
-    is harmless to re-send: the first attempt of an event already under way is dropped."""
-    now = utcnow()
-    with rt.db.session() as session:
-        rows = list(
-            session.scalars(
-                select(Job.id)
-                .where(
-                    Job.webhook_url.is_not(None),
-                    Job.finished_at < now - timedelta(seconds=older_than),
-                    Job.finished_at > now - timedelta(seconds=window),
-                    ~exists().where(WebhookDelivery.job_id == Job.id, WebhookDelivery.event == FINISHED),
-                )
-                .limit(500)
-            )
-        )
-    for job_id in rows:
-        job = rt.store.get(job_id)
-        if job is not None:
-            schedule_event(rt.db, app, job)
-    return len(rows)

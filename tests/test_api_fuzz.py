@@ -104,6 +104,7 @@ def test_api_contract(case: schemathesis.Case, fuzz_app: Flask) -> None:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) <= {"code", "message", "details"}, body
     assert body["error"]["message"].strip(), body
+    assert_details_name_fields(status, body["error"])
     if status >= 500:
         assert body["error"]["code"] == DOCUMENTED_5XX[status], body
 
@@ -149,6 +150,15 @@ HOSTILE = [
 NON_FINITE = ("NaN", "Infinity", "-Infinity", "1e400", "-1e400")
 
 
+def assert_details_name_fields(status: int, error: dict[str, Any]) -> None:
+    """``details`` is always an object; bad input (400/422) always has one, naming what was wrong
+    (a field, or ``body``/``query`` for the body or query as a whole)."""
+    if status in (400, 422):
+        assert "details" in error, error
+    if "details" in error:
+        assert isinstance(error["details"], dict) and error["details"], error
+
+
 def assert_contract(response: Any, *allowed: int) -> dict[str, Any] | None:
     """A 4xx in the one error shape, or one of ``allowed`` statuses (an allowed 5xx, such as a
     blocking endpoint's 504, is in the error shape too). The error, or None for a success."""
@@ -164,6 +174,7 @@ def assert_contract(response: Any, *allowed: int) -> dict[str, Any] | None:
     assert set(error) <= {"code", "message", "details"}, text
     assert isinstance(error["code"], str) and error["code"], text
     assert isinstance(error["message"], str) and error["message"].strip(), text
+    assert_details_name_fields(status, error)
     if status >= 500:
         assert error["code"] == DOCUMENTED_5XX[status], text
     return error

@@ -1,4 +1,4 @@
-"""The face task adapters (tasks/engines.py) over a real model store and model cache, the face
+"""The face engine (inference/engines/faces.py) over a real model store and model cache, the face
 payload rules, AIORCH_MAX_FACES, and EXIF orientation of inputs.
 
 The adapters are called directly with an ``EngineCall``, as a worker calls them; the models are
@@ -19,10 +19,12 @@ from PIL import Image
 
 from config import Settings
 from config.settings import SettingsError
+from inference import runtime
 from inference.base import NullControl
-from tasks import engines, payloads
-from tasks.engines import EngineCall
+from inference.engines import faces
+from inference.registry import EngineCall
 from tasks.inputs import decode_image
+from tasks.payloads import faces as payloads
 from tests.conftest import KEYS
 from tests.inference.face_images import GREEN, colour_pixels, group, head, marked_source
 
@@ -140,10 +142,10 @@ def test_face_engine_is_the_landmark_engine_until_all_three_insightface_models_a
     store.add(paths["detector"], id=f"det-{suffix}")
     store.add(paths["recognition"], id=f"rec-{suffix}")
 
-    first = engines.face_engine(call_for(face_settings, "face_detect", {"image_url": URL}, {}))
+    first = faces.face_engine(call_for(face_settings, "face_detect", {"image_url": URL}, {}))
     assert isinstance(first, weight_free)
     # Kept per worker process: its models are not loaded again for the next job.
-    assert engines.face_engine(call_for(face_settings, "face_detect", {"image_url": URL}, {})) is first
+    assert faces.face_engine(call_for(face_settings, "face_detect", {"image_url": URL}, {})) is first
 
     store.add(paths["swapper"], id=f"swap-{suffix}")
     call = call_for(
@@ -155,16 +157,16 @@ def test_face_engine_is_the_landmark_engine_until_all_three_insightface_models_a
             "target_url": Image.fromarray(red_cells([(15, 20), (50, 30)])),
         },
     )
-    engine = engines.face_engine(call)
+    engine = faces.face_engine(call)
     assert isinstance(engine, InsightFaceSwapper)
     assert engine.max_faces == face_settings.max_faces
-    loaded = {m["id"]: m for m in engines.model_cache().loaded()}
+    loaded = {m["id"]: m for m in runtime.model_cache().loaded()}
     key = f"face:insightface:det-{suffix}+rec-{suffix}+swap-{suffix}:{face_settings.max_faces}"
     assert loaded[key]["bytes"] == sum(Path(p).stat().st_size for p in paths.values())
-    result = engines.run_faceswap(call)
+    result = faces.run_faceswap(call)
     assert result.backend == "insightface:inswapper_128"
     assert result.images[0].meta["swapped_faces_index"] == [0, 1]
-    assert engines.face_engine(call) is engine
+    assert faces.face_engine(call) is engine
 
     # A broken swapper file: face jobs go on, on the landmark engine, and say so.
     Path(paths["swapper"]).write_bytes(b"not an onnx model")
@@ -176,7 +178,7 @@ def test_face_engine_is_the_landmark_engine_until_all_three_insightface_models_a
     store.add(broken, id=f"swap2-{suffix}")
     store.remove(f"det-{suffix}")
     store.remove(f"rec-{suffix}")
-    assert isinstance(engines.face_engine(call), weight_free)
+    assert isinstance(faces.face_engine(call), weight_free)
 
 
 def _weight_free_jobs(settings: Settings, target: Image.Image) -> tuple[Any, Any, Any]:
@@ -189,7 +191,7 @@ def _weight_free_jobs(settings: Settings, target: Image.Image) -> tuple[Any, Any
         {"source_url": URL, "target_url": URL, "upscale": 0},
         {"source_url": Image.fromarray(marked_source(GREEN)), "target_url": target},
     )
-    return engines.face_engine(detect), engines.run_face_detect(detect), engines.run_faceswap(swap)
+    return faces.face_engine(detect), faces.run_face_detect(detect), faces.run_faceswap(swap)
 
 
 def test_face_engine_is_the_mediapipe_mesh_engine_when_mediapipe_imports(
@@ -198,7 +200,7 @@ def test_face_engine_is_the_mediapipe_mesh_engine_when_mediapipe_imports(
     pytest.importorskip("mediapipe")
     from inference.faceswap import MeshFaceSwapper
 
-    monkeypatch.setattr(engines, "_landmark_engines", {})
+    monkeypatch.setattr(faces, "_landmark_engines", {})
     engine, detected, swapped = _weight_free_jobs(face_settings, one_face)
     assert isinstance(engine, MeshFaceSwapper)
     # face_detect and the swap ran on the same engine, so their face indices agree.
@@ -213,7 +215,7 @@ def test_face_engine_falls_back_to_the_haar_engine_when_mediapipe_cannot_be_impo
 
     # None in sys.modules makes `import mediapipe` raise ImportError, as on a machine without it.
     monkeypatch.setitem(sys.modules, "mediapipe", None)
-    monkeypatch.setattr(engines, "_landmark_engines", {})
+    monkeypatch.setattr(faces, "_landmark_engines", {})
     engine, detected, swapped = _weight_free_jobs(face_settings, one_face)
     assert isinstance(engine, LandmarkFaceSwapper)
     assert detected.backend == swapped.backend == "landmark-opencv-haar"
@@ -223,10 +225,10 @@ def test_face_engine_falls_back_to_the_haar_engine_when_mediapipe_cannot_be_impo
 def test_face_engine_limit_follows_aiorch_max_faces(face_settings: Settings, one_face: Image.Image) -> None:
     settings = face_settings.with_overrides(max_faces=2)
     call = call_for(settings, "face_detect", {"image_url": URL}, {"image_url": one_face})
-    assert engines.face_engine(call).max_faces == 2
+    assert faces.face_engine(call).max_faces == 2
     canvas, _ = group([(20, 60, 0.6), (300, 60, 0.7), (600, 60, 0.8)], size=(400, 900))
     call = call_for(settings, "face_detect", {"image_url": URL}, {"image_url": Image.fromarray(canvas)})
-    assert len(engines.run_face_detect(call).data["faces"]) == 2
+    assert len(faces.run_face_detect(call).data["faces"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +273,11 @@ def test_faceswap_passes_over_missing_and_broken_sr_files_and_names_the_one_used
             {"source_urls": [source], "target_url": one_face},
         ),
     ]:
-        result = getattr(engines, f"run_{task}")(call_for(settings, task, payload, images))
+        result = getattr(faces, f"run_{task}")(call_for(settings, task, payload, images))
         meta = result.images[0].meta
         assert meta["upscaled"] is True and meta["upscaler"] == "realesrgan_x4plus", task
         assert result.images[0].image.size == one_face.size
-        off = getattr(engines, f"run_{task}")(call_for(settings, task, {**payload, "upscale": 0}, images))
+        off = getattr(faces, f"run_{task}")(call_for(settings, task, {**payload, "upscale": 0}, images))
         assert off.images[0].meta["upscaled"] is False and off.images[0].meta["upscaler"] is None
 
 
@@ -302,7 +304,7 @@ def test_faceswap_succeeds_without_upscaling_when_every_sr_file_is_broken(
         {"source_url": URL, "target_url": URL, "upscale": 1},
         {"source_url": Image.fromarray(marked_source(GREEN)), "target_url": one_face},
     )
-    result = engines.run_faceswap(call)
+    result = faces.run_faceswap(call)
     assert result.images[0].meta["upscaled"] is False and result.images[0].meta["upscaler"] is None
     assert colour_pixels(np.asarray(result.images[0].image), GREEN, (0, 0, 340, 320)) > 20
 
@@ -331,9 +333,9 @@ def test_inputs_are_decoded_upright_by_their_exif_orientation(face_settings: Set
     assert upright.size == (320, 340)
     assert np.abs(np.asarray(upright).astype(int)[40:300, 60:260] - head()).mean() < 12
 
-    def faces(image: Image.Image) -> list[dict[str, Any]]:
+    def detected(image: Image.Image) -> list[dict[str, Any]]:
         call = call_for(face_settings, "face_detect", {"image_url": URL}, {"image_url": image})
-        return engines.run_face_detect(call).data["faces"]
+        return faces.run_face_detect(call).data["faces"]
 
     def level(face: dict[str, Any]) -> bool:
         marks = face["landmarks"]
@@ -344,8 +346,8 @@ def test_inputs_are_decoded_upright_by_their_exif_orientation(face_settings: Set
 
     # Lying on its side the face is not found (the Haar cascade) or found with its eyes one above
     # the other (the mediapipe mesh); the decoded picture has it upright, eyes level.
-    assert not any(level(face) for face in faces(raw))
-    found = faces(upright)
+    assert not any(level(face) for face in detected(raw))
+    found = detected(upright)
     assert len(found) == 1 and (level(found[0]) or not found[0]["landmarks"])
 
 

@@ -103,7 +103,7 @@ def test_flower_broker_api_is_derived_from_an_amqp_broker_url_and_absent_otherwi
 
 
 def test_each_pool_process_of_a_gpu_worker_takes_its_own_gpu() -> None:
-    from tasks.engines import cuda_device_for
+    from inference.runtime import cuda_device_for
 
     assert [cuda_device_for(i, 4) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
     assert cuda_device_for(3, 1) == "cuda"  # one GPU: every child shares it

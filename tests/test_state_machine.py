@@ -1,30 +1,25 @@
-"""The job state machine and the conditional claims built on it, on the run's Postgres."""
+"""The conditional claims, finishes and cancels of ``JobStore``, moves of the job lifecycle, on the
+run's Postgres (the lifecycle table itself: tests/test_lifecycle.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from models.db import Database, utcnow
-from models.jobs import Job
+from models.db import Database
 from models.jobstore import ClaimRefused, JobStore
-from models.state import FINAL_STATUSES, IllegalTransition, JobStatus, sources_of, transition
+from models.state import FINAL_STATUSES, JobStatus, sources_of
 from tests.support.factories import make_job
 
 
-def test_final_statuses_have_no_way_out() -> None:
-    job = Job(id="x" * 32, status="succeeded")
-    for target in JobStatus:
-        with pytest.raises(IllegalTransition):
-            transition(job, target, utcnow())
-
-
-def test_transition_sets_timestamps() -> None:
-    now = utcnow()
-    job = Job(id="x" * 32, status="queued", progress=10)
-    transition(job, JobStatus.RUNNING, now)
-    assert job.started_at == now and job.finished_at is None
-    transition(job, JobStatus.SUCCEEDED, now)
-    assert job.finished_at == now and job.progress == 100
+def test_a_claim_and_a_success_set_their_timestamps_and_progress(db: Database) -> None:
+    store = JobStore(db)
+    job_id = make_job(db, progress=10)
+    claim, claimed = store.claim_job(job_id, redelivered=False)
+    assert claimed.started_at is not None and claimed.finished_at is None
+    finished = store.finish(claim, JobStatus.SUCCEEDED, result={"ok": True})
+    assert finished is not None
+    assert finished.job.finished_at is not None and finished.job.progress == 100
+    assert finished.job.stage == "done"
 
 
 def test_sources_of_matches_the_table() -> None:
@@ -49,8 +44,8 @@ def test_a_redelivered_claim_fences_off_the_earlier_run(db: Database) -> None:
     first = store.claim(job_id, redelivered=False)
     second = store.claim(job_id, redelivered=True)
     assert second.attempt == 2
-    assert store.finish(first, JobStatus.SUCCEEDED, result={"ok": True}) is False
-    assert store.finish(second, JobStatus.SUCCEEDED, result={"ok": True}) is True
+    assert store.finish(first, JobStatus.SUCCEEDED, result={"ok": True}) is None
+    assert store.finish(second, JobStatus.SUCCEEDED, result={"ok": True}) is not None
     assert store.get(job_id).status == "succeeded"
 
 
@@ -114,7 +109,7 @@ def test_a_claim_from_prepare_takes_a_job_the_api_sent_straight_to_its_run_queue
     with pytest.raises(ClaimRefused):
         store.claim(direct, redelivered=False)  # an ordinary run message waits for the prepare task
     claim, job = store.claim_job(direct, redelivered=False, from_prepare=True)
-    assert (job.status, job.stage, job.attempts, job.claim_token) == ("running", "run", 1, claim.token)
+    assert (job.status, job.stage, job.attempts, job.claim_token) == ("running", "local", 1, claim.token)
     assert job.started_at is not None and job.inputs is None  # the run task checks them next
     assert store.finish(claim, JobStatus.FAILED, error={"code": "input_not_image", "message": "x"})
     assert store.get(direct).error["code"] == "input_not_image"

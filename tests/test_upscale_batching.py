@@ -179,7 +179,7 @@ def test_waiting_jobs_sent_straight_to_the_run_queue_are_checked_and_claimed_by_
 
     assert [job.id for _claim, job in partners] == [direct]
     taken = get(db, direct)
-    assert (taken.status, taken.stage) == ("running", "run")
+    assert (taken.status, taken.stage) == ("running", "local")
     checked = partners[0][1].inputs["image_url"]
     assert (checked["width"], checked["height"]) == (24, 24)
     with open(checked["path"], "rb") as handle:

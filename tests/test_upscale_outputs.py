@@ -12,8 +12,9 @@ from PIL import Image
 
 from config import Settings
 from inference.base import NullControl
+from inference.engines.upscale import run_upscale
+from inference.registry import EngineCall
 from inference.watermark import add_label
-from tasks.engines import EngineCall, run_upscale
 from tasks.storage import encode_image
 
 

@@ -19,15 +19,16 @@ from pathlib import Path
 import pytest
 from celery import Celery
 from kombu import Connection
-from sqlalchemy import select
+from sqlalchemy import select, update
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from app import create_app
 from config import Settings, SettingsError
 from models.db import Database, utcnow
-from models.jobs import Job, WebhookDelivery, WebhookEvent, WebhookSecret
+from models.jobs import Job, JobEvent, WebhookDelivery, WebhookEvent, WebhookSecret
 from models.migrate import upgrade
+from models.state import JobStatus
 from models.webhook_secrets import WebhookSecrets, derived_secret, signing_key
 from tasks.celery_app import create_celery
 from tasks.jobs import Runtime
@@ -36,13 +37,16 @@ from tasks.webhooks import (
     FINISHED,
     ReceiverBreaker,
     deliver_webhook,
+    dispatch,
+    dispatch_left_over,
     due_deliveries,
     finished_event_id,
-    lost_finishes,
     redeliver,
     schedule_event,
     send,
     sign,
+    unattempted_events,
+    webhook_event_id,
 )
 from tests.support.factories import make_job
 from tests.support.servers import Received, WebhookReceiver
@@ -168,44 +172,90 @@ def _drain_deliver_messages(app: Celery, broker_url: str) -> list[dict]:
     return found
 
 
-def _final_job(db, finished_ago: float, webhook: str | None = "http://127.0.0.1:9/hook") -> str:
-    finished = utcnow() - timedelta(seconds=finished_ago)
-    return make_job(
-        db,
-        status="succeeded",
-        stage="done",
-        webhook_url=webhook,
-        **{f"{stamp}_at": finished for stamp in ("created", "queued", "started", "finished", "updated")},
-    )
+def _finished_through_the_lifecycle(runtime: Runtime, webhook: str | None = "http://127.0.0.1:9/hook") -> str:
+    """A job claimed and finished by the store of a runtime without an app: nothing kicks the
+    dispatcher, as when the worker died right after the finish's commit."""
+    job_id = make_job(runtime.db, webhook_url=webhook)
+    claim = runtime.store.claim(job_id, redelivered=False)
+    assert runtime.store.finish(claim, JobStatus.SUCCEEDED, result={"ok": True})
+    return job_id
 
 
-def test_sweep_resends_the_finish_of_a_final_job_that_never_had_a_delivery(settings: Settings) -> None:
+def _age_events(db: Database, job_id: str, seconds: float) -> None:
+    with db.session() as session:
+        session.execute(
+            update(JobEvent)
+            .where(JobEvent.job_id == job_id)
+            .values(created_at=utcnow() - timedelta(seconds=seconds))
+        )
+
+
+def test_the_sweep_dispatches_a_logged_event_whose_kick_was_lost_once(settings: Settings) -> None:
     runtime = Runtime(settings)
     app = create_celery(settings)
     try:
         _drain_deliver_messages(app, settings.broker_url)
-        lost = _final_job(runtime.db, finished_ago=600)
-        fresh = _final_job(runtime.db, finished_ago=5)  # its finish may still be in the queue
-        silent = _final_job(runtime.db, finished_ago=600, webhook=None)
-        delivered = _final_job(runtime.db, finished_ago=600)
-        with runtime.db.session() as session:
-            session.add(
-                WebhookDelivery(
-                    job_id=delivered,
-                    event_id=finished_event_id(delivered),
-                    event="job.finished",
-                    attempt=1,
-                    url="http://127.0.0.1:9/hook",
-                    ok=True,
-                )
-            )
-        assert lost_finishes(runtime, app) >= 1
+        lost = _finished_through_the_lifecycle(runtime)
+        fresh = _finished_through_the_lifecycle(runtime)  # its kick may still be in the queue
+        silent = _finished_through_the_lifecycle(runtime, webhook=None)
+        for job_id in (lost, silent):
+            _age_events(runtime.db, job_id, 600)
+        assert dispatch_left_over(runtime, app, older_than=30) >= 1
+        assert dispatch_left_over(runtime, app, older_than=30) == 0  # taken once
         sent = {m["job_id"]: m for m in _drain_deliver_messages(app, settings.broker_url)}
-        assert lost in sent and not {fresh, silent, delivered} & set(sent)
+        assert lost in sent and not {fresh, silent} & set(sent)
         assert sent[lost]["kwargs"] == {"event_id": finished_event_id(lost), "attempt": 1}
         with runtime.db.session() as session:
             stored = session.get(WebhookEvent, finished_event_id(lost))
-        assert stored is not None and json.loads(stored.body)["job_id"] == lost
+        assert stored is not None
+        body = json.loads(stored.body)
+        assert (body["event"], body["job_id"], body["status"], body["progress"]) == (
+            FINISHED,
+            lost,
+            "succeeded",
+            100,
+        )
+        # The late kick of the fresh job finds its event; a second one finds nothing.
+        assert dispatch(runtime, app, fresh) == 1 and dispatch(runtime, app, fresh) == 0
+    finally:
+        runtime.db.dispose()
+
+
+def test_the_sweep_sends_the_first_attempt_of_a_stored_event_that_never_had_one(settings: Settings) -> None:
+    runtime = Runtime(settings)
+    app = create_celery(settings)
+    try:
+        _drain_deliver_messages(app, settings.broker_url)
+        stored = {}
+        for name in ("lost", "attempted", "fresh"):
+            job_id = make_job(
+                runtime.db, status="succeeded", stage="done", webhook_url="http://127.0.0.1:9/h"
+            )
+            event_id = webhook_event_id(job_id, 3, "job.progress")
+            created = utcnow() - timedelta(seconds=5 if name == "fresh" else 600)
+            with runtime.db.session() as session:
+                session.add(
+                    WebhookEvent(
+                        event_id=event_id, job_id=job_id, event="job.progress", body="{}", created_at=created
+                    )
+                )
+                if name == "attempted":
+                    session.add(
+                        WebhookDelivery(
+                            job_id=job_id,
+                            event_id=event_id,
+                            event="job.progress",
+                            attempt=1,
+                            url="x",
+                            ok=True,
+                        )
+                    )
+            stored[name] = (job_id, event_id)
+        assert unattempted_events(runtime, app) >= 1
+        sent = {m["job_id"]: m["kwargs"] for m in _drain_deliver_messages(app, settings.broker_url)}
+        lost_job, lost_event = stored["lost"]
+        assert sent[lost_job] == {"event_id": lost_event, "attempt": 1}
+        assert stored["attempted"][0] not in sent and stored["fresh"][0] not in sent
     finally:
         runtime.db.dispose()
 

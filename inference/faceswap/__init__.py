@@ -7,10 +7,12 @@
 - ``InsightFaceSwapper``: SCRFD + ArcFace + inswapper ONNX models from the model store.
 
 All expose ``face_detect``, ``faceswap`` and ``faceswap_multi`` with the same parameters,
-errors and face index order; see ``common.FaceSwapEngine``.
+errors and face index order; see ``engine.FaceSwapEngine``. The face record and its geometry are
+in ``faces``, the blending steps in ``blending``.
 """
 
-from inference.faceswap.common import KEYPOINT_NAMES, Face, FaceSwapEngine, order_faces
+from inference.faceswap.engine import FaceSwapEngine
+from inference.faceswap.faces import KEYPOINT_NAMES, Face, order_faces
 from inference.faceswap.insight import InsightFaceSwapper
 from inference.faceswap.landmark import FaceDetector, LandmarkFaceSwapper
 from inference.faceswap.mesh import MeshDetector, MeshFaceSwapper

@@ -26,16 +26,10 @@ import cv2
 import numpy as np
 
 from inference.base import EngineError
-from inference.faceswap.common import (
-    DEFAULT_MAX_FACES,
-    Face,
-    FaceSwapEngine,
-    alpha_blend,
-    feather,
-    keep_largest,
-    match_colour,
-    similarity_transform,
-)
+from inference.faceswap.blending import alpha_blend, feather, match_colour
+from inference.faceswap.engine import DEFAULT_MAX_FACES, FaceSwapEngine
+from inference.faceswap.faces import Face, keep_largest, similarity_transform
+from inference.runtime import onnx_providers
 
 # The five-point ArcFace template in its 112x112 crop (eyes, nose tip, mouth corners).
 ARCFACE_TEMPLATE_112 = np.array(
@@ -67,12 +61,10 @@ def arcface_template(size: int) -> np.ndarray:
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, the CPU after it for any op CUDA lacks.
 
-    The choice is ``inference.background.onnx_providers``, the platform's one pure function of
+    The choice is ``inference.runtime.onnx_providers``, the platform's one pure function of
     ``ort.get_available_providers()``, so every ONNX engine picks its providers alike.
     """
     import onnxruntime as ort
-
-    from inference.background import onnx_providers
 
     return onnx_providers(ort.get_available_providers())
 

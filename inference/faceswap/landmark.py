@@ -18,16 +18,9 @@ import cv2
 import numpy as np
 
 from inference.base import EngineError
-from inference.faceswap.common import (
-    DEFAULT_MAX_FACES,
-    Face,
-    FaceSwapEngine,
-    drop_duplicates,
-    expand_box,
-    keep_largest,
-    paste_face,
-    similarity_transform,
-)
+from inference.faceswap.blending import paste_face
+from inference.faceswap.engine import DEFAULT_MAX_FACES, FaceSwapEngine
+from inference.faceswap.faces import Face, drop_duplicates, expand_box, keep_largest, similarity_transform
 
 BACKEND = "landmark-opencv-haar"
 

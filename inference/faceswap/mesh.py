@@ -6,13 +6,13 @@ no download and no model store. The source face is cut into the Delaunay triangl
 mesh and each triangle is mapped affinely onto the same three landmarks of the target face,
 which follows the target's pose and expression far better than the Haar engine's one
 similarity. The warped face is colour matched, Poisson-cloned inside the convex hull of the
-target mesh and feathered (``common.paste_face``, shared with the Haar engine). It moves pixels
+target mesh and feathered (``blending.paste_face``, shared with the Haar engine). It moves pixels
 of the source face; it is not an identity-preserving neural swap.
 
 mediapipe 0.10.21 declares numpy < 2, protobuf < 5 and opencv-contrib-python, none of which it
 needs at run time with this platform's numpy 2, protobuf 6 and opencv-python-headless, so it is
 installed with ``--no-deps`` (Makefile, docker/Dockerfile.worker-gpu). When it cannot be
-imported, ``tasks.engines.face_engine`` falls back to the Haar engine (``landmark.py``).
+imported, ``inference.engines.faces.face_engine`` falls back to the Haar engine (``landmark.py``).
 """
 
 from __future__ import annotations
@@ -25,15 +25,9 @@ import cv2
 import numpy as np
 
 from inference.base import EngineError
-from inference.faceswap.common import (
-    DEFAULT_MAX_FACES,
-    Face,
-    FaceSwapEngine,
-    drop_duplicates,
-    expand_box,
-    keep_largest,
-    paste_face,
-)
+from inference.faceswap.blending import paste_face
+from inference.faceswap.engine import DEFAULT_MAX_FACES, FaceSwapEngine
+from inference.faceswap.faces import Face, drop_duplicates, expand_box, keep_largest
 
 BACKEND = "landmark-mediapipe-mesh"
 MESH_POINTS = 468

@@ -34,14 +34,9 @@ from inference.base import (
     RunControl,
     check_stop,
 )
-from inference.faceswap.common import (
-    DEFAULT_MAX_SIDE,
-    FaceSwapEngine,
-    Upscaler,
-    keep_largest,
-    validate_max_side,
-    validate_sharpen,
-)
+from inference.faceswap.blending import Upscaler
+from inference.faceswap.engine import DEFAULT_MAX_SIDE, FaceSwapEngine, validate_max_side, validate_sharpen
+from inference.faceswap.faces import keep_largest
 
 # Audio codecs an MP4 carries as they are (copied packet for packet).
 MP4_AUDIO = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}

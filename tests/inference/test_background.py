@@ -193,7 +193,7 @@ def _sigmoid_alpha(level: int, gain: float = 8.0) -> float:
 
 
 def test_family_comes_from_the_file_name_else_from_the_graph(tmp_path):
-    from inference.background import segmentation_family
+    from inference.model_files import segmentation_family
 
     named = {
         "BiRefNet-general-epoch_244.onnx": "birefnet",
@@ -220,7 +220,7 @@ def test_signature_reader_leaves_out_weights_that_old_exports_list_as_inputs(tmp
     import onnx
     from onnx import TensorProto, helper
 
-    from inference.background import read_onnx_signature
+    from inference.model_files import read_onnx_signature
 
     path = brightness_saliency_onnx(tmp_path / "m.onnx", 1024, logits=True)
     model = onnx.load(str(path))
@@ -236,8 +236,9 @@ def test_a_birefnet_style_model_added_by_file_or_by_family_runs_with_birefnet_pr
     from app.cli import main
     from config import Settings
     from inference.base import NullControl
+    from inference.engines.background import run_remove_background
     from inference.model_store import ModelStore
-    from tasks.engines import EngineCall, run_remove_background
+    from inference.registry import EngineCall
 
     models = tmp_path / "models"
     models.mkdir()
@@ -283,7 +284,7 @@ def test_a_birefnet_style_model_added_by_file_or_by_family_runs_with_birefnet_pr
 
 def test_families_of_the_store_are_the_presets_of_the_engine():
     from inference.background import PRESETS
-    from inference.model_store import SEGMENTATION_FAMILIES
+    from inference.model_files import SEGMENTATION_FAMILIES
 
     assert set(SEGMENTATION_FAMILIES) == set(PRESETS)
 
@@ -303,7 +304,7 @@ def test_onnx_super_resolution_files_are_not_offered_for_upscale(tmp_path):
 def test_provider_selection_puts_cuda_first_when_offered_and_cpu_here():
     import onnxruntime as ort
 
-    from inference.background import onnx_providers
+    from inference.runtime import onnx_providers
 
     here = ort.get_available_providers()
     assert "CUDAExecutionProvider" not in here  # this machine has no GPU build
@@ -321,7 +322,7 @@ def test_provider_selection_puts_cuda_first_when_offered_and_cpu_here():
 def test_a_session_opened_here_uses_the_providers_chosen(u2net_like):
     import onnxruntime as ort
 
-    from inference.background import onnx_providers
+    from inference.runtime import onnx_providers
 
     remover = BackgroundRemover(u2net_like)
     assert remover.providers == onnx_providers(ort.get_available_providers()) and remover.device == "cpu"

@@ -185,10 +185,11 @@ def test_cuda_gives_the_same_objects_as_cpu(ssdlite, baseline):
 
 def test_api_and_engine_agree_on_the_max_objects_limit(ssdlite, settings, tmp_path):
     from app import create_app
+    from config.limits import SCAN_MAX_OBJECTS as MAX_OBJECTS
     from inference.base import NullControl
+    from inference.engines.detection import run_scan_objects
     from inference.model_store import ModelStore
-    from tasks.engines import EngineCall, run_scan_objects
-    from tasks.payloads import MAX_OBJECTS
+    from inference.registry import EngineCall
     from tests.conftest import KEYS
 
     models = tmp_path / "models"

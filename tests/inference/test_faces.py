@@ -18,7 +18,7 @@ from PIL import Image
 
 from inference.base import Cancelled, EngineError, InvalidInput
 from inference.faceswap import Face, FaceDetector, InsightFaceSwapper, LandmarkFaceSwapper, order_faces
-from inference.faceswap.common import similarity_transform
+from inference.faceswap.faces import similarity_transform
 from inference.faceswap.insight import ARCFACE_TEMPLATE_112, arcface_template
 from tests.inference.face_images import (
     CANVAS,
@@ -386,8 +386,8 @@ def test_similarity_alignment_is_the_least_squares_fit_skimage_computes():
 
 def test_insightface_sessions_use_the_platform_provider_choice_cuda_first_when_offered():
     ort = pytest.importorskip("onnxruntime")
-    from inference.background import onnx_providers
     from inference.faceswap.insight import default_providers
+    from inference.runtime import onnx_providers
 
     gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert onnx_providers(gpu_build) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

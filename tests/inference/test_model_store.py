@@ -14,14 +14,8 @@ import torch
 from onnx import TensorProto, helper
 from tiny_diffusion import save_tiny_lora, save_tiny_sd
 
-from inference.model_store import (
-    DIFFUSION_TASKS,
-    INPAINT_TASKS,
-    MANIFEST_NAME,
-    ModelNotFound,
-    ModelStore,
-    ModelStoreError,
-)
+from inference.model_files import DIFFUSION_TASKS, INPAINT_TASKS
+from inference.model_store import MANIFEST_NAME, ModelNotFound, ModelStore, ModelStoreError
 
 ROOT = Path(__file__).resolve().parents[2]
 

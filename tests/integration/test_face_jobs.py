@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 ALICE = KEYS[0][1]
 PLACES = [(60, 150, 1.0), (420, 140, 1.1), (760, 160, 0.9)]
 # The weight-free engine the workers pick: the mediapipe mesh where mediapipe is installed (the
-# Makefile installs it), else the Haar fallback (tasks.engines.face_engine).
+# Makefile installs it), else the Haar fallback (inference.engines.faces.face_engine).
 WEIGHT_FREE = "landmark-mediapipe-mesh" if importlib.util.find_spec("mediapipe") else "landmark-opencv-haar"
 
 

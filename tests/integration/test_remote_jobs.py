@@ -318,6 +318,9 @@ def insert_job(db: Database, **fields: Any) -> str:
         "updated_at": now,
     }
     values.update(fields)
+    if values["status"] == "running" and "stage" not in fields:
+        # Running at a provider: polling once its remote id is stored, submitting before.
+        values["stage"] = "poll" if values.get("remote_id") else "submit"
     with db.session() as session:
         session.add(Job(**values))
     return str(values["id"])
@@ -530,7 +533,7 @@ def test_a_submit_cut_off_by_its_soft_time_limit_goes_on_at_the_next_backend(
 ) -> None:
     rt = Runtime(platform.settings)
     job_id = insert_job(db, task="ahv_image", payload={"prompt": "cut off at the first backend"})
-    claim = rt.store.claim(job_id, redelivered=False)
+    claim = rt.store.claim(job_id, redelivered=False, remote=True)  # as submit_remote claims
     job = rt.store.get(job_id)
     assert job is not None
     fakes["st"].faults.add("slow", on="submit", seconds=4)

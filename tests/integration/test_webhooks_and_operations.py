@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from app.management import DIAG_CACHE_SECONDS
+from app.management.backends import DIAG_CACHE_SECONDS
 from config import Settings
 from tasks.celery_app import FINISH, create_celery, publish
 from tasks.jobs import Runtime, sweep

@@ -1,14 +1,39 @@
-"""Rows the tests need, built one way: a queued upscale job of client alice unless told otherwise."""
+"""Rows the tests need, built one way: one factory per model, each INSERTs one committed row of
+client alice with plausible defaults, lets ``overrides`` set any column, and returns the row's
+primary key. ``FACTORIES`` maps each model to its factory (tests/test_architecture.py checks that
+every mapped model has one and that each builds a row the database accepts)."""
 
 from __future__ import annotations
 
-from models.db import Database, utcnow
-from models.jobs import Job
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from models.db import Base, Database, utcnow
+from models.jobs import (
+    ApiKey,
+    Job,
+    JobCounter,
+    StoredFile,
+    WebhookDelivery,
+    WebhookEvent,
+    WebhookSecret,
+)
 from models.jobstore import new_id
+from models.keys import generate_key, hash_key
+from models.webhook_secrets import new_secret
+
+HOOK_URL = "http://127.0.0.1:9/hook"  # nothing listens on the discard port: deliveries fail fast
+
+
+def _insert(db: Database, row: Base) -> None:
+    with db.session() as session:
+        session.add(row)
 
 
 def make_job(db: Database, **overrides: object) -> str:
-    """INSERT a job (committed) and return its id; ``overrides`` set any column."""
+    """INSERT a queued upscale job (committed) and return its id; ``overrides`` set any column."""
     now = utcnow()
     values: dict[str, object] = dict(
         id=new_id(),
@@ -32,3 +57,97 @@ def make_job(db: Database, **overrides: object) -> str:
     with db.session() as session:
         session.add(Job(**values))
     return str(values["id"])
+
+
+def make_finished_job(db: Database, **overrides: object) -> str:
+    """A job that succeeded just now with a webhook URL: what deliveries and events hang off."""
+    values: dict[str, object] = dict(status="succeeded", stage="done", progress=100, webhook_url=HOOK_URL)
+    values.update(started_at=utcnow(), finished_at=utcnow())
+    values.update(overrides)
+    return make_job(db, **values)
+
+
+def make_api_key(db: Database, key: str | None = None, **overrides: Any) -> int:
+    """INSERT a live API key of alice and return its row id. Only the key's hash is stored, so a
+    test that authenticates with it passes its own ``key``."""
+    key = key or generate_key()
+    values: dict[str, Any] = dict(client_id="alice", key_hash=hash_key(key), prefix=key[:10], label="factory")
+    values.update(overrides)
+    row = ApiKey(**values)
+    _insert(db, row)
+    return int(row.id)
+
+
+def make_asset(db: Database, **overrides: Any) -> str:
+    """INSERT an asset row of alice (an upload unless ``kind``/``job_id`` say otherwise) and return
+    its storage name, the primary key; the row's ``asset_id`` is a fresh 32-hex id unless given.
+    No file is written: a test that serves the bytes stores them through the Storage."""
+    values: dict[str, Any] = dict(
+        name=f"{uuid.uuid4().hex}.png",
+        asset_id=uuid.uuid4().hex,
+        kind="upload",
+        job_id=None,
+        client_id="alice",
+        filename="factory.png",
+        content_type="image/png",
+        size=68,
+        width=1,
+        height=1,
+    )
+    values.update(overrides)
+    _insert(db, StoredFile(**values))
+    return str(values["name"])
+
+
+def make_webhook_event(db: Database, job_id: str | None = None, **overrides: Any) -> str:
+    """INSERT the recorded body of one event of ``job_id`` (a fresh finished job when None) and
+    return its event id."""
+    job_id = job_id or make_finished_job(db)
+    values: dict[str, Any] = dict(event_id=uuid.uuid4().hex, job_id=job_id, event="job.finished")
+    values.update(overrides)
+    values.setdefault("body", json.dumps({"event": values["event"], "job_id": job_id}))
+    _insert(db, WebhookEvent(**values))
+    return str(values["event_id"])
+
+
+def make_webhook_delivery(db: Database, job_id: str | None = None, **overrides: Any) -> int:
+    """INSERT one failed first attempt to deliver the finish of ``job_id`` (a fresh finished job
+    when None) and return the delivery's row id."""
+    job_id = job_id or make_finished_job(db)
+    values: dict[str, Any] = dict(
+        job_id=job_id, event_id=uuid.uuid4().hex, event="job.finished", attempt=1, url=HOOK_URL, ok=False
+    )
+    values.update(overrides)
+    row = WebhookDelivery(**values)
+    _insert(db, row)
+    return int(row.id)
+
+
+def make_webhook_secret(db: Database, client_id: str = "alice", **overrides: Any) -> str:
+    """INSERT a rotated webhook secret for ``client_id`` (no previous one) and return the client id."""
+    values: dict[str, Any] = dict(client_id=client_id, secret=new_secret(), rotated_at=utcnow())
+    values.update(overrides)
+    _insert(db, WebhookSecret(**values))
+    return str(values["client_id"])
+
+
+def make_job_counter(db: Database, **overrides: Any) -> tuple[str, str, str]:
+    """INSERT one series of ``/metrics`` (two succeeded jobs of a task of its own) and return its
+    key ``(metric, task, label)``."""
+    values: dict[str, Any] = dict(
+        metric="jobs_finished", task=f"t{new_id()[:12]}", label="succeeded", value=2, total=0.0
+    )
+    values.update(overrides)
+    _insert(db, JobCounter(**values))
+    return (values["metric"], values["task"], values["label"])
+
+
+FACTORIES: dict[type[Base], Callable[..., object]] = {
+    Job: make_job,
+    ApiKey: make_api_key,
+    StoredFile: make_asset,
+    WebhookEvent: make_webhook_event,
+    WebhookDelivery: make_webhook_delivery,
+    WebhookSecret: make_webhook_secret,
+    JobCounter: make_job_counter,
+}

@@ -48,6 +48,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "AIORCH_WEBHOOK_TIMEOUT": str(settings.webhook_timeout),
         "AIORCH_WEBHOOK_RETRY_BASE": str(settings.webhook_retry_base),
         "AIORCH_WEBHOOK_SECRET_GRACE": str(settings.webhook_secret_grace),
+        "AIORCH_EVENT_RETENTION": str(settings.event_retention),
         "AIORCH_ASSET_QUOTA_BYTES": str(settings.asset_quota_bytes),
         "AIORCH_RESULT_RETENTION": str(settings.result_retention),
         "AIORCH_REPUBLISH_AFTER": str(settings.republish_after),
@@ -70,6 +71,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env["AIORCH_ROUTES_FILE"] = str(settings.routes_file)
     if settings.ca_bundle is not None:
         env["AIORCH_CA_BUNDLE"] = str(settings.ca_bundle)
+    if settings.debug_crash_before_dispatch:
+        env["AIORCH_DEBUG_CRASH_BEFORE_DISPATCH"] = settings.debug_crash_before_dispatch
     return env
 
 

@@ -1,24 +1,22 @@
-"""What both face engines share: the face record, index order, validation and the operations.
+"""What every face engine shares: input checks and the operations the task layer calls.
 
 An engine subclass only knows how to find faces (``detect``), how to prepare a source face for
 swapping (``_prepare_source``) and how to put one source face onto one target face
 (``_swap_face``). Everything the task layer sees (``face_detect``, ``faceswap``,
 ``faceswap_multi``, ``max_side``, ``sharpen``, the upscaler hook, error codes, result meta) lives
-here once, so the two engines cannot drift apart in behaviour.
+here once, so the engines cannot drift apart in behaviour.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from inference.base import (
-    EngineError,
     EngineResult,
     InvalidInput,
     NullControl,
@@ -26,129 +24,13 @@ from inference.base import (
     RunControl,
     check_stop,
 )
-
-# Names of the five points in the order SCRFD emits them and the ArcFace template expects them.
-# "left"/"right" are as seen in the image (viewer's left), not the person's own left.
-KEYPOINT_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+from inference.faceswap.blending import Upscaler, sharpen_region, upscale_faces
+from inference.faceswap.faces import Detector, Face, keep_largest
 
 DEFAULT_MAX_FACES = 8
 DEFAULT_MAX_SIDE = 1080
 MIN_MAX_SIDE = 64
 MAX_MAX_SIDE = 8192
-
-Upscaler = Callable[[Image.Image], Image.Image]
-
-
-@dataclass(frozen=True)
-class Face:
-    """One detected face in pixel coordinates of the image it was found in.
-
-    ``kps`` holds the first ``len(kps)`` points of ``KEYPOINT_NAMES``: five for SCRFD and the
-    mesh engine, two (the eye centres) for the Haar engine when both eyes were found, else
-    ``None``. ``mesh`` is the mesh engine's dense landmarks (468 x 2), else ``None``.
-    """
-
-    box: tuple[float, float, float, float]
-    score: float
-    kps: np.ndarray | None = None
-    mesh: np.ndarray | None = None
-
-    @property
-    def width(self) -> float:
-        return self.box[2] - self.box[0]
-
-    @property
-    def height(self) -> float:
-        return self.box[3] - self.box[1]
-
-    @property
-    def center(self) -> tuple[float, float]:
-        return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
-
-    @property
-    def area(self) -> float:
-        return max(self.width, 0.0) * max(self.height, 0.0)
-
-    def scaled(self, factor: float) -> Face:
-        kps = None if self.kps is None else self.kps * factor
-        mesh = None if self.mesh is None else self.mesh * factor
-        x1, y1, x2, y2 = (v * factor for v in self.box)
-        return Face((x1, y1, x2, y2), self.score, kps, mesh)
-
-    def to_dict(self, index: int, width: int, height: int) -> dict[str, Any]:
-        x1, y1, x2, y2 = self.box
-        box = {
-            "x1": int(np.clip(round(x1), 0, width)),
-            "y1": int(np.clip(round(y1), 0, height)),
-            "x2": int(np.clip(round(x2), 0, width)),
-            "y2": int(np.clip(round(y2), 0, height)),
-        }
-        landmarks: dict[str, list[float]] = {}
-        if self.kps is not None:
-            for name, (x, y) in zip(KEYPOINT_NAMES, self.kps, strict=False):
-                landmarks[name] = [round(float(x), 1), round(float(y), 1)]
-        return {"index": index, "box": box, "score": round(float(self.score), 4), "landmarks": landmarks}
-
-
-def order_faces(faces: Sequence[Face]) -> list[Face]:
-    """Put faces in the documented index order: left to right, then top to bottom.
-
-    Sorting on the raw x of each centre would let a pixel of detector jitter decide the order of
-    two faces stacked one above the other. So faces are first grouped into columns: walking
-    left to right, a face joins the current column while its centre lies within half the median
-    face width of the column's first face; columns are numbered left to right and faces inside
-    a column top to bottom. The grouping is a partition of the sorted list, so the order is
-    total and deterministic.
-    """
-    if not faces:
-        return []
-    by_x = sorted(faces, key=lambda f: (f.center[0], f.center[1]))
-    tolerance = 0.5 * float(np.median([f.width for f in faces]))
-    columns: list[list[Face]] = [[by_x[0]]]
-    for face in by_x[1:]:
-        if face.center[0] - columns[-1][0].center[0] <= tolerance:
-            columns[-1].append(face)
-        else:
-            columns.append([face])
-    return [face for column in columns for face in sorted(column, key=lambda f: f.center[1])]
-
-
-def box_overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """Intersection over the smaller box: 1.0 when one box lies inside the other.
-
-    Plain IoU misses a detector's typical duplicate, a small box on the lower half of a face
-    inside the full face box; two real faces never overlap that much.
-    """
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return ix * iy / smaller if smaller > 0 else 0.0
-
-
-def drop_duplicates(faces: Sequence[Face], rank: Callable[[Face], Any]) -> list[Face]:
-    """Of any two faces whose boxes overlap by half (``box_overlap``), keep the higher ``rank``.
-
-    For a detector's duplicate hits on one face; returns the kept faces, best ranked first.
-    """
-    kept: list[Face] = []
-    for face in sorted(faces, key=rank, reverse=True):
-        if all(box_overlap(face.box, k.box) < 0.5 for k in kept):
-            kept.append(face)
-    return kept
-
-
-def keep_largest(faces: Sequence[Face], limit: int) -> list[Face]:
-    """The ``limit`` largest faces (ties broken by score), in index order.
-
-    Large faces are the ones a person means; capping by size rather than by position keeps a
-    small false positive at the left edge from taking a slot.
-    """
-    ranked = sorted(faces, key=lambda f: (f.area, f.score), reverse=True)[:limit]
-    return order_faces(ranked)
-
-
-# ---------------------------------------------------------------------------------------------
-# Image helpers
 
 
 def to_rgb_array(image: Image.Image, field: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -190,161 +72,10 @@ def validate_sharpen(sharpen: Any) -> float:
     return float(sharpen)
 
 
-# ---------------------------------------------------------------------------------------------
-# Blending
-
-
-def feather(mask: np.ndarray, radius: int) -> np.ndarray:
-    """A soft float alpha in [0, 1] that stays inside ``mask`` (uint8, 0/255).
-
-    The mask is eroded by the blur radius first, so the soft edge ends where the hard mask
-    ended instead of bleeding source pixels past it.
-    """
-    radius = max(1, int(radius))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    inner = cv2.erode(mask, kernel)
-    soft = cv2.GaussianBlur(inner.astype(np.float32) / 255.0, (0, 0), sigmaX=radius / 2)
-    return np.clip(soft, 0.0, 1.0) * (mask > 0)
-
-
-def match_colour(source: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Shift ``source``'s colour statistics inside ``mask`` onto ``reference``'s (Reinhard, in Lab).
-
-    Lab separates lightness from colour, so a face lit differently in the two photos is matched
-    without tinting it. The gain is bounded so a nearly flat region cannot blow up the contrast.
-    """
-    inside = mask > 0
-    if inside.sum() < 16:
-        return source
-    src_lab = cv2.cvtColor(source, cv2.COLOR_RGB2LAB).astype(np.float32)
-    ref_lab = cv2.cvtColor(reference, cv2.COLOR_RGB2LAB).astype(np.float32)
-    src_px, ref_px = src_lab[inside], ref_lab[inside]
-    src_mean, src_std = src_px.mean(axis=0), src_px.std(axis=0) + 1e-3
-    ref_mean, ref_std = ref_px.mean(axis=0), ref_px.std(axis=0) + 1e-3
-    gain = np.clip(ref_std / src_std, 0.5, 2.0)
-    out = (src_lab - src_mean) * gain + ref_mean
-    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
-
-
-def seamless_clone(source: np.ndarray, destination: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Poisson-blend ``source`` into ``destination`` where ``mask`` is set, in place (no shift).
-
-    Both images are the same size and already aligned. OpenCV places the mask's bounding box
-    centred on ``center``, so the centre of that box (with OpenCV's integer halving) keeps the
-    source where it is. The outer pixel ring is cleared because OpenCV needs a mask that does
-    not touch the border.
-    """
-    mask = mask.copy()
-    mask[[0, -1], :] = 0
-    mask[:, [0, -1]] = 0
-    x, y, w, h = cv2.boundingRect(mask)
-    if w < 3 or h < 3:
-        return destination
-    center = (x + w // 2, y + h // 2)
-    return cv2.seamlessClone(source, destination, mask, center, cv2.NORMAL_CLONE)
-
-
-def alpha_blend(top: np.ndarray, bottom: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    a = alpha[..., None]
-    return np.clip(top.astype(np.float32) * a + bottom.astype(np.float32) * (1 - a) + 0.5, 0, 255).astype(
-        np.uint8
-    )
-
-
-def paste_face(
-    rgb: np.ndarray,
-    roi: tuple[int, int, int, int],
-    warped: np.ndarray,
-    mask: np.ndarray,
-    feather_radius: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Put ``warped`` (the source face already aligned to the ``roi`` of ``rgb``) where ``mask``
-    is set: colour matched, Poisson-cloned, then alpha-blended through a feathered mask.
-
-    The weight-free engines' shared last step. Returns the new image and the full-size soft
-    alpha of what changed; pixels outside ``mask`` are left exactly as they were. Works on the
-    region only: Poisson-solving the whole frame for every face would cost seconds on a 1080p
-    group photo.
-    """
-    if cv2.countNonZero(mask) < 64:
-        raise EngineError("the source face does not cover the target face", code="swap_failed")
-    x0, y0, x1, y1 = roi
-    target_roi = rgb[y0:y1, x0:x1]
-    warped = match_colour(warped, target_roi, mask)
-    cloned = seamless_clone(warped, target_roi, mask)
-    alpha_roi = feather(mask, feather_radius)
-    out = rgb.copy()
-    out[y0:y1, x0:x1] = alpha_blend(cloned, target_roi, alpha_roi)
-    alpha = np.zeros(rgb.shape[:2], np.float32)
-    alpha[y0:y1, x0:x1] = alpha_roi
-    return out, alpha
-
-
-def expand_box(face: Face, factor: float, width: int, height: int) -> tuple[int, int, int, int]:
-    """The face box grown by ``factor`` about its centre, clipped to the image, as ints."""
-    cx, cy = face.center
-    half_w, half_h = face.width * factor / 2, face.height * factor / 2
-    x0 = int(max(0, np.floor(cx - half_w)))
-    y0 = int(max(0, np.floor(cy - half_h)))
-    x1 = int(min(width, np.ceil(cx + half_w)))
-    y1 = int(min(height, np.ceil(cy + half_h)))
-    return x0, y0, x1, y1
-
-
-def sharpen_region(rgb: np.ndarray, region: np.ndarray, amount: float) -> np.ndarray:
-    """Unsharp mask applied only where faces were swapped (``region`` is the soft face alpha).
-
-    Swapped faces are the soft part of the picture (the neural swapper works at 128 px, the
-    landmark engine resamples the source); sharpening the whole frame would also change pixels
-    the client did not ask to touch. The scale (x1.5) matches the Lanczos upscaler's mapping
-    of the seed's small floats.
-    """
-    if amount <= 0 or not region.any():
-        return rgb
-    img = rgb.astype(np.float32)
-    blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=1.5)
-    sharp = np.clip(img + 1.5 * amount * (img - blurred), 0, 255)
-    return alpha_blend(sharp, img, region)
-
-
-def upscale_faces(
-    rgb: np.ndarray, faces: Sequence[Face], region: np.ndarray, upscaler: Upscaler
-) -> np.ndarray:
-    """Run the caller's super-resolution on each swapped face and blend it back at the same size.
-
-    The output keeps the target's size (``max_side`` stays a promise): each face crop is
-    upscaled, then brought back to the crop size with Lanczos, which keeps the detail the
-    super-resolution model restored while the face mask decides where it lands.
-    """
-    out = rgb.copy()
-    height, width = rgb.shape[:2]
-    for face in faces:
-        x0, y0, x1, y1 = expand_box(face, 1.6, width, height)
-        if x1 - x0 < 4 or y1 - y0 < 4:
-            continue
-        crop = Image.fromarray(out[y0:y1, x0:x1])
-        result = upscaler(crop)
-        if not isinstance(result, Image.Image):
-            raise EngineError("the upscaler did not return an image", code="upscale_failed")
-        result = result.convert("RGB")
-        if result.size != crop.size:
-            result = result.resize(crop.size, Image.Resampling.LANCZOS)
-        out[y0:y1, x0:x1] = alpha_blend(np.asarray(result), out[y0:y1, x0:x1], region[y0:y1, x0:x1])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The operations
-
-
 def _check_index(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
         raise InvalidInput(f"{field} must be a non-negative integer, got {value!r}", field=field)
     return int(value)
-
-
-class Detector(Protocol):
-    def detect(self, rgb: np.ndarray) -> list[Face]: ...
 
 
 class FaceSwapEngine:
@@ -649,29 +380,3 @@ class FaceSwapEngine:
             **self.run_meta(),
         }
         return EngineResult(backend=self.backend, images=[OutputImage(image, meta)])
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, shift) taking ``src`` points to ``dst``.
-
-    Umeyama's closed form, the estimate the ArcFace/inswapper alignment was trained with. It is
-    used instead of ``cv2.estimateAffinePartial2D`` because that one is a robust (RANSAC/LMedS)
-    estimator: with five landmarks it may drop a point, and with two (the Haar eyes) it has no
-    sample to vote with. Returns the 2x3 matrix for ``cv2.warpAffine``.
-    """
-    src = np.asarray(src, np.float64)
-    dst = np.asarray(dst, np.float64)
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    cov = dst_c.T @ src_c / len(src)
-    u, s, vt = np.linalg.svd(cov)
-    d = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[1, 1] = -1  # a reflection is not a similarity; flip the weakest axis instead
-    rotation = u @ d @ vt
-    var = (src_c**2).sum() / len(src)
-    scale = (s * np.diag(d)).sum() / var if var > 0 else 1.0
-    matrix = np.zeros((2, 3))
-    matrix[:, :2] = scale * rotation
-    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
-    return matrix

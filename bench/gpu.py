@@ -1,11 +1,11 @@
 """``make bench-gpu``: the GPU engines through the real platform against the same library call made
 directly in one process, on random-weight models of production size.
 
-    python -m tests.bench.gpu                      # every section, full size (CUDA, fp16)
-    python -m tests.bench.gpu --only diffusion     # one section
-    python -m tests.bench.gpu --small              # tiny models at tiny sizes: a CPU smoke run
-    python -m tests.bench.gpu --embedded           # SQLite + kombu filesystem transport
-    python -m tests.bench.gpu --database-url ... --broker-url ...   # existing ones (as tests.bench.run)
+    python -m bench.gpu                      # every section, full size (CUDA, fp16)
+    python -m bench.gpu --only diffusion     # one section
+    python -m bench.gpu --small              # tiny models at tiny sizes: a CPU smoke run
+    python -m bench.gpu --embedded           # SQLite + kombu filesystem transport
+    python -m bench.gpu --database-url ... --broker-url ...   # existing ones (as bench.run)
 
 Each section installs its random-weight model into the benchmark's models dir (while the workers
 already run: the model store is re-read per job), runs jobs through the API and a real Celery
@@ -57,12 +57,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import infra
+from bench.run import KEY, bench_settings, fmt, git_revision, redact, say, verdict
 from config import Settings
 from inference.model_store import ModelStore
 from models.db import Database
 from models.migrate import upgrade
-from tests.bench import infra
-from tests.bench.run import KEY, bench_settings, fmt, git_revision, redact, say, verdict
 from tests.support.platform import ROOT, Platform, free_port
 
 OVERHEAD_TARGET = 1.03
@@ -702,7 +702,7 @@ SECTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.gpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only",
         choices=sorted(SECTIONS),

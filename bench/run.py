@@ -1,8 +1,8 @@
 """``make bench``: throughput and latency of the real platform against floors measured in the same run.
 
-    python -m tests.bench.run                  # a private Postgres database + RabbitMQ vhost (dropped after)
-    python -m tests.bench.run --embedded       # SQLite + kombu filesystem transport in a temp var dir
-    python -m tests.bench.run --database-url postgresql://... --broker-url amqp://...   # existing ones
+    python -m bench.run                  # a private Postgres database + RabbitMQ vhost (dropped after)
+    python -m bench.run --embedded       # SQLite + kombu filesystem transport in a temp var dir
+    python -m bench.run --database-url postgresql://... --broker-url amqp://...   # existing ones
 
 1. ``POST /v1/jobs`` throughput and p50/p99 at 1, 8 and 32 concurrent keep-alive clients, the API
    under gunicorn with no workers, against a floor: the same INSERT + COMMIT (SQLAlchemy, a Job
@@ -11,7 +11,7 @@
    real workers, polling every 10 ms, against a raw Celery round trip on the same broker and
    database: a trivial task on ``create_celery(settings)`` run by its own worker process with the
    same pool flags, its result in Celery's database result backend on the same database, polled
-   every 10 ms (``tests/bench/raw_celery.py``). The one-way transport (send -> task body, no result)
+   every 10 ms (``bench/raw_celery.py``). The one-way transport (send -> task body, no result)
    is reported beside it.
 3. Webhook delay: receive time at a real receiver minus the body's ``finished_at_ms``.
 4. API RSS: gunicorn master + workers (VmRSS summed; PSS alongside, which counts shared pages once).
@@ -48,16 +48,16 @@ from typing import Any
 
 from sqlalchemy import delete, select, text
 
+from bench import infra
+from bench.raw_celery import ECHO, PING, RAW_QUEUE, RESULT_TABLES, build
+from bench.stats import LevelResult, closed_loop, percentile, steal_seconds, summary_ms
 from config import QUEUES, Settings
 from models.db import Database, utcnow
 from models.jobs import Job, StoredFile, WebhookDelivery
-from models.jobstore import DEFAULT_PREDICT_SECONDS, new_id
+from models.jobstore import new_id
 from models.migrate import upgrade
 from tasks import catalog
 from tasks.celery_app import PREPARE, create_celery, publish
-from tests.bench import infra
-from tests.bench.raw_celery import ECHO, PING, RAW_QUEUE, RESULT_TABLES, build
-from tests.bench.stats import LevelResult, closed_loop, percentile, steal_seconds, summary_ms
 from tests.support.platform import FINAL, ROOT, Platform, free_port
 from tests.support.servers import WebhookReceiver
 
@@ -73,7 +73,7 @@ def say(message: str) -> None:
 # -- set-up -----------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--embedded", action="store_true",
                         help="SQLite + kombu filesystem transport in a temp var dir (the Settings defaults)")
     # The platform's own variables name the database and broker to measure, as for `aiorch up`.
@@ -145,7 +145,7 @@ def git_revision() -> str | None:
 
 def start_raw_worker(plat: Platform) -> None:
     """Spawn the floor's worker with the flags ``Platform.start_worker`` gives the platform's."""
-    plat._spawn("raw", [sys.executable, "-m", "celery", "-A", "tests.bench.raw_worker:app", "worker",
+    plat._spawn("raw", [sys.executable, "-m", "celery", "-A", "bench.raw_worker:app", "worker",
                         "-Q", RAW_QUEUE, "-c", "1", "-n", "raw@bench", "--pool", "prefork",
                         "--without-mingle", "--without-gossip", "-E", "--loglevel", "INFO"])
 
@@ -213,7 +213,7 @@ def part_submit(plat: Platform, settings: Settings, payload: dict[str, Any], lev
     body = json.dumps({"task": "upscale", "payload": payload}).encode()
     api_pid = plat.procs["api"].pid
     spec = catalog.resolve("upscale")
-    predict = DEFAULT_PREDICT_SECONDS["upscale"]
+    predict = catalog.TASKS["upscale"].predict_seconds
     fingerprint = uuid.uuid4().hex + uuid.uuid4().hex
 
     floor_db = Database(settings)

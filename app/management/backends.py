@@ -1,0 +1,83 @@
+"""``GET /diag/backends``: every worker's queues, slots, busy slots, active jobs, loaded models and
+devices, from one broadcast that each worker answers (``tasks/diag.py``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+from flask.views import MethodView
+
+from app.errors import abort
+from app.schemas import Blueprint
+from app.services import current_services
+
+blp = Blueprint("backends", __name__, description="Operators: the workers and what they hold")
+
+DIAG_CACHE_SECONDS = 3.0
+DIAG_REPLY_SECONDS = 1.0  # how long one broadcast waits for the workers' answers
+
+
+class _DiagCache:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.value: dict[str, Any] | None = None
+        self.at = 0.0
+
+
+_diag = _DiagCache()
+
+
+def collect_backends(celery: Celery) -> dict[str, Any]:
+    """Celery inspect (queues, slots, active jobs, our per-child info), cached briefly so a burst
+    of requests costs the broker one broadcast."""
+    with _diag.lock:
+        if _diag.value is not None and time.monotonic() - _diag.at < DIAG_CACHE_SECONDS:
+            return _diag.value
+        inspect = celery.control.inspect(timeout=DIAG_REPLY_SECONDS)
+        try:
+            # One broadcast: every worker answers ``aiorch_info`` with its slots, queues, active
+            # jobs, children and clock (see tasks/diag.py).
+            info = inspect._request("aiorch_info") or {}
+        except Exception:  # any transport error: the broker is down or refuses us
+            abort(
+                503,
+                code="broker_unavailable",
+                message="Cannot reach the workers: the broker is unreachable; retry shortly.",
+                headers={"Retry-After": "5"},
+            )
+        _diag.value = {
+            "workers": [_worker(name, info[name]) for name in sorted(info)],
+            "checked_at": time.time(),
+        }
+        _diag.at = time.monotonic()
+        return _diag.value
+
+
+def _worker(name: str, node: dict[str, Any]) -> dict[str, Any]:
+    children = node.get("children", [])
+    active_jobs = node.get("active_jobs") or []
+    return {
+        "name": name,
+        "queues": node.get("queues") or [],
+        "concurrency": node.get("concurrency"),
+        "busy": len(active_jobs),
+        "active_jobs": active_jobs,
+        "loaded_models": [m for child in children for m in child.get("loaded_models", [])],
+        "devices": [{k: v for k, v in child.items() if k != "loaded_models"} for child in children]
+        or [node.get("parent", {})],
+        "pid": (node.get("parent") or {}).get("pid"),
+        "uptime": node.get("uptime"),
+        # The worker's own clock when it answered: its latest sign of life.
+        "last_heartbeat": node.get("now"),
+    }
+
+
+@blp.route("/diag/backends")
+class Backends(MethodView):
+    @blp.response(200)
+    def get(self) -> dict[str, Any]:
+        """Workers: queues, slots, busy slots, active jobs, loaded models, devices"""
+        return collect_backends(current_services().celery)

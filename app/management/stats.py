@@ -1,0 +1,34 @@
+"""``GET /stats``: the caller's recent jobs, its job counts by status and task, queue depths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import g
+from flask.views import MethodView
+
+from app.management.queues import queue_depths
+from app.schemas import Blueprint, StatsSchema
+from app.services import current_services
+from models.public import job_object
+from models.stats import client_overview
+
+blp = Blueprint("stats", __name__, description="Operators: the caller's jobs at a glance")
+
+
+@blp.route("/stats")
+class Stats(MethodView):
+    @blp.response(200, StatsSchema)
+    def get(self) -> dict[str, Any]:
+        """Recent jobs, counts by status and task, queue depths"""
+        svc = current_services()
+        overview = client_overview(svc.db, g.client_id)
+        return {
+            "recent": [job_object(job) for job in overview.recent],
+            "counts": {
+                "by_status": overview.by_status,
+                "by_task": overview.by_task,
+                "total": sum(overview.by_status.values()),
+            },
+            "queues": queue_depths(svc.celery),
+        }

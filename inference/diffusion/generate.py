@@ -1,0 +1,100 @@
+"""``generate``: text to image, or image to image when an image is given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+from inference.base import EngineResult, NullControl, RunControl
+from inference.diffusion.loader import ModelInfo
+from inference.diffusion.params import (
+    MIN_SIDE,
+    SamplingParams,
+    check_effective_steps,
+    input_image,
+    integer,
+    number,
+    round8,
+    side,
+)
+from inference.diffusion.pipeline import DiffusionPipeline
+
+
+class ImageGenerator(DiffusionPipeline):
+    """``generate``: text to image, or image to image when ``image`` is given."""
+
+    task = "generate"
+
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 30,
+        cfg_scale: float = 7.0,
+        seed: int | None = None,
+        samples: int = 1,
+        scheduler: str | None = None,
+        loras: list[dict[str, Any]] | None = None,
+        image: Image.Image | None = None,
+        image_strength: float = 0.6,
+        control: RunControl | None = None,
+    ) -> EngineResult:
+        control = control or NullControl()
+        params = SamplingParams.check(
+            prompt, negative_prompt, steps, cfg_scale, samples, scheduler, prompt_required=True
+        )
+        entry, info = self.models.resolve(model, self.task)
+        if image is not None:
+            image = input_image("image", image)
+            width, height = img2img_size(image, width, height, info)
+            strength = number("image_strength", image_strength, 0.0, 1.0, low_open=True)
+            check_effective_steps("image_strength", strength, params.steps)
+        else:
+            width = side("width", info.native_side if width is None else width, info.max_side)
+            height = side("height", info.native_side if height is None else height, info.max_side)
+        seeds = params.seeds(seed)
+        lora_list = self.models.resolve_loras(loras, entry.base_model_type or info.base_model_type)
+        call = params.pipeline_kwargs()
+        if image is not None:
+            # The img2img pipelines take their size from the image, not from width/height.
+            kind = "img2img"
+            call["image"] = image.resize((width, height), Image.Resampling.LANCZOS)
+            call["strength"] = strength
+        else:
+            kind = "text2img"
+            call.update(width=width, height=height)
+        images = self.models.run(
+            entry,
+            info,
+            kind,
+            call,
+            pixels=width * height,
+            seeds=seeds,
+            scheduler=scheduler,
+            loras=lora_list,
+            control=control,
+        )
+        control.progress(100)
+        meta: dict[str, Any] = {"mode": kind, "steps": params.steps, "cfg_scale": params.cfg_scale}
+        if lora_list:
+            meta["loras"] = [{"model": x.entry.id, "weight": x.weight} for x in lora_list]
+        return self._result(entry, images, seeds, **meta)
+
+
+def img2img_size(image: Image.Image, width: Any, height: Any, info: ModelInfo) -> tuple[int, int]:
+    if width is None and height is None:
+        scale = min(1.0, info.max_side / max(image.size))
+        width, height = (
+            max(MIN_SIDE, round8(image.width * scale)),
+            max(MIN_SIDE, round8(image.height * scale)),
+        )
+    elif width is None:
+        width = max(MIN_SIDE, round8(integer("height", height, 1, 10**6) * image.width / image.height))
+    elif height is None:
+        height = max(MIN_SIDE, round8(integer("width", width, 1, 10**6) * image.height / image.width))
+    return side("width", width, info.max_side), side("height", height, info.max_side)

@@ -1,0 +1,46 @@
+"""``debug_sleep``, the diagnostic task (only with AIORCH_DEBUG_TASKS): sleeps in small slices,
+reporting progress, and can kill its own worker process, which is how the fault tests exercise
+redelivery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from inference.base import EngineResult, check_stop
+from inference.registry import Engine, EngineCall, LocalTask
+
+
+def run_debug_sleep(call: EngineCall) -> EngineResult:
+    """Sleep in small slices so cancellation and progress behave like a real engine's steps."""
+    crash = call.payload.get("crash", "never")
+    seconds = call.payload.get("seconds", 1.0)
+    end = time.monotonic() + seconds
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        check_stop(call.control)
+        call.control.progress(100 * (1 - left / max(seconds, 1e-6)))
+        time.sleep(min(0.05, left))
+    if crash == "always" or (crash == "first" and call.attempt == 1):
+        # A hard crash, as a segfaulting CUDA kernel would do: no exception, no cleanup.
+        os.kill(os.getpid(), signal.SIGKILL)
+    return EngineResult(backend="debug_sleep", data={"slept": seconds, "attempt": call.attempt})
+
+
+ENGINE = Engine(
+    name="debug",
+    queue="gpu.diffusion",
+    tasks=(
+        LocalTask(
+            "debug_sleep",
+            "Diagnostics: sleep with progress, optionally kill the worker",
+            soft_time_limit=620,
+            time_limit=650,
+            debug_only=True,
+        ),
+    ),
+    run=run_debug_sleep,
+)

@@ -1,0 +1,308 @@
+"""The lifecycle table (``models.state.MOVES``) compiled into SQL: the only writer of a job's state.
+
+Each move becomes, once at import, one prebuilt conditional statement::
+
+    UPDATE jobs SET <target status and stage>, <the caller's columns>, <effects>,
+                    updated_at = :now, event_seq = event_seq + 1
+     WHERE id = :job_id AND (status, stage) IN (<sources>)
+       [AND claim_token = :fence] [AND <guards>]
+    RETURNING *
+
+``apply`` runs it and, in the same transaction, INSERTs the move's event into the job's log
+(``job_events``: the job's next sequence number, the event type, and the public job object after
+the move, built from the RETURNING row rather than a second SELECT). A move whose source state,
+claim token or guard does not match the row changes nothing: it is refused (``apply`` returns
+None). ``create`` is the first move, the API's INSERT with its ``job.queued`` event.
+
+An event a webhook wants is written *pending* (``dispatched_at`` NULL). The caller's ``on_notify``
+hook (``models.jobstore.JobStore``) kicks the dispatcher on the cpu queue right after the commit,
+and the periodic sweep dispatches whatever a crash between the commit and that kick left behind
+(``models.outbox``). Every other event is written already dispatched: nothing waits on it, and its
+readers (streams) read the log itself. A move that ends a job also adds it to the ``/metrics``
+counters (``models.counters``) in the same transaction.
+
+``TOUCHES`` are the only other UPDATEs of the jobs table: bookkeeping no one needs to hear of (a
+heartbeat, the next poll's time, a poll lease, the recorded inputs, a re-dispatch). A touch never
+writes a column that only moves write (``MOVE_COLUMNS``); a test holds it to that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Integer,
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from models import counters
+from models.db import UTCDateTime
+from models.jobs import Job, JobEvent
+from models.public import job_object
+from models.state import (
+    INITIAL,
+    MOVES,
+    WEBHOOK_EVENTS,
+    Effect,
+    Event,
+    Guard,
+    IllegalTransition,
+    JobStatus,
+    Move,
+)
+
+FINAL_CHANNEL = "aiorch_job_final"
+
+_jobs: Table = Job.__table__  # type: ignore[assignment]
+_events: Table = JobEvent.__table__  # type: ignore[assignment]
+_c = _jobs.c
+_NOW = bindparam("now", type_=UTCDateTime())
+_ATTRIBUTES = {attr.columns[0].name: attr.key for attr in Job.__mapper__.column_attrs}
+# The columns only a move writes; a touch never does.
+MOVE_COLUMNS = frozenset(
+    {
+        "status",
+        "stage",
+        "attempts",
+        "claim_token",
+        "progress",
+        "result",
+        "error",
+        "cancel_requested",
+        "event_seq",
+    }
+)
+
+_other = _jobs.alias("neighbour")
+# Whether other jobs of the same task wait on the same queue: a claim returns it, so a batching
+# engine looks for partners only when there are any.
+_NEIGHBOURS = (
+    select(literal(1))
+    .where(
+        _other.c.status == JobStatus.QUEUED.value,
+        _other.c.engine_task == _c.engine_task,
+        _other.c.queue == _c.queue,
+        _other.c.id != _c.id,
+    )
+    .correlate(_jobs)
+    .exists()
+    .label("neighbours")
+)
+_EFFECTS: dict[Effect, dict[str, Any]] = {
+    Effect.CLAIM: {
+        "attempts": _c.attempts + 1,
+        "claim_token": bindparam("new_token", type_=String()),
+        "started_at": _NOW,
+    },
+    Effect.END: {"finished_at": _NOW},
+    Effect.COMPLETE: {"progress": 100},
+    Effect.FLAG_CANCEL: {"cancel_requested": true()},
+}
+_GUARDS: dict[Guard, Any] = {
+    Guard.NOT_CANCELLING: _c.cancel_requested.is_(False),
+    Guard.UNDER_LIMIT: _c.attempts < bindparam("max_attempts", type_=Integer()),
+    Guard.AT_LIMIT: _c.attempts >= bindparam("max_attempts", type_=Integer()),
+    Guard.CANCELLING: _c.cancel_requested.is_(True),
+    Guard.UNCHANGED: _c.updated_at <= bindparam("seen", type_=UTCDateTime()),
+}
+# What a caller passes for an effect or a guard, besides the columns the move writes.
+_PARAMS: dict[Effect | Guard, str] = {
+    Effect.CLAIM: "new_token",
+    Guard.UNDER_LIMIT: "max_attempts",
+    Guard.AT_LIMIT: "max_attempts",
+    Guard.UNCHANGED: "seen",
+}
+
+
+def _compile(move: Move) -> Any:
+    values: dict[str, Any] = {}
+    if move.target is not None:
+        values["status"] = move.target.status.value
+        values["stage"] = move.target.phase.value
+    for name in move.writes:
+        values[name] = bindparam(f"v_{name}", type_=_c[name].type)
+    for name in move.keeps:
+        values[name] = func.coalesce(bindparam(f"v_{name}", type_=_c[name].type), _c[name])
+    for effect in sorted(move.effects):
+        values.update(_EFFECTS[effect])
+    values["updated_at"] = _NOW
+    values["event_seq"] = _c.event_seq + 1
+    sources = sorted((s.status.value, s.phase.value) for s in move.sources)
+    where = [
+        _c.id == bindparam("job_id"),
+        tuple_(_c.status, _c.stage).in_(
+            [tuple_(literal(status), literal(stage)) for status, stage in sources]
+        ),
+    ]
+    if move.fenced:
+        where.append(_c.claim_token == bindparam("fence", type_=String()))
+    where.extend(_GUARDS[guard] for guard in sorted(move.guards))
+    returning = [*_c, _NEIGHBOURS] if Effect.CLAIM in move.effects else list(_c)
+    return update(_jobs).where(*where).values(values).returning(*returning)
+
+
+# Built once: a job's hot path (claim, progress, finish) runs these, and building a statement
+# costs more than running it on a local Postgres.
+STATEMENTS: dict[str, Any] = {name: _compile(move) for name, move in MOVES.items()}
+
+
+def _accepts(move: Move) -> frozenset[str]:
+    parts: list[Effect | Guard] = [*move.effects, *move.guards]
+    extra = (_PARAMS[part] for part in parts if part in _PARAMS)
+    return frozenset({*move.writes, *move.keeps, *extra})
+
+
+_ACCEPTS = {name: _accepts(move) for name, move in MOVES.items()}
+_INSERT_JOB = insert(_jobs)
+_INSERT_EVENT = insert(_events)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A move that happened: the job as it is after it, and its event."""
+
+    move: Move
+    job: Job
+    event: Event
+    # The event waits for the dispatcher: a webhook wants it.
+    notify: bool
+    # (claims) other jobs of the same task wait on the same queue
+    neighbours: bool = False
+
+    @property
+    def seq(self) -> int:
+        return self.job.event_seq
+
+
+def job_from(row: Any) -> Job:
+    """A detached ``Job`` from a row of all the jobs table's columns (SELECT or RETURNING)."""
+    mapping = row._mapping
+    return Job(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
+
+
+def notify_final(session: Session, job_id: str) -> None:
+    """Tell listeners (blocking endpoints) that a job is final; delivered only on COMMIT."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_notify(:channel, :job_id)"), {"channel": FINAL_CHANNEL, "job_id": job_id}
+        )
+
+
+def wanted_by_webhook(event: Event, job: Job) -> bool:
+    """Whether the job's webhook receives ``event``: ``job.finished`` whenever the job has a
+    webhook_url, ``job.started`` and ``job.progress`` only when it opted in with webhook_events."""
+    if event not in WEBHOOK_EVENTS or not job.webhook_url:
+        return False
+    return event is Event.FINISHED or event.value in (job.webhook_events or ())
+
+
+def record(
+    session: Session, event: Event, job: Job, now: datetime, body: dict[str, Any] | None = None
+) -> bool:
+    """INSERT the event of a move into the job's log (sequence number ``job.event_seq``); returns
+    whether it waits for the dispatcher."""
+    notify = wanted_by_webhook(event, job)
+    session.execute(
+        _INSERT_EVENT,
+        {
+            "job_id": job.id,
+            "seq": job.event_seq,
+            "type": event.value,
+            "created_at": now,
+            "data": job_object(job, now) if body is None else body,
+            "dispatched_at": None if notify else now,
+        },
+    )
+    return notify
+
+
+def apply(
+    session: Session, move: Move, job_id: str, now: datetime, fence: str | None = None, **given: Any
+) -> Moved | None:
+    """Make ``move`` on the job in this transaction, with its event; None when it was refused.
+
+    ``fence``: the caller's claim token, required by a fenced move. ``given``: the columns the
+    move writes (``Move.writes``, ``Move.keeps``) and the values its effects and guards compare
+    with (``new_token``, ``max_attempts``, ``seen``); anything else is a programming error.
+    """
+    params: dict[str, Any] = {"job_id": job_id, "now": now}
+    if move.fenced:
+        if fence is None:
+            raise IllegalTransition(move.name, "a job whose claim the caller does not hold")
+        params["fence"] = fence
+    columns = {*move.writes, *move.keeps}
+    for name, value in given.items():
+        if name not in _ACCEPTS[move.name]:
+            raise TypeError(f"move {move.name} takes no {name!r}")
+        params[f"v_{name}" if name in columns else name] = value
+    row = session.execute(STATEMENTS[move.name], params).first()
+    if row is None:
+        return None
+    job = job_from(row)
+    notify = record(session, move.event, job, now)
+    if move.target is not None and move.target.final:
+        notify_final(session, job_id)
+        counters.count_final(session, job)  # the /metrics counters, with the move or not at all
+    return Moved(move, job, move.event, notify, bool(row._mapping.get("neighbours", False)))
+
+
+def create(session: Session, job: Job) -> dict[str, Any]:
+    """The first move: INSERT a new job at ``INITIAL`` from a transient ``Job`` (the attributes it
+    was given, column defaults for the rest), without the ORM unit of work, and its ``job.queued``
+    event (at ``created_at``). Returns the job object, which the caller answers with."""
+    job.status, job.stage, job.event_seq = INITIAL.status.value, INITIAL.phase.value, 1
+    state = job.__dict__
+    session.execute(_INSERT_JOB, {name: state[key] for name, key in _ATTRIBUTES.items() if key in state})
+    body = job_object(job, job.created_at)
+    record(session, Event.QUEUED, job, job.created_at, body)
+    return body
+
+
+# -- touches ----------------------------------------------------------------------------------------
+
+
+def _touch(*conditions: Any, fenced: bool = True, running: bool = True, **values: Any) -> Any:
+    where = [_c.id == bindparam("job_id"), *conditions]
+    if fenced:
+        where.append(_c.claim_token == bindparam("fence", type_=String()))
+    if running:
+        where.append(_c.status == JobStatus.RUNNING.value)
+    return update(_jobs).where(*where).values(values)
+
+
+_DUE = or_(_c.next_poll_at.is_(None), _c.next_poll_at <= bindparam("due_by", type_=UTCDateTime()))
+_WHEN = bindparam("when", type_=UTCDateTime())
+TOUCHES: dict[str, Any] = {
+    # A live claim's sign of life (the sweep measures silence from updated_at); returns whether
+    # the job was asked to stop.
+    "heartbeat": _touch(updated_at=_NOW).returning(_c.cancel_requested),
+    # When a remote job is next due to be polled.
+    "next_poll": _touch(running=False, next_poll_at=_WHEN, updated_at=_NOW),
+    # A poll task takes a due neighbour into its batch for a while.
+    "lease": _touch(_DUE, _c.cancel_requested.is_(False), next_poll_at=_WHEN, updated_at=_NOW),
+    # Inputs recorded by the claim holder (public copies made for a provider).
+    "inputs": _touch(running=False, inputs=bindparam("inputs", type_=_c.inputs.type), updated_at=_NOW),
+    # A queued job's message was published again.
+    "dispatched": _touch(fenced=False, running=False, dispatched_at=_NOW),
+}
+
+
+def touch(
+    session: Session, name: str, job_id: str, now: datetime, fence: str | None = None, **params: Any
+) -> Any:
+    """Run one touch; returns its result (``rowcount``, or the RETURNING row of a heartbeat)."""
+    return session.execute(TOUCHES[name], {"job_id": job_id, "now": now, "fence": fence, **params})

@@ -1,0 +1,78 @@
+"""A job's outputs, stored: encoded (and watermarked) images and produced files saved under
+random names, each an asset of the job's client, and the ``result`` the job shows.
+
+One path for every backend: a local engine's outcome (``tasks.run``) and the outputs a remote
+provider returned, downloaded and checked like inputs (``tasks.remote.poll``), are stored here
+alike, so clients always get our own URLs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inference.base import EngineResult
+from inference.watermark import add_label
+from models.assets import output_asset
+from models.jobs import StoredFile
+from models.state import JobStatus
+from tasks.runtime import Runtime
+from tasks.storage import SavedFile, default_format, encode_image
+
+
+def store_outputs(
+    rt: Runtime,
+    job_id: str,
+    client_id: str,
+    outcome: EngineResult,
+    payload: dict[str, Any],
+    inputs: dict[str, Any],
+) -> tuple[dict[str, Any], list[StoredFile]]:
+    """Save the outcome's images and files; returns the job's ``result`` and the file rows to
+    record with its final move (not written yet: a fenced-off finish deletes the files instead)."""
+    # The picture the output is made from sets its default format: a face swap's target, not
+    # its first source.
+    first_input = inputs.get("target_url") or next(iter(inputs.values()), None)
+    input_ext = first_input.get("ext") if isinstance(first_input, dict) else None
+    watermark = payload.get("watermark")
+    outputs: list[dict[str, Any]] = []
+    rows: list[StoredFile] = []
+
+    def keep(saved: SavedFile, meta: dict[str, Any], width: Any, height: Any) -> None:
+        # Every output is also an asset of the job's client (result.asset_id, files[].asset_id).
+        row = output_asset(saved.name, job_id, client_id, saved.content_type, saved.size, width, height)
+        rows.append(row)
+        entry = {"url": rt.storage.url_for(saved.name), "filename": saved.name, "asset_id": row.asset_id}
+        outputs.append({**entry, "meta": meta})
+
+    for output in outcome.images:
+        image = output.image
+        if watermark:
+            image = add_label(image, **watermark)
+        fmt = payload.get("format") or default_format(image, input_ext)
+        saved = rt.storage.save_output(encode_image(image, fmt), fmt)
+        meta = {
+            **output.meta,
+            "width": image.width,
+            "height": image.height,
+            "backend": outcome.backend,
+            "format": fmt,
+        }
+        keep(saved, meta, image.width, image.height)
+    for produced in outcome.files:
+        # A video the engine wrote to a scratch file: stored under its own random name.
+        try:
+            saved = rt.storage.save_output(produced.path.read_bytes(), produced.ext)
+        finally:
+            produced.path.unlink(missing_ok=True)
+        meta = {**produced.meta, "backend": outcome.backend, "format": produced.ext}
+        keep(saved, meta, meta.get("width"), meta.get("height"))
+    result: dict[str, Any] = {"ok": True, "status": JobStatus.SUCCEEDED.value}
+    if outputs:
+        result.update(outputs[0])
+    else:
+        result["meta"] = {"backend": outcome.backend}
+    if len(outputs) > 1:
+        result["files"] = outputs
+    if outcome.data:
+        result.update(outcome.data)
+    return result, rows

@@ -1,0 +1,145 @@
+"""What every payload schema shares: input references, the common image fields, and the table
+of schemas by task that ``@payload_for`` fills.
+
+Parameter names follow the seeds: seed 000 for faceswap and upscale, the SenseTime seed (001) and
+the Zhinian seed (003) for generation, inpainting and outpainting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from tasks.outbound import UrlPolicy, refused_host_reason
+
+DEFAULT_MAX_FACES = 8  # AIORCH_MAX_FACES when no settings are given (config.Settings.max_faces)
+
+IMAGE_FORMATS = ("jpg", "png", "webp")
+WATERMARK_POSITIONS = ("topleft", "topright", "bottomleft", "bottomright", "bottom", "top", "middle")
+
+# task name -> its payload schema, filled by ``@payload_for`` as the payload modules load.
+SCHEMAS: dict[str, type[Schema]] = {}
+
+S = TypeVar("S", bound=type[Schema])
+
+
+def payload_for(*tasks: str) -> Callable[[S], S]:
+    """Class decorator: this schema is the payload of ``tasks`` (the catalog pairs it with the
+    engine that declares the task). A task takes one schema; a second is refused."""
+
+    def register(schema: S) -> S:
+        for task in tasks:
+            if SCHEMAS.get(task, schema) is not schema:
+                raise ValueError(f"task {task!r} already has a payload schema: {SCHEMAS[task].__name__}")
+            SCHEMAS[task] = schema
+        return schema
+
+    return register
+
+
+def schema_for(task: str) -> type[Schema]:
+    """The payload schema of ``task``; ``LookupError`` naming the missing piece when it has none."""
+    try:
+        return SCHEMAS[task]
+    except KeyError:
+        raise LookupError(
+            f"task {task!r} has no payload schema: add one in tasks/payloads/ with @payload_for({task!r})"
+        ) from None
+
+
+class InputRef(fields.String):
+    """An input image: an http(s) URL, a ``data:`` URI, or ``asset://<id>``.
+
+    Hosts the schema's ``url_policy`` refuses without a DNS look-up (IP literals in any spelling,
+    ``localhost`` names) are refused here; names that resolve to refused addresses are caught
+    when the worker fetches them, with the same policy (``tasks/outbound.py``).
+    """
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if text.startswith("data:"):
+            if ";base64," not in text[:100]:
+                raise ValidationError("data: URIs must be base64 encoded (data:<type>;base64,...)")
+            return text
+        if text.startswith("asset://"):
+            if not text[len("asset://") :].strip():
+                raise ValidationError("asset:// needs an asset id")
+            return text
+        try:
+            parts = urlsplit(text)
+            host = parts.hostname
+        except ValueError:  # a broken [IPv6] literal
+            raise ValidationError("must be an http(s) URL, a data: URI or asset://<id>") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValidationError("must be an http(s) URL, a data: URI or asset://<id>")
+        reason = refused_host_reason(host, self.url_policy())
+        if reason is not None:
+            raise ValidationError(f"refused: the host {reason}")
+        return text
+
+    def url_policy(self) -> UrlPolicy:
+        # The root schema carries the settings' policy; a schema built without one guards.
+        policy = getattr(self.root, "url_policy", None)
+        return policy if isinstance(policy, UrlPolicy) else UrlPolicy()
+
+
+class VideoRef(InputRef):
+    """An input video, referenced like an image (fetched on the cpu queue, under the video limits)."""
+
+
+def input_fields(schema: type[Schema]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The fields of ``schema`` that hold inputs (an ``InputRef``, or a list of them), and those
+    of them that hold a video, in declaration order."""
+    inputs, videos = [], []
+    for name, field in schema().fields.items():
+        ref = field.inner if isinstance(field, fields.List) else field
+        if isinstance(ref, InputRef):
+            inputs.append(name)
+            if isinstance(ref, VideoRef):
+                videos.append(name)
+    return tuple(inputs), tuple(videos)
+
+
+class WatermarkSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    text = fields.String(load_default="AI generated", validate=validate.Length(min=1, max=64))
+    position = fields.String(load_default="bottomright", validate=validate.OneOf(WATERMARK_POSITIONS))
+    opacity = fields.Float(load_default=0.6, validate=validate.Range(min=0.05, max=1.0))
+
+
+class BasePayload(Schema):
+    """Fields every image task takes."""
+
+    class Meta:
+        unknown = RAISE
+
+    format = fields.String(validate=validate.OneOf(IMAGE_FORMATS))
+    watermark = fields.Nested(WatermarkSchema, allow_none=True)
+
+    def __init__(
+        self,
+        *args: Any,
+        url_policy: UrlPolicy = UrlPolicy(),
+        max_faces: int = DEFAULT_MAX_FACES,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        # Which URL hosts InputRef fields accept: the settings' SSRF guard (tasks/outbound.py).
+        self.url_policy = url_policy
+        # AIORCH_MAX_FACES: the face tasks' limit, a setting, so the schema is told it.
+        self.face_limit = max_faces
+
+
+def unit(**kw: Any) -> fields.Float:
+    """A number in [0, 1]."""
+    return fields.Float(validate=validate.Range(min=0.0, max=1.0), **kw)
+
+
+def model_field() -> fields.String:
+    """``model``: the id of an installed model (the engine checks that it serves the task)."""
+    return fields.String(validate=validate.Length(min=1, max=128))
