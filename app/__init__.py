@@ -16,11 +16,11 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     # the gunicorn master (and every other CLI command) need not carry the whole web stack.
     from flask import Flask
 
-    from app import assets, blocking, jobs, provider_webhooks, system, webhook_secrets
+    from app import assets, batches, blocking, docs, jobs, provider_webhooks, system, webhook_secrets
     from app.auth import authenticate
     from app.errors import JsonApi, register_error_handlers
     from app.management import BLUEPRINTS as MANAGEMENT
-    from app.schemas import StrictJSONProvider, max_body_bytes
+    from app.schemas import JobIdConverter, StrictJSONProvider, max_body_bytes
     from app.services import Services
 
     settings = settings or Settings.from_env()
@@ -32,7 +32,11 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
         OPENAPI_URL_PREFIX="/v1",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Swagger UI from the installed swagger-ui-bundle package (app/docs.py): no CDN, so the
+        # docs render offline.
+        OPENAPI_SWAGGER_UI_URL=docs.ASSETS_URL,
+        # Nor Swagger UI's default badge from its online validator.
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},
         MAX_CONTENT_LENGTH=max_body_bytes(settings.max_input_bytes),
         JSON_SORT_KEYS=False,
     )
@@ -43,14 +47,18 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     api.spec.components.security_scheme("ApiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})
     api.spec.components.security_scheme("Bearer", {"type": "http", "scheme": "bearer"})
     api.spec.options["security"] = [{"ApiKey": []}, {"Bearer": []}]
+    app.url_map.converters["job_id"] = JobIdConverter
+    api.register_converter(JobIdConverter, lambda _converter: JobIdConverter.SCHEMA)
     api.register_blueprint(jobs.blp)
     api.register_blueprint(jobs.legacy)
+    batches.register(api)  # /v1/jobs/batch, /v1/jobs/cancel, /v1/batches/{batch_id}
     for resource in MANAGEMENT:  # /stats, /diag/backends, /v1/capabilities, /v1/models, /metrics
         api.register_blueprint(resource)
     api.register_blueprint(blocking.blp)
     api.register_blueprint(webhook_secrets.blp)
     api.register_blueprint(assets.blp)
-    app.register_blueprint(system.blp)
+    api.register_blueprint(system.blp)  # /healthz, /readyz, /files/{name}: in the spec too
+    app.register_blueprint(docs.blp)
     app.register_blueprint(provider_webhooks.blp)
     # Authentication first: nothing may read a body before the key is checked (app/auth.py).
     app.before_request(authenticate)

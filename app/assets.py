@@ -5,7 +5,7 @@
 pass the input checks (``tasks.inputs.check_image``: bytes, format, pixels) before anything is
 stored, and the client's uploads stay under ``AIORCH_ASSET_QUOTA_BYTES``. An asset is read by its
 owner only: another client's id answers ``404`` exactly like an id that never existed, here and
-as ``asset://<id>`` in a job (``tasks.jobs.Runtime._asset_path``). Uploads expire after
+as ``asset://<id>`` in a job (``tasks.runtime.Runtime``). Uploads expire after
 ``AIORCH_RESULT_RETENTION`` like outputs, and the same sweep deletes them.
 
 Large ``data:`` inputs of a job become assets here too (``data_inputs_to_assets``, called by
@@ -35,6 +35,7 @@ from tasks.catalog import TaskSpec
 from tasks.inputs import CheckedImage, Fetcher, InputProblem, TransientFetchError, check_image
 from tasks.outbound import UrlPolicy
 from tasks.payloads import InputRef
+from tasks.payloads.base import HTTP_URL_PATTERN
 from tasks.storage import CONTENT_TYPES
 
 blp = Blueprint("assets", __name__, url_prefix="/v1/assets", description="Stored images: uploads and outputs")
@@ -89,7 +90,7 @@ class AssetUrlSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    url = InputRef(required=True, validate=validate.Length(max=2048))
+    url = InputRef(required=True, validate=validate.Length(max=2048), metadata={"pattern": HTTP_URL_PATTERN})
 
     def __init__(self, *args: Any, url_policy: UrlPolicy = UrlPolicy(), **kwargs: Any):
         super().__init__(*args, **kwargs)

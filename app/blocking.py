@@ -19,7 +19,7 @@ from flask import current_app, request
 from flask.views import MethodView
 from marshmallow import Schema
 
-from app.errors import abort
+from app.errors import abort, documents
 from app.jobs import create_job, owned_job
 from app.schemas import Blueprint, JobSchema
 from models.jobstore import FINAL_CHANNEL
@@ -163,6 +163,7 @@ def _make_view(task: str) -> type[MethodView]:
             requestBody={"required": True, "content": {"application/json": {"schema": _body_schema(task)}}}
         )
         @blp.response(200, JobSchema)
+        @documents(blp, 400, 401, 409, 413, 415, 422, 429, 501, 503, 504)
         def post(self) -> tuple[dict[str, Any], int]:
             return run_blocking(task)
 

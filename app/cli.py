@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from app.cli_client import register_client_commands
 from config import QUEUES, Settings
 from config.logs import configure_logging
 
@@ -418,6 +419,8 @@ def flower() -> None:
         os.putenv(name, value)
     os.execv(sys.executable, argv)
 
+
+register_client_commands(main)  # jobs, assets, batch: a server's users, through aiorch.client
 
 if __name__ == "__main__":
     main()

@@ -195,3 +195,31 @@ def _database_unreachable(exc: Exception) -> bool:
             "unable to open database",
         )
     )
+
+
+# What each documented error status means where an operation lists it (``documents``).
+ERROR_DESCRIPTIONS = {
+    400: "bad_request: the body or a header is malformed (details name it)",
+    401: "unauthorized: no valid API key",
+    404: "not found, or not yours",
+    409: "conflict: idempotency_key_reused (the key came with another body), or a final job",
+    413: "payload_too_large or input_too_large: the body or an input is over its limit",
+    415: "unsupported_media_type: send a JSON body",
+    422: "the request has invalid fields (details name them)",
+    429: "rate_limited or too_many_queued_jobs: retry after Retry-After seconds",
+    501: "task_not_installed: no backend for this task is installed on this platform",
+    503: "broker_unavailable or database_unavailable: retry after Retry-After seconds",
+    504: "timeout: the job did not finish in time; it goes on (details.job_id)",
+}
+
+
+def documents(blp: Any, *statuses: int) -> Any:
+    """Decorator: list these error responses (the one error shape) on an operation of ``blp``,
+    so the spec says every answer the operation can give, not only its success."""
+
+    def apply(view: Any) -> Any:
+        for status in statuses:
+            view = blp.alt_response(status, schema=ErrorSchema, description=ERROR_DESCRIPTIONS[status])(view)
+        return view
+
+    return apply

@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import Response, current_app, g, request
 from flask.views import MethodView
@@ -19,7 +19,7 @@ from marshmallow import RAISE, ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from app.assets import data_inputs_to_assets, discard_uploads
-from app.errors import abort
+from app.errors import abort, documents
 from app.schemas import (
     JOB_ID_RE,
     Blueprint,
@@ -31,15 +31,24 @@ from app.schemas import (
     check_webhook_url,
 )
 from app.services import Services
+from config import Settings
 from models.db import utcnow
 from models.jobs import Job, WebhookDelivery
 from models.jobstore import ClaimRefused, insert_job, new_id, predict_seconds
 from models.public import iso, job_object
-from models.reads import JobFilter, admission_counts, deliveries_of, job_by_idempotency_key, list_jobs
+from models.reads import (
+    AdmissionCounts,
+    JobFilter,
+    admission_counts,
+    deliveries_of,
+    job_by_idempotency_key,
+    list_jobs,
+)
 from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
-from tasks.celery_app import PREPARE, RUN, publish
+from tasks.catalog import TaskSpec
 from tasks.model_registry import has_model_for
+from tasks.next_step import send_next
 
 log = logging.getLogger("aiorch.api")
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Asynchronous jobs")
@@ -65,7 +74,7 @@ PREDICTION_TTL = 2.0  # seconds an estimate is reused for more jobs of the same 
 _predictions: dict[str, tuple[float, float]] = {}  # engine task -> (monotonic time, seconds)
 
 
-def _predicted(session: Any, engine_task: str, default: float) -> float:
+def predicted(session: Any, engine_task: str, default: float) -> float:
     """``predict_seconds`` for this task, reused for ``PREDICTION_TTL``: the estimate moves with
     jobs that finish over seconds, and recomputing it costs every POST two more queries."""
     now = time.monotonic()
@@ -77,42 +86,60 @@ def _predicted(session: Any, engine_task: str, default: float) -> float:
     return value
 
 
-def _admit(svc: Services, client_id: str, now: datetime) -> None:
-    """429 when the client is over its per-minute or queued-jobs limit. Counted in the database,
-    so the limit holds across every API process (both counts use the jobs' indexes)."""
-    settings = svc.settings
-    if not (settings.rate_limit_per_minute or settings.max_queued_per_client):
-        return
-    since = now - timedelta(seconds=60) if settings.rate_limit_per_minute else None
-    counts = admission_counts(svc.db, client_id, since, queued=bool(settings.max_queued_per_client))
-    if settings.rate_limit_per_minute and counts.created_since >= settings.rate_limit_per_minute:
-        oldest = counts.oldest_since
-        wait = 60 - (now - oldest).total_seconds() if oldest else 60
-        abort(
-            429,
-            code="rate_limited",
-            message=f"More than {settings.rate_limit_per_minute} jobs in a minute; retry later.",
-            headers={"Retry-After": str(max(1, math.ceil(wait)))},
-        )
-    if settings.max_queued_per_client and counts.queued >= settings.max_queued_per_client:
-        limit = settings.max_queued_per_client
-        abort(
-            429,
-            code="too_many_queued_jobs",
-            message=f"{counts.queued} of your jobs are still queued (limit {limit}).",
-            headers={"Retry-After": "5"},
-        )
+class Admission:
+    """A client's admission limits for one request: 429 when it is over its per-minute or
+    queued-jobs limit. Counted in the database once, at the first job admitted (so the limit holds
+    across every API process; both counts use the jobs' indexes), and then each job admitted
+    counts too, so the jobs of a batch are held to the limits one by one."""
+
+    def __init__(self, svc: Services, client_id: str, now: datetime):
+        self.settings = svc.settings
+        self.db = svc.db
+        self.client_id = client_id
+        self.now = now
+        self.counts: AdmissionCounts | None = None
+        self.admitted = 0
+
+    def admit(self) -> None:
+        settings, now = self.settings, self.now
+        if not (settings.rate_limit_per_minute or settings.max_queued_per_client):
+            return
+        if self.counts is None:
+            since = now - timedelta(seconds=60) if settings.rate_limit_per_minute else None
+            queued = bool(settings.max_queued_per_client)
+            self.counts = admission_counts(self.db, self.client_id, since, queued=queued)
+        counts = self.counts
+        if (
+            settings.rate_limit_per_minute
+            and counts.created_since + self.admitted >= settings.rate_limit_per_minute
+        ):
+            oldest = counts.oldest_since
+            wait = 60 - (now - oldest).total_seconds() if oldest else 60
+            abort(
+                429,
+                code="rate_limited",
+                message=f"More than {settings.rate_limit_per_minute} jobs in a minute; retry later.",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        waiting = counts.queued + self.admitted
+        if settings.max_queued_per_client and waiting >= settings.max_queued_per_client:
+            limit = settings.max_queued_per_client
+            abort(
+                429,
+                code="too_many_queued_jobs",
+                message=f"{waiting} of your jobs are still queued (limit {limit}).",
+                headers={"Retry-After": "5"},
+            )
+        self.admitted += 1
 
 
 def request_fingerprint(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[str, Any], int]:
-    """Validate, INSERT, COMMIT, then publish; the shared path of POST /v1/jobs and the blocking
-    endpoints. Returns (job object, HTTP status)."""
-    svc = services()
-    settings = svc.settings
+def checked_spec(body: dict[str, Any], settings: Settings) -> TaskSpec:
+    """The task of a job body (422 unknown, 501 not installed here), its payload and webhook URL
+    checked (422 naming the fields); shared by every way in (a job, a batch item, a blocking call)."""
     try:
         spec = catalog.resolve(
             body["task"],
@@ -137,28 +164,34 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         details = exc.messages if "webhook_url" in exc.messages else {"payload": exc.messages}
         abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)
     del payload  # validated here; workers validate again from the stored raw payload
+    return spec
 
-    fingerprint = request_fingerprint(body)
-    if idempotency_key is not None:
-        if not (1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
-            abort(
-                400,
-                code="invalid_idempotency_key",
-                message="Idempotency-Key must be 1 to 255 printable characters.",
-                details={"Idempotency-Key": ["must be 1 to 255 printable characters"]},
-            )
-        existing = _idempotent_match(svc, idempotency_key, fingerprint)
-        if existing is not None:
-            return existing, 200
 
-    now = utcnow()
-    _admit(svc, g.client_id, now)
-    # Large data: inputs become assets of the client, so the row holds asset:// instead of the
-    # bytes (the fingerprint above stays that of the body the client sent).
-    stored_payload, uploads = data_inputs_to_assets(svc, g.client_id, spec, body["payload"])
-    job = Job(
+def check_idempotency_key(key: str) -> None:
+    if not (1 <= len(key) <= 255 and key.isprintable()):
+        abort(
+            400,
+            code="invalid_idempotency_key",
+            message="Idempotency-Key must be 1 to 255 printable characters.",
+            details={"Idempotency-Key": ["must be 1 to 255 printable characters"]},
+        )
+
+
+def new_job(
+    client_id: str,
+    body: dict[str, Any],
+    spec: TaskSpec,
+    payload: dict[str, Any],
+    idempotency_key: str | None,
+    fingerprint: str,
+    now: datetime,
+    batch_id: str | None = None,
+) -> Job:
+    """The row of a job accepted from ``body`` (not inserted yet), its payload as it is stored.
+    Every job gets the same attributes, so a batch's rows make one multi-row INSERT."""
+    return Job.transient(
         id=new_id(),
-        client_id=g.client_id,
+        client_id=client_id,
         task=body["task"],
         engine_task=spec.name,
         queue=spec.queue,
@@ -166,11 +199,12 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         stage="prepare",
         progress=0,
         priority=body["priority"],
-        payload=stored_payload,
+        payload=payload,
         meta=body["metadata"],
         webhook_url=body.get("webhook_url"),
         webhook_events=body.get("webhook_events"),
         idempotency_key=idempotency_key,
+        batch_id=batch_id,
         request_hash=fingerprint,
         attempts=0,
         cancel_requested=False,
@@ -179,9 +213,31 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         updated_at=now,
         dispatched_at=now,
     )
+
+
+def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[str, Any], int]:
+    """Validate, INSERT, COMMIT, then publish; the shared path of POST /v1/jobs and the blocking
+    endpoints. Returns (job object, HTTP status)."""
+    svc = services()
+    settings = svc.settings
+    spec = checked_spec(body, settings)
+
+    fingerprint = request_fingerprint(body)
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
+        existing = _idempotent_match(svc, idempotency_key, fingerprint)
+        if existing is not None:
+            return existing, 200
+
+    now = utcnow()
+    Admission(svc, g.client_id, now).admit()
+    # Large data: inputs become assets of the client, so the row holds asset:// instead of the
+    # bytes (the fingerprint above stays that of the body the client sent).
+    stored_payload, uploads = data_inputs_to_assets(svc, g.client_id, spec, body["payload"])
+    job = new_job(g.client_id, body, spec, stored_payload, idempotency_key, fingerprint, now)
     try:
         with svc.db.writing() as session:
-            job.predict_time = _predicted(session, spec.name, spec.predict_seconds)
+            job.predict_time = predicted(session, spec.name, spec.predict_seconds)
             created = insert_job(session, job)  # the INSERT and its first event
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race.
@@ -190,22 +246,10 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         if existing is None:
             raise
         return existing, 200
-    # Published only after COMMIT: a worker can never receive an id whose row it cannot see.
+    # Published only after COMMIT: a worker can never receive an id whose row it cannot see. The
+    # prepare queue, or straight to the run queue when nothing needs downloading (one hop fewer).
     try:
-        remote = settings.routes.remote_first(job.task, spec.name)
-        if catalog.fetch_free(spec, body["payload"]) and not remote:
-            # Nothing to download: the run queue checks the inputs itself, one queue hop fewer.
-            publish(
-                svc.celery,
-                RUN,
-                job.id,
-                spec.queue,
-                job.priority,
-                task_kwargs={"prepare": True},
-                **catalog.time_limits(spec),
-            )
-        else:
-            publish(svc.celery, PREPARE, job.id, "cpu", job.priority)
+        send_next(svc.celery, settings, job)
     except (OperationalError, OSError):
         log.warning("broker unreachable; job %s withdrawn", job.id)
         svc.store.delete(job.id)
@@ -230,15 +274,23 @@ def job_response(body: dict[str, Any], status: int = 200) -> Response:
 
 def _idempotent_match(svc: Services, key: str, fingerprint: str) -> dict[str, Any] | None:
     job = job_by_idempotency_key(svc.db, g.client_id, key)
-    if job is None:
-        return None
+    return None if job is None else replayed(job, fingerprint)
+
+
+def replayed(job: Job, fingerprint: str) -> dict[str, Any]:
+    """The answer to a replay: the earlier job of the idempotency key, or 409 when the key came
+    with another body."""
     if job.request_hash != fingerprint:
-        abort(
-            409,
-            code="idempotency_key_reused",
-            message="This Idempotency-Key was used with a different request body.",
-        )
+        refuse_reused_key()
     return {**job_object(job), "reused": True}
+
+
+def refuse_reused_key() -> NoReturn:
+    abort(
+        409,
+        code="idempotency_key_reused",
+        message="This Idempotency-Key was used with a different request body.",
+    )
 
 
 # Bodies that are no JSON however they are read (a form that starts like a JSON object was already
@@ -256,7 +308,7 @@ def json_body_only(view: Callable[..., Any]) -> Callable[..., Any]:
             abort(
                 415,
                 code="unsupported_media_type",
-                message="POST /v1/jobs takes a JSON body (Content-Type: application/json). Upload "
+                message=f"POST {request.path} takes a JSON body (Content-Type: application/json). Upload "
                 "images with POST /v1/assets (multipart/form-data) and pass asset://<asset_id> as the "
                 "input, or put a data: URI in the payload.",
             )
@@ -271,6 +323,7 @@ class Jobs(MethodView):
     @blp.arguments(JobCreateSchema())  # one instance: webargs would build one per request from the class
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="An earlier job with the same Idempotency-Key")
+    @documents(blp, 400, 401, 409, 413, 415, 429, 501, 503)
     def post(self, body: dict[str, Any]) -> Response:
         """Create a job"""
         return job_response(*create_job(body, request.headers.get("Idempotency-Key")))
@@ -291,12 +344,13 @@ class Jobs(MethodView):
             status=args.get("status"),
             task=name,
             before=args.get("before"),
+            batch_id=args.get("batch_id"),
         )
         rows, more = list_jobs(services().db, g.client_id, filters, args["limit"])
         return {"jobs": [job_object(job) for job in rows], "have_next": more}
 
 
-@blp.route("/<job_id>")
+@blp.route("/<job_id:job_id>")
 class JobById(MethodView):
     @blp.response(200, JobSchema)
     def get(self, job_id: str) -> Response:

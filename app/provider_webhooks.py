@@ -17,7 +17,7 @@ blp = Blueprint("provider_webhooks", __name__)
 
 @blp.post("/v1/providers/zhinian/webhook")
 def zhinian_webhook() -> ResponseReturnValue:
-    from tasks.remote import WebhookRefused, handle_zhinian_webhook
+    from tasks.remote.webhooks import WebhookRefused, handle_zhinian_webhook
 
     svc = current_app.extensions["aiorch"]
     try:

@@ -14,13 +14,35 @@ from flask.json.provider import DefaultJSONProvider
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 from webargs.core import missing
 from webargs.flaskparser import FlaskParser, is_json_request
+from werkzeug.routing import BaseConverter
 
 from config import Settings
 from models.state import JobStatus
 from tasks import catalog
 from tasks.outbound import UrlPolicy, refused_host_reason
+from tasks.payloads.base import HTTP_URL_PATTERN
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# A batch id, the client's or generated (32 hex): safe in a URL path and a query, as given.
+BATCH_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+_BATCH_ID_RE = re.compile(BATCH_ID_PATTERN.removesuffix("$"))
+
+
+def check_batch_id(value: str) -> None:
+    """``BATCH_ID_PATTERN``, matched in full (a regex's ``$`` would let a trailing newline by)."""
+    if not _BATCH_ID_RE.fullmatch(value):
+        raise ValidationError("1 to 64 letters, digits and . _ : - (starting with a letter or digit)")
+
+
+class JobIdConverter(BaseConverter):
+    """``<job_id:...>`` in a URL: any segment but the names of the batch operations beside it
+    (``/v1/jobs/batch``, ``/v1/jobs/cancel``), so those answer 405, not "no job batch", to another
+    method, and advertise only their own methods in ``Allow``."""
+
+    regex = r"(?!(?:batch|cancel)$)[^/]+"
+    SCHEMA = {"type": "string", "minLength": 1, "not": {"enum": ["batch", "cancel"]}}  # in the spec
+
+
 PROGRESS_EVENTS = ("job.started", "job.progress")
 
 
@@ -140,6 +162,7 @@ class JobCreateSchema(Schema):
         allow_none=True,
         # marshmallow's URL check lets NUL and lone surrogates through; Postgres stores neither.
         validate=[validate.Length(max=2048), validate.Regexp(r"^[^\x00-\x1f\x7f\ud800-\udfff]*$")],
+        metadata={"pattern": HTTP_URL_PATTERN},
     )
     webhook_events = fields.List(
         fields.String(validate=validate.OneOf(PROGRESS_EVENTS)),
@@ -194,6 +217,9 @@ class JobSchema(Schema):
     attempts = fields.Integer()
     metadata = fields.Dict()
     webhook_url = fields.String(allow_none=True)
+    batch_id = fields.String(
+        allow_none=True, metadata={"description": "The batch it was submitted in (POST /v1/jobs/batch)"}
+    )
     priority = fields.Integer()
     expires_at = fields.String(allow_none=True)
     reused = fields.Boolean(
@@ -256,6 +282,10 @@ class JobQueryArgsSchema(Schema):
     task = fields.String(validate=validate.Length(min=1, max=64), metadata={"enum": catalog.known_names()})
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
     before = fields.AwareDateTime(format="iso", default_timezone=UTC)
+    batch_id = fields.String(
+        validate=check_batch_id,
+        metadata={"description": "Only the jobs of this batch", "pattern": BATCH_ID_PATTERN},
+    )
     ids = fields.String(
         metadata={
             "description": "Comma-separated job ids (at most 50)",

@@ -4,22 +4,52 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, send_file
+from flask import current_app, send_file
 from flask.typing import ResponseReturnValue
+from marshmallow import Schema, fields
 
-from app.errors import abort
+from app.errors import ErrorSchema, abort
+from app.schemas import Blueprint
 from models.reads import ping
+from tasks.storage import CONTENT_TYPES
 
-blp = Blueprint("system", __name__)
+blp = Blueprint("system", __name__, description="Health, readiness and output files (no key needed)")
+PUBLIC: dict[str, Any] = {"security": []}  # these answer without an API key
 
 
-@blp.get("/healthz")
+class HealthSchema(Schema):
+    ok = fields.Boolean()
+
+
+class ReadySchema(Schema):
+    ok = fields.Boolean()
+    checks = fields.Dict(
+        keys=fields.String(), values=fields.String(), metadata={"description": "database, broker: ok"}
+    )
+
+
+# An output's bytes, in whichever format storage keeps it.
+FILE_TYPES = sorted({*CONTENT_TYPES.values(), "application/octet-stream"})
+FILE_RESPONSE = {
+    "description": "The file (Cache-Control: private)",
+    "content": {kind: {"schema": {"type": "string", "format": "binary"}} for kind in FILE_TYPES},
+}
+
+
+@blp.route("/healthz")
+@blp.doc(**PUBLIC)
+@blp.response(200, HealthSchema)
 def healthz() -> dict[str, Any]:
+    """Liveness: the API process answers"""
     return {"ok": True}
 
 
-@blp.get("/readyz")
+@blp.route("/readyz")
+@blp.doc(**PUBLIC)
+@blp.response(200, ReadySchema)
+@blp.alt_response(503, schema=ErrorSchema, description="not_ready: a dependency is unreachable")
 def readyz() -> ResponseReturnValue:
+    """Readiness: the database and the broker are reachable"""
     svc = current_app.extensions["aiorch"]
     checks: dict[str, str] = {}
     # "unreachable", not the driver's exception class: a probe needs the verdict, the log the rest.
@@ -46,8 +76,11 @@ def readyz() -> ResponseReturnValue:
     return {"ok": True, "checks": checks}
 
 
-@blp.get("/files/<name>")
+@blp.route("/files/<name>")
+@blp.doc(**PUBLIC, responses={"200": FILE_RESPONSE})
+@blp.alt_response(404, schema=ErrorSchema, description="file_not_found: no such file, or it expired")
 def files(name: str) -> ResponseReturnValue:
+    """An output file, by the unguessable name in its job's result"""
     svc = current_app.extensions["aiorch"]
     path = svc.storage.path_for(name)
     if path is None or not path.is_file():

@@ -7,6 +7,9 @@
 1. ``POST /v1/jobs`` throughput and p50/p99 at 1, 8 and 32 concurrent keep-alive clients, the API
    under gunicorn with no workers, against a floor: the same INSERT + COMMIT (SQLAlchemy, a Job
    row like the API's) + ``tasks.celery_app.publish`` of the prepare task, at the same concurrency.
+1b. Bulk accept (``bench/bulk.py``): ``POST /v1/jobs/batch`` with batches of 500 against a raw-driver
+   floor (one psycopg2 multi-row INSERT + COMMIT, the same messages through kombu with publisher
+   confirms), and single ``POST /v1/jobs`` at 1 and 8 clients against its raw-driver floor.
 2. submit -> ``succeeded`` of a tiny upscale job (32x32 PNG data: URI, scale 2) through the API and
    real workers, polling every 10 ms, against a raw Celery round trip on the same broker and
    database: a trivial task on ``create_celery(settings)`` run by its own worker process with the
@@ -49,6 +52,8 @@ from typing import Any
 from sqlalchemy import delete, select, text
 
 from bench import infra
+from bench.bulk import part_bulk
+from bench.bulk import table_rows as bulk_rows
 from bench.raw_celery import ECHO, PING, RAW_QUEUE, RESULT_TABLES, build
 from bench.stats import LevelResult, closed_loop, percentile, steal_seconds, summary_ms
 from config import QUEUES, Settings
@@ -92,6 +97,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--webhooks", type=int, default=30,
                         help="sequential webhook jobs in part 3 (default 30)")
     parser.add_argument("--poll", type=float, default=0.01, help="GET /v1/jobs/{id} interval in part 2 (s)")
+    parser.add_argument("--bulk-batch", type=int, default=500, help="jobs per POST /v1/jobs/batch in part 1b")
+    parser.add_argument("--bulk-levels", default="1,2", help="client concurrencies of part 1b's batches")
+    parser.add_argument("--bulk-single-levels", default="1,8",
+                        help="client concurrencies of part 1b's single POST /v1/jobs against the raw floor")
+    parser.add_argument("--bulk-duration", type=float, default=None,
+                        help="measured seconds per level of part 1b (default: --duration)")
+    parser.add_argument("--only-bulk", action="store_true", help="run part 1b only (a smoke test of it)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the JSON goes")
     parser.add_argument("--keep-logs", action="store_true", help="copy the process logs next to the JSON")
     return parser.parse_args(argv)
@@ -567,6 +579,7 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         for q in ("p50", "p99"):
             a, f = api["latency"][f"{q}_ms"], floor["latency"][f"{q}_ms"]
             row(f"POST /v1/jobs c={c} {q}", a, f, round(a / f, 2) if a and f else None, "info", None, " ms")
+    bulk_rows(results.get("bulk", {}), row)
     lat = results.get("latency")
     if lat:
         row("tiny upscale submit->succeeded p50", lat["job"]["p50_ms"], lat["raw_round_trip"]["p50_ms"],
@@ -702,15 +715,32 @@ def main(argv: list[str] | None = None) -> int:
             results["api_workers"] = args.api_workers
             say(f"API up on {plat.base_url} (gunicorn, {args.api_workers} workers x 32 threads); "
                 "part 1: POST /v1/jobs, no workers")
-            submit = part_submit(plat, settings, payload, levels, args.warmup, args.duration)
+            if args.only_bulk:
+                submit = {"levels": [], "publisher": create_celery(settings)}
+            else:
+                submit = part_submit(plat, settings, payload, levels, args.warmup, args.duration)
             publisher = submit.pop("publisher")
             results["submit"] = submit
+            if settings.embedded:
+                say("part 1b skipped: its raw-driver floor needs Postgres and RabbitMQ")
+            else:
+                say(f"part 1b: POST /v1/jobs/batch ({args.bulk_batch} jobs) and POST /v1/jobs against "
+                    "raw-driver floors (psycopg2 + kombu with confirms)")
+                results["bulk"] = part_bulk(
+                    settings, CLIENT, payload, lambda: JsonClient(settings.port, KEY),
+                    batch_size=args.bulk_batch,
+                    batch_levels=[int(x) for x in args.bulk_levels.split(",") if x.strip()],
+                    single_levels=[int(x) for x in args.bulk_single_levels.split(",") if x.strip()],
+                    warmup=args.warmup, duration=args.bulk_duration or args.duration, say=say)
             results["api_memory"] = {"after_submit_load": infra.memory(plat.procs["api"].pid)}
             results["purged_after_part1"] = infra.purge(publisher, list(QUEUES))
             # Their rows too: thousands of jobs left queued without a message are not the idle
             # platform part 2 measures (a batching worker would look at them on every job).
             _delete_bench_rows(db)
             say(f"purged {results['purged_after_part1']}; starting workers")
+            if args.only_bulk:
+                status = 0
+                return status
 
             start_raw_worker(plat)
             plat.start_workers()

@@ -7,15 +7,20 @@ commits. A webhook attempt is counted in the transaction that stores its deliver
 then reads one row per series, whatever the number of jobs, and deleting jobs (or pruning the
 event log) lowers nothing: Prometheus counters only ever grow.
 
-Why here and not in the dispatcher: an event written pending for the dispatcher's counting pass
-would be counted seconds later, by a periodic pass, and lost when its job is deleted before that
-pass (the log's rows go with their job); counting in the move's own transaction is exact at once
-and crash-safe by construction (a crash before the commit leaves neither the move nor its count,
-a redelivered message finds the move refused and counts nothing), and needs no pass at all. The
-cost is one prebuilt multi-row UPSERT per final move, on the worker's side only (``POST /v1/jobs``
-writes no counter): measured at about 0.2 ms of a finish on the local Postgres, against a tiny
-job's 30 to 60 ms. Its rows are written in key order, so two moves never wait on each other's
-counter rows in a cycle.
+Why in the move and not in the event dispatcher (the other way considered: write every
+``job.finished`` pending, count it when the dispatcher takes it, with a pass every few seconds for
+the jobs no webhook kicks it for): a counting pass lags the move by up to its period, and misses
+a job deleted before it ran (a job's events go with it), which is what a client that fetches its
+result and then deletes the job does. Counting in the move's own transaction is exact at once and
+crash-safe by construction: a crash before the commit leaves neither the move nor its count, a
+redelivered message finds the move refused and counts nothing, and a dispatcher that takes an
+event twice counts nothing either. The event a move writes and the counts it adds are one unit.
+
+The cost is one prebuilt UPSERT per final move, on the worker's side only (``POST /v1/jobs``
+writes no counter): 0.2 to 0.3 ms on a 1.6 ms finish against the local Postgres, under 1 % of
+the tiny job's 30 to 60 ms. Concurrent finishes of one task and status queue on its row until
+they commit, a fraction of a millisecond each, far below the rate GPU jobs end at; the rows are
+written in key order, so two moves never wait on each other in a cycle.
 
 A series is ``(metric, task, label)``: ``jobs_finished`` by engine task and final status; the two
 histograms (``job_duration_seconds``, the run time of a job that ran; ``job_predict_time_seconds``,
@@ -30,7 +35,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, NamedTuple
 
-from sqlalchemy import BigInteger, Float, String, Table, bindparam, select
+from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -49,7 +54,6 @@ HISTOGRAMS = (DURATION, PREDICT_TIME)
 _counters: Table = JobCounter.__table__  # type: ignore[assignment]
 _c = _counters.c
 _KEY = ("metric", "task", "label")
-_MOST_ROWS = 3  # a final move: its status, its run time, its estimate
 
 
 class Series(NamedTuple):
@@ -61,7 +65,7 @@ class Series(NamedTuple):
 
 
 def bucket_label(bound: float) -> str:
-    """A bound as its row's label (and Prometheus' ``le``): ``0.25``, ``1``, ``1200``."""
+    """A bound as its rows' label: ``0.25``, ``1``, ``1200`` (``/metrics`` shows ``le`` its own way)."""
     return format(bound, "g")
 
 
@@ -71,44 +75,35 @@ def bucket_of(seconds: float) -> str:
     return bucket_label(BOUNDS[index]) if index < len(BOUNDS) else INF
 
 
-def _upsert(dialect: Any, rows: int) -> Any:
-    """INSERT ``rows`` series, adding to those that exist: one statement, one round trip."""
-    values = [
-        {
-            "metric": bindparam(f"metric_{i}", type_=String()),
-            "task": bindparam(f"task_{i}", type_=String()),
-            "label": bindparam(f"label_{i}", type_=String()),
-            "value": bindparam(f"value_{i}", type_=BigInteger()),
-            "total": bindparam(f"total_{i}", type_=Float()),
-        }
-        for i in range(rows)
-    ]
-    statement = dialect.insert(_counters).values(values)
+def _upsert(dialect: Any) -> Any:
+    """INSERT series, adding to those that exist; run with the list of a move's rows (at most
+    three), one prepared statement whose compiled form SQLAlchemy caches."""
+    statement = dialect.insert(_counters)
     return statement.on_conflict_do_update(
         index_elements=list(_KEY),
         set_={"value": _c.value + statement.excluded.value, "total": _c.total + statement.excluded.total},
     )
 
 
-# Built once (a final move is on a job's hot path), per dialect and number of rows.
-_UPSERTS: dict[str, dict[int, Any]] = {
-    name: {rows: _upsert(dialect, rows) for rows in range(1, _MOST_ROWS + 1)}
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+# Built once: a final move is on a job's hot path. (A multi-VALUES statement with bound
+# parameters would cost a compile per call: SQLAlchemy does not cache it.)
+_UPSERTS = {"postgresql": _upsert(postgresql), "sqlite": _upsert(sqlite)}
 _READ = select(_c.metric, _c.task, _c.label, _c.value, _c.total)
 
 
 def add(session: Session, series: list[Series]) -> None:
     """Add ``series`` to the counters in this transaction (their rows created at need)."""
-    upserts = _UPSERTS[session.get_bind().dialect.name]
-    # Key order: every writer locks counter rows in the same order, so none waits in a cycle.
-    ordered = sorted(series)
-    for start in range(0, len(ordered), _MOST_ROWS):
-        chunk = ordered[start : start + _MOST_ROWS]
-        params: dict[str, Any] = {}
-        for i, row in enumerate(chunk):
-            params.update({f"{name}_{i}": value for name, value in zip(Series._fields, row, strict=True)})
-        session.execute(upserts[len(chunk)], params)
+    merged: dict[tuple[str, str, str], tuple[int, float]] = {}
+    for row in series:
+        value, total = merged.get(row[:3], (0, 0.0))
+        merged[row[:3]] = (value + row.value, total + row.total)
+    # In key order: every writer locks counter rows in the same order, so none waits in a cycle
+    # (and one statement never touches a row twice, which Postgres refuses).
+    rows = [
+        {"metric": metric, "task": task, "label": label, "value": value, "total": total}
+        for (metric, task, label), (value, total) in sorted(merged.items())
+    ]
+    session.execute(_UPSERTS[session.get_bind().dialect.name], rows)
 
 
 def observations(job: Job) -> list[Series]:

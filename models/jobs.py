@@ -18,9 +18,10 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    inspect,
     text,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, configure_mappers, mapped_column
 
 from models.db import Base, UTCDateTime, utcnow
 from models.state import JobStatus
@@ -32,6 +33,7 @@ class Job(Base):
         UniqueConstraint("client_id", "idempotency_key", name="uq_jobs_client_idempotency"),
         Index("ix_jobs_client_created", "client_id", "created_at"),
         Index("ix_jobs_status_queued", "status", "queued_at"),
+        Index("ix_jobs_client_batch", "client_id", "batch_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -49,6 +51,8 @@ class Job(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The batch the job was submitted in (``POST /v1/jobs/batch``); None for a job sent alone.
+    batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -79,6 +83,18 @@ class Job(Base):
     # The sequence number of the job's last event (``JobEvent.seq``): each move counts it up in
     # its own UPDATE, so the event needs no read to find its number.
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+    @classmethod
+    def transient(cls, **attributes: Any) -> Job:
+        """A new job that is not in the database yet, its attributes set as given, without the ORM's
+        per-attribute bookkeeping: the submit path builds one per job (1,000 for a batch), INSERTs
+        it itself (``lifecycle.create``) and never adds it to a session. About 1 µs, not 20."""
+        mapper = inspect(cls)
+        if not mapper.configured:
+            configure_mappers()  # what the first Job() would do: attribute access needs it
+        job: Job = mapper.class_manager.new_instance()
+        job.__dict__.update(attributes)
+        return job
 
 
 class JobEvent(Base):

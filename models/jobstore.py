@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,12 +21,14 @@ from sqlalchemy.orm import Session
 from models import lifecycle
 from models.assets import OUTPUT, stamps
 from models.db import Database, relaxed_commit, rowcount, utcnow
+from models.failures import JobFailure
 from models.jobs import Job, StoredFile, WebhookDelivery
 from models.lifecycle import FINAL_CHANNEL, Moved, job_from, notify_final
 from models.state import FINAL_STATUSES, MOVES, JobStatus, Phase, finish_move
 
 __all__ = [
     "FINAL_CHANNEL",
+    "CancelOutcome",
     "Claim",
     "ClaimRefused",
     "JobStore",
@@ -96,6 +98,16 @@ class Claim:
     neighbours: bool = False
 
 
+@dataclass
+class CancelOutcome:
+    """What ``cancel_many`` did: queued jobs ended at once, running jobs asked to stop, and how
+    many had already finished."""
+
+    ended: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+    already_final: int = 0
+
+
 class ClaimRefused(Exception):
     """The job cannot run now (finished, cancelled, already running elsewhere, out of attempts)."""
 
@@ -138,12 +150,14 @@ class JobStore:
             return row is None or bool(row.cancel_requested) or row.status in FINAL_STATUSES
 
     # -- the pipeline ---------------------------------------------------------------------------
-    def set_prepared(self, job_id: str, inputs: dict[str, Any]) -> bool:
-        """Record fetched inputs and hand the job to its run queue; False if it left ``queued``."""
+    def set_prepared(self, job_id: str, inputs: dict[str, Any]) -> Job | None:
+        """Record fetched inputs (the job is then at DISPATCHED, its next message on the way);
+        returns the job as the move left it, or None when it left ``queued`` meanwhile."""
         now = utcnow()
         with self.db.session() as session:
             moved = lifecycle.apply(session, MOVES["prepare"], job_id, now, inputs=inputs, dispatched_at=now)
-        return self._done(moved) is not None
+        done = self._done(moved)
+        return None if done is None else done.job
 
     def mark_dispatched(self, job_id: str) -> None:
         with self.db.session() as session:
@@ -204,15 +218,11 @@ class JobStore:
         if job.status in FINAL_STATUSES:
             return ClaimRefused(f"job is already {job.status}"), None
         if job.cancel_requested:
-            error = {"code": "cancelled", "message": "The job was cancelled."}
+            error = JobFailure.cancelled().as_error()
             ended = lifecycle.apply(session, MOVES["cancel_flagged"], job_id, now, error=error)
             return ClaimRefused("job was cancelled", finalized=ended is not None), ended
         if job.attempts >= self.max_attempts and (job.status == JobStatus.RUNNING.value or redelivered):
-            error = {
-                "code": "worker_lost",
-                "message": f"The job's worker died {job.attempts} times while running it; "
-                "it is not retried again.",
-            }
+            error = JobFailure.worker_lost(job.attempts).as_error()
             ended = lifecycle.apply(
                 session, MOVES["give_up"], job_id, now, error=error, max_attempts=self.max_attempts
             )
@@ -248,13 +258,13 @@ class JobStore:
         status: JobStatus,
         *,
         result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
+        error: JobFailure | None = None,
         backend: str | None = None,
         files: Sequence[StoredFile] = (),
         retention: float | None = None,
     ) -> Moved | None:
-        """Write the final status of a claimed run and its output files; None when the claim was
-        fenced off."""
+        """Write the final status of a claimed run (with its ``error`` unless it succeeded) and its
+        output files; None when the claim was fenced off."""
         now = utcnow()
         expires = now + timedelta(seconds=retention) if retention and files else None
         succeeded = status is JobStatus.SUCCEEDED
@@ -266,7 +276,7 @@ class JobStore:
                 now,
                 claim.token,
                 result=result,
-                error=error,
+                error=None if error is None else error.as_error(),
                 backend=backend or None,
                 expires_at=expires if succeeded else None,
             )
@@ -297,10 +307,15 @@ class JobStore:
                     stored.expires_at = expires
         return self._done(moved)
 
-    def fail_unclaimed(self, job_id: str, status: JobStatus, error: dict[str, Any]) -> bool:
-        """End a job that never ran (bad input found while preparing, expiry): from ``queued`` only."""
+    def fail(self, claim: Claim, failure: JobFailure, *, backend: str | None = None) -> Moved | None:
+        """End a claimed run as ``failure`` says (failed, rejected, cancelled or expired)."""
+        return self.finish(claim, failure.status, error=failure, backend=backend)
+
+    def fail_unclaimed(self, job_id: str, failure: JobFailure) -> bool:
+        """End a job that never ran (bad input found while preparing): from ``queued`` only."""
         with self.db.session() as session:
-            moved = lifecycle.apply(session, _END_QUEUED[status], job_id, utcnow(), error=error)
+            move = _END_QUEUED[failure.status]
+            moved = lifecycle.apply(session, move, job_id, utcnow(), error=failure.as_error())
         return self._done(moved) is not None
 
     def cancel(self, job_id: str) -> str:
@@ -310,7 +325,7 @@ class JobStore:
         ``ClaimRefused`` when it had already finished.
         """
         now = utcnow()
-        error = {"code": "cancelled", "message": "The job was cancelled by the client."}
+        error = JobFailure.cancelled("The job was cancelled by the client.").as_error()
         with self.db.session() as session:
             moved = lifecycle.apply(session, MOVES["cancel"], job_id, now, error=error)
             if moved is None:
@@ -320,6 +335,30 @@ class JobStore:
             raise ClaimRefused(f"job is already {status}")
         self._done(moved)
         return moved.job.status
+
+    def cancel_many(self, job_ids: Sequence[str]) -> CancelOutcome:
+        """``cancel`` for many jobs (``POST /v1/jobs/cancel``), each through the same moves, in one
+        transaction; the caller checked that they are its own."""
+        now = utcnow()
+        error = JobFailure.cancelled("The job was cancelled by the client.").as_error()
+        outcome = CancelOutcome()
+        moves: list[Moved] = []
+        with self.db.session() as session:
+            for job_id in job_ids:
+                moved = lifecycle.apply(session, MOVES["cancel"], job_id, now, error=error)
+                if moved is not None:
+                    outcome.ended.append(job_id)
+                else:
+                    moved = lifecycle.apply(session, MOVES["request_cancel"], job_id, now)
+                    if moved is not None:
+                        outcome.flagged.append(job_id)
+                    elif session.scalar(select(Job.status).where(Job.id == job_id)) is not None:
+                        outcome.already_final += 1  # a job deleted meanwhile is neither
+                if moved is not None:
+                    moves.append(moved)
+        for moved in moves:
+            self._done(moved)
+        return outcome
 
     # -- a remote provider's side ---------------------------------------------------------------
     def record_remote(self, claim: Claim, backend: str, remote_id: str, next_poll_at: datetime) -> bool:
@@ -424,7 +463,7 @@ class JobStore:
         """Jobs still ``queued`` after their TTL end ``expired``."""
         now = now or utcnow()
         deadline = now - timedelta(seconds=ttl)
-        error = {"code": "expired", "message": f"The job waited longer than its TTL of {ttl:g} s."}
+        error = JobFailure.expired(f"The job waited longer than its TTL of {ttl:g} s.").as_error()
         with self.db.session() as session:
             ids = list(
                 session.scalars(

@@ -28,10 +28,12 @@ writes a column that only moves write (``MOVE_COLUMNS``); a test holds it to tha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg2.extras
 from sqlalchemy import (
     Integer,
     String,
@@ -270,6 +272,68 @@ def create(session: Session, job: Job) -> dict[str, Any]:
     body = job_object(job, job.created_at)
     record(session, Event.QUEUED, job, job.created_at, body)
     return body
+
+
+def create_many(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """``create`` for many jobs at once (``POST /v1/jobs/batch``): one multi-row INSERT of the jobs
+    and one of their ``job.queued`` events, in the caller's transaction. The jobs must have been
+    given the same attributes (one statement, one column list). Returns their job objects, in order."""
+    if not jobs:
+        return []
+    for job in jobs:
+        job.status, job.stage, job.event_seq = INITIAL.status.value, INITIAL.phase.value, 1
+    given = [(name, key) for name, key in _ATTRIBUTES.items() if key in jobs[0].__dict__]
+    rows: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    bodies: list[dict[str, Any]] = []
+    for job in jobs:
+        state = job.__dict__
+        rows.append({name: state[key] for name, key in given})
+        body = job_object(job, job.created_at)
+        bodies.append(body)
+        events.append(
+            {
+                "job_id": job.id,
+                "seq": 1,
+                "type": Event.QUEUED.value,
+                "created_at": job.created_at,
+                "data": body,
+                # As in ``record``: nothing waits on a job.queued event unless a webhook wants it.
+                "dispatched_at": None if wanted_by_webhook(Event.QUEUED, job) else job.created_at,
+            }
+        )
+    insert_rows(session, _jobs, rows)
+    insert_rows(session, _events, events)
+    return bodies
+
+
+def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """One multi-row INSERT of ``rows`` (the same keys in each) in the session's transaction.
+
+    On Postgres through psycopg2's ``execute_values``, each value bound by its column type's own
+    processor: a batch of 500 jobs spent a third of its INSERT in SQLAlchemy's executemany
+    machinery (named parameters, per-row dictionaries) around the same work. Elsewhere (SQLite)
+    through SQLAlchemy's own executemany."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    if dialect.name != "postgresql":
+        session.execute(insert(table), rows)
+        return
+    names = list(rows[0])
+    # Each column's own bind processing (JSON serialized, UTC times checked), as SQLAlchemy binds.
+    processors = [(name, table.c[name].type.bind_processor(dialect)) for name in names]
+    values = [
+        tuple(row[name] if process is None else process(row[name]) for name, process in processors)
+        for row in rows
+    ]
+    columns = ", ".join(f'"{name}"' for name in names)
+    statement = f'INSERT INTO "{table.name}" ({columns}) VALUES %s'
+    cursor = session.connection().connection.cursor()
+    try:
+        psycopg2.extras.execute_values(cursor, statement, values, page_size=len(values))
+    finally:
+        cursor.close()
 
 
 # -- touches ----------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def job_object(job: Job, now: datetime | None = None) -> dict[str, Any]:
             "attempts": job.attempts,
             "metadata": job.meta or {},
             "webhook_url": job.webhook_url,
+            "batch_id": job.batch_id,
             "priority": job.priority,
             "expires_at": iso(job.expires_at),
         }

@@ -26,6 +26,7 @@ class JobFilter:
     status: str | None = None
     task: str | None = None
     before: datetime | None = None
+    batch_id: str | None = None
 
 
 def list_jobs(db: Database, client_id: str, filters: JobFilter, limit: int) -> tuple[list[Job], bool]:
@@ -42,6 +43,8 @@ def list_jobs(db: Database, client_id: str, filters: JobFilter, limit: int) -> t
         query = query.where(Job.task == filters.task)
     if filters.before is not None:
         query = query.where(Job.created_at < filters.before)
+    if filters.batch_id is not None:
+        query = query.where(Job.batch_id == filters.batch_id)
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     with db.session() as session:
         rows = list(session.scalars(query))

@@ -13,7 +13,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from models import counters
 from models.db import Database
@@ -76,19 +75,16 @@ _LIVE = (
 
 
 def job_metrics(db: Database) -> JobMetrics:
-    """The figures behind ``/metrics``: the live jobs' gauge and the counters."""
+    """The figures behind ``/metrics``: the live jobs' gauge and the counters, one row per series."""
     with db.session() as session:
-        return _read(session)
-
-
-def _read(session: Session) -> JobMetrics:
-    live = [(task, status, int(count)) for task, status, count in session.execute(_LIVE)]
+        live = [(task, status, int(count)) for task, status, count in session.execute(_LIVE)]
+        stored = counters.read(session)
     finished: list[tuple[str, str, int]] = []
     attempts: dict[str, int] = {}
     buckets: dict[str, dict[str, list[counters.Series]]] = {
         name: defaultdict(list) for name in counters.HISTOGRAMS
     }
-    for series in counters.read(session):
+    for series in stored:
         if series.metric == counters.JOBS_FINISHED:
             finished.append((series.task, series.label, series.value))
         elif series.metric == counters.WEBHOOK_ATTEMPTS:

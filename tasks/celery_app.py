@@ -124,6 +124,35 @@ def create_celery(settings: Settings) -> Celery:
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5}
 
 
+def task_message(
+    app: Celery,
+    task_name: str,
+    job_id: str,
+    task_kwargs: dict[str, Any] | None = None,
+    *,
+    countdown: float | None = None,
+    soft_time_limit: float | None = None,
+    time_limit: float | None = None,
+) -> tuple[str, Any]:
+    """One job id's message, exactly as Celery's ``send_task`` builds it (``amqp.as_task_v2``):
+    its task id and the ``(headers, properties, body, sent_event)`` tuple. ``publish`` sends one;
+    ``tasks.bulk_publish`` sends many on one confirmed channel."""
+    task_id = uuid()
+    kwargs = task_kwargs or {}
+    message = app.amqp.as_task_v2(
+        task_id,
+        task_name,
+        args=[job_id],
+        kwargs=kwargs,
+        countdown=countdown,
+        soft_time_limit=soft_time_limit,
+        time_limit=time_limit,
+        argsrepr=repr([job_id]),
+        kwargsrepr=repr(kwargs),
+    )
+    return task_id, message
+
+
 def publish(
     app: Celery,
     task_name: str,
@@ -144,18 +173,14 @@ def publish(
     (routing by name, merging a registered task's options, parent links) is skipped: the queue is
     always named here, and on a 2-core API host that part cost more than the publish itself.
     """
-    task_id = uuid()
-    kwargs = task_kwargs or {}
-    message = app.amqp.as_task_v2(
-        task_id,
+    task_id, message = task_message(
+        app,
         task_name,
-        args=[job_id],
-        kwargs=kwargs,
+        job_id,
+        task_kwargs,
         countdown=countdown,
         soft_time_limit=soft_time_limit,
         time_limit=time_limit,
-        argsrepr=repr([job_id]),
-        kwargsrepr=repr(kwargs),
     )
     with app.producer_or_acquire() as producer, producer.connection._reraise_as_library_errors():
         app.amqp.send_task_message(

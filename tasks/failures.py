@@ -42,6 +42,7 @@ def failure_of(
     ``provider``: the exception came from that provider's side (its client, or the outputs it
     returned, which are checked like inputs) rather than from our own inputs or engine.
     """
+    details: dict[str, Any]
     if isinstance(exc, InputProblem):
         if provider is not None:
             message = f"{provider} returned an unusable output: {exc.message}"
@@ -57,7 +58,7 @@ def failure_of(
     if isinstance(exc, Cancelled):
         return JobFailure.cancelled("The job was cancelled while running.")
     if isinstance(exc, ProviderException):  # before EngineError: a ProviderError is both
-        details: dict[str, Any] = {"provider": exc.provider}
+        details = {"provider": exc.provider}
         if exc.provider_code:
             details["provider_code"] = exc.provider_code
         status = JobStatus.REJECTED if isinstance(exc, ContentRejected) else JobStatus.FAILED
@@ -66,7 +67,8 @@ def failure_of(
     if isinstance(exc, EngineError):
         details = {"field": exc.field} if exc.field else {}
         status = JobStatus.REJECTED if isinstance(exc, ContentRejected) else JobStatus.FAILED
-        return JobFailure(exc.code, _sentence(exc, "The engine failed on this input."), details, status=status)
+        message = _sentence(exc, "The engine failed on this input.")
+        return JobFailure(exc.code, message, details, status=status)
     if isinstance(exc, SoftTimeLimitExceeded):
         limit = f"its time limit of {time_limit:g} s" if time_limit else "its time limit"
         return JobFailure("timeout", f"The job ran longer than {limit}.")

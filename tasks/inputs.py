@@ -48,7 +48,8 @@ CHUNK = 64 * 1024
 
 
 class InputProblem(Exception):
-    """The input is unusable: the job fails with this code, naming the field."""
+    """The input is unusable: the job fails with this code, naming the field
+    (``tasks.failures.failure_of``)."""
 
     def __init__(self, code: str, message: str, field: str):
         super().__init__(message)
@@ -56,12 +57,13 @@ class InputProblem(Exception):
         self.message = message
         self.field = field
 
-    def as_error(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "details": {"field": self.field}}
-
 
 class TransientFetchError(Exception):
-    """A network failure worth retrying (timeout, reset, 5xx, 429)."""
+    """A network failure worth retrying (timeout, reset, 5xx, 429) while fetching ``field``."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 class FetchCancelled(Exception):
@@ -176,7 +178,7 @@ class Fetcher:
                     url = urljoin(url, response.headers["Location"])
                     continue
                 if response.status == 429 or response.status >= 500:
-                    raise TransientFetchError(f"{url} answered HTTP {response.status}")
+                    raise TransientFetchError(f"{url} answered HTTP {response.status}", field)
                 if response.status == 404 or response.status == 410:
                     raise InputProblem("input_not_found", f"{url} answered HTTP {response.status}", field)
                 if response.status >= 400:
@@ -222,7 +224,7 @@ class Fetcher:
             # (AIORCH_CA_BUNDLE adds CAs): a server's configuration, not a passing failure.
             reason = tls_failure_reason(exc)
             return InputProblem("input_tls_error", f"TLS with the host of {field} failed: {reason}", field)
-        return TransientFetchError(f"cannot reach {url}: {describe_network_error(exc)}")
+        return TransientFetchError(f"cannot reach {url}: {describe_network_error(exc)}", field)
 
     def _read_capped(
         self, response: Any, url: str, field: str, deadline: float, should_stop: Callable[[], bool]
@@ -242,14 +244,16 @@ class Fetcher:
                     raise InputProblem("input_too_large", f"the input is over the {cap} byte limit", field)
                 now = time.monotonic()
                 if now > deadline:
-                    raise TransientFetchError(f"downloading {url} took too long")
+                    raise TransientFetchError(f"downloading {url} took too long", field)
                 # A cancel must not wait for a slow download to end; check twice a second.
                 if now - last_check > 0.5:
                     last_check = now
                     if should_stop():
                         raise FetchCancelled()
         except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError) as exc:
-            raise TransientFetchError(f"downloading {url} failed: {describe_network_error(exc)}") from None
+            raise TransientFetchError(
+                f"downloading {url} failed: {describe_network_error(exc)}", field
+            ) from None
         return bytes(buffer)
 
 

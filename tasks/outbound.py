@@ -384,7 +384,7 @@ def describe_network_error(exc: BaseException) -> str:
     if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
         return "connecting timed out"
     if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
-        return "the server did not answer in time"
+        return "waiting for the answer timed out"
     if isinstance(exc, urllib3.exceptions.SSLError):
         return f"TLS failed: {tls_failure_reason(exc)}"
     if isinstance(exc, urllib3.exceptions.ProtocolError):

@@ -25,7 +25,8 @@ from models.db import utcnow
 from models.jobs import Job, StoredFile
 from models.jobstore import JobStore
 from tasks.inputs import InputProblem
-from tasks.jobs import Runtime, load_inputs
+from tasks.prepare import load_inputs
+from tasks.runtime import Runtime
 from tasks.storage import Storage
 from tests.conftest import KEYS
 from tests.support.factories import make_job

@@ -9,25 +9,33 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
-from sqlalchemy import ColumnElement, case, event, func, select, text
+from sqlalchemy import SQLColumnExpression, case, event, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from config import Settings
-from models import counters, lifecycle, outbox
+from models import counters, lifecycle
 from models.db import Database, utcnow
-from models.jobs import Job
+from models.failures import JobFailure
+from models.jobs import Job, WebhookDelivery
 from models.jobstore import JobStore, new_id
 from models.migrate import upgrade
 from models.state import FINAL_STATUSES, MOVES, JobStatus
 from models.stats import Histogram, JobMetrics, job_metrics
+from tasks.celery_app import create_celery
+from tasks.events import dispatch
+from tasks.runtime import Runtime
 from tests.conftest import PG_ADMIN, RUN_ID
-from tests.support.factories import HOOK_URL, make_job, make_webhook_delivery
+from tests.support.factories import HOOK_URL, make_job
+from tests.support.servers import WebhookReceiver
 
 Key = tuple[str, str, str]
+FAILURE = JobFailure("engine_error", "The engine failed.")
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -63,7 +71,9 @@ def test_a_finish_counts_the_job_its_run_time_and_its_estimate_once(database: Da
     assert series(database, task) == {}  # a claim is no final move
     moved = store.finish(claim, JobStatus.SUCCEEDED, result={"ok": True})
     assert moved is not None
-    ran = (moved.job.finished_at - moved.job.started_at).total_seconds()
+    started, finished = moved.job.started_at, moved.job.finished_at
+    assert started is not None and finished is not None
+    ran = (finished - started).total_seconds()
     expected = {
         ("jobs_finished", task, "succeeded"): (1, 0.0),
         ("job_duration_seconds", task, counters.bucket_of(ran)): (1, round(ran, 6)),
@@ -72,7 +82,7 @@ def test_a_finish_counts_the_job_its_run_time_and_its_estimate_once(database: Da
     assert series(database, task) == expected
     # The same finish again (a redelivered message, a retried call) is refused and counts nothing.
     assert store.finish(claim, JobStatus.SUCCEEDED, result={"ok": True}) is None
-    assert store.finish(claim, JobStatus.FAILED, error={"code": "x", "message": "y"}) is None
+    assert store.finish(claim, JobStatus.FAILED, error=FAILURE) is None
     assert series(database, task) == expected
 
 
@@ -80,9 +90,7 @@ def test_a_job_that_never_ran_counts_its_status_and_no_run_time(database: Databa
     task = a_task()
     store = JobStore(database)
     store.cancel(make_job(database, engine_task=task, predict_time=1.0))
-    store.fail_unclaimed(
-        make_job(database, engine_task=task), JobStatus.FAILED, {"code": "x", "message": "y"}
-    )
+    store.fail_unclaimed(make_job(database, engine_task=task), FAILURE)
     assert series(database, task) == {
         ("jobs_finished", task, "cancelled"): (1, 0.0),
         ("jobs_finished", task, "failed"): (1, 0.0),
@@ -119,22 +127,37 @@ def test_deleting_jobs_lowers_no_counter(database: Database) -> None:
     assert durations.count == 3 and durations.at_most[-1] == 3
 
 
-def test_the_dispatcher_taking_a_final_event_twice_counts_it_once(db: Database) -> None:
-    """What a crash between the commit and the dispatch leads to: the kick and the sweep both
-    try the event. The count was made with the move; taking the event adds nothing."""
-    task = a_task()
-    store = JobStore(db)
-    job_id = make_job(db, engine_task=task, webhook_url=HOOK_URL)
-    store.finish(
-        store.claim(job_id, redelivered=False), JobStatus.FAILED, error={"code": "x", "message": "y"}
-    )
-    counted = series(db, task)
-    assert counted[("jobs_finished", task, "failed")] == (1, 0.0)
-    for _ in range(2):
-        with db.session() as session:
-            outbox.take_pending(session, job_id, utcnow())
-            outbox.take_left_over(session, utcnow(), utcnow())
-    assert series(db, task) == counted
+def attempts(db: Database) -> dict[str, int]:
+    with db.session() as session:
+        return {s.label: s.value for s in counters.read(session) if s.metric == counters.WEBHOOK_ATTEMPTS}
+
+
+def test_the_dispatcher_running_twice_counts_the_job_and_its_webhook_attempt_once(
+    settings: Settings,
+) -> None:
+    """What a crash between a move's commit and its dispatch leads to: the dispatcher runs on the
+    job twice (the kick and the sweep). The job was counted with its move, its one webhook attempt
+    with that attempt's delivery row; taking the event again adds nothing."""
+    settings = settings.with_overrides(webhook_secret="whsec_" + "A" * 32)
+    receiver = WebhookReceiver().start()
+    runtime = Runtime(settings)
+    try:
+        task = a_task()
+        store = JobStore(runtime.db)
+        job_id = make_job(runtime.db, engine_task=task, webhook_url=receiver.url)
+        store.finish(store.claim(job_id, redelivered=False), JobStatus.FAILED, error=FAILURE)
+        counted = series(runtime.db, task)
+        assert counted[("jobs_finished", task, "failed")] == (1, 0.0)
+        before = attempts(runtime.db)
+        app = create_celery(settings)
+        assert dispatch(runtime, app, job_id, inline=True) == 1  # delivered here, at once
+        assert dispatch(runtime, app, job_id, inline=True) == 0
+        assert len(receiver.wait_for(1)) == 1
+        assert series(runtime.db, task) == counted
+        assert attempts(runtime.db) == {**before, "success": before.get("success", 0) + 1}
+    finally:
+        receiver.stop()
+        runtime.db.dispose()
 
 
 def test_a_final_move_adds_one_upsert_to_its_transaction(db: Database) -> None:
@@ -152,6 +175,26 @@ def test_a_final_move_adds_one_upsert_to_its_transaction(db: Database) -> None:
         event.remove(db.engine, "before_cursor_execute", record)
     writes = [s for s in statements if not s.startswith(("SET", "SELECT PG_NOTIFY"))]
     assert writes == ["UPDATE JOBS SET", "INSERT INTO JOB_EVENTS", "INSERT INTO JOB_COUNTERS"]
+
+
+# Rows written at revision 0005, before later migrations added columns the models now have: only
+# the columns given (and the models' defaults) are written.
+def job_at_0005(db: Database, **values: Any) -> str:
+    now = utcnow()
+    row: dict[str, Any] = dict(
+        id=new_id(), client_id="alice", task="upscale", engine_task="upscale", queue="gpu.superres",
+        payload={}, created_at=now, queued_at=now, updated_at=now,
+    )  # fmt: skip
+    row.update(values)
+    with db.session() as session:
+        session.execute(insert(Job).values(row))
+    return str(row["id"])
+
+
+def attempt_at_0005(db: Database, job_id: str, ok: bool) -> None:
+    row = dict(job_id=job_id, event_id=new_id(), event="job.finished", attempt=1, url=HOOK_URL, ok=ok)
+    with db.session() as session:
+        session.execute(insert(WebhookDelivery).values(row))
 
 
 # -- a scrape at 100,000 jobs, and the back-fill of migration 0006 ----------------------------------
@@ -206,9 +249,9 @@ def history(base_settings: Settings) -> Iterator[Database]:
     try:
         upgrade(db, "0005")
         seed_final_jobs(db, MANY)
-        job_id = make_job(db, status="succeeded", stage="done")
+        job_id = job_at_0005(db, status="succeeded", stage="done")
         for ok in (True, False, False):
-            make_webhook_delivery(db, job_id, ok=ok)
+            attempt_at_0005(db, job_id, ok)
         upgrade(db)
         with db.engine.connect() as connection:
             connection.execute(text("ANALYZE jobs"))
@@ -220,9 +263,9 @@ def history(base_settings: Settings) -> Iterator[Database]:
 
 def aggregated_at_scrape(session: Session, bounds: tuple[float, ...]) -> JobMetrics:
     """What ``/metrics`` read before the counters: aggregates over the whole jobs table."""
-    seconds: ColumnElement[float] = func.extract("epoch", Job.finished_at - Job.started_at)
+    seconds: SQLColumnExpression[Any] = func.extract("epoch", Job.finished_at - Job.started_at)
 
-    def histograms(column: ColumnElement[float]) -> list[Histogram]:
+    def histograms(column: SQLColumnExpression[Any]) -> list[Histogram]:
         buckets = [func.sum(case((column <= bound, 1), else_=0)) for bound in bounds]
         query = (
             select(Job.engine_task, func.count(), func.coalesce(func.sum(column), 0.0), *buckets)
@@ -231,7 +274,7 @@ def aggregated_at_scrape(session: Session, bounds: tuple[float, ...]) -> JobMetr
             .order_by(Job.engine_task)
         )
         return [
-            Histogram(task, int(n), round(float(total), 3), [int(b) for b in at_most])
+            Histogram(task, int(n), float(total), [int(b) for b in at_most])
             for task, n, total, *at_most in session.execute(query)
         ]
 
@@ -247,8 +290,11 @@ def aggregated_at_scrape(session: Session, bounds: tuple[float, ...]) -> JobMetr
     )
 
 
-def rounded(histograms: list[Histogram]) -> list[Histogram]:
-    return [Histogram(h.task, h.count, round(h.total, 3), h.at_most) for h in histograms]
+def same_histograms(got: list[Histogram], expected: list[Histogram]) -> bool:
+    """Equal counts and buckets; sums equal but for the last bits (double vs numeric arithmetic)."""
+    return [(h.task, h.count, h.at_most) for h in got] == [
+        (h.task, h.count, h.at_most) for h in expected
+    ] and all(g.total == pytest.approx(e.total, rel=1e-9) for g, e in zip(got, expected, strict=True))
 
 
 def test_migration_0006_backfills_what_the_scrape_time_aggregate_said(history: Database) -> None:
@@ -257,14 +303,48 @@ def test_migration_0006_backfills_what_the_scrape_time_aggregate_said(history: D
     figures = job_metrics(history)
     assert sum(n for _, _, n in figures.finished) == MANY + 1
     assert figures.finished == expected.finished
-    assert rounded(figures.durations) == expected.durations
-    assert rounded(figures.predict_times) == expected.predict_times
+    assert same_histograms(figures.durations, expected.durations)
+    assert same_histograms(figures.predict_times, expected.predict_times)
     assert figures.webhook_attempts == expected.webhook_attempts
     assert figures.live == []
 
 
+def test_migration_0006_backfills_sqlite_as_the_moves_would_have_counted(tmp_path: Path) -> None:
+    db = Database(Settings(database_url=f"sqlite:///{tmp_path / 'upgrade.db'}"))
+    upgrade(db, "0005")
+    now = utcnow()
+    ago = lambda seconds: now - timedelta(seconds=seconds)  # noqa: E731
+    final: list[dict[str, Any]] = [
+        dict(engine_task="upscale", status="succeeded", started_at=ago(10.3), predict_time=4.0),
+        dict(engine_task="upscale", status="failed", started_at=ago(0.05)),
+        dict(engine_task="upscale", status="succeeded", started_at=ago(0.6), predict_time=0.6),
+        dict(engine_task="generate", status="cancelled"),  # ended while queued: no run time
+        dict(engine_task="generate", status="succeeded", started_at=ago(2000), predict_time=5000.0),
+    ]
+    ids = [job_at_0005(db, stage="done", finished_at=now, **values) for values in final]
+    job_at_0005(db, status="queued", stage="run")  # still queued: not counted
+    job_id = ids[0]
+    for ok in (True, True, False):
+        attempt_at_0005(db, job_id, ok)
+    upgrade(db)
+    expected: dict[Key, list[float]] = {}
+    with db.session() as session:
+        for job in session.scalars(select(Job).where(Job.id.in_(ids))):
+            for s in counters.observations(job):
+                value, total = expected.setdefault(s[:3], [0, 0.0])
+                expected[s[:3]] = [value + s.value, total + s.total]
+        got = {(s.metric, s.task, s.label): [s.value, s.total] for s in counters.read(session)}
+    expected[("webhook_attempts", "", "success")] = [2, 0.0]
+    expected[("webhook_attempts", "", "failure")] = [1, 0.0]
+    assert got.keys() == expected.keys()
+    for key, (value, total) in expected.items():
+        assert got[key][0] == value and got[key][1] == pytest.approx(total, abs=1e-3), key
+    assert ("job_duration_seconds", "generate", "+Inf") in got  # past the last bound
+    db.dispose()
+
+
 def test_a_scrape_reads_the_counters_and_only_the_live_jobs(history: Database) -> None:
-    issued: list[tuple[str, object]] = []
+    issued: list[tuple[str, Any]] = []
 
     def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
         issued.append((statement, parameters))

@@ -11,7 +11,7 @@ from sqlalchemy import event
 
 from models.db import Database
 from models.jobstore import JobStore
-from tasks.jobs import PROGRESS_INTERVAL, JobControl
+from tasks.run import PROGRESS_INTERVAL, JobControl
 from tests.test_state_machine import make_job
 
 

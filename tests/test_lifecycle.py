@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql
 from config import Settings
 from models import lifecycle, outbox
 from models.db import Database, utcnow
+from models.failures import JobFailure
 from models.jobs import Job, JobEvent
 from models.jobstore import JobStore, new_id
 from models.migrate import upgrade
@@ -289,7 +290,7 @@ def test_the_store_kicks_after_the_commit_only_for_a_pending_event(db: Database)
     quiet = make_job(db)
     for job_id in (hooked, quiet):
         claim = store.claim(job_id, redelivered=False)
-        store.finish(claim, JobStatus.FAILED, error={"code": "x", "message": "y"})
+        store.finish(claim, JobStatus.FAILED, error=JobFailure("x", "y"))
     assert seen == [(hooked, "job.finished", ["job.finished"])]
     assert other.get(hooked).status == "failed"
 

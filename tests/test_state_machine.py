@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from models.db import Database
+from models.failures import JobFailure
 from models.jobstore import ClaimRefused, JobStore
 from models.state import FINAL_STATUSES, JobStatus, sources_of
 from tests.support.factories import make_job
@@ -79,7 +80,7 @@ def test_cancelling_a_running_job_flags_it_and_its_finish_is_cancelled(db: Datab
     claim = store.claim(job_id, redelivered=False)
     assert store.cancel(job_id) == "running"
     assert store.cancel_requested(job_id) is True
-    assert store.finish(claim, JobStatus.CANCELLED, error={"code": "cancelled", "message": "x"})
+    assert store.finish(claim, JobStatus.CANCELLED, error=JobFailure.cancelled("x"))
     with pytest.raises(ClaimRefused):
         store.cancel(job_id)
 
@@ -111,7 +112,7 @@ def test_a_claim_from_prepare_takes_a_job_the_api_sent_straight_to_its_run_queue
     claim, job = store.claim_job(direct, redelivered=False, from_prepare=True)
     assert (job.status, job.stage, job.attempts, job.claim_token) == ("running", "local", 1, claim.token)
     assert job.started_at is not None and job.inputs is None  # the run task checks them next
-    assert store.finish(claim, JobStatus.FAILED, error={"code": "input_not_image", "message": "x"})
+    assert store.finish(claim, JobStatus.FAILED, error=JobFailure("input_not_image", "x"))
     assert store.get(direct).error["code"] == "input_not_image"
 
 

@@ -14,7 +14,7 @@ from models.db import Database
 from models.jobs import Job
 from models.jobstore import ClaimRefused
 from tasks.batching import batch_key, claim_partners
-from tasks.jobs import Runtime
+from tasks.runtime import Runtime
 from tests.test_state_machine import make_job
 
 
@@ -62,7 +62,7 @@ def test_a_claimed_small_job_takes_waiting_jobs_with_the_same_model_size_and_sca
     )
     rt.store.claim(leader, redelivered=False)
 
-    partners = claim_partners(rt, None, get(db, leader))
+    partners = claim_partners(rt, get(db, leader))
 
     assert [job.id for _claim, job in partners] == same[:2]  # oldest first, up to max_batch - 1
     assert {get(db, job_id).status for job_id in same[:2]} == {"running"}
@@ -91,7 +91,7 @@ def test_the_batch_waits_for_a_job_that_becomes_ready_within_the_wait(
     thread = threading.Thread(target=finish_fetching)
     thread.start()
     started = time.monotonic()
-    partners = claim_partners(rt, None, get(db, leader))
+    partners = claim_partners(rt, get(db, leader))
     elapsed = time.monotonic() - started
     thread.join()
 
@@ -106,7 +106,7 @@ def test_a_job_alone_on_its_queue_starts_without_waiting(
     leader = upscale_job(db, queue)
     rt.store.claim(leader, redelivered=False)
     started = time.monotonic()
-    assert claim_partners(rt, None, get(db, leader)) == []
+    assert claim_partners(rt, get(db, leader)) == []
     assert time.monotonic() - started < 1.0
 
 
@@ -114,7 +114,7 @@ def test_batching_is_off_with_a_max_batch_of_one(settings: Settings, db: Databas
     rt = runtime(settings, upscale_max_batch=1)
     leader, other = upscale_job(db, queue), upscale_job(db, queue)
     rt.store.claim(leader, redelivered=False)
-    assert claim_partners(rt, None, get(db, leader)) == []
+    assert claim_partners(rt, get(db, leader)) == []
     assert get(db, other).status == "queued"
 
 
@@ -175,7 +175,7 @@ def test_waiting_jobs_sent_straight_to_the_run_queue_are_checked_and_claimed_by_
     other_size = make_job(db, queue=queue, stage="prepare", payload={"image_url": png_uri(40), "scale": 2})
     rt.store.claim(leader, redelivered=False)
 
-    partners = claim_partners(rt, None, get(db, leader))
+    partners = claim_partners(rt, get(db, leader))
 
     assert [job.id for _claim, job in partners] == [direct]
     taken = get(db, direct)
@@ -211,5 +211,5 @@ def test_a_long_stuck_preparing_job_does_not_make_the_batch_wait(
     )
     rt.store.claim(leader, redelivered=False)
     started = time.monotonic()
-    assert claim_partners(rt, None, get(db, leader)) == []
+    assert claim_partners(rt, get(db, leader)) == []
     assert time.monotonic() - started < 1.0

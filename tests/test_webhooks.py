@@ -30,23 +30,19 @@ from models.jobs import Job, JobEvent, WebhookDelivery, WebhookEvent, WebhookSec
 from models.migrate import upgrade
 from models.state import JobStatus
 from models.webhook_secrets import WebhookSecrets, derived_secret, signing_key
-from tasks.celery_app import create_celery
-from tasks.jobs import Runtime
+from tasks.celery_app import DELIVER, create_celery
+from tasks.events import dispatch, dispatch_left_over, unattempted_events, webhook_event_id
+from tasks.runtime import Runtime
 from tasks.webhooks import (
-    DELIVER,
     FINISHED,
     ReceiverBreaker,
     deliver_webhook,
-    dispatch,
-    dispatch_left_over,
     due_deliveries,
     finished_event_id,
     redeliver,
     schedule_event,
     send,
     sign,
-    unattempted_events,
-    webhook_event_id,
 )
 from tests.support.factories import make_job
 from tests.support.servers import Received, WebhookReceiver

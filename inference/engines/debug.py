@@ -27,6 +27,10 @@ def run_debug_sleep(call: EngineCall) -> EngineResult:
     if crash == "always" or (crash == "first" and call.attempt == 1):
         # A hard crash, as a segfaulting CUDA kernel would do: no exception, no cleanup.
         os.kill(os.getpid(), signal.SIGKILL)
+    if crash == "raise":
+        # An engine bug: an unexpected exception whose text holds an object's repr, which no job
+        # error may show (the worker goes on with its next job).
+        raise RuntimeError(f"debug engine crashed on purpose in {call!r}")
     return EngineResult(backend="debug_sleep", data={"slept": seconds, "attempt": call.attempt})
 
 
@@ -36,7 +40,7 @@ ENGINE = Engine(
     tasks=(
         LocalTask(
             "debug_sleep",
-            "Diagnostics: sleep with progress, optionally kill the worker",
+            "Diagnostics: sleep with progress, optionally kill the worker or raise",
             soft_time_limit=620,
             time_limit=650,
             debug_only=True,

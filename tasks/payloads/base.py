@@ -50,6 +50,13 @@ def schema_for(task: str) -> type[Schema]:
         ) from None
 
 
+# The forms of an input, as the OpenAPI document states them (a pattern a client can check before
+# sending); ``InputRef`` itself is the rule, and refuses more (hosts the guard refuses, say).
+HTTP_URL = r"https?://[^\s/?#\x00-\x1f\x7f]+([/?#][^\s\x00-\x1f\x7f]*)?"
+HTTP_URL_PATTERN = f"^{HTTP_URL}$"
+INPUT_PATTERN = f"^({HTTP_URL}|data:[^,]*;base64,[A-Za-z0-9+/=\\s]*|asset://[0-9a-f]{{32}})$"
+
+
 class InputRef(fields.String):
     """An input image: an http(s) URL, a ``data:`` URI, or ``asset://<id>``.
 
@@ -57,6 +64,11 @@ class InputRef(fields.String):
     ``localhost`` names) are refused here; names that resolve to refused addresses are caught
     when the worker fetches them, with the same policy (``tasks/outbound.py``).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The accepted forms, in the OpenAPI document, for clients generated from it.
+        metadata = {"pattern": INPUT_PATTERN, **(kwargs.pop("metadata", None) or {})}
+        super().__init__(*args, metadata=metadata, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)

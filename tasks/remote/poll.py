@@ -28,7 +28,7 @@ from inference.base import EngineResult, OutputFile, OutputImage
 from inference.remote import ProviderRetryableError, RemoteOutput, RemoteProvider, RemoteResult, RemoteStatus
 from models.db import utcnow
 from models.failures import JobFailure
-from models.jobs import Job, StoredFile
+from models.jobs import Job
 from models.jobstore import Claim
 from models.state import JobStatus
 from tasks import catalog

@@ -14,7 +14,8 @@ from models.db import Database, utcnow
 from models.jobs import Job
 from models.jobstore import new_id
 from tasks.celery_app import create_celery
-from tasks.jobs import Runtime, sweep
+from tasks.runtime import Runtime
+from tasks.sweeps import sweep
 from tests.conftest import KEYS
 from tests.support.factories import make_job
 from tests.support.platform import Platform

@@ -27,9 +27,10 @@ from inference.remote.base import RemoteRef
 from models.db import Database, utcnow
 from models.jobs import Job
 from models.jobstore import new_id
-from tasks.celery_app import create_celery, publish
-from tasks.jobs import Runtime, sweep
-from tasks.remote import POLL_REMOTE, _submit
+from tasks.celery_app import POLL_REMOTE, create_celery, publish
+from tasks.remote.submit import submit_to_route
+from tasks.runtime import Runtime
+from tasks.sweeps import sweep
 from tests.conftest import KEYS
 from tests.fakes.aiorch_upstream_fake import UpstreamFake
 from tests.fakes.common import all_running
@@ -544,7 +545,7 @@ def test_a_submit_cut_off_by_its_soft_time_limit_goes_on_at_the_next_backend(
     previous = signal.signal(signal.SIGALRM, soft_time_limit)
     signal.setitimer(signal.ITIMER_REAL, 1.0)
     try:
-        _submit(create_celery(platform.settings), rt, job, claim, 0)
+        submit_to_route(create_celery(platform.settings), rt, job, claim, 0)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

@@ -22,8 +22,8 @@ from app import create_app
 from config import Settings
 from models.db import Database
 from tasks.celery_app import create_celery
-from tasks.jobs import Runtime
-from tasks.remote import _submit
+from tasks.remote.submit import submit_to_route
+from tasks.runtime import Runtime
 from tests.fakes.aiorch_upstream_fake import UpstreamFake
 from tests.fakes.common import VIDEO_FRAMES, all_running
 from tests.fakes.sensetime_fake import SenseTimeFake
@@ -205,7 +205,7 @@ def test_a_route_with_no_provider_that_can_make_video_fails_the_job_by_name(
     claim = rt.store.claim(job_id, redelivered=False)
     job = rt.store.get(job_id)
     assert job is not None
-    _submit(create_celery(settings), rt, job, claim, 0)
+    submit_to_route(create_celery(settings), rt, job, claim, 0)
     done = platform.wait(ALICE, job_id, timeout=10)
     assert done["status"] == "failed", done
     assert done["error"]["code"] == "no_video_provider"

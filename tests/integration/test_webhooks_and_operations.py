@@ -19,9 +19,9 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from app.management.backends import DIAG_CACHE_SECONDS
 from config import Settings
-from tasks.celery_app import FINISH, create_celery, publish
-from tasks.jobs import Runtime, sweep
-from tasks.webhooks import DELIVER
+from tasks.celery_app import DELIVER, FINISH, create_celery, publish
+from tasks.runtime import Runtime
+from tasks.sweeps import sweep
 from tests.conftest import KEYS
 from tests.integration.conftest import platform_settings, running_platform
 from tests.support.platform import Platform
@@ -447,26 +447,63 @@ def test_stats_and_backends_see_the_real_workers(platform: Platform, images: Ima
     assert by_name["gpu@test"]["devices"] and by_name["gpu@test"]["devices"][0]["device"] == "cpu"
 
 
-def test_metrics_parse_as_prometheus_text(
+def scrape(platform: Platform) -> dict[str, Any]:
+    text = requests.get(f"{platform.base_url}/metrics", timeout=10).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(families: dict[str, Any], family: str, name: str, **labels: str) -> float:
+    """One sample's value, 0 where the series does not exist yet."""
+    for s in families[family].samples:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    return 0.0
+
+
+def test_metrics_count_jobs_through_the_workers_and_deleting_them_lowers_nothing(
     platform: Platform, images: ImageServer, receiver: WebhookReceiver
 ) -> None:
+    def figures() -> tuple[float, ...]:
+        families = scrape(platform)
+        return (
+            sample(
+                families,
+                "aiorch_jobs_finished",
+                "aiorch_jobs_finished_total",
+                task="upscale",
+                status="succeeded",
+            ),
+            sample(
+                families, "aiorch_job_duration_seconds", "aiorch_job_duration_seconds_count", task="upscale"
+            ),
+            sample(families, "aiorch_webhook_attempts", "aiorch_webhook_attempts_total", outcome="success"),
+        )
+
+    before = figures()
     job_id = platform.submit(
         ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=receiver.url
     ).json()["job_id"]
     platform.wait(ALICE, job_id)
     receiver.wait_for(1)
-    time.sleep(0.3)
-    text = requests.get(f"{platform.base_url}/metrics", timeout=10).text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    deadline = time.monotonic() + 10  # the attempt is counted as its delivery row commits
+    while (after := figures()) != (
+        before[0] + 1,
+        before[1] + 1,
+        before[2] + 1,
+    ) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
+    families = scrape(platform)
     assert {
         "aiorch_jobs",
+        "aiorch_jobs_finished",
         "aiorch_job_duration_seconds",
         "aiorch_job_predict_time_seconds",
         "aiorch_webhook_attempts",
         "aiorch_queue_depth",
     } <= set(families)
-    jobs = {(s.labels["task"], s.labels["status"]): s.value for s in families["aiorch_jobs"].samples}
-    assert jobs[("upscale", "succeeded")] >= 1
+    assert families["aiorch_jobs_finished"].type == "counter"
+    assert all(s.labels["status"] in ("queued", "running") for s in families["aiorch_jobs"].samples)
     buckets = [
         s
         for s in families["aiorch_job_duration_seconds"].samples
@@ -475,6 +512,9 @@ def test_metrics_parse_as_prometheus_text(
     assert buckets[-1].labels["le"] == "+Inf" and float(buckets[-1].value) >= 1
     assert [b.value for b in buckets] == sorted(b.value for b in buckets)  # cumulative
     assert "600.0" in {b.labels["le"] for b in buckets}  # buckets reach GPU-scale minutes
+    # Counters never go down: deleting the job (its row, events and deliveries) leaves them.
+    assert requests.delete(f"{platform.base_url}/v1/jobs/{job_id}", headers=H, timeout=10).status_code == 204
+    assert figures() == after
 
 
 def test_capabilities_and_models(platform: Platform) -> None:

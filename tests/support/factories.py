@@ -10,11 +10,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import select
+
+from models import lifecycle
 from models.db import Base, Database, utcnow
 from models.jobs import (
     ApiKey,
     Job,
     JobCounter,
+    JobEvent,
     StoredFile,
     WebhookDelivery,
     WebhookEvent,
@@ -32,8 +36,7 @@ def _insert(db: Database, row: Base) -> None:
         session.add(row)
 
 
-def make_job(db: Database, **overrides: object) -> str:
-    """INSERT a queued upscale job (committed) and return its id; ``overrides`` set any column."""
+def _job_values(**overrides: object) -> dict[str, object]:
     now = utcnow()
     values: dict[str, object] = dict(
         id=new_id(),
@@ -54,9 +57,28 @@ def make_job(db: Database, **overrides: object) -> str:
         updated_at=now,
     )
     values.update(overrides)
+    return values
+
+
+def make_job(db: Database, **overrides: object) -> str:
+    """INSERT a queued upscale job (committed) and return its id; ``overrides`` set any column."""
+    values = _job_values(**overrides)
     with db.session() as session:
         session.add(Job(**values))
     return str(values["id"])
+
+
+def make_job_event(db: Database, **overrides: object) -> int:
+    """Create a queued upscale job through the lifecycle's own first move (``lifecycle.create``:
+    the job's INSERT and its ``job.queued`` event, in one transaction) and return that event's row
+    id; ``overrides`` set the job's columns (its status and stage are the lifecycle's)."""
+    job = Job(**_job_values(**overrides))
+    with db.session() as session:
+        lifecycle.create(session, job)
+    with db.session() as session:
+        event_id = session.scalar(select(JobEvent.id).where(JobEvent.job_id == job.id, JobEvent.seq == 1))
+    assert event_id is not None
+    return event_id
 
 
 def make_finished_job(db: Database, **overrides: object) -> str:
@@ -123,8 +145,10 @@ def make_webhook_delivery(db: Database, job_id: str | None = None, **overrides: 
     return int(row.id)
 
 
-def make_webhook_secret(db: Database, client_id: str = "alice", **overrides: Any) -> str:
-    """INSERT a rotated webhook secret for ``client_id`` (no previous one) and return the client id."""
+def make_webhook_secret(db: Database, client_id: str | None = None, **overrides: Any) -> str:
+    """INSERT a rotated webhook secret for ``client_id`` (by default a client of its own, so it
+    never collides with a secret another test rotated) and return the client id."""
+    client_id = client_id or f"client-{new_id()[:12]}"
     values: dict[str, Any] = dict(client_id=client_id, secret=new_secret(), rotated_at=utcnow())
     values.update(overrides)
     _insert(db, WebhookSecret(**values))
@@ -144,6 +168,7 @@ def make_job_counter(db: Database, **overrides: Any) -> tuple[str, str, str]:
 
 FACTORIES: dict[type[Base], Callable[..., object]] = {
     Job: make_job,
+    JobEvent: make_job_event,
     ApiKey: make_api_key,
     StoredFile: make_asset,
     WebhookEvent: make_webhook_event,

@@ -50,6 +50,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "AIORCH_WEBHOOK_SECRET_GRACE": str(settings.webhook_secret_grace),
         "AIORCH_EVENT_RETENTION": str(settings.event_retention),
         "AIORCH_ASSET_QUOTA_BYTES": str(settings.asset_quota_bytes),
+        "AIORCH_RATE_LIMIT_PER_MINUTE": str(settings.rate_limit_per_minute),
+        "AIORCH_MAX_QUEUED_PER_CLIENT": str(settings.max_queued_per_client),
         "AIORCH_RESULT_RETENTION": str(settings.result_retention),
         "AIORCH_REPUBLISH_AFTER": str(settings.republish_after),
         "AIORCH_JOB_TTL": str(settings.job_ttl),

@@ -1,0 +1,47 @@
+"""aiorch's Python client: ``from aiorch import Client``.
+
+Only the client lives here (the standard library and ``requests``); the platform itself is the
+``app``, ``tasks``, ``models``, ``inference`` and ``config`` packages beside it.
+"""
+
+from aiorch.client import Client, output_files
+from aiorch.errors import (
+    AiorchError,
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    JobFailed,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+    TransportError,
+    Unauthorized,
+    ValidationFailed,
+    WaitTimeout,
+)
+from aiorch.watch import FINAL, JobWatcher
+
+__all__ = [
+    "FINAL",
+    "AiorchError",
+    "ApiError",
+    "BadRequest",
+    "Client",
+    "Conflict",
+    "Forbidden",
+    "JobFailed",
+    "JobWatcher",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "ServerError",
+    "ServiceUnavailable",
+    "TransportError",
+    "Unauthorized",
+    "ValidationFailed",
+    "WaitTimeout",
+    "output_files",
+]
