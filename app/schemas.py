@@ -194,7 +194,7 @@ class JobSchema(Schema):
     """The job object (seed 000's webhook body without event fields).
 
     ``models.public.job_object`` builds it and the views send that dict as it is; this schema
-    documents it, and tests/test_api_shapes.py holds the two to the same fields and types."""
+    documents it, and tests/app/test_api_shapes.py holds the two to the same fields and types."""
 
     job_id = fields.String()
     task = fields.String()

@@ -186,6 +186,9 @@ class Settings:
     # and jobs waiting in ``queued`` at once. Over either, the answer is 429 with Retry-After.
     rate_limit_per_minute: int = 0
     max_queued_per_client: int = 0
+    # glibc's own MALLOC_ARENA_MAX, when the operator set one: ``aiorch serve`` then leaves the
+    # malloc arena cap to it instead of applying its own (app/cli.py).
+    operator_malloc_arenas: str = ""
     flower_user: str = "admin"
     flower_password: str = ""
     flower_port: int = 5555
@@ -312,6 +315,7 @@ class Settings:
             max_queued_per_client=_int(
                 "AIORCH_MAX_QUEUED_PER_CLIENT", get("MAX_QUEUED_PER_CLIENT", "0"), low=0
             ),
+            operator_malloc_arenas=env.get("MALLOC_ARENA_MAX", ""),
             flower_user=get("FLOWER_USER", "admin"),
             flower_password=get("FLOWER_PASSWORD"),
             flower_port=_int("AIORCH_FLOWER_PORT", get("FLOWER_PORT", "5555"), low=1, high=65535),

@@ -21,8 +21,8 @@ import hashlib
 import hmac
 import secrets
 import time
+from types import ModuleType
 
-import jwt
 from sqlalchemy import select
 
 from models.db import Database, utcnow
@@ -53,11 +53,20 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def _pyjwt() -> ModuleType:
+    """PyJWT, imported on the first token only: importing it loads ``cryptography`` (about 10 MB
+    of RSS in every API process), and a request with a plain API key never needs it."""
+    import jwt
+
+    return jwt
+
+
 def _jwt_header(token: str) -> dict[str, object] | None:
     """The header of ``token`` when it is shaped like a JWT, else None (then it is a plain key:
     ours have no dots, and no plain key decodes to a JSON header)."""
     if token.count(".") != 2:
         return None
+    jwt = _pyjwt()
     try:
         return jwt.get_unverified_header(token)
     except jwt.DecodeError:
@@ -93,6 +102,7 @@ class KeyRing:
         """The client of a seed 001-style JWT (module docstring), or ``TokenRefused``."""
         if header.get("alg") != JWT_ALGORITHM:
             raise TokenRefused(f"The token must be signed with {JWT_ALGORITHM}.")
+        jwt = _pyjwt()
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.InvalidTokenError:

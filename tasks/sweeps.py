@@ -17,6 +17,7 @@ from kombu.exceptions import OperationalError
 
 from models import outbox
 from models.db import utcnow
+from models.failures import JobFailure
 from models.state import JobStatus
 from tasks import catalog
 from tasks.celery_app import RUN, SWEEP, publish
@@ -69,6 +70,11 @@ def _republish(rt: Runtime, app: Any) -> int:
         job = rt.store.get(job_id)
         if job is None or job.status != JobStatus.QUEUED.value:
             continue  # deleted, or on its way, since stuck_jobs listed it
+        if job.engine_task not in catalog.TASKS:
+            # Its engine left this installation after the job was accepted: the job ends with a
+            # clear error instead of stopping the sweep (and every other job's re-publish) here.
+            rt.store.fail_unclaimed(job_id, uninstalled(job.engine_task))
+            continue
         try:
             send_next(app, rt.settings, job)
         except OperationalError:
@@ -78,10 +84,20 @@ def _republish(rt: Runtime, app: Any) -> int:
     return republished
 
 
+def uninstalled(engine_task: str) -> JobFailure:
+    return JobFailure(
+        "task_not_installed",
+        f"No engine for task {engine_task!r} is installed here any more.",
+        {"field": "task"},
+    )
+
+
 def _recover(rt: Runtime, app: Any) -> int:
     recovered = 0
     for job_id, queue, priority, engine_task, silent_for in rt.store.running_silence():
-        spec = catalog.TASKS[engine_task]
+        spec = catalog.TASKS.get(engine_task)
+        if spec is None:
+            continue  # an engine no longer installed: nothing here could run it again
         try:
             # A job at a provider is quiet between polls, not dead: it resumes its poll (or
             # submit) once silent past the longest poll wait, and never runs on a local engine.

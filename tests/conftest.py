@@ -2,6 +2,12 @@
 
 Every run creates ``aiorch_t_<random>`` on the machine's Postgres and a vhost of the same name on
 its RabbitMQ, and drops both at the end, so parallel runs never see each other's jobs.
+
+The tests are laid out like the packages they test (``tests/app/``, ``tests/client/`` for
+``aiorch/``, ``tests/models/``, ``tests/tasks/``, ``tests/inference/``, ``tests/config/``): unit test
+modules directly in each folder, tests against the real API and workers in its ``integration/``
+subfolder. Those share one ``platform`` fixture (``tests/support/platform_fixtures.py``, loaded
+below as a plugin) and are all marked ``integration`` here, by where they live.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from config import Settings
 from models.db import Database
 from models.migrate import upgrade
 
+pytest_plugins = ["tests.support.platform_fixtures"]
+
 PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
 RUN_ID = uuid.uuid4().hex[:10]
 KEYS = (("alice", "alice-key-0123456789"), ("bob", "bob-key-0123456789"))
@@ -37,6 +45,22 @@ def _pg_admin(sql: str) -> None:
 
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under an ``integration/`` folder runs against real worker processes: mark it
+    ``integration`` so ``-m "not integration"`` (``make test-fast``) leaves it out."""
+    for item in items:
+        try:
+            folders = item.path.resolve().relative_to(TESTS).parts[:-1]
+        except ValueError:  # collected from outside tests/ (a path given on the command line)
+            continue
+        if "integration" in folders:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)

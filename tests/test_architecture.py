@@ -41,7 +41,7 @@ MAX_LINES = 600
 # Libraries worth keeping out of a process that does not use them: the engines' stack (a GPU
 # worker needs it; the API and the cpu workers must not pay its seconds and hundreds of MB), and
 # the web, database and broker stacks, which the ``aiorch`` CLI entry point (the gunicorn master)
-# does not load. tests/test_api.py checks both at run time.
+# does not load. tests/app/test_api.py checks both at run time.
 HEAVY = frozenset(
     {
         "torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "safetensors",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skdata
-from tiny_vision import brightness_saliency_onnx
 
 from inference.background import BackgroundRemover, GrabCutBackgroundRemover
 from inference.base import Cancelled, EngineError, InvalidInput
+from tests.inference.tiny_vision import brightness_saliency_onnx
 
 
 def bright_box(width: int = 80, height: int = 48) -> tuple[Image.Image, np.ndarray]:

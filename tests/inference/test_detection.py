@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import liven_detector, smooth_rgb, write_label_map
 from torchvision.models import detection
 
 from inference.base import EngineError, InvalidInput
 from inference.detection import FASTER_RCNN, FASTER_RCNN_320, SSDLITE, ObjectScanner
+from tests.inference.tiny_vision import liven_detector, smooth_rgb, write_label_map
 
 LABELS = ["__background__", "cat", "dog", "kite"]
 PICTURE = Image.fromarray(smooth_rgb(48, 64, seed=5))

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_diffusion import save_tiny_lora, save_tiny_sd, save_tiny_sdxl
 
 from inference.base import Cancelled, ContentRejected, EngineError, InvalidInput
 from inference.diffusion import (
@@ -25,6 +24,7 @@ from inference.diffusion import (
 )
 from inference.model_cache import ModelCache
 from inference.model_store import ModelStore
+from tests.inference.tiny_diffusion import save_tiny_lora, save_tiny_sd, save_tiny_sdxl
 
 FAST = {"steps": 2}
 

@@ -2,7 +2,7 @@
 
 mediapipe 0.10.21 carries its face detector and 468-point mesh inside the wheel, so these run
 offline; they are skipped where mediapipe is not installed (the Haar engine then serves, see
-tests/test_face_tasks.py). Group pictures paste the astronaut's head at known places; a green or
+tests/inference/test_face_tasks.py). Group pictures paste the astronaut's head at known places; a green or
 blue disc on the source's chin marks "this came from the source" in a result.
 """
 

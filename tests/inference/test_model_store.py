@@ -12,10 +12,10 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
-from tiny_diffusion import save_tiny_lora, save_tiny_sd
 
 from inference.model_files import DIFFUSION_TASKS, INPAINT_TASKS
 from inference.model_store import MANIFEST_NAME, ModelNotFound, ModelStore, ModelStoreError
+from tests.inference.tiny_diffusion import save_tiny_lora, save_tiny_sd
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import (
+
+from inference.base import Cancelled, EngineError, InvalidInput
+from inference.lanczos import LanczosUpscaler
+from inference.superres import Upscaler, choose_sr_model, default_upscaler
+from tests.inference.tiny_vision import (
     TinyCompactNet,
     TinyRRDBNet,
     reference_upscale,
     save_sr_checkpoint,
     smooth_rgb,
 )
-
-from inference.base import Cancelled, EngineError, InvalidInput
-from inference.lanczos import LanczosUpscaler
-from inference.superres import Upscaler, choose_sr_model, default_upscaler
 
 
 @pytest.fixture(scope="module")
