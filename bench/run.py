@@ -818,6 +818,13 @@ def _delete_bench_rows(db: Database) -> None:
         session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id.in_(ids)))
         session.execute(delete(StoredFile).where(StoredFile.job_id.in_(ids)))
         session.execute(delete(Job).where(Job.client_id == CLIENT))
+    if db.is_postgres:
+        # Tens of thousands of rows deleted at once leave their index entries behind until
+        # autovacuum runs; the claim's neighbours check walks the queued-status index, so without
+        # this part 2 would measure part 1b's debris, which no steady platform carries.
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            for table in ("jobs", "job_events", "stored_files"):
+                connection.exec_driver_sql(f"VACUUM ANALYZE {table}")
 
 
 def _keep_logs(source: Path, target: Path) -> None:
