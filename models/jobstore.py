@@ -137,6 +137,14 @@ class JobStore:
             self.on_notify(moved)
         return moved
 
+    def _move(
+        self, move: Any, job_id: str, now: datetime, token: str | None = None, **values: Any
+    ) -> Moved | None:
+        """One move in a transaction of its own, its event handed on after the commit."""
+        with self.db.session() as session:
+            moved = lifecycle.apply(session, move, job_id, now, token, **values)
+        return self._done(moved)
+
     # -- reads ----------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
         """The job as a detached ``Job``, or None (a prebuilt SELECT: polls and every task read it)."""
@@ -154,9 +162,7 @@ class JobStore:
         """Record fetched inputs (the job is then at DISPATCHED, its next message on the way);
         returns the job as the move left it, or None when it left ``queued`` meanwhile."""
         now = utcnow()
-        with self.db.session() as session:
-            moved = lifecycle.apply(session, MOVES["prepare"], job_id, now, inputs=inputs, dispatched_at=now)
-        done = self._done(moved)
+        done = self._move(MOVES["prepare"], job_id, now, inputs=inputs, dispatched_at=now)
         return None if done is None else done.job
 
     def mark_dispatched(self, job_id: str) -> None:
@@ -313,10 +319,8 @@ class JobStore:
 
     def fail_unclaimed(self, job_id: str, failure: JobFailure) -> bool:
         """End a job that never ran (bad input found while preparing): from ``queued`` only."""
-        with self.db.session() as session:
-            move = _END_QUEUED[failure.status]
-            moved = lifecycle.apply(session, move, job_id, utcnow(), error=failure.as_error())
-        return self._done(moved) is not None
+        move = _END_QUEUED[failure.status]
+        return self._move(move, job_id, utcnow(), error=failure.as_error()) is not None
 
     def cancel(self, job_id: str) -> str:
         """Cancel a job: ``queued`` ends at once; ``running`` is flagged for its engine to stop.
@@ -363,49 +367,38 @@ class JobStore:
     # -- a remote provider's side ---------------------------------------------------------------
     def record_remote(self, claim: Claim, backend: str, remote_id: str, next_poll_at: datetime) -> bool:
         """A provider accepted the job: its id, stored before the first poll."""
-        with self.db.session() as session:
-            moved = lifecycle.apply(
-                session,
-                MOVES["submitted"],
-                claim.job_id,
-                utcnow(),
-                claim.token,
-                backend=backend,
-                remote_id=remote_id,
-                next_poll_at=next_poll_at,
-            )
-        return self._done(moved) is not None
+        moved = self._move(
+            MOVES["submitted"],
+            claim.job_id,
+            utcnow(),
+            claim.token,
+            backend=backend,
+            remote_id=remote_id,
+            next_poll_at=next_poll_at,
+        )
+        return moved is not None
 
     def run_locally(self, claim: Claim, backend: str) -> bool:
         """The route fell through to a local engine: the job's run task takes it over."""
-        with self.db.session() as session:
-            moved = lifecycle.apply(
-                session,
-                MOVES["run_locally"],
-                claim.job_id,
-                utcnow(),
-                claim.token,
-                backend=backend,
-                remote_id=None,
-            )
-        return self._done(moved) is not None
+        moved = self._move(
+            MOVES["run_locally"], claim.job_id, utcnow(), claim.token, backend=backend, remote_id=None
+        )
+        return moved is not None
 
     def resume(self, job: Job, token: str) -> Claim | None:
         """A fresh claim on a silent remote job, unless it was written since ``job`` was read."""
         if job.claim_token is None:
             return None
-        with self.db.session() as session:
-            moved = lifecycle.apply(
-                session,
-                MOVES["resume"],
-                job.id,
-                utcnow(),
-                job.claim_token,
-                claim_token=token,
-                next_poll_at=None,
-                seen=job.updated_at,
-            )
-        if self._done(moved) is None:
+        moved = self._move(
+            MOVES["resume"],
+            job.id,
+            utcnow(),
+            job.claim_token,
+            claim_token=token,
+            next_poll_at=None,
+            seen=job.updated_at,
+        )
+        if moved is None:
             return None
         return Claim(job.id, token, job.attempts)
 
@@ -472,9 +465,7 @@ class JobStore:
             )
         expired = []
         for job_id in ids:
-            with self.db.session() as session:
-                moved = lifecycle.apply(session, MOVES["expire"], job_id, now, error=error)
-            if self._done(moved) is not None:
+            if self._move(MOVES["expire"], job_id, now, error=error) is not None:
                 expired.append(job_id)
         return expired
 

@@ -13,7 +13,9 @@ from typing import Any
 from inference.base import EngineResult
 from inference.watermark import add_label
 from models.assets import output_asset
+from models.failures import JobFailure
 from models.jobs import StoredFile
+from models.jobstore import Claim
 from models.state import JobStatus
 from tasks.runtime import Runtime
 from tasks.storage import SavedFile, default_format, encode_image
@@ -76,3 +78,29 @@ def store_outputs(
     if outcome.data:
         result.update(outcome.data)
     return result, rows
+
+
+def record_outcome(
+    rt: Runtime,
+    claim: Claim,
+    failure: JobFailure | None,
+    *,
+    result: dict[str, Any] | None,
+    files: list[StoredFile],
+    backend: str | None,
+) -> bool:
+    """Write a claimed run's final status with its output files (local engine or provider alike);
+    False when the claim was fenced off meanwhile (cancelled, re-claimed, or a provider's webhook
+    got there first), and then the outputs, which are not the job's, are deleted."""
+    if rt.store.finish(
+        claim,
+        JobStatus.SUCCEEDED if failure is None else failure.status,
+        result=result,
+        error=failure,
+        backend=backend,
+        files=files,
+        retention=rt.settings.result_retention,
+    ):
+        return True
+    rt.storage.delete_outputs([f.name for f in files])
+    return False

@@ -24,14 +24,13 @@ from inference.base import Cancelled, EngineResult
 from models.failures import JobFailure
 from models.jobs import Job, StoredFile
 from models.jobstore import Claim, ClaimRefused, JobStore
-from models.state import JobStatus
 from tasks import catalog
 from tasks.batching import BatchControl, claim_partners
 from tasks.celery_app import RUN
 from tasks.engines import BATCH_ENGINES, ENGINES, EngineCall
 from tasks.failures import failure_of
 from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError, decode_image
-from tasks.outputs import store_outputs
+from tasks.outputs import record_outcome, store_outputs
 from tasks.prepare import load_inputs, validate_payload
 from tasks.runtime import JobTask, Runtime
 
@@ -142,19 +141,8 @@ def _run_claimed(
             result, files = store_outputs(rt, job_id, job.client_id, outcome, payload, job.inputs or {})
         except Exception as exc:  # it fails this job (the mapping says how); the worker goes on
             failure = failure_of(exc, time_limit=spec.soft_time_limit)
-        if not rt.store.finish(
-            claim,
-            JobStatus.SUCCEEDED if failure is None else failure.status,
-            result=result,
-            error=failure,
-            backend=backend,
-            files=files,
-            retention=rt.settings.result_retention,
-        ):
-            # Fenced off: cancelled or re-claimed meanwhile. Our outputs are not the job's.
-            rt.storage.delete_outputs([f.name for f in files])
-            return
-        rt.storage.remove_inputs(job_id)
+        if record_outcome(rt, claim, failure, result=result, files=files, backend=backend):
+            rt.storage.remove_inputs(job_id)
 
 
 def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list[tuple[Claim, Job]]) -> None:

@@ -16,9 +16,9 @@ from models.db import utcnow
 from models.failures import JobFailure
 from models.jobs import Job, StoredFile
 from models.jobstore import Claim
-from models.state import JobStatus
 from tasks.celery_app import POLL_REMOTE, publish
 from tasks.outbound import tls_context
+from tasks.outputs import record_outcome
 from tasks.remote.provider_inputs import delete_public_copies
 from tasks.runtime import Runtime
 
@@ -109,18 +109,7 @@ def finish_remote(
 ) -> None:
     """End a remote job: succeeded with ``result`` and ``files``, or as ``failure`` says; then
     the provider has no more use for the public copies of its inputs."""
-    files = files or []
-    if not rt.store.finish(
-        claim,
-        JobStatus.SUCCEEDED if failure is None else failure.status,
-        result=result,
-        error=failure,
-        backend=backend,
-        files=files,
-        retention=rt.settings.result_retention,
-    ):
-        # Fenced off (a webhook's poll or a cancel got there first): these outputs are not the job's.
-        rt.storage.delete_outputs([f.name for f in files])
+    if not record_outcome(rt, claim, failure, result=result, files=files or [], backend=backend):
         return
     delete_public_copies(rt, claim.job_id)
     rt.storage.remove_inputs(claim.job_id)
