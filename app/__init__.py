@@ -16,7 +16,7 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     # the gunicorn master (and every other CLI command) need not carry the whole web stack.
     from flask import Flask
 
-    from app import assets, batches, blocking, docs, jobs, provider_webhooks, system, webhook_secrets
+    from app import assets, batches, blocking, docs, jobs, provider_webhooks, streams, system, webhook_secrets
     from app.auth import authenticate
     from app.errors import JsonApi, register_error_handlers
     from app.management import BLUEPRINTS as MANAGEMENT
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, celery: Celery | None = None) -
     for resource in MANAGEMENT:  # /stats, /diag/backends, /v1/capabilities, /v1/models, /metrics
         api.register_blueprint(resource)
     api.register_blueprint(blocking.blp)
+    api.register_blueprint(streams.blp)  # /v1/jobs/{job_id}/events, /v1/events
     api.register_blueprint(webhook_secrets.blp)
     api.register_blueprint(assets.blp)
     api.register_blueprint(system.blp)  # /healthz, /readyz, /files/{name}: in the spec too

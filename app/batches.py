@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from app.assets import data_inputs_to_assets, discard_uploads
+from app.auth import job_scope
 from app.errors import abort, documents, error_body
 from app.jobs import (
     RETRY_AFTER_BROKER,
@@ -338,7 +339,7 @@ class BatchById(MethodView):
         """Get a batch's progress"""
         try:
             check_batch_id(batch_id)
-            status = batch_status(services().db, g.client_id, batch_id)
+            status = batch_status(services().db, job_scope(), batch_id)
         except ValidationError:
             status = None  # no batch can have this id
         if status is None:
@@ -362,11 +363,11 @@ class JobsCancel(MethodView):
         """Cancel many jobs: by ids, or a whole batch"""
         svc = services()
         if "batch_id" in body:
-            ids, already_final = live_job_ids(svc.db, g.client_id, body["batch_id"])
+            ids, already_final = live_job_ids(svc.db, job_scope(), body["batch_id"])
             if not ids and not already_final:
                 abort(404, code="batch_not_found", message="You have no job in this batch.")
         else:
-            ids, already_final = owned_job_ids(svc.db, g.client_id, body["ids"]), 0
+            ids, already_final = owned_job_ids(svc.db, job_scope(), body["ids"]), 0
         done = cancel_jobs(ids)
         return {"cancelled": done["cancelled"], "already_final": already_final + done["already_final"]}
 

@@ -1,20 +1,15 @@
 """Seed 000's blocking endpoints: the async job path, with the connection held until it is final.
 
-Waiting never polls Postgres in a loop: one listener thread per API process LISTENs on the channel
-that ``models.jobstore.notify_final`` NOTIFYs on COMMIT and wakes the waiting requests. On SQLite
-(the embedded default) waiters re-read the row gently instead.
+Waiting never polls in a loop: the waiting request thread is woken by the API's stream hub
+(``app.stream_hub``) whenever the job logs an event (Postgres NOTIFY, or on SQLite the log's tail
+read by the hub), the same wake-up that feeds the live streams, and then re-reads the job.
 """
 
 from __future__ import annotations
 
 import logging
-import select as io_select
-import threading
-import time
 from typing import Any
 
-import psycopg2
-import psycopg2.extensions
 from flask import current_app, request
 from flask.views import MethodView
 from marshmallow import Schema
@@ -22,7 +17,7 @@ from marshmallow import Schema
 from app.errors import abort, documents
 from app.jobs import create_job, owned_job
 from app.schemas import Blueprint, JobSchema
-from models.jobstore import FINAL_CHANNEL
+from app.streams import hub
 from models.public import job_object
 from models.state import FINAL_STATUSES
 from tasks import catalog
@@ -34,89 +29,6 @@ blp = Blueprint("blocking", __name__, description="Blocking endpoints (seed 000)
 # ``blocking_path`` as its engine declares it (inference/engines/), plus the seed names that are
 # aliases or remote-only (catalog.SEED_ENDPOINTS).
 ENDPOINTS = catalog.blocking_endpoints()
-
-
-class FinalWaiter:
-    """Wakes threads waiting for a job id when Postgres announces it is final."""
-
-    def __init__(self, dsn: str | None):
-        self.dsn = dsn
-        self._events: dict[str, list[threading.Event]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def _ensure_listener(self) -> None:
-        if self.dsn is None or (self._thread is not None and self._thread.is_alive()):
-            return
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._listen, name="aiorch-listen", daemon=True)
-                self._thread.start()
-
-    def _listen(self) -> None:
-        while True:
-            try:
-                conn = psycopg2.connect(self.dsn)
-                conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-                with conn.cursor() as cursor:
-                    cursor.execute(f"LISTEN {FINAL_CHANNEL}")
-                while True:
-                    if io_select.select([conn], [], [], 30.0) == ([], [], []):
-                        continue
-                    conn.poll()
-                    while conn.notifies:
-                        self._wake(conn.notifies.pop(0).payload)
-            except psycopg2.Error as exc:
-                log.warning("job listener lost its connection (%s); reconnecting", exc)
-                self._wake_all()  # waiters re-check the row themselves
-                time.sleep(1.0)
-
-    def _wake(self, job_id: str) -> None:
-        with self._lock:
-            for event in self._events.get(job_id, ()):
-                event.set()
-
-    def _wake_all(self) -> None:
-        with self._lock:
-            for events in self._events.values():
-                for event in events:
-                    event.set()
-
-    def wait(self, job_id: str, is_final: Any, timeout: float) -> bool:
-        """Block until ``is_final()`` holds or ``timeout`` passes; True when final."""
-        self._ensure_listener()
-        event = threading.Event()
-        with self._lock:
-            self._events.setdefault(job_id, []).append(event)
-        try:
-            deadline = time.monotonic() + timeout
-            # Registered before the first check, so a NOTIFY between check and wait is not lost.
-            while not is_final():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                # With a listener, the re-check is a safety net every 5 s; without (SQLite), 0.25 s.
-                event.wait(min(left, 5.0 if self.dsn else 0.25))
-                event.clear()
-            return True
-        finally:
-            with self._lock:
-                waiting = self._events.get(job_id, [])
-                if event in waiting:
-                    waiting.remove(event)
-                if not waiting:
-                    self._events.pop(job_id, None)
-
-
-def waiter() -> FinalWaiter:
-    svc = current_app.extensions["aiorch"]
-    found = current_app.extensions.get("aiorch_waiter")
-    if found is None:
-        dsn = None
-        if svc.db.is_postgres:
-            dsn = svc.db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        found = current_app.extensions["aiorch_waiter"] = FinalWaiter(dsn)
-    return found
 
 
 def run_blocking(task: str) -> tuple[dict[str, Any], int]:
@@ -135,7 +47,7 @@ def run_blocking(task: str) -> tuple[dict[str, Any], int]:
         job = svc.store.get(job_id)
         return job is None or job.status in FINAL_STATUSES
 
-    if not waiter().wait(job_id, is_final, svc.settings.sync_timeout):
+    if not hub().wait(job_id, is_final, svc.settings.sync_timeout):
         abort(
             504,
             code="timeout",

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from config import QUEUES, Settings
+from config import QUEUES, REQUEST_LINE_LIMIT, Settings
 from config.logs import configure_logging
 
 GPU_QUEUES = [q for q in QUEUES if q.startswith("gpu.")]
@@ -126,6 +126,8 @@ def serve(workers: int, threads: int) -> None:
             # long) in the API's JSON error shape instead of HTML pages.
             self.cfg.set("worker_class", JSON_ERROR_WORKER)
             self.cfg.set("threads", threads)
+            # ``GET /v1/events?ids=`` takes up to 1000 job ids (~33 KB of URL; app/gunicorn_json.py).
+            self.cfg.set("limit_request_line", REQUEST_LINE_LIMIT)
             self.cfg.set("timeout", int(settings.sync_timeout) + 30)
             self.cfg.set("accesslog", None)
 
@@ -214,7 +216,13 @@ def keys() -> None:
     is_flag=True,
     help="also an access key / secret key pair, for seed 001-style JWT auth (Bearer <JWT HS256, iss=AK>)",
 )
-def keys_create(client: str, label: str | None, jwt_auth: bool) -> None:
+@click.option(
+    "--admin",
+    is_flag=True,
+    help="an admin key: reads, lists, cancels and deletes every client's jobs, sees every client in "
+    "/stats and /diag/backends, and may read /metrics",
+)
+def keys_create(client: str, label: str | None, jwt_auth: bool, admin: bool) -> None:
     """Create a key for CLIENT and print it once, with the client's webhook signing secret.
 
     The key is the last line (scripts read it from there)."""
@@ -224,8 +232,12 @@ def keys_create(client: str, label: str | None, jwt_auth: bool) -> None:
 
     settings = settings_from_env()
     db = Database(settings)
-    row, key = KeyRing(db).create(client, label, jwt_auth=jwt_auth)
-    lines = [f"id={row.id} client={client}", f"webhook_secret={WebhookSecrets(db, settings).current(client)}"]
+    row, key = KeyRing(db).create(client, label, jwt_auth=jwt_auth, admin=admin)
+    role = "admin" if admin else "client"
+    lines = [
+        f"id={row.id} client={client} role={role}",
+        f"webhook_secret={WebhookSecrets(db, settings).current(client)}",
+    ]
     if jwt_auth:
         lines += [f"access_key={row.access_key}", f"secret_key={row.secret_key}"]
     click.echo("\n".join([*lines, key]))
@@ -234,14 +246,16 @@ def keys_create(client: str, label: str | None, jwt_auth: bool) -> None:
 
 @keys.command("list")
 def keys_list() -> None:
-    """List keys (prefixes only)."""
+    """List keys (prefixes only) and their role; keys from AIORCH_API_KEYS / AIORCH_ADMIN_KEYS
+    are not listed."""
     from models.db import Database
     from models.keys import KeyRing
 
     for row in KeyRing(Database(settings_from_env())).list():
         state = "revoked" if row.revoked_at else "active"
+        role = "admin" if row.admin else "client"
         access = f"\tak={row.access_key}" if row.access_key else ""
-        click.echo(f"{row.id}\t{row.client_id}\t{row.prefix}…\t{state}\t{row.label or ''}{access}")
+        click.echo(f"{row.id}\t{row.client_id}\t{row.prefix}…\t{state}\t{role}\t{row.label or ''}{access}")
 
 
 @keys.command("revoke")
@@ -336,7 +350,7 @@ def ensure_dev_key(settings: Settings) -> str | None:
     from models.db import Database
     from models.keys import KeyRing
 
-    ring = KeyRing(Database(settings), settings.api_keys)
+    ring = KeyRing(Database(settings), settings.api_keys, settings.admin_keys)
     keyfile = settings.var_dir / "dev-api-key"
     if keyfile.exists():
         key = keyfile.read_text().strip()

@@ -10,6 +10,13 @@ logs the client error and writes the access log line; only the page it writes is
 page is captured instead of sent, and its status line kept, so the mapping from parse errors to
 400/414/431/... stays exactly gunicorn's, in this version and the next.
 
+It also hands live streams over (``GET .../events``): the request is handled by Flask in a request
+thread as any other (key, ids, ownership: any error is answered as usual), and a stream that may
+start leaves a callable in ``environ["aiorch.stream"]``; the worker then writes nothing, gives the
+callable a duplicate of the connection's socket and forgets the connection, and the request thread
+is free again. The API's stream hub (``app.stream_hub``, one thread per process) writes the stream
+from then on, with every other open stream.
+
 Loaded by gunicorn by name (``app.gunicorn_json.JsonErrorWorker``), in the master too: stdlib and
 gunicorn only, no Flask.
 """
@@ -17,9 +24,12 @@ gunicorn only, no Flask.
 from __future__ import annotations
 
 import json
+import ssl
+from datetime import datetime
 from typing import Any
 
 from gunicorn import util
+from gunicorn.http import message, wsgi
 from gunicorn.http.errors import (
     ChunkMissingTerminator,
     InvalidChunkExtension,
@@ -34,6 +44,8 @@ from gunicorn.http.errors import (
     ObsoleteFolding,
 )
 from gunicorn.workers.gthread import ThreadWorker
+
+from config.settings import REQUEST_LINE_LIMIT
 
 # The API's codes (app/errors.py) for the statuses gunicorn answers itself.
 CODES = {
@@ -60,6 +72,17 @@ MESSAGES: tuple[tuple[tuple[type[Exception], ...], str], ...] = (
         "The chunked request body is malformed.",
     ),
 )
+# The environ key our worker sets to say a stream's socket can be handed over, and the key a
+# stream view answers with (``app.streams``).
+ADOPT = "aiorch.can_adopt"
+STREAM = "aiorch.stream"
+STREAM_SUFFIX = "/events"
+
+# gunicorn clamps ``limit_request_line`` to 8190 (and 0 turns the check off altogether); the ceiling
+# it clamps to is raised here, in the master and every worker, to the limit ``aiorch serve`` sets
+# (``config.REQUEST_LINE_LIMIT``, for ``GET /v1/events?ids=``): a longer line is still a 414.
+message.MAX_REQUEST_LINE = max(message.MAX_REQUEST_LINE, REQUEST_LINE_LIMIT)
+
 STATUS_MESSAGES = {
     403: "The request is forbidden.",
     417: "The Expect header cannot be met.",
@@ -83,6 +106,22 @@ class _CapturedPage:
 
     def sendall(self, data: bytes) -> None:
         self.data += data
+
+
+class _HandedOver:
+    """What gunicorn holds of a connection handed to a stream: closing it does nothing."""
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def shutdown(self, how: int) -> None:
+        raise OSError("the connection was handed over to a stream")
+
+    def close(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1
 
 
 def json_error_response(status: int, reason: str, exc: BaseException) -> bytes:
@@ -124,3 +163,43 @@ class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no 
             util.write_nonblock(client, json_error_response(status, reason, exc))
         except Exception:  # the client may be gone: as in gunicorn, nothing more to do
             self.log.debug("Failed to send error message.")
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        if not req.path.endswith(STREAM_SUFFIX) or isinstance(conn.sock, ssl.SSLSocket):
+            return bool(super().handle_request(req, conn))
+        return self.handle_stream_request(req, conn)
+
+    def handle_stream_request(self, req: Any, conn: Any) -> bool:
+        """gunicorn's ``handle_request`` for a stream route: an answer the view writes (an error)
+        is sent as usual; a stream the view starts takes the socket over."""
+        self.cfg.pre_request(self, req)
+        started = datetime.now()
+        resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
+        environ["wsgi.multithread"] = True
+        environ[ADOPT] = True
+        self.nr += 1
+        resp.force_close()  # a stream ends its connection; so does any answer on this path
+        try:
+            body = self.wsgi(environ, resp.start_response)
+            adopt = environ.get(STREAM)
+            try:
+                if adopt is None:
+                    for item in body:
+                        resp.write(item)
+                    resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - started)
+                if hasattr(body, "close"):
+                    body.close()
+            if adopt is not None:
+                # The stream owns a duplicate of the socket; gunicorn is left a stand-in to
+                # close, since its graceful close would half-close the connection itself.
+                sock, conn.sock = conn.sock, _HandedOver()
+                adopt(sock.dup())
+                sock.close()
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        return False

@@ -19,7 +19,8 @@ from marshmallow import RAISE, ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from app.assets import data_inputs_to_assets, discard_uploads
-from app.errors import abort, documents
+from app.auth import is_admin, job_scope
+from app.errors import ErrorSchema, abort, documents
 from app.schemas import (
     JOB_ID_RE,
     Blueprint,
@@ -62,10 +63,12 @@ def services() -> Services:
 
 
 def owned_job(job_id: str) -> Job:
-    """The caller's job, or 404 (another client's job is not found, never forbidden)."""
+    """The caller's job (any client's, for an admin key), or 404 (another client's job is not
+    found, never forbidden)."""
     # Not a job id, not looked up: a NUL byte in the path would make psycopg2 raise (a 500).
     job = services().store.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None
-    if job is None or job.client_id != g.client_id:
+    scope = job_scope()
+    if job is None or (scope is not None and job.client_id != scope):
         abort(404, code="job_not_found", message=f"No job {job_id}.")
     return job
 
@@ -332,6 +335,7 @@ class Jobs(MethodView):
     # not every job.
     @blp.arguments(JobQueryArgsSchema, location="query", unknown=RAISE)
     @blp.response(200, JobListSchema)
+    @blp.alt_response(403, schema=ErrorSchema, description="admin_only: a client key named another client")
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List jobs, newest first"""
         name = args.get("task")
@@ -346,8 +350,23 @@ class Jobs(MethodView):
             before=args.get("before"),
             batch_id=args.get("batch_id"),
         )
-        rows, more = list_jobs(services().db, g.client_id, filters, args["limit"])
+        rows, more = list_jobs(services().db, listed_client(args.get("client")), filters, args["limit"])
         return {"jobs": [job_object(job) for job in rows], "have_next": more}
+
+
+def listed_client(asked: str | None) -> str | None:
+    """Whose jobs ``GET /v1/jobs`` lists: ``?client=`` for an admin key, every client's without it;
+    always the caller's own for a client key, which may name no other client."""
+    if is_admin():
+        return asked
+    if asked is not None and asked != g.client_id:
+        abort(
+            403,
+            code="admin_only",
+            message="Only an admin key may list another client's jobs.",
+            details={"client": ["only an admin key may name another client"]},
+        )
+    return g.client_id
 
 
 @blp.route("/<job_id:job_id>")

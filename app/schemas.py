@@ -238,6 +238,11 @@ class StatsCountsSchema(Schema):
     by_status = fields.Dict(keys=fields.String(), values=fields.Integer())
     by_task = fields.Dict(keys=fields.String(), values=fields.Integer())
     total = fields.Integer()
+    by_client = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={"description": "Admin keys only: every client's number of jobs"},
+    )
 
 
 class StatsSchema(Schema):
@@ -285,6 +290,13 @@ class JobQueryArgsSchema(Schema):
     batch_id = fields.String(
         validate=check_batch_id,
         metadata={"description": "Only the jobs of this batch", "pattern": BATCH_ID_PATTERN},
+    )
+    client = fields.String(
+        validate=validate.Length(min=1, max=64),
+        metadata={
+            "description": "Admin keys: only this client's jobs (without it, every client's). A client "
+            "key may name only its own client"
+        },
     )
     ids = fields.String(
         metadata={

@@ -34,7 +34,7 @@ class Services:
             db=db,
             # A move a webhook wants (a cancel) kicks the dispatcher once it is committed.
             store=JobStore(db, settings.max_attempts, lambda moved: kick_dispatcher(celery, moved.job.id)),
-            keyring=KeyRing(db, settings.api_keys),
+            keyring=KeyRing(db, settings.api_keys, settings.admin_keys),
             celery=celery,
             storage=Storage(settings),
         )

@@ -56,6 +56,7 @@ from bench.bulk import part_bulk
 from bench.bulk import table_rows as bulk_rows
 from bench.raw_celery import ECHO, PING, RAW_QUEUE, RESULT_TABLES, build
 from bench.stats import LevelResult, closed_loop, percentile, steal_seconds, summary_ms
+from bench.streams import part_many_streams, part_stream_latency
 from config import QUEUES, Settings
 from models.db import Database, utcnow
 from models.jobs import Job, StoredFile, WebhookDelivery
@@ -104,6 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bulk-duration", type=float, default=None,
                         help="measured seconds per level of part 1b (default: --duration)")
     parser.add_argument("--only-bulk", action="store_true", help="run part 1b only (a smoke test of it)")
+    parser.add_argument("--streams", type=int, default=1000,
+                        help="SSE streams held open in part 1c (default 1000; 0 skips it)")
+    parser.add_argument("--stream-jobs", type=int, default=30,
+                        help="tiny jobs followed on their SSE stream in part 4 (default 30)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the JSON goes")
     parser.add_argument("--keep-logs", action="store_true", help="copy the process logs next to the JSON")
     return parser.parse_args(argv)
@@ -232,14 +237,7 @@ def part_submit(plat: Platform, settings: Settings, payload: dict[str, Any], lev
     floor_celery = create_celery(settings)
 
     def api_op() -> Any:
-        client = JsonClient(settings.port)
-
-        def op() -> None:
-            status, data = client.raw("POST", "/v1/jobs", body)
-            if status != 202:
-                raise RuntimeError(f"HTTP {status}: {data[:200]!r}")
-
-        return op
+        return post_op(settings.port, body)
 
     split: dict[str, list[float]] = {"db": [], "publish": []}
 
@@ -405,6 +403,18 @@ class JsonClient:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def post_op(port: int, body: bytes) -> Any:
+    """A closed-loop op: one ``POST /v1/jobs`` on its own kept-alive connection."""
+    client = JsonClient(port)
+
+    def op() -> None:
+        status, data = client.raw("POST", "/v1/jobs", body)
+        if status != 202:
+            raise RuntimeError(f"HTTP {status}: {data[:200]!r}")
+
+    return op
 
 
 def run_job(http: JsonClient, payload: dict[str, Any], poll: float,
@@ -599,6 +609,21 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         row("webhook delay after finished_at p50", d["p50_ms"], None, None, "info", None, " ms")
         row("webhook delay after finished_at p99", d["p99_ms"], None, None, "<= 100 ms",
             None if d["p99_ms"] is None else d["p99_ms"] <= 100 and not hooks["problems"], " ms")
+    many = results.get("many_streams")
+    if many:
+        row(f"API extra RSS with {many['streams']} SSE streams open", many["extra_rss_mb"], None, None,
+            "<= 100 MB", many["extra_rss_mb"] <= 100, " MB")
+        row(f"POST /v1/jobs c=8 with {many['streams']} streams open", many["post_per_s_with"],
+            many["post_per_s_without"], many["post_ratio"], ">= 0.8x without",
+            None if many["post_ratio"] is None else many["post_ratio"] >= 0.8 and not many["errors"], "/s")
+    sse = results.get("stream_latency")
+    if sse:
+        row("tiny upscale submit->succeeded on SSE p50", sse["job_on_stream"]["p50_ms"],
+            sse["raw_round_trip"]["p50_ms"], sse["ratio_p50"], "<= 1.0x raw",
+            None if sse["ratio_p50"] is None else sse["ratio_p50"] <= 1.0 and not sse["failures"], " ms")
+        delay = sse["event_delay_ms"]
+        row("SSE event delay after the move p99", delay["p99"], None, None, "<= 20 ms",
+            None if delay["p99"] is None else delay["p99"] <= 20, " ms")
     if "worker_crashes" in results:
         crashes = results["worker_crashes"]
         row("worker crashes during parts 2-3", len(crashes), None, None, "0", not crashes)
@@ -742,6 +767,14 @@ def main(argv: list[str] | None = None) -> int:
                     warmup=args.warmup, duration=args.bulk_duration or args.duration, say=say)
             if "bulk" in results:
                 results["api_memory"]["after_bulk"] = infra.memory(plat.procs["api"].pid)
+            if args.streams and not args.only_bulk:
+                say(f"part 1c: {args.streams} SSE streams open on the API, POST /v1/jobs beside them")
+                body = json.dumps({"task": "upscale", "payload": payload}).encode()
+                status_code, queued = JsonClient(settings.port).raw("POST", "/v1/jobs", body)
+                results["many_streams"] = part_many_streams(
+                    plat.procs["api"].pid, settings.port, KEY, json.loads(queued)["job_id"],
+                    lambda: post_op(settings.port, body), args.streams, concurrency=8,
+                    warmup=args.warmup, duration=args.duration)
             results["purged_after_part1"] = infra.purge(publisher, list(QUEUES))
             # Their rows too: thousands of jobs left queued without a message are not the idle
             # platform part 2 measures (a batching worker would look at them on every job).
@@ -765,6 +798,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{results['latency']['raw_round_trip']['p50_ms']} ms")
             say(f"part 3: {args.webhooks} jobs with a webhook")
             results["webhooks"] = part_webhooks(plat, sup, payload, args.webhooks)
+            if args.stream_jobs:
+                say(f"part 4: {args.stream_jobs} tiny jobs followed on their SSE stream")
+                http = JsonClient(settings.port)
+                results["stream_latency"] = part_stream_latency(
+                    http, raw, sup, payload, args.stream_jobs, KEY, settings.port)
+                http.close()
             results["api_memory"]["after_all"] = infra.memory(plat.procs["api"].pid)
             status = 0
         except BaseException as exc:

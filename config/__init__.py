@@ -1,5 +1,5 @@
 """Configuration: the typed settings object and logging set-up."""
 
-from config.settings import QUEUES, Settings, SettingsError
+from config.settings import QUEUES, REQUEST_LINE_LIMIT, Settings, SettingsError
 
-__all__ = ["QUEUES", "Settings", "SettingsError"]
+__all__ = ["QUEUES", "REQUEST_LINE_LIMIT", "Settings", "SettingsError"]

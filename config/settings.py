@@ -16,6 +16,9 @@ from typing import Any
 from config.routes import NO_ROUTES, Routes, RoutesError, load_routes
 
 QUEUES = ("cpu", "gpu.diffusion", "gpu.superres", "gpu.faceswap", "gpu.vision")
+# The longest request line ``aiorch serve`` reads (414 past it): ``GET /v1/events?ids=`` takes up
+# to 1000 job ids, about 33 KB of URL (app/gunicorn_json.py raises gunicorn's own 8190 ceiling).
+REQUEST_LINE_LIMIT = 64 * 1024
 
 
 class SettingsError(ValueError):
@@ -109,6 +112,17 @@ def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _admin_keys(name: str, raw: str, client_keys: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``AIORCH_ADMIN_KEYS``, as ``AIORCH_API_KEYS``; a key may not be in both (which role would
+    it have?)."""
+    pairs = _api_keys(name, raw)
+    shared = {key for _, key in client_keys} & {key for _, key in pairs}
+    if shared:
+        position = next(i for i, (_, key) in enumerate(pairs, start=1) if key in shared)
+        raise SettingsError(f"{name} entry {position} is also a key of AIORCH_API_KEYS")
+    return pairs
+
+
 def _blocklist(raw: str) -> tuple[str, ...]:
     """Comma-separated terms, or ``@/path/file`` with one term per line (``#`` comments)."""
     if raw.startswith("@"):
@@ -132,6 +146,11 @@ class Settings:
     database_url: str = ""
     broker_url: str = ""
     api_keys: tuple[tuple[str, str], ...] = ()
+    # Operators' keys (same ``client:key`` form): they read, list, cancel and delete every
+    # client's jobs and see every client in /stats and /diag/backends.
+    admin_keys: tuple[tuple[str, str], ...] = ()
+    # /metrics answers without a key (as before roles existed); otherwise only to an admin key.
+    metrics_public: bool = False
     storage_dir: Path = Path("var/storage")
     public_url: str = ""
     webhook_secret: str | None = None
@@ -167,6 +186,7 @@ class Settings:
     webhook_retry_base: float = 10.0
     # After a client rotates its webhook secret, deliveries carry both signatures this long.
     webhook_secret_grace: float = 86400.0
+    stream_keepalive: float = 15.0  # seconds between keep-alive comments on an idle event stream
     # Events of the jobs' lifecycle log are kept this long, then pruned by the sweep.
     event_retention: float = 7 * 24 * 3600.0
     # Assets: bytes of uploads one client may keep at once (0 = no quota).
@@ -186,6 +206,11 @@ class Settings:
     # and jobs waiting in ``queued`` at once. Over either, the answer is 429 with Retry-After.
     rate_limit_per_minute: int = 0
     max_queued_per_client: int = 0
+    # A client's jobs running at once across all workers (0 = no limit), and the highest
+    # ``priority`` its jobs get (a higher ask is lowered to it). All four are defaults: a client's
+    # own limits (``aiorch keys update CLIENT ...``, models/client_limits.py) override them.
+    max_running_per_client: int = 0
+    max_priority: int = 9
     # glibc's own MALLOC_ARENA_MAX, when the operator set one: ``aiorch serve`` then leaves the
     # malloc arena cap to it instead of applying its own (app/cli.py).
     operator_malloc_arenas: str = ""
@@ -256,13 +281,16 @@ class Settings:
         host = get("HOST", "127.0.0.1")
         storage = Path(get("STORAGE_DIR") or var_dir / "storage").resolve()
         routes_file = get("ROUTES_FILE")
+        api_keys = _api_keys("AIORCH_API_KEYS", get("API_KEYS"))
         settings = cls(
             var_dir=var_dir,
             host=host,
             port=port,
             database_url=get("DATABASE_URL") or f"sqlite:///{var_dir / 'aiorch.db'}",
             broker_url=get("BROKER_URL") or "filesystem://",
-            api_keys=_api_keys("AIORCH_API_KEYS", get("API_KEYS")),
+            api_keys=api_keys,
+            admin_keys=_admin_keys("AIORCH_ADMIN_KEYS", get("ADMIN_KEYS"), api_keys),
+            metrics_public=_bool("AIORCH_METRICS_PUBLIC", get("METRICS_PUBLIC", "0")),
             storage_dir=storage,
             public_url=(get("PUBLIC_URL") or f"http://{host}:{port}").rstrip("/"),
             webhook_secret=_webhook_secret("AIORCH_WEBHOOK_SECRET", get("WEBHOOK_SECRET")),
@@ -291,6 +319,7 @@ class Settings:
                 "AIORCH_RESULT_RETENTION", get("RESULT_RETENTION", str(7 * 86400)), low=1
             ),
             sync_timeout=_float("AIORCH_SYNC_TIMEOUT", get("SYNC_TIMEOUT", "120"), low=0.1),
+            stream_keepalive=_float("AIORCH_STREAM_KEEPALIVE", get("STREAM_KEEPALIVE", "15"), low=0.05),
             webhook_timeout=_float("AIORCH_WEBHOOK_TIMEOUT", get("WEBHOOK_TIMEOUT", "10"), low=0.1),
             webhook_retry_base=_float("AIORCH_WEBHOOK_RETRY_BASE", get("WEBHOOK_RETRY_BASE", "10"), low=0.01),
             webhook_secret_grace=_float(
@@ -315,6 +344,10 @@ class Settings:
             max_queued_per_client=_int(
                 "AIORCH_MAX_QUEUED_PER_CLIENT", get("MAX_QUEUED_PER_CLIENT", "0"), low=0
             ),
+            max_running_per_client=_int(
+                "AIORCH_MAX_RUNNING_PER_CLIENT", get("MAX_RUNNING_PER_CLIENT", "0"), low=0
+            ),
+            max_priority=_int("AIORCH_MAX_PRIORITY", get("MAX_PRIORITY", "9"), low=0, high=9),
             operator_malloc_arenas=env.get("MALLOC_ARENA_MAX", ""),
             flower_user=get("FLOWER_USER", "admin"),
             flower_password=get("FLOWER_PASSWORD"),

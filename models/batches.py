@@ -3,7 +3,8 @@ status, and their withdrawal when the broker would not take them.
 
 A batch is no row of its own: it is the jobs that carry its ``batch_id`` (a client may send one
 batch in several requests under the same id). Every read takes the client: another client's batch
-is found exactly as often as one that does not exist, never.
+is found exactly as often as one that does not exist, never. Where the client may be None, that is
+an admin key's read: the jobs of every client with that batch id (or those ids).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnElement, delete, func, select, true
 from sqlalchemy.orm import Session
 
-from models import lifecycle
+from models import feed, lifecycle
 from models.db import Database, utcnow
 from models.jobs import Job, StoredFile, WebhookDelivery
-from models.lifecycle import notify_final
 from models.public import eta
 from models.state import FINAL_STATUSES, JobStatus
 
@@ -55,8 +55,7 @@ def withdraw_jobs(db: Database, job_ids: Sequence[str]) -> None:
             session.execute(delete(StoredFile).where(StoredFile.job_id.in_(part)))
             session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id.in_(part)))
             session.execute(delete(Job).where(Job.id.in_(part)))
-            for job_id in part:
-                notify_final(session, job_id)
+            feed.announce(session, part)
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,13 @@ class BatchStatus:
     created_at: datetime
 
 
+def owned_by(client_id: str | None) -> ColumnElement[bool]:
+    """The jobs of ``client_id``; of every client for None (an admin key)."""
+    return true() if client_id is None else Job.client_id == client_id
+
+
 def batch_status(
-    db: Database, client_id: str, batch_id: str, now: datetime | None = None
+    db: Database, client_id: str | None, batch_id: str, now: datetime | None = None
 ) -> BatchStatus | None:
     """The batch's status, or None when the client has no job in it.
 
@@ -89,7 +93,7 @@ def batch_status(
             func.min(Job.created_at),
             func.max(Job.queued_at),
         )
-        .where(Job.client_id == client_id, Job.batch_id == batch_id)
+        .where(owned_by(client_id), Job.batch_id == batch_id)
         .group_by(Job.status, Job.predict_time)
     )
     with db.session() as session:
@@ -122,30 +126,26 @@ def batch_status(
     )
 
 
-def live_job_ids(db: Database, client_id: str, batch_id: str) -> tuple[list[str], int]:
+def live_job_ids(db: Database, client_id: str | None, batch_id: str) -> tuple[list[str], int]:
     """The batch's jobs that may still be cancelled, and how many of its jobs are final already."""
     with db.session() as session:
         ids = list(
             session.scalars(
-                select(Job.id).where(
-                    Job.client_id == client_id, Job.batch_id == batch_id, Job.status.in_(LIVE)
-                )
+                select(Job.id).where(owned_by(client_id), Job.batch_id == batch_id, Job.status.in_(LIVE))
             )
         )
         final = session.scalar(
-            select(func.count()).where(
-                Job.client_id == client_id, Job.batch_id == batch_id, Job.status.not_in(LIVE)
-            )
+            select(func.count()).where(owned_by(client_id), Job.batch_id == batch_id, Job.status.not_in(LIVE))
         )
     return ids, final or 0
 
 
-def owned_job_ids(db: Database, client_id: str, job_ids: Sequence[str]) -> list[str]:
+def owned_job_ids(db: Database, client_id: str | None, job_ids: Sequence[str]) -> list[str]:
     """Those of ``job_ids`` that are the client's jobs (others' and unknown ids are left out)."""
     owned: list[str] = []
     with db.session() as session:
         for part in _chunks(list(dict.fromkeys(job_ids))):
-            owned += session.scalars(select(Job.id).where(Job.client_id == client_id, Job.id.in_(part)))
+            owned += session.scalars(select(Job.id).where(owned_by(client_id), Job.id.in_(part)))
     return owned
 
 

@@ -8,9 +8,9 @@ again later may succeed (a network failure) rather than fail the same way (a bad
 ``status`` is the final status the failure ends the job with.
 
 Here, below the tasks layer, so the job store and the API can use it: the failures no exception
-causes (a cancel, an expiry, a worker lost too often) are made here, and the one mapping from
-exceptions to failures is ``tasks.failures.failure_of``, which knows the exceptions of the engines,
-the providers and the input checks that this layer must not import.
+causes (a cancel, an expiry, a worker lost too often, an operator's revoke) are made here, and the
+one mapping from exceptions to failures is ``tasks.failures.failure_of``, which knows the
+exceptions of the engines, the providers and the input checks that this layer must not import.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ class JobFailure:
     @classmethod
     def expired(cls, message: str, details: Mapping[str, Any] | None = None) -> JobFailure:
         return cls("expired", message, details or {}, status=JobStatus.EXPIRED)
+
+    @classmethod
+    def revoked(cls) -> JobFailure:
+        """An operator revoked (or terminated) one of the job's Celery tasks, from Flower or
+        ``celery control revoke``."""
+        message = "An operator revoked the job's task on the workers; the job was cancelled."
+        return cls("revoked_by_operator", message, status=JobStatus.CANCELLED)
 
     @classmethod
     def worker_lost(cls, attempts: int) -> JobFailure:

@@ -161,6 +161,9 @@ class ApiKey(Base):
     # verify an HMAC, so it is stored as given (like the webhook secrets below).
     access_key: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     secret_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # An admin key (``aiorch keys create NAME --admin``) reads, lists, cancels and deletes every
+    # client's jobs; a client key (the default) only its own client's.
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class StoredFile(Base):
@@ -234,3 +237,19 @@ class WebhookSecret(Base):
     secret: Mapped[str] = mapped_column(Text)
     previous_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
     rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ClientLimit(Base):
+    """A client's own scheduling limits (``aiorch keys create|update CLIENT --rate-per-minute N
+    ...``), kept with the client rather than a key: a client may have several keys, or only static
+    ones from ``AIORCH_API_KEYS``. A NULL column means "the environment's default"; for the three
+    counts 0 means no limit (``models.client_limits``)."""
+
+    __tablename__ = "client_limits"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rate_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -18,16 +18,15 @@ from typing import Any
 from sqlalchemy import Table, bindparam, func, insert, select
 from sqlalchemy.orm import Session
 
-from models import lifecycle
+from models import feed, lifecycle
 from models.assets import OUTPUT, stamps
 from models.db import Database, relaxed_commit, rowcount, utcnow
 from models.failures import JobFailure
 from models.jobs import Job, StoredFile, WebhookDelivery
-from models.lifecycle import FINAL_CHANNEL, Moved, job_from, notify_final
+from models.lifecycle import Moved, job_from
 from models.state import FINAL_STATUSES, MOVES, JobStatus, Phase, finish_move
 
 __all__ = [
-    "FINAL_CHANNEL",
     "CancelOutcome",
     "Claim",
     "ClaimRefused",
@@ -35,7 +34,6 @@ __all__ = [
     "Moved",
     "insert_job",
     "new_id",
-    "notify_final",
 ]
 
 PREDICT_WINDOW = 20
@@ -340,6 +338,11 @@ class JobStore:
         self._done(moved)
         return moved.job.status
 
+    def revoke(self, job_id: str) -> Moved | None:
+        """End a live job ``cancelled`` (``revoked_by_operator``), queued or running, whoever holds
+        its claim: an operator revoked one of its Celery tasks (``tasks.revocation``)."""
+        return self._move(MOVES["revoke"], job_id, utcnow(), error=JobFailure.revoked().as_error())
+
     def cancel_many(self, job_ids: Sequence[str]) -> CancelOutcome:
         """``cancel`` for many jobs (``POST /v1/jobs/cancel``), each through the same moves, in one
         transaction; the caller checked that they are its own."""
@@ -526,5 +529,5 @@ class JobStore:
             session.query(StoredFile).filter(StoredFile.job_id == job_id).delete()
             session.query(WebhookDelivery).filter(WebhookDelivery.job_id == job_id).delete()
             session.query(Job).filter(Job.id == job_id).delete()
-            notify_final(session, job_id)  # a blocking request waiting on it answers at once
+            feed.announce(session, [job_id])  # a request waiting on it answers at once
             return names

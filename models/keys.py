@@ -13,6 +13,11 @@ seed 001 has it) ``nbf``, signed with its secret key. The rules, each refused wi
 - ``exp`` is at most ``MAX_TOKEN_LIFETIME`` ahead: a token is a short-lived credential (seed 001
   signs each for 30 minutes), and one that never expires would be a second, unrevocable-in-
   practice key that leaks through every log and proxy that sees headers.
+
+Every key has a role (contract v1.1): a ``client`` key (the default) acts for its client only; an
+``admin`` key (``AIORCH_ADMIN_KEYS``, or ``aiorch keys create NAME --admin``, stored in
+``api_keys.admin``) acts for its own client too, and may also read, list, cancel and delete every
+client's jobs. A JWT has the role of the key whose access key signs it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from dataclasses import dataclass
 from types import ModuleType
 
 from sqlalchemy import select
@@ -39,6 +45,14 @@ MAX_TOKEN_LIFETIME = 24 * 3600
 # One message for an unknown access key, a revoked key and a bad signature, so a caller cannot
 # tell which access keys exist.
 INVALID_TOKEN = "The token's access key or signature is not valid."
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request's key speaks for: its client, and whether it is an admin key."""
+
+    client_id: str
+    admin: bool = False
 
 
 class TokenRefused(Exception):
@@ -74,32 +88,47 @@ def _jwt_header(token: str) -> dict[str, object] | None:
 
 
 class KeyRing:
-    """Resolves a presented key to its client: static keys from settings, then the database; a
-    JWT through the access key it names."""
+    """Resolves a presented key to its caller: static keys from settings (``AIORCH_API_KEYS``,
+    ``AIORCH_ADMIN_KEYS``), then the database; a JWT through the access key it names."""
 
-    def __init__(self, db: Database, static_keys: tuple[tuple[str, str], ...] = ()):
+    def __init__(
+        self,
+        db: Database,
+        static_keys: tuple[tuple[str, str], ...] = (),
+        admin_keys: tuple[tuple[str, str], ...] = (),
+    ):
         self.db = db
         # Static keys are hashed too, so the comparison below is the same constant-time one.
-        self.static = [(client, hash_key(key)) for client, key in static_keys]
+        self.static = [(Caller(client), hash_key(key)) for client, key in static_keys] + [
+            (Caller(client, admin=True), hash_key(key)) for client, key in admin_keys
+        ]
 
     def client_for(self, key: str) -> str | None:
         """The client ``key`` belongs to, or None. A JWT that is refused raises ``TokenRefused``."""
+        caller = self.caller_for(key)
+        return None if caller is None else caller.client_id
+
+    def caller_for(self, key: str) -> Caller | None:
+        """The client and role of ``key``, or None. A JWT that is refused raises ``TokenRefused``."""
         if not key:
             return None
         header = _jwt_header(key)
         if header is not None:
-            return self.client_for_token(key, header)
+            return self.caller_for_token(key, header)
         digest = hash_key(key)
-        for client, stored in self.static:
+        for caller, stored in self.static:
             if hmac.compare_digest(digest, stored):
-                return client
+                return caller
         with self.db.session() as session:
-            return session.scalar(
-                select(ApiKey.client_id).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-            )
+            row = session.execute(
+                select(ApiKey.client_id, ApiKey.admin).where(
+                    ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)
+                )
+            ).first()
+        return None if row is None else Caller(str(row.client_id), bool(row.admin))
 
-    def client_for_token(self, token: str, header: dict[str, object]) -> str:
-        """The client of a seed 001-style JWT (module docstring), or ``TokenRefused``."""
+    def caller_for_token(self, token: str, header: dict[str, object]) -> Caller:
+        """The caller of a seed 001-style JWT (module docstring), or ``TokenRefused``."""
         if header.get("alg") != JWT_ALGORITHM:
             raise TokenRefused(f"The token must be signed with {JWT_ALGORITHM}.")
         jwt = _pyjwt()
@@ -112,7 +141,7 @@ class KeyRing:
             raise TokenRefused("The token has no iss claim (your access key).")
         with self.db.session() as session:
             row = session.execute(
-                select(ApiKey.client_id, ApiKey.secret_key).where(
+                select(ApiKey.client_id, ApiKey.secret_key, ApiKey.admin).where(
                     ApiKey.access_key == access_key,
                     ApiKey.secret_key.is_not(None),
                     ApiKey.revoked_at.is_(None),
@@ -120,7 +149,7 @@ class KeyRing:
             ).first()
         if row is None or not row.secret_key:
             raise TokenRefused(INVALID_TOKEN)
-        client_id, secret_key = str(row.client_id), str(row.secret_key)
+        caller, secret_key = Caller(str(row.client_id), bool(row.admin)), str(row.secret_key)
         try:
             claims = jwt.decode(
                 token,
@@ -144,13 +173,16 @@ class KeyRing:
             raise TokenRefused(
                 f"The token's exp is more than {MAX_TOKEN_LIFETIME} s ahead; sign tokens that expire sooner."
             )
-        return client_id
+        return caller
 
-    def create(self, client_id: str, label: str | None = None, jwt_auth: bool = False) -> tuple[ApiKey, str]:
+    def create(
+        self, client_id: str, label: str | None = None, jwt_auth: bool = False, admin: bool = False
+    ) -> tuple[ApiKey, str]:
         """A new key for ``client_id``; returns the row and the key (shown once, stored hashed).
-        With ``jwt_auth`` the row also holds a new access key / secret key pair."""
+        With ``jwt_auth`` the row also holds a new access key / secret key pair; with ``admin`` it
+        is an admin key."""
         key = generate_key()
-        row = ApiKey(client_id=client_id, key_hash=hash_key(key), prefix=key[:10], label=label)
+        row = ApiKey(client_id=client_id, key_hash=hash_key(key), prefix=key[:10], label=label, admin=admin)
         if jwt_auth:
             row.access_key = ACCESS_KEY_PREFIX + secrets.token_urlsafe(18)
             row.secret_key = SECRET_KEY_PREFIX + secrets.token_urlsafe(32)

@@ -18,7 +18,8 @@ An event a webhook wants is written *pending* (``dispatched_at`` NULL). The call
 hook (``models.jobstore.JobStore``) kicks the dispatcher on the cpu queue right after the commit,
 and the periodic sweep dispatches whatever a crash between the commit and that kick left behind
 (``models.outbox``). Every other event is written already dispatched: nothing waits on it, and its
-readers (streams) read the log itself. A move that ends a job also adds it to the ``/metrics``
+readers (streams, blocking requests) read the log itself, woken by the NOTIFY that the log's
+trigger sends on COMMIT (``models.feed``). A move that ends a job also adds it to the ``/metrics``
 counters (``models.counters``) in the same transaction.
 
 ``TOUCHES`` are the only other UPDATEs of the jobs table: bookkeeping no one needs to hear of (a
@@ -45,7 +46,6 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    text,
     true,
     tuple_,
     update,
@@ -68,8 +68,6 @@ from models.state import (
     JobStatus,
     Move,
 )
-
-FINAL_CHANNEL = "aiorch_job_final"
 
 _jobs: Table = Job.__table__  # type: ignore[assignment]
 _events: Table = JobEvent.__table__  # type: ignore[assignment]
@@ -198,14 +196,6 @@ def job_from(row: Any) -> Job:
     return Job(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
 
 
-def notify_final(session: Session, job_id: str) -> None:
-    """Tell listeners (blocking endpoints) that a job is final; delivered only on COMMIT."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            text("SELECT pg_notify(:channel, :job_id)"), {"channel": FINAL_CHANNEL, "job_id": job_id}
-        )
-
-
 def wanted_by_webhook(event: Event, job: Job) -> bool:
     """Whether the job's webhook receives ``event``: ``job.finished`` whenever the job has a
     webhook_url, ``job.started`` and ``job.progress`` only when it opted in with webhook_events."""
@@ -259,7 +249,6 @@ def apply(
     job = job_from(row)
     notify = record(session, move.event, job, now)
     if move.target is not None and move.target.final:
-        notify_final(session, job_id)
         counters.count_final(session, job)  # the /metrics counters, with the move or not at all
     return Moved(move, job, move.event, notify, bool(row._mapping.get("neighbours", False)))
 

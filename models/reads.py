@@ -2,7 +2,8 @@
 attempts, and the counts a client's admission limits are checked against.
 
 Views call these and build no SQL themselves. Every read of a client's jobs takes the client:
-another client's job is found exactly as often as one that does not exist, never.
+another client's job is found exactly as often as one that does not exist, never. Where the client
+may be None, that is an admin key's read (``app.auth.job_scope``): every client's jobs.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ class JobFilter:
     batch_id: str | None = None
 
 
-def list_jobs(db: Database, client_id: str, filters: JobFilter, limit: int) -> tuple[list[Job], bool]:
-    """A page of the client's jobs, newest first, and whether more follow it.
+def list_jobs(db: Database, client_id: str | None, filters: JobFilter, limit: int) -> tuple[list[Job], bool]:
+    """A page of the client's jobs (every client's for None), newest first, and whether more
+    follow it.
 
     One row past the page answers "more?" without a COUNT; ``id`` breaks ties between jobs
     created in the same microsecond, so pages never skip or repeat one."""
-    query = select(Job).where(Job.client_id == client_id)
+    query = select(Job)
+    if client_id is not None:
+        query = query.where(Job.client_id == client_id)
     if filters.ids is not None:
         query = query.where(Job.id.in_(filters.ids))
     if filters.status is not None:
@@ -55,6 +59,16 @@ def job_by_idempotency_key(db: Database, client_id: str, key: str) -> Job | None
     """The client's job created with this ``Idempotency-Key`` (keys are per client)."""
     with db.session() as session:
         return session.scalar(select(Job).where(Job.client_id == client_id, Job.idempotency_key == key))
+
+
+def clients_of(db: Database, job_ids: Sequence[str]) -> dict[str, str]:
+    """The client of each of these jobs that exists (``/diag/backends``: whose are the running
+    jobs). A few ids at a time, one per busy slot: one query on the primary key."""
+    if not job_ids:
+        return {}
+    with db.session() as session:
+        rows = session.execute(select(Job.id, Job.client_id).where(Job.id.in_(list(job_ids))))
+        return {str(job_id): str(client) for job_id, client in rows}
 
 
 def deliveries_of(db: Database, job_id: str) -> list[WebhookDelivery]:

@@ -10,6 +10,7 @@ A state is the public ``status`` plus the internal ``Phase`` of the pipeline (st
 
     running/* ── finish_<status> (the claim holder) ─▶ succeeded · failed · rejected · cancelled · expired
     running/* ── cancel_flagged, and any live state ── give_up (the holder is gone) ─▶ cancelled, failed
+    any live state ── revoke (an operator revoked one of its Celery tasks) ─▶ cancelled
     running/* ── progress · request_cancel · reclaim · reclaim_remote · resume ─▶ the same state
 
 Every move is one row of ``MOVES``: where it may start, where it leads (``None``: it stays in its
@@ -234,6 +235,16 @@ MOVES: dict[str, Move] = {
             writes=("error",),
             effects=frozenset({Effect.END}),
             guards=frozenset({Guard.CANCELLING}),
+        ),
+        # An operator revoked one of the job's Celery tasks (Flower's Revoke or Terminate): the job
+        # ends wherever it is, whoever holds its claim; a run still going sees it final and stops.
+        Move(
+            "revoke",
+            LIVE_STATES,
+            ENDED[JobStatus.CANCELLED],
+            Event.FINISHED,
+            writes=("error",),
+            effects=frozenset({Effect.END}),
         ),
         Move(
             "give_up",

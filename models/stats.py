@@ -1,5 +1,5 @@
-"""Aggregates for operators: a client's overview (``/stats``) and the platform's Prometheus
-figures (``/metrics``).
+"""Aggregates for operators: a client's overview (``/stats``; every client's, by client, for an
+admin key) and the platform's Prometheus figures (``/metrics``).
 
 ``/metrics`` reads the counters that the moves themselves keep (``models.counters``: one row per
 series, so a scrape costs the same at a million jobs as at ten, and deleting jobs lowers no
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select, true
 
 from models import counters
 from models.db import Database
@@ -25,23 +25,31 @@ LIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 @dataclass(frozen=True)
 class ClientOverview:
-    """A client's latest jobs (newest first) and how many of its jobs are in each status and task."""
+    """A client's latest jobs (newest first) and how many of its jobs are in each status and task;
+    for every client (an admin's overview), also how many jobs each client has."""
 
     recent: list[Job]
     by_status: dict[str, int]
     by_task: dict[str, int]
+    by_client: dict[str, int] | None = None  # only in the overview of every client
 
 
-def client_overview(db: Database, client_id: str, recent: int = RECENT_JOBS) -> ClientOverview:
-    mine = Job.client_id == client_id
+def client_overview(db: Database, client_id: str | None, recent: int = RECENT_JOBS) -> ClientOverview:
+    """The overview of ``client_id``'s jobs, or of every client's for None."""
+    mine: ColumnElement[bool] = true() if client_id is None else Job.client_id == client_id
     with db.session() as session:
         rows = list(session.scalars(select(Job).where(mine).order_by(Job.created_at.desc()).limit(recent)))
         by_status = session.execute(select(Job.status, func.count()).where(mine).group_by(Job.status))
         by_task = session.execute(select(Job.task, func.count()).where(mine).group_by(Job.task))
+        by_client = None
+        if client_id is None:
+            counted = session.execute(select(Job.client_id, func.count()).group_by(Job.client_id))
+            by_client = {client: count for client, count in counted}
         return ClientOverview(
             recent=rows,
             by_status={status: count for status, count in by_status},
             by_task={task: count for task, count in by_task},
+            by_client=by_client,
         )
 
 

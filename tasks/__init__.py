@@ -7,7 +7,8 @@
   for small upscales), ``outputs`` (stored outputs and the result), ``remote/`` (submit to a
   provider, poll it, its webhooks), ``failures`` (the one mapping from exceptions to job errors);
 - notifications and upkeep: ``events`` (the event log's dispatcher), ``webhooks`` (delivery),
-  ``sweeps`` (expiry, lost messages, silent workers, retention);
+  ``sweeps`` (expiry, lost messages, silent workers, retention), ``revocation`` (a Celery revoke
+  of a job's task, from Flower, cancels the job);
 - what they read: ``catalog`` and ``payloads`` (tasks and their schemas), ``engines``, ``inputs``,
   ``outbound`` (the SSRF guard), ``storage``, ``model_registry``; ``diag`` and ``warmup`` (workers).
 

@@ -48,6 +48,7 @@ TASK_MODULES = (
     "tasks.webhooks",
     "tasks.diag",
     "tasks.warmup",
+    "tasks.revocation",
 )
 
 
@@ -124,6 +125,15 @@ def create_celery(settings: Settings) -> Celery:
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5}
 
 
+def task_id_for(job_id: str, task_name: str) -> str:
+    """A message's Celery task id: ``<job_id>.<step>.<12 random hex digits>`` (``step``: the task's
+    name without ``aiorch.`` and its second word, e.g. ``run``), so Flower's list, its search and
+    the worker's log show which job a task is about. Still unique per message, as Celery expects:
+    a revoke names one message, and nothing dedups by task id (a job's claim does)."""
+    step = task_name.removeprefix("aiorch.").split("_")[0]
+    return f"{job_id}.{step}.{uuid().replace('-', '')[:12]}"
+
+
 def task_message(
     app: Celery,
     task_name: str,
@@ -135,9 +145,9 @@ def task_message(
     time_limit: float | None = None,
 ) -> tuple[str, Any]:
     """One job id's message, exactly as Celery's ``send_task`` builds it (``amqp.as_task_v2``):
-    its task id and the ``(headers, properties, body, sent_event)`` tuple. ``publish`` sends one;
-    ``tasks.bulk_publish`` sends many on one confirmed channel."""
-    task_id = uuid()
+    its task id (``task_id_for``) and the ``(headers, properties, body, sent_event)`` tuple.
+    ``publish`` sends one; ``tasks.bulk_publish`` sends many on one confirmed channel."""
+    task_id = task_id_for(job_id, task_name)
     kwargs = task_kwargs or {}
     message = app.amqp.as_task_v2(
         task_id,

@@ -12,6 +12,7 @@ never to the client.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,7 +68,7 @@ def failure_of(
     if isinstance(exc, EngineError):
         details = {"field": exc.field} if exc.field else {}
         status = JobStatus.REJECTED if isinstance(exc, ContentRejected) else JobStatus.FAILED
-        message = _sentence(exc, "The engine failed on this input.")
+        message = without_paths(_sentence(exc, "The engine failed on this input."))
         return JobFailure(exc.code, message, details, status=status)
     if isinstance(exc, SoftTimeLimitExceeded):
         limit = f"its time limit of {time_limit:g} s" if time_limit else "its time limit"
@@ -86,6 +87,17 @@ def failure_of(
 
 def _sentence(exc: BaseException, default: str) -> str:
     return str(exc).strip()[:500] or default
+
+
+# An absolute path (not a URL's: no ':', '/' or word character before its first slash), split into
+# its folders and its last part.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~])/(?:[^\s'\"/]+/)*([^\s'\"/]+)")
+
+
+def without_paths(message: str) -> str:
+    """An engine's message with absolute paths cut to their last part: a client sees which model
+    file is missing, never where the platform keeps it (no response shows a filesystem path)."""
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 def _invalid_payload(exc: ValidationError) -> JobFailure:

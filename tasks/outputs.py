@@ -17,7 +17,7 @@ from models.failures import JobFailure
 from models.jobs import StoredFile
 from models.jobstore import Claim
 from models.state import JobStatus
-from tasks.runtime import Runtime
+from tasks.runtime import Runtime, note_ended
 from tasks.storage import SavedFile, default_format, encode_image
 
 
@@ -91,7 +91,8 @@ def record_outcome(
 ) -> bool:
     """Write a claimed run's final status with its output files (local engine or provider alike);
     False when the claim was fenced off meanwhile (cancelled, re-claimed, or a provider's webhook
-    got there first), and then the outputs, which are not the job's, are deleted."""
+    got there first), and then the outputs, which are not the job's, are deleted. A failed or
+    rejected end fails the task that wrote it, if the job is its own (``runtime.note_ended``)."""
     if rt.store.finish(
         claim,
         JobStatus.SUCCEEDED if failure is None else failure.status,
@@ -101,6 +102,18 @@ def record_outcome(
         files=files,
         retention=rt.settings.result_retention,
     ):
+        note_ended(claim.job_id, failure)
         return True
     rt.storage.delete_outputs([f.name for f in files])
     return False
+
+
+def note_refusal_end(rt: Runtime, job_id: str) -> None:
+    """A claim refused *and* ending the job (``ClaimRefused.finalized``: its worker was lost too
+    often, or it was flagged cancelled): the task that made that final move notes how it ended."""
+    job = rt.store.get(job_id)
+    if job is None or job.error is None or job.status not in (JobStatus.FAILED, JobStatus.REJECTED):
+        return
+    error = job.error
+    details = error.get("details") or {}
+    note_ended(job_id, JobFailure(error["code"], error["message"], details, status=JobStatus(job.status)))

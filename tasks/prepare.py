@@ -25,7 +25,7 @@ from tasks.celery_app import PREPARE
 from tasks.failures import failure_of
 from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError
 from tasks.next_step import send_next
-from tasks.runtime import JobTask, Runtime
+from tasks.runtime import JobTask, Runtime, note_ended
 from tasks.storage import write_private
 
 log = logging.getLogger("aiorch.tasks")
@@ -122,4 +122,5 @@ def fail_before_run(rt: Runtime, job_id: str, failure: JobFailure) -> None:
     """End a job that never ran (a bad payload or input), its fetched inputs removed."""
     log.info("input refused: %s (%s)", failure.message, failure.code)
     rt.storage.remove_inputs(job_id)
-    rt.store.fail_unclaimed(job_id, failure)
+    if rt.store.fail_unclaimed(job_id, failure):
+        note_ended(job_id, failure)

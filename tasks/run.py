@@ -24,13 +24,14 @@ from inference.base import Cancelled, EngineResult
 from models.failures import JobFailure
 from models.jobs import Job, StoredFile
 from models.jobstore import Claim, ClaimRefused, JobStore
+from models.state import is_final
 from tasks import catalog
 from tasks.batching import BatchControl, claim_partners
 from tasks.celery_app import RUN
 from tasks.engines import BATCH_ENGINES, ENGINES, EngineCall
 from tasks.failures import failure_of
 from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError, decode_image
-from tasks.outputs import record_outcome, store_outputs
+from tasks.outputs import note_refusal_end, record_outcome, store_outputs
 from tasks.prepare import load_inputs, validate_payload
 from tasks.runtime import JobTask, Runtime
 
@@ -89,6 +90,7 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False, prepare: bool =
         log.info("not running %s: %s", job_id, refused.reason)
         if refused.finalized:
             rt.storage.remove_inputs(job_id)
+            note_refusal_end(rt, job_id)
         return
     spec = catalog.TASKS[job.engine_task]
     if job.inputs is None and spec.inputs:
@@ -99,7 +101,7 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False, prepare: bool =
                 job.inputs = load_inputs(rt, job)
             except (ValidationError, InputProblem, TransientFetchError, FetchCancelled) as exc:
                 rt.storage.remove_inputs(claim.job_id)
-                rt.store.fail(claim, failure_of(exc))
+                record_outcome(rt, claim, failure_of(exc), result=None, files=[], backend=None)
                 return
     if spec.engine in BATCH_ENGINES and claim.neighbours:
         partners = claim_partners(rt, job)
@@ -143,6 +145,15 @@ def _run_claimed(
             failure = failure_of(exc, time_limit=spec.soft_time_limit)
         if record_outcome(rt, claim, failure, result=result, files=files, backend=backend):
             rt.storage.remove_inputs(job_id)
+        elif _ended_elsewhere(rt, job_id):
+            # Fenced off because the job ended without this run (an operator's revoke): nobody
+            # else will run it, so its inputs go now. A job re-claimed by another run keeps them.
+            rt.storage.remove_inputs(job_id)
+
+
+def _ended_elsewhere(rt: Runtime, job_id: str) -> bool:
+    job = rt.store.get(job_id)
+    return job is None or is_final(job.status)
 
 
 def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list[tuple[Claim, Job]]) -> None:

@@ -4,12 +4,18 @@
 the process that uses them (after the fork: a child must not reuse its parent's connections) and
 kept there, one per settings object. ``JobTask``: late acks and a requeue when the worker process
 dies, no result backend, and its process's ``runtime``.
+
+A task whose own job (its first argument) it ended ``failed`` or ``rejected`` ends in Celery's
+FAILURE state, raising ``JobFailed`` ("<code>: <message>") after the job's final write, so Flower
+and Celery's events count a failed job as a failed task. Celery expects it (``Task.throws``): it is
+logged at INFO without a traceback, never retried, and its message is acked like any failure's.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,9 @@ from celery.signals import worker_process_init
 from config import Settings
 from models.assets import AssetStore
 from models.db import Database
+from models.failures import JobFailure
 from models.jobstore import JobStore, Moved
+from models.state import JobStatus
 from tasks.celery_app import kick_dispatcher
 from tasks.inputs import Fetcher
 from tasks.storage import Storage
@@ -63,13 +71,61 @@ def _forget_parent_runtime(**_: Any) -> None:
     _runtimes.clear()
 
 
+class JobFailed(Exception):
+    """The task's job ended ``failed`` or ``rejected``: ``str`` is ``"<code>: <message>"`` of its
+    error, which Flower shows as the failed task's exception. Raised only after the job's final
+    write; one string argument, so it pickles from a pool process to the worker as it is."""
+
+    @classmethod
+    def of(cls, failure: JobFailure) -> JobFailed:
+        return cls(f"{failure.code}: {failure.message}")
+
+
+# The statuses a job's failure turns into a FAILURE of the task that wrote it.
+FAILING = frozenset({JobStatus.FAILED, JobStatus.REJECTED})
+# Per task call: the jobs it ended failed or rejected (``note_ended``), by id.
+_ended: ContextVar[dict[str, JobFailure] | None] = ContextVar("aiorch_jobs_ended", default=None)
+
+
+def note_ended(job_id: str, failure: JobFailure | None) -> None:
+    """Called after a final write that took effect: the running task ended ``job_id`` as
+    ``failure`` says (None: it succeeded). ``JobTask`` fails the task when that is its own job."""
+    ended = _ended.get()
+    if ended is not None and failure is not None and failure.status in FAILING:
+        ended[job_id] = failure
+
+
 class JobTask(Task):
-    """Base of every task of the platform: late acks, requeue when the worker process dies."""
+    """Base of every task of the platform: late acks, requeue when the worker process dies, and a
+    FAILURE (``JobFailed``) when the task ended its own job failed or rejected."""
 
     abstract = True
     acks_late = True
     reject_on_worker_lost = True
     ignore_result = True
+    # Expected: Celery logs it at INFO without a traceback (the job's own log has the error).
+    throws = (JobFailed,)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ended: dict[str, JobFailure] = {}
+        token = _ended.set(ended)
+        try:
+            if self.request.called_directly:
+                # A direct call (a test, a script, a task run inline by another): Celery's own
+                # ``__call__`` gives it a request context.
+                result = super().__call__(*args, **kwargs)
+            else:
+                # In a worker, Celery's tracer already pushed the message's request (delivery info,
+                # retries, hostname); calling ``run`` keeps it, as Celery's guide for a custom
+                # ``__call__`` says.
+                result = self.run(*args, **kwargs)
+        finally:
+            _ended.reset(token)
+        job_id = args[0] if args else kwargs.get("job_id")
+        failure = ended.get(job_id) if isinstance(job_id, str) else None
+        if failure is not None:
+            raise JobFailed.of(failure)
+        return result
 
     @property
     def runtime(self) -> Runtime:

@@ -12,6 +12,7 @@ import tasks.events  # noqa: F401
 import tasks.prepare  # noqa: F401
 import tasks.remote.poll  # noqa: F401
 import tasks.remote.submit  # noqa: F401
+import tasks.revocation  # noqa: F401  (a revoke of a job's task cancels the job)
 import tasks.run  # noqa: F401
 import tasks.sweeps  # noqa: F401
 import tasks.warmup  # noqa: F401  (the pool children's engine imports)

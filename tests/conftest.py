@@ -12,39 +12,23 @@ below as a plugin) and are all marked ``integration`` here, by where they live.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from config import Settings
 from models.db import Database
 from models.migrate import upgrade
+from tests.support.services import PG_ADMIN, RUN_ID, drop_created, pg_admin, vhost
 
 pytest_plugins = ["tests.support.platform_fixtures"]
 
-PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
-RUN_ID = uuid.uuid4().hex[:10]
 KEYS = (("alice", "alice-key-0123456789"), ("bob", "bob-key-0123456789"))
-
-
-def _pg_admin(sql: str) -> None:
-    conn = psycopg2.connect(PG_ADMIN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(sql)
-    finally:
-        conn.close()
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+# Re-exported: test modules import them from here.
+_pg_admin = pg_admin
+__all__ = ["KEYS", "PG_ADMIN", "RUN_ID", "_pg_admin", "_vhost"]
 
 
 TESTS = Path(__file__).resolve().parent
@@ -81,18 +65,11 @@ def pg_url() -> Iterator[str]:
     try:
         yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     finally:
+        drop_created()  # the platforms' own databases (tests/support/services.py)
         _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@contextlib.contextmanager
-def _vhost(suffix: str) -> Iterator[str]:
-    vhost = f"aiorch_t_{RUN_ID}_{suffix}"
-    _rabbitmqctl("add_vhost", vhost)
-    try:
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
+_vhost = vhost  # re-exported for test modules
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,9 @@
 """``GET /diag/backends``: every worker's queues, slots, busy slots, active jobs, loaded models and
-devices, from one broadcast that each worker answers (``tasks/diag.py``)."""
+devices, from one broadcast that each worker answers (``tasks/diag.py``).
+
+The workers answer with every client's running job ids; what a caller sees of them depends on its
+key: a client key sees its own jobs among ``active_jobs`` (``busy`` still counts every slot in
+use), an admin key sees all of them and, in ``active_clients``, whose each one is."""
 
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ from typing import Any
 from celery import Celery
 from flask.views import MethodView
 
+from app.auth import job_scope
 from app.errors import abort
 from app.schemas import Blueprint
 from app.services import current_services
+from models.db import Database
+from models.reads import clients_of
 
 blp = Blueprint("backends", __name__, description="Operators: the workers and what they hold")
 
@@ -75,9 +82,27 @@ def _worker(name: str, node: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def as_seen_by(diag: dict[str, Any], db: Database, client_id: str | None) -> dict[str, Any]:
+    """The (cached, shared) answer as one caller may see it: its own client's active jobs only,
+    or, for an admin (``client_id`` None), every one with its client. A copy: the cache is kept."""
+    # A task's first argument: a job id for the job tasks, something else for the others.
+    running = [j for worker in diag["workers"] for j in worker["active_jobs"] if isinstance(j, str)]
+    owners = clients_of(db, running)
+    workers = []
+    for worker in diag["workers"]:
+        jobs = [j for j in worker["active_jobs"] if isinstance(j, str) and j in owners]
+        if client_id is None:
+            shown = {**worker, "active_clients": {j: owners[j] for j in jobs}}
+        else:
+            shown = {**worker, "active_jobs": [j for j in jobs if owners[j] == client_id]}
+        workers.append(shown)
+    return {**diag, "workers": workers}
+
+
 @blp.route("/diag/backends")
 class Backends(MethodView):
     @blp.response(200)
     def get(self) -> dict[str, Any]:
         """Workers: queues, slots, busy slots, active jobs, loaded models, devices"""
-        return collect_backends(current_services().celery)
+        svc = current_services()
+        return as_seen_by(collect_backends(svc.celery), svc.db, job_scope())

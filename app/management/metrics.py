@@ -5,7 +5,11 @@ Counters and histograms are read from ``job_counters``, which the moves that end
 webhook attempts keep (``models.counters``): a scrape reads one row per series, however many jobs
 the table holds, and the counters never go down when jobs are deleted. The jobs queued or running
 now are a gauge, counted through the status index. Every worker's jobs count without
-multiprocess bookkeeping: all of it lives in the database."""
+multiprocess bookkeeping: all of it lives in the database.
+
+The figures are the whole platform's, all clients together, so only an admin key reads them
+(``app.auth``), unless ``AIORCH_METRICS_PUBLIC=1`` opens them to anyone, as before roles. Prometheus
+sends the key with ``authorization: {credentials: <admin key>}`` in its scrape config."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from app.errors import ErrorSchema, documents
 from app.management.queues import queue_depths
 from app.schemas import Blueprint
 from app.services import Services
@@ -93,11 +98,14 @@ def _registry(app: Flask) -> CollectorRegistry:
 
 @blp.route("/metrics")
 class Metrics(MethodView):
-    # Public, like /healthz (see app/auth.py), and plain text, not JSON.
+    # Plain text, not JSON. An admin key only (app/auth.py), unless AIORCH_METRICS_PUBLIC=1.
     @blp.doc(
-        security=[],
+        description="Needs an admin key, unless the platform runs with AIORCH_METRICS_PUBLIC=1 "
+        "(then no key at all).",
         responses={"200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
+    @blp.alt_response(403, schema=ErrorSchema, description="admin_only: a client key")
+    @documents(blp, 401)
     def get(self) -> Response:
         """Prometheus exposition"""
         app: Any = current_app._get_current_object()  # type: ignore[attr-defined]

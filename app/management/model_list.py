@@ -1,4 +1,7 @@
-"""``GET /v1/models``: the models in the model store and the built-in engines, paged."""
+"""``GET /v1/models``: the models in the model store and the built-in engines, paged.
+
+An entry is the store's manifest entry without where its files are: no response shows a
+filesystem path (contract v1.1), so ``path`` goes, and so does any ``extra`` value that is one."""
 
 from __future__ import annotations
 
@@ -12,6 +15,22 @@ from app.services import current_services
 from tasks.model_registry import list_models
 
 blp = Blueprint("models", __name__, description="Operators: installed models")
+
+HIDDEN = ("path",)  # manifest fields that say where the files are
+
+
+def public_model(entry: dict[str, Any]) -> dict[str, Any]:
+    """A manifest entry as the API shows it: no file system path anywhere in it."""
+    shown = {name: value for name, value in entry.items() if name not in HIDDEN}
+    extra = shown.get("extra")
+    if isinstance(extra, dict):
+        # File names relative to the model (a detector's labels file) are kept; absolute ones go.
+        shown["extra"] = {
+            name: value
+            for name, value in extra.items()
+            if not (isinstance(value, str) and value.startswith(("/", "~", "\\")))
+        }
+    return shown
 
 
 class ModelQueryArgsSchema(Schema):
@@ -28,4 +47,5 @@ class Models(MethodView):
         """Models in the model store and built-in engines, paged"""
         entries = list_models(current_services().settings, args.get("type"))
         end = args["offset"] + args["size"]
-        return {"data": entries[args["offset"] : end], "have_next": end < len(entries)}
+        page = entries[args["offset"] : end]
+        return {"data": [public_model(entry) for entry in page], "have_next": end < len(entries)}

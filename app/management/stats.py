@@ -1,12 +1,15 @@
-"""``GET /stats``: the caller's recent jobs, its job counts by status and task, queue depths."""
+"""``GET /stats``: the caller's recent jobs, its job counts by status and task, queue depths.
+
+An admin key sees every client: the latest jobs of all of them, the counts over all their jobs,
+and ``counts.by_client``. A client key sees its own client's jobs only."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import g
 from flask.views import MethodView
 
+from app.auth import job_scope
 from app.management.queues import queue_depths
 from app.schemas import Blueprint, StatsSchema
 from app.services import current_services
@@ -22,13 +25,16 @@ class Stats(MethodView):
     def get(self) -> dict[str, Any]:
         """Recent jobs, counts by status and task, queue depths"""
         svc = current_services()
-        overview = client_overview(svc.db, g.client_id)
+        overview = client_overview(svc.db, job_scope())
+        counts: dict[str, Any] = {
+            "by_status": overview.by_status,
+            "by_task": overview.by_task,
+            "total": sum(overview.by_status.values()),
+        }
+        if overview.by_client is not None:
+            counts["by_client"] = overview.by_client
         return {
             "recent": [job_object(job) for job in overview.recent],
-            "counts": {
-                "by_status": overview.by_status,
-                "by_task": overview.by_task,
-                "total": sum(overview.by_status.values()),
-            },
+            "counts": counts,
             "queues": queue_depths(svc.celery),
         }

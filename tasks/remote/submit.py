@@ -33,6 +33,7 @@ from tasks import catalog
 from tasks.celery_app import RUN, SUBMIT_REMOTE, publish
 from tasks.failures import failure_of
 from tasks.inputs import InputProblem
+from tasks.outputs import note_refusal_end
 from tasks.remote.common import (
     ERROR_GROWTH,
     SUBMIT_SOFT_LIMIT,
@@ -82,6 +83,7 @@ def submit_remote(
             log.info("not submitting %s: %s", job_id, refused.reason)
             if refused.finalized:
                 rt.storage.remove_inputs(job_id)
+                note_refusal_end(rt, job_id)
             return
     job = rt.store.get(job_id)
     if job is None:

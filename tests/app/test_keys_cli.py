@@ -104,3 +104,34 @@ def test_create_prints_the_clients_webhook_secret_and_with_jwt_an_access_key_pai
     assert client.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": key}).status_code == 200
     assert client.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": "alice-key-0123456789"}).status_code == 404
     app.extensions["aiorch"].db.dispose()
+
+
+def test_create_with_admin_makes_an_admin_key_that_reads_other_clients_jobs_and_metrics(
+    settings: Settings,
+) -> None:
+    plain = keys(settings, "create", "gina")
+    assert plain.exit_code == 0 and "role=client" in plain.output
+    created = keys(settings, "create", "ops-cli", "--admin", "--label", "on-call")
+    assert created.exit_code == 0, created.output
+    key_id = int(re.search(r"id=(\d+) client=ops-cli role=admin", created.output).group(1))  # type: ignore[union-attr]
+    admin_key = created.output.strip().splitlines()[-1]
+    line = next(row for row in keys(settings, "list").output.splitlines() if row.startswith(f"{key_id}\t"))
+    assert line.split("\t")[3:6] == ["active", "admin", "on-call"]
+    plain_id = re.search(r"id=(\d+) client=gina", plain.output).group(1)  # type: ignore[union-attr]
+    assert "\tclient\t" in next(
+        r for r in keys(settings, "list").output.splitlines() if r.startswith(f"{plain_id}\t")
+    )
+
+    app = create_app(settings)
+    client = app.test_client()
+    gina = {"X-API-Key": plain.output.strip().splitlines()[-1]}
+    job_id = client.post(
+        "/v1/jobs",
+        json={"task": "upscale", "payload": {"image_url": "http://images.example.com/a.png"}},
+        headers=gina,
+    ).get_json()["job_id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers={"X-API-Key": admin_key}).status_code == 200
+    assert client.get("/v1/jobs?client=gina", headers={"X-API-Key": admin_key}).get_json()["jobs"]
+    assert client.get("/metrics", headers={"X-API-Key": admin_key}).status_code == 200
+    assert client.get("/metrics", headers=gina).status_code == 403
+    app.extensions["aiorch"].db.dispose()

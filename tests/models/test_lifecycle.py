@@ -79,6 +79,10 @@ LEGAL = {
         for status in ("succeeded", "failed", "rejected", "cancelled", "expired")
     },
     "cancel_flagged": {f"running/{p} -> cancelled/done" for p in ("local", "submit", "poll")},
+    "revoke": {
+        f"{s} -> cancelled/done"
+        for s in ("queued/prepare", "queued/run", *(f"running/{p}" for p in ("local", "submit", "poll")))
+    },
     "give_up": {
         f"{s} -> failed/done"
         for s in ("queued/prepare", "queued/run", *(f"running/{p}" for p in ("local", "submit", "poll")))

@@ -23,6 +23,7 @@ import pytest
 from config import Settings
 from tests.support.platform import Platform, free_port
 from tests.support.servers import ImageServer
+from tests.support.services import fresh_database, purge_queues
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,11 @@ def images(tmp_path_factory: pytest.TempPathFactory, astronaut_png: Path) -> Ite
 
 
 def platform_settings(base: Settings, tmp: Path, **overrides: object) -> Settings:
+    """Settings of one platform: its own port, folders and database (a module's left-overs never
+    reach the next module's workers)."""
     port = free_port()
+    if "database_url" not in overrides:
+        overrides["database_url"] = fresh_database(base)
     return base.with_overrides(
         port=port,
         public_url=f"http://127.0.0.1:{port}",
@@ -53,6 +58,7 @@ def platform_settings(base: Settings, tmp: Path, **overrides: object) -> Setting
 def running_platform(settings: Settings, tmp: Path) -> Iterator[Platform]:
     """The API under gunicorn and the cpu and gpu workers on ``settings``, stopped on exit."""
     plat = Platform(settings, tmp / "logs")
+    purge_queues(settings.broker_url)  # what an earlier module's workers left in the vhost
     try:
         plat.start_api()
         plat.start_workers()

@@ -27,7 +27,7 @@ from tasks.celery_app import create_celery
 from tasks.failures import failure_of
 from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError
 from tasks.run import run_job
-from tasks.runtime import Runtime
+from tasks.runtime import JobFailed, Runtime
 from tasks.webhooks import send
 from tests.support.factories import make_job
 
@@ -215,7 +215,10 @@ def test_a_crashing_engine_fails_its_job_without_a_class_name_and_the_worker_goe
         queue="gpu.diffusion",
         payload={"seconds": 0, "crash": "raise"},
     )
-    run_job(crashing)  # a direct call runs the task body here; the crash must not escape it
+    # A direct call runs the task body here. The crash itself does not escape it: the task ends
+    # in FAILURE (JobFailed, what Flower shows) only after the job's final write.
+    with pytest.raises(JobFailed, match=r"^engine_error: The engine failed unexpectedly"):
+        run_job(crashing)
     status, error = error_of(db, crashing)
     assert status == "failed" and error["code"] == "engine_error", error
     assert "RuntimeError" not in error["message"] and "EngineCall" not in error["message"]
@@ -235,7 +238,8 @@ def test_an_unreachable_input_fails_the_job_naming_its_field_in_words(
     # Sent straight to the run queue from PREPARING, as the API does when it sees nothing to
     # download: the run checks the input itself, and cannot reach it.
     job_id = make_job(db, stage="prepare", payload={"image_url": "http://127.0.0.1:1/a.png", "scale": 2})
-    run_job(job_id, prepare=True)
+    with pytest.raises(JobFailed, match=r"^input_unreachable: cannot reach"):
+        run_job(job_id, prepare=True)
     status, error = error_of(db, job_id)
     assert status == "failed" and error["code"] == "input_unreachable"
     assert error["details"] == {"field": "image_url"}

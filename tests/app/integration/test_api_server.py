@@ -152,14 +152,14 @@ GET = b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\n"
 @pytest.mark.parametrize(
     ("request_bytes", "status", "code"),
     [
-        (b"GET /v1/jobs?" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+        (b"GET /v1/jobs?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
         (GET + b"X-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431, "headers_too_large"),
         (GET + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n", 431, "headers_too_large"),
         (b"HELLO THERE\r\n\r\n", 400, "bad_request"),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 garbage\r\n\r\n", 400, "bad_request"),
         (GET + b"Bad Header: a\r\n\r\n", 400, "bad_request"),
     ],
-    ids=["request-line-10kb", "header-20kb", "200-headers", "garbage-line", "tls-to-http", "bad-header-name"],
+    ids=["request-line-70kb", "header-20kb", "200-headers", "garbage-line", "tls-to-http", "bad-header-name"],
 )
 def test_gunicorns_own_errors_are_json_in_the_error_shape(
     api: Platform, request_bytes: bytes, status: int, code: str | None

@@ -268,20 +268,6 @@ def wait_until_prepared(settings: Settings, job_ids: list[str], timeout: float =
         db.dispose()
 
 
-def clear_queued_backlog(settings: Settings) -> None:
-    from sqlalchemy import delete
-
-    from models.db import Database
-    from models.jobs import Job
-
-    db = Database(settings)
-    try:
-        with db.session() as session:
-            session.execute(delete(Job).where(Job.status == "queued"))
-    finally:
-        db.dispose()
-
-
 def test_small_upscale_jobs_waiting_together_run_as_one_batch(
     platform: Platform, images: ImageServer
 ) -> None:
@@ -290,10 +276,6 @@ def test_small_upscale_jobs_waiting_together_run_as_one_batch(
     Image.open(images.folder / "astronaut.png").convert("RGB").resize((64, 48)).save(
         images.folder / "wide.png"
     )
-    # Rows that unit tests left queued in the shared database (no worker ever consumed their
-    # messages, which went to another vhost) are not the idle queue this test batches on: the
-    # batching claim looks at the oldest waiting jobs first.
-    clear_queued_backlog(platform.settings)
     # The GPU worker is away while the jobs are accepted and their inputs fetched, so they all wait
     # on gpu.superres at once; the worker that comes back claims one and takes the others along.
     platform.kill("gpu", signal.SIGTERM)

@@ -30,6 +30,8 @@ from tests.support.servers import ImageServer, Received, WebhookReceiver
 ALICE = KEYS[0][1]
 BOB = KEYS[1][1]
 H = {"X-API-Key": ALICE}
+# /metrics answers admin keys only (AIORCH_ADMIN_KEYS; AIORCH_METRICS_PUBLIC is off here).
+ADMIN = ("ops", "ops-admin-key-0123456789")
 # The operator's master: each client's first secret derives from it; no client ever sees it.
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 SEED_FIELDS = [
@@ -71,6 +73,7 @@ def platform(
         webhook_timeout=1.0,
         webhook_retry_base=0.5,
         sync_timeout=3.0,
+        admin_keys=(ADMIN,),
     )
     with running_platform(settings, tmp) as plat:
         yield plat
@@ -447,8 +450,9 @@ def test_stats_and_backends_see_the_real_workers(platform: Platform, images: Ima
 
 
 def scrape(platform: Platform) -> dict[str, Any]:
-    text = requests.get(f"{platform.base_url}/metrics", timeout=10).text
-    return {f.name: f for f in text_string_to_metric_families(text)}
+    response = requests.get(f"{platform.base_url}/metrics", headers={"X-API-Key": ADMIN[1]}, timeout=10)
+    assert response.status_code == 200, response.text
+    return {f.name: f for f in text_string_to_metric_families(response.text)}
 
 
 def sample(families: dict[str, Any], family: str, name: str, **labels: str) -> float:
@@ -478,6 +482,8 @@ def test_metrics_count_jobs_through_the_workers_and_deleting_them_lowers_nothing
             sample(families, "aiorch_webhook_attempts", "aiorch_webhook_attempts_total", outcome="success"),
         )
 
+    assert requests.get(f"{platform.base_url}/metrics", timeout=10).status_code == 401
+    assert requests.get(f"{platform.base_url}/metrics", headers=H, timeout=10).status_code == 403
     before = figures()
     job_id = platform.submit(
         ALICE, "upscale", {"image_url": images.url("img/astronaut.png")}, webhook_url=receiver.url

@@ -1,0 +1,454 @@
+"""One thread per API process that follows the job event log and feeds every live reader: SSE
+streams (``app.streams``) and the blocking endpoints' waiters (``app.blocking``).
+
+Why a thread of its own: an open stream must not hold one of the API's request threads (there are
+32, and a client may hold a thousand streams). Under ``aiorch serve`` the request thread checks
+the stream's request (key, ids, ownership) and hands the connection's socket over
+(``app.gunicorn_json``); from then on this thread writes the stream, non-blocking, with a
+thousand others, and the request thread is free for the next request. Any other WSGI server (the
+Flask test client) gets the same events through a queue that the response generator drains.
+
+Wake-ups: on Postgres a dedicated connection LISTENs on ``models.feed.EVENT_CHANNEL`` (each
+notification names the jobs that just logged events, sent on COMMIT) and the watched jobs are
+re-read every ``SAFETY_NET`` seconds in case a notification was lost while reconnecting. On SQLite
+(the embedded default) the log's tail is read by id every ``TAIL_INTERVAL`` seconds while anyone
+is watching. Either way one query per wake-up reads the new events of all the jobs it names.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import queue
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from models import feed
+from models.db import Database
+from models.state import FINAL_STATUSES
+
+log = logging.getLogger("aiorch.streams")
+
+SAFETY_NET = 5.0  # seconds between re-reads of watched jobs on Postgres
+TAIL_INTERVAL = 0.01  # seconds between reads of the log's tail on SQLite, while anyone watches
+MAX_BUFFERED = 1 << 20  # bytes a slow reader may fall behind before its stream is closed
+HEADERS = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"X-Accel-Buffering: no\r\n"
+    b"Transfer-Encoding: chunked\r\n"
+    b"Connection: close\r\n\r\n"
+)
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def frame(event_id: int, job: dict[str, Any]) -> bytes:
+    """One SSE event: the job object after a change."""
+    return b"id: %d\nevent: job\ndata: %s\n\n" % (event_id, json.dumps(job, separators=(",", ":")).encode())
+
+
+def is_final(job: dict[str, Any]) -> bool:
+    return job.get("status") in FINAL_STATUSES
+
+
+class SocketSink:
+    """A stream's connection, written by the hub thread only: chunked HTTP/1.1, non-blocking,
+    what the kernel does not take at once kept in ``pending``."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.sock = sock
+        self.pending = bytearray(HEADERS)
+        self.closed = False
+
+    def send(self, data: bytes, last: bool = False) -> None:
+        if self.closed:
+            return
+        if data:
+            self.pending += b"%x\r\n%s\r\n" % (len(data), data)
+        if last:
+            self.pending += b"0\r\n\r\n"
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            while self.pending:
+                sent = self.sock.send(self.pending)
+                del self.pending[:sent]
+        except (BlockingIOError, InterruptedError):
+            if len(self.pending) > MAX_BUFFERED:
+                self.give_up()
+        except OSError:
+            self.give_up()
+
+    def give_up(self) -> None:
+        """Stop writing (the reader is gone or too slow); the hub closes the socket once it has
+        taken it out of its selector, so the descriptor is never reused under it."""
+        self.closed = True
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.give_up()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class QueueSink:
+    """A stream read by a WSGI generator (servers other than ``aiorch serve``): frames go into a
+    queue, None ends it."""
+
+    def __init__(self) -> None:
+        self.frames: queue.Queue[bytes | None] = queue.Queue()
+        self.closed = False
+        self.pending = b""
+
+    def send(self, data: bytes, last: bool = False) -> None:
+        if self.closed:
+            return
+        if data:
+            self.frames.put(data)
+        if last:
+            self.frames.put(None)
+            self.closed = True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.frames.put(None)
+
+
+@dataclass(eq=False)  # one stream is itself: compared and hashed by identity
+class Stream:
+    """One open stream: the jobs it follows and the id of the last event sent for each."""
+
+    job_ids: list[str]
+    resume_after: int | None  # Last-Event-ID: send only events after it, no first snapshot
+    sink: SocketSink | QueueSink
+    last: dict[str, int] = field(default_factory=dict)
+    final: set[str] = field(default_factory=set)
+    next_keepalive: float = 0.0
+
+
+class StreamHub:
+    """The thread, its listener and the streams and waiters it feeds (one per API process)."""
+
+    def __init__(self, db: Database, keepalive: float = 15.0):
+        self.db = db
+        self.keepalive = keepalive
+        self.dsn: str | None = None
+        if db.is_postgres:
+            self.dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._commands: collections.deque[Callable[[], None]] = collections.deque()
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._streams: dict[str, list[Stream]] = {}  # job id -> streams following it
+        self._open: set[Stream] = set()
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._listener: Any = None
+        self._listener_fd = -1
+        self._tail_after = 0
+        self._next_net = 0.0
+        # How often keep-alives are looked at; each is sent up to this much early, never late.
+        self._check = min(1.0, keepalive / 4)
+        self._next_check = 0.0
+
+    # -- called from request threads ---------------------------------------------------------
+    def open(self, job_ids: list[str], resume_after: int | None, sink: SocketSink | QueueSink) -> Stream:
+        """Start streaming ``job_ids`` (already checked to be the caller's) into ``sink``."""
+        stream = Stream(job_ids, resume_after, sink)
+        self._call(lambda: self._start(stream))
+        return stream
+
+    def close(self, stream: Stream) -> None:
+        """The reader of a queue stream went away."""
+        self._call(lambda: self._forget(stream))
+
+    def adopt(self, sock: socket.socket, job_ids: list[str], resume_after: int | None) -> None:
+        """Take over a connection (the server forgets it) and stream ``job_ids`` on it."""
+        self.open(job_ids, resume_after, SocketSink(sock))
+
+    def wait(self, job_id: str, is_done: Callable[[], bool], timeout: float) -> bool:
+        """Block this thread until ``is_done()`` holds or ``timeout`` passes (True when done),
+        re-checking whenever the job logs an event."""
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(job_id, []).append(event)
+        self._call(lambda: None)  # start the thread (and on SQLite, its tail reads)
+        try:
+            deadline = time.monotonic() + timeout
+            while not is_done():  # registered before the check: no event is missed in between
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                event.wait(min(left, SAFETY_NET))
+                event.clear()
+            return True
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(job_id, [])
+                if event in waiting:
+                    waiting.remove(event)
+                if not waiting:
+                    self._waiters.pop(job_id, None)
+
+    def _call(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        self._ensure_thread()
+        with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
+            os.write(self._wake_w, b"x")
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="aiorch-streams", daemon=True)
+                self._thread.start()
+
+    # -- the hub thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        with self.db.session() as session:
+            self._tail_after = feed.last_id(session)
+        while True:
+            try:
+                self._loop_once()
+            except Exception:  # one bad read must not end every stream in the process
+                log.exception("stream hub: error in its loop; going on")
+                time.sleep(0.1)
+
+    def _watching(self) -> bool:
+        return bool(self._open or self._waiters)
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        timeout = max(0.0, self._next_check - now) if self._open else 30.0
+        if self._watching():
+            timeout = min(timeout, max(0.0, self._next_net - now))
+            if self.dsn is None:
+                timeout = min(timeout, TAIL_INTERVAL)
+        return timeout
+
+    def _loop_once(self) -> None:
+        self._ensure_listener()
+        woken: set[str] = set()
+        for key, mask in self._selector.select(self._timeout()):
+            if key.data == "wake":
+                self._drain_wake()
+            elif key.data == "listen":
+                woken |= self._notified()
+            else:
+                self._on_socket(key.data, mask)
+        while self._commands:
+            self._commands.popleft()()
+        now = time.monotonic()
+        if self.dsn is None and self._watching():
+            woken |= self._tail()
+        if self._watching() and now >= self._next_net:
+            self._next_net = now + SAFETY_NET
+            woken |= set(self._streams) | set(self._waiters)
+        if woken:
+            self._deliver(woken)
+        self._keep_alive(now)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _ensure_listener(self) -> None:
+        if self.dsn is None or self._listener is not None:
+            return
+        try:
+            conn = psycopg2.connect(self.dsn)
+            conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+            with conn.cursor() as cursor:
+                cursor.execute(f"LISTEN {feed.EVENT_CHANNEL}")
+        except psycopg2.Error as exc:
+            log.warning("stream hub: cannot LISTEN (%s); retrying", exc)
+            time.sleep(1.0)
+            return
+        self._listener = conn
+        # By descriptor: a connection object that broke can no longer say which one it had.
+        self._listener_fd = conn.fileno()
+        self._selector.register(self._listener_fd, selectors.EVENT_READ, "listen")
+        self._next_net = 0.0  # re-read everything watched: notifications may have been missed
+
+    def _notified(self) -> set[str]:
+        conn = self._listener
+        try:
+            conn.poll()
+        except psycopg2.Error as exc:
+            log.warning("stream hub: listener lost its connection (%s); reconnecting", exc)
+            self._selector.unregister(self._listener_fd)
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+            self._listener = None
+            return set()
+        jobs: set[str] = set()
+        while conn.notifies:
+            jobs.update(conn.notifies.pop(0).payload.split(","))
+        return jobs
+
+    def _tail(self) -> set[str]:
+        with self.db.session() as session:
+            rows = feed.tail(session, self._tail_after)
+        if rows:
+            self._tail_after = rows[-1][0]
+        return {job_id for _, job_id in rows}
+
+    def _start(self, stream: Stream) -> None:
+        """Register the stream and send what it has not seen: each job's current object, or on
+        resume the events after Last-Event-ID."""
+        with self.db.session() as session:
+            if stream.resume_after is None:
+                rows = feed.latest(session, stream.job_ids)
+            else:
+                rows = feed.events_after(session, stream.job_ids, stream.resume_after)
+        for job_id in stream.job_ids:
+            # -1: a job whose log was pruned is sent as its row, with id 0 (``feed.latest``).
+            stream.last[job_id] = -1 if stream.resume_after is None else stream.resume_after
+            self._streams.setdefault(job_id, []).append(stream)
+        self._open.add(stream)
+        if isinstance(stream.sink, SocketSink):
+            self._selector.register(stream.sink.sock, selectors.EVENT_READ, stream)
+        stream.next_keepalive = time.monotonic() + self.keepalive - self._check
+        stream.sink.flush()  # the response's headers, at once
+        self._send(stream, rows)
+        if stream.resume_after is not None:
+            # A resumed stream whose jobs all ended before it came back has nothing more to say.
+            with self.db.session() as session:
+                for event_id, job_id, job in feed.latest(session, stream.job_ids):
+                    if is_final(job) and stream.last[job_id] >= event_id:
+                        stream.final.add(job_id)
+            self._end_if_done(stream)
+
+    def _deliver(self, job_ids: set[str]) -> None:
+        with self._lock:
+            for job_id in job_ids:
+                for event in self._waiters.get(job_id, ()):
+                    event.set()
+        watched = [job_id for job_id in job_ids if job_id in self._streams]
+        if not watched:
+            return
+        after = min(s.last[job_id] for job_id in watched for s in self._streams[job_id])
+        with self.db.session() as session:
+            rows = feed.events_after(session, watched, after)
+            quiet = set(watched) - {job_id for _, job_id, _ in rows}
+            gone = quiet - feed.visible_jobs(session, sorted(quiet), None) if quiet else set()
+        streams = {id(s): s for job_id in watched for s in self._streams[job_id]}
+        for stream in streams.values():
+            stream.final |= gone & stream.last.keys()  # deleted: nothing more will come
+            self._send(stream, rows)
+
+    def _send(self, stream: Stream, rows: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
+        out = bytearray()
+        for event_id, job_id, job in rows:
+            if job_id not in stream.last or event_id <= stream.last[job_id]:
+                continue
+            stream.last[job_id] = event_id
+            out += frame(event_id, job)
+            if is_final(job):
+                stream.final.add(job_id)
+        if out:
+            stream.sink.send(bytes(out))
+            stream.next_keepalive = time.monotonic() + self.keepalive - self._check
+        self._end_if_done(stream)
+        if stream in self._open:
+            self._want_writes(stream)
+
+    def _end_if_done(self, stream: Stream) -> None:
+        if stream.sink.closed:
+            self._forget(stream)
+        elif len(stream.final) == len(stream.last):
+            stream.sink.send(b"", last=True)
+            self._forget(stream, lingering=isinstance(stream.sink, SocketSink) and bool(stream.sink.pending))
+
+    def _forget(self, stream: Stream, lingering: bool = False) -> None:
+        self._open.discard(stream)
+        for job_id in stream.last:
+            following = self._streams.get(job_id, [])
+            if stream in following:
+                following.remove(stream)
+            if not following:
+                self._streams.pop(job_id, None)
+        if isinstance(stream.sink, SocketSink):
+            if lingering:  # the end is still being written: keep only its socket's writes going
+                self._selector.modify(stream.sink.sock, selectors.EVENT_WRITE, stream)
+                return
+            self._unregister(stream.sink.sock)
+        stream.sink.close()
+
+    def _unregister(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(sock)
+
+    def _on_socket(self, stream: Stream, mask: int) -> None:
+        sink = stream.sink
+        assert isinstance(sink, SocketSink)
+        if mask & selectors.EVENT_READ:
+            try:
+                data = sink.sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                data = b"-"
+            except OSError:
+                data = b""
+            if not data:  # the client went away
+                sink.give_up()
+                self._forget(stream)
+                return
+        if mask & selectors.EVENT_WRITE or sink.pending:
+            sink.flush()
+            if sink.closed:
+                self._forget(stream)
+            elif stream not in self._open and not sink.pending:  # a lingering end, written
+                self._unregister(sink.sock)
+                sink.close()
+            else:
+                wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if sink.pending else 0)
+                if stream not in self._open:
+                    wanted = selectors.EVENT_WRITE
+                self._selector.modify(sink.sock, wanted, stream)
+
+    def _keep_alive(self, now: float) -> None:
+        """Every ``check`` seconds (not on every wake-up: with a thousand streams open, each
+        NOTIFY would cost a pass over all of them), a keep-alive to each stream that is due."""
+        if now < self._next_check:
+            return
+        self._next_check = now + self._check
+        for stream in list(self._open):
+            if now >= stream.next_keepalive:
+                stream.next_keepalive = now + self.keepalive - self._check
+                stream.sink.send(KEEPALIVE)
+                self._want_writes(stream)
+
+    def _want_writes(self, stream: Stream) -> None:
+        """Watch the stream's socket for room to write while part of what it was sent waits."""
+        sink = stream.sink
+        if sink.closed:
+            self._forget(stream)
+        elif isinstance(sink, SocketSink):
+            wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if sink.pending else 0)
+            if self._selector.get_key(sink.sock).events != wanted:
+                self._selector.modify(sink.sock, wanted, stream)

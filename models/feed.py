@@ -1,0 +1,118 @@
+"""The job event log read by live streams (``GET /v1/jobs/{id}/events``, ``GET /v1/events``) and by
+the API's waiters, and the wake-up that tells them to read it.
+
+Wake-up: on Postgres every INSERT into ``job_events`` NOTIFYs ``EVENT_CHANNEL`` with the ids of the
+jobs it logged (a statement trigger, migration 0009: one notification per statement and per 200
+jobs, so a bulk insert of 1000 jobs sends five, a move sends one), delivered on COMMIT, so a
+listener never reads an event before it is visible. On SQLite (the embedded default) there is no
+NOTIFY: the listener reads the log's tail (``tail``) instead; SQLite has one writer at a time, so
+ids commit in order and nothing is skipped.
+
+Event ids: every event's ``id`` is the log's global, increasing id, so one job's events have
+increasing ids (a move commits before the next one starts: both take the job's row lock) and a
+stream over many jobs can resume from one number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Table, bindparam, func, select, text
+from sqlalchemy.orm import Session
+
+from models.jobs import Job, JobEvent
+from models.public import job_object
+
+EVENT_CHANNEL = "aiorch_job_event"
+Logged = tuple[int, str, dict[str, Any]]  # (event id, job id, the job object after the event)
+
+_events: Table = JobEvent.__table__  # type: ignore[assignment]
+_jobs: Table = Job.__table__  # type: ignore[assignment]
+_e = _events.c
+_j = _jobs.c
+
+_AFTER = (
+    select(_e.id, _e.job_id, _e.data)
+    .where(_e.job_id.in_(bindparam("ids", expanding=True)), _e.id > bindparam("after"))
+    .order_by(_e.id)
+)
+_LATEST = (
+    select(_e.id, _e.job_id, _e.data)
+    .where(
+        _e.id.in_(
+            select(func.max(_e.id))
+            .where(_e.job_id.in_(bindparam("ids", expanding=True)))
+            .group_by(_e.job_id)
+        )
+    )
+    .order_by(_e.id)
+)
+_TAIL = select(_e.id, _e.job_id).where(_e.id > bindparam("after")).order_by(_e.id).limit(5000)
+_LAST_ID = select(func.max(_e.id))
+_OWNED = select(_j.id).where(
+    _j.id.in_(bindparam("ids", expanding=True)), _j.client_id == bindparam("client")
+)
+_ANY = select(_j.id).where(_j.id.in_(bindparam("ids", expanding=True)))
+_IN_BATCH = select(_j.id).where(_j.batch_id == bindparam("batch")).order_by(_j.created_at, _j.id)
+
+
+def events_after(session: Session, job_ids: Iterable[str], after: int) -> list[Logged]:
+    """``(id, job_id, job object)`` of the jobs' events with an id above ``after``, in id order."""
+    ids = list(job_ids)
+    if not ids:
+        return []
+    return [(row[0], row[1], row[2]) for row in session.execute(_AFTER, {"ids": ids, "after": after})]
+
+
+def latest(session: Session, job_ids: Iterable[str]) -> list[Logged]:
+    """Each job's newest event (its current public object), in id order; a job whose log was
+    pruned long ago comes first, as its row's object with id 0."""
+    ids = list(job_ids)
+    if not ids:
+        return []
+    found = [(row[0], row[1], row[2]) for row in session.execute(_LATEST, {"ids": ids})]
+    logged = {job_id for _, job_id, _ in found}
+    missing = [job_id for job_id in ids if job_id not in logged]
+    if not missing:
+        return found
+    jobs = session.execute(select(Job).where(_j.id.in_(missing))).scalars()
+    return [(0, job.id, job_object(job)) for job in jobs] + found
+
+
+def tail(session: Session, after: int) -> list[tuple[int, str]]:
+    """``(id, job_id)`` of the log after ``after``: the embedded default's wake-up, read by id."""
+    return [(row[0], row[1]) for row in session.execute(_TAIL, {"after": after})]
+
+
+def last_id(session: Session) -> int:
+    """The newest event id (0 for an empty log): where a tail reader starts."""
+    return int(session.execute(_LAST_ID).scalar() or 0)
+
+
+def visible_jobs(session: Session, job_ids: list[str], client_id: str | None) -> set[str]:
+    """Which of ``job_ids`` exist and belong to ``client_id`` (any client's when None: an admin)."""
+    if not job_ids:
+        return set()
+    if client_id is None:
+        return {row[0] for row in session.execute(_ANY, {"ids": job_ids})}
+    return {row[0] for row in session.execute(_OWNED, {"ids": job_ids, "client": client_id})}
+
+
+def batch_jobs(session: Session, client_id: str | None, batch_id: str) -> list[str]:
+    """The ids of a client's jobs in ``batch_id`` (any client's for None: an admin), oldest first."""
+    query = _IN_BATCH if client_id is None else _IN_BATCH.where(_j.client_id == client_id)
+    return [row[0] for row in session.execute(query, {"batch": batch_id})]
+
+
+def announce(session: Session, job_ids: Iterable[str]) -> None:
+    """Wake the listeners of jobs that changed without logging an event (deleted): the trigger
+    of ``job_events`` announces every other change. Delivered on COMMIT; SQLite has no NOTIFY."""
+    ids = list(job_ids)
+    if not ids or session.get_bind().dialect.name != "postgresql":
+        return
+    for start in range(0, len(ids), 200):
+        session.execute(
+            text("SELECT pg_notify(:channel, :ids)"),
+            {"channel": EVENT_CHANNEL, "ids": ",".join(ids[start : start + 200])},
+        )
