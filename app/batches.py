@@ -30,6 +30,7 @@ from app.errors import abort, documents, error_body
 from app.jobs import (
     RETRY_AFTER_BROKER,
     Admission,
+    admission_headers,
     checked_spec,
     job_response,
     json_body_only,
@@ -50,11 +51,13 @@ from models.batches import (
     withdraw_jobs,
 )
 from models.db import utcnow
+from models.dispatch import take_turns
 from models.jobs import Job, StoredFile
 from models.jobstore import new_id
 from models.public import iso
 from tasks.bulk_publish import publish_batch
 from tasks.catalog import TaskSpec
+from tasks.next_step import waits_for_slot
 
 blp = Blueprint("batches", __name__, url_prefix="/v1", description="Many jobs at once")
 
@@ -225,6 +228,8 @@ class Admitted:
     indexes: list[int] = field(default_factory=list)  # the item of each job
     uploads: list[StoredFile] = field(default_factory=list)  # large data: inputs stored as assets
     repeats: list[tuple[int, int]] = field(default_factory=list)  # (item, earlier item with its key)
+    # The priority an item asked for, where it was lowered to the client's max_priority.
+    requested: dict[int, int] = field(default_factory=dict)
 
 
 def submit_batch(body: dict[str, Any], batch_id: str, *, race_retry: bool = True) -> dict[str, Any]:
@@ -241,11 +246,24 @@ def submit_batch(body: dict[str, Any], batch_id: str, *, race_retry: bool = True
             entries[index] = item_error(exc)
     admitted = admit_items(items, entries, batch_id)
     if admitted.jobs:
+        # Jobs for local engines wait for slots (models/dispatch.py): the ones sent now are those
+        # the dispatcher picks, in fair order, from this batch and from what waited before it.
+        slotted = {job.id for job in admitted.jobs if waits_for_slot(svc.settings, job)}
+        for job in admitted.jobs:
+            if job.id in slotted:
+                job.dispatched_at = None
         try:
             with svc.db.writing() as session:
                 for job, spec in zip(admitted.jobs, admitted.specs, strict=True):
                     job.predict_time = predicted(session, spec.name, spec.predict_seconds)
                 created = insert_jobs(session, admitted.jobs)
+                now = utcnow()
+                queues = sorted({job.queue for job in admitted.jobs if job.id in slotted})
+                granted = [
+                    job
+                    for queue in queues
+                    for job in take_turns(session, queue, now, svc.settings.dispatch_ahead, svc.settings)
+                ]
         except IntegrityError:
             # Another request took one of the keys meanwhile: once more, which replays it.
             discard_uploads(svc, admitted.uploads)
@@ -254,7 +272,9 @@ def submit_batch(body: dict[str, Any], batch_id: str, *, race_retry: bool = True
             return submit_batch(body, batch_id, race_retry=False)
         # Published only after COMMIT, as for one job: a worker never gets an id it cannot see.
         try:
-            publish_batch(svc.celery, svc.settings, admitted.jobs)
+            publish_batch(
+                svc.celery, svc.settings, [job for job in admitted.jobs if job.id not in slotted] + granted
+            )
         except (OperationalError, OSError):
             withdraw_jobs(svc.db, [job.id for job in admitted.jobs])
             discard_uploads(svc, admitted.uploads)
@@ -265,11 +285,16 @@ def submit_batch(body: dict[str, Any], batch_id: str, *, race_retry: bool = True
                 headers={"Retry-After": RETRY_AFTER_BROKER},
             )
         for index, created_job in zip(admitted.indexes, created, strict=True):
-            entries[index] = {**created_job, "reused": False}
+            entries[index] = {**created_job, "reused": False, **capped_note(admitted.requested.get(index))}
     for index, first_index in admitted.repeats:
         first = entries[first_index] or {}
         entries[index] = {**first, "reused": True} if "job_id" in first else first
     return {"batch_id": batch_id, "jobs": entries}
+
+
+def capped_note(asked: int | None) -> dict[str, int]:
+    """``requested_priority`` for a job whose priority was lowered to its client's max_priority."""
+    return {} if asked is None else {"requested_priority": asked}
 
 
 def admit_items(items: list[Item], entries: list[dict[str, Any] | None], batch_id: str) -> Admitted:
@@ -297,16 +322,19 @@ def admit_items(items: list[Item], entries: list[dict[str, Any] | None], batch_i
                         refuse_reused_key()
                     admitted.repeats.append((item.index, first.index))
                     continue
-            admission.admit()
+            asked = item.body["priority"]
+            priority = admission.admit(asked)
             payload, uploads = data_inputs_to_assets(svc, client_id, item.spec, item.body["payload"])
             admitted.uploads += uploads
             # One microsecond apart, in input order: lists page on ``created_at`` (``before``), and
             # a thousand jobs sharing one timestamp could not be paged through.
             created = now + timedelta(microseconds=item.index)
+            body = item.body
+            if priority != asked:  # lowered to the client's max_priority, and the answer says so
+                body = {**body, "priority": priority}
+                admitted.requested[item.index] = asked
             admitted.jobs.append(
-                new_job(
-                    client_id, item.body, item.spec, payload, item.key, item.fingerprint, created, batch_id
-                )
+                new_job(client_id, body, item.spec, payload, item.key, item.fingerprint, created, batch_id)
             )
             admitted.specs.append(item.spec)
             admitted.indexes.append(item.index)
@@ -325,7 +353,9 @@ class JobBatch(MethodView):
         """Create up to 1000 jobs"""
         # The job objects go out as built (``job_response``): re-dumping a thousand of them
         # through the schema would cost more than their INSERT.
-        return job_response(submit_batch(body, body.get("batch_id") or new_id()))
+        response = job_response(submit_batch(body, body.get("batch_id") or new_id()))
+        response.headers.update(admission_headers())  # the per-minute limit's, after the batch
+        return response
 
 
 # -- follow and cancel ----------------------------------------------------------------------------

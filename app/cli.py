@@ -204,7 +204,66 @@ def beat() -> None:
 
 @main.group()
 def keys() -> None:
-    """Manage API keys stored in the database."""
+    """Manage API keys stored in the database, and each client's limits."""
+
+
+RESET = "default"  # a limit's value that gives it back to the environment's default
+
+
+class LimitValue(click.ParamType):
+    """A client limit on the command line: a whole number in the limit's range, or ``default``
+    (back to the environment's default). A nonsense value stops the command with a message
+    naming the option, before anything is written."""
+
+    name = "N|default"
+
+    def __init__(self, limit: str):
+        self.limit = limit  # its name in models.client_limits.NAMES
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from models.client_limits import InvalidLimit, check
+
+        if isinstance(value, str) and value.strip().lower() == RESET:
+            return RESET
+        try:
+            return check(self.limit, value)
+        except InvalidLimit as exc:
+            self.fail(f"{exc} (or '{RESET}')", param, ctx)
+
+
+def limit_options(command: Any) -> Any:
+    """``--rate-per-minute``, ``--max-queued``, ``--max-running`` and ``--max-priority``."""
+    helps = {
+        "rate_per_minute": "jobs the client may create in any 60 s (0 = no limit; default: "
+        "AIORCH_RATE_LIMIT_PER_MINUTE)",
+        "max_queued": "jobs the client may have waiting in queued at once (0 = no limit; default: "
+        "AIORCH_MAX_QUEUED_PER_CLIENT)",
+        "max_running": "jobs of the client running at once across all workers (0 = no limit; default: "
+        "AIORCH_MAX_RUNNING_PER_CLIENT)",
+        "max_priority": "the highest priority 0-9 its jobs get; a higher ask is lowered to it (default: "
+        "AIORCH_MAX_PRIORITY)",
+    }
+    for name in reversed(list(helps)):
+        option = click.option(
+            f"--{name.replace('_', '-')}", name, type=LimitValue(name), default=None, help=helps[name]
+        )
+        command = option(command)
+    return command
+
+
+def limit_changes(given: dict[str, Any]) -> dict[str, int | None]:
+    """The limits an invocation named: a number, or None for ``default``."""
+    return {name: None if value == RESET else value for name, value in given.items() if value is not None}
+
+
+def describe_limits(own: dict[str, int | None], settings: Settings) -> str:
+    """``rate-per-minute=60* max-queued=0 ...``: the limits in force, ``*`` on the client's own."""
+    from models.client_limits import OPTIONS, in_force
+
+    force = in_force(own, settings)
+    return " ".join(
+        f"{OPTIONS[name]}={getattr(force, name)}{'' if own.get(name) is None else '*'}" for name in OPTIONS
+    )
 
 
 @keys.command("create")
@@ -222,20 +281,28 @@ def keys() -> None:
     help="an admin key: reads, lists, cancels and deletes every client's jobs, sees every client in "
     "/stats and /diag/backends, and may read /metrics",
 )
-def keys_create(client: str, label: str | None, jwt_auth: bool, admin: bool) -> None:
-    """Create a key for CLIENT and print it once, with the client's webhook signing secret.
+@limit_options
+def keys_create(client: str, label: str | None, jwt_auth: bool, admin: bool, **limits: Any) -> None:
+    """Create a key for CLIENT and print it once, with the client's webhook signing secret and
+    its limits ('*': the client's own; the limit options set them for the client, every key
+    of it).
 
     The key is the last line (scripts read it from there)."""
+    from models.client_limits import ClientLimits
     from models.db import Database
     from models.keys import KeyRing
     from models.webhook_secrets import WebhookSecrets
 
     settings = settings_from_env()
     db = Database(settings)
+    changes = limit_changes(limits)
+    table = ClientLimits(db)
+    own = table.set(client, changes) if changes else table.own(client)
     row, key = KeyRing(db).create(client, label, jwt_auth=jwt_auth, admin=admin)
     role = "admin" if admin else "client"
     lines = [
         f"id={row.id} client={client} role={role}",
+        f"limits {describe_limits(own, settings)}",
         f"webhook_secret={WebhookSecrets(db, settings).current(client)}",
     ]
     if jwt_auth:
@@ -244,18 +311,49 @@ def keys_create(client: str, label: str | None, jwt_auth: bool, admin: bool) -> 
     db.dispose()
 
 
+@keys.command("update")
+@click.argument("client")
+@limit_options
+def keys_update(client: str, **limits: Any) -> None:
+    """Change CLIENT's limits (every key of it, static ones too); 'default' gives a limit back
+    to the environment's default. Prints the limits in force ('*': the client's own)."""
+    from models.client_limits import ClientLimits
+    from models.db import Database
+
+    changes = limit_changes(limits)
+    if not changes:
+        raise click.UsageError(
+            "name at least one limit: --rate-per-minute, --max-queued, --max-running or --max-priority"
+        )
+    settings = settings_from_env()
+    db = Database(settings)
+    own = ClientLimits(db).set(client, changes)
+    click.echo(f"{client} {describe_limits(own, settings)}")
+    db.dispose()
+
+
 @keys.command("list")
 def keys_list() -> None:
     """List keys (prefixes only) and their role; keys from AIORCH_API_KEYS / AIORCH_ADMIN_KEYS
-    are not listed."""
+    are not listed. Then every client's limits in force ('*': its own, the rest the
+    environment's defaults; 0 = no limit)."""
+    from models.client_limits import ClientLimits
     from models.db import Database
     from models.keys import KeyRing
 
-    for row in KeyRing(Database(settings_from_env())).list():
+    settings = settings_from_env()
+    db = Database(settings)
+    for row in KeyRing(db).list():
         state = "revoked" if row.revoked_at else "active"
         role = "admin" if row.admin else "client"
         access = f"\tak={row.access_key}" if row.access_key else ""
         click.echo(f"{row.id}\t{row.client_id}\t{row.prefix}…\t{state}\t{role}\t{row.label or ''}{access}")
+    clients = ClientLimits(db).listed()
+    if clients:
+        click.echo("limits (* = the client's own; 0 = no limit)")
+        for client_id, own in clients.items():
+            click.echo(f"{client_id}\t{describe_limits(own, settings)}")
+    db.dispose()
 
 
 @keys.command("revoke")

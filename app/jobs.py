@@ -33,7 +33,9 @@ from app.schemas import (
 )
 from app.services import Services
 from config import Settings
+from models.client_limits import Limits, LimitsCache
 from models.db import utcnow
+from models.dispatch import grant_new
 from models.jobs import Job, WebhookDelivery
 from models.jobstore import ClaimRefused, insert_job, new_id, predict_seconds
 from models.public import iso, job_object
@@ -48,8 +50,9 @@ from models.reads import (
 from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
 from tasks.catalog import TaskSpec
+from tasks.celery_app import ask_to_fill
 from tasks.model_registry import has_model_for
-from tasks.next_step import send_next
+from tasks.next_step import send_next, waits_for_slot
 
 log = logging.getLogger("aiorch.api")
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Asynchronous jobs")
@@ -89,51 +92,99 @@ def predicted(session: Any, engine_task: str, default: float) -> float:
     return value
 
 
+LIMITS_TTL = 5.0  # seconds a client's limits are reused by this process (models/client_limits.py)
+QUEUED_RETRY_AFTER = 5  # seconds: when to try again after too_many_queued_jobs
+_LIMITS_KEY = "aiorch.client_limits"
+
+
+def client_limits(svc: Services, client_id: str) -> Limits:
+    """The client's limits in force, from this app's ``LimitsCache``: no query on the hot path."""
+    cache = current_app.extensions.get(_LIMITS_KEY)
+    if cache is None:
+        cache = current_app.extensions.setdefault(_LIMITS_KEY, LimitsCache(svc.db, svc.settings, LIMITS_TTL))
+    limits: Limits = cache.get(client_id)
+    return limits
+
+
+def rate_headers(limit: int, remaining: int, reset: int) -> dict[str, str]:
+    return {
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(max(0, remaining)),
+        "X-RateLimit-Reset": str(reset),
+    }
+
+
 class Admission:
-    """A client's admission limits for one request: 429 when it is over its per-minute or
-    queued-jobs limit. Counted in the database once, at the first job admitted (so the limit holds
-    across every API process; both counts use the jobs' indexes), and then each job admitted
-    counts too, so the jobs of a batch are held to the limits one by one."""
+    """A client's admission for one request, against its own limits (``models.client_limits``,
+    the environment's defaults where it has none): 429 when it is over its per-minute or
+    queued-jobs limit, and the priority its job gets (lowered to its ``max_priority``).
+
+    Counted in the database once, at the first job admitted (so the limit holds across every API
+    process; both counts use the jobs' indexes), and then each job admitted counts too, so the jobs
+    of a batch are held to the limits one by one. A 429 carries ``Retry-After`` and
+    ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` of the limit that refused it (``-Reset``: seconds
+    until a place frees); ``success_headers`` are the per-minute limit's after the jobs admitted,
+    for the answer that accepted them."""
 
     def __init__(self, svc: Services, client_id: str, now: datetime):
-        self.settings = svc.settings
         self.db = svc.db
         self.client_id = client_id
         self.now = now
+        self.limits = client_limits(svc, client_id)
         self.counts: AdmissionCounts | None = None
         self.admitted = 0
+        g.admission = self  # the view adds its success_headers to the answer
 
-    def admit(self) -> None:
-        settings, now = self.settings, self.now
-        if not (settings.rate_limit_per_minute or settings.max_queued_per_client):
-            return
-        if self.counts is None:
-            since = now - timedelta(seconds=60) if settings.rate_limit_per_minute else None
-            queued = bool(settings.max_queued_per_client)
-            self.counts = admission_counts(self.db, self.client_id, since, queued=queued)
-        counts = self.counts
-        if (
-            settings.rate_limit_per_minute
-            and counts.created_since + self.admitted >= settings.rate_limit_per_minute
-        ):
-            oldest = counts.oldest_since
-            wait = 60 - (now - oldest).total_seconds() if oldest else 60
-            abort(
-                429,
-                code="rate_limited",
-                message=f"More than {settings.rate_limit_per_minute} jobs in a minute; retry later.",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
-        waiting = counts.queued + self.admitted
-        if settings.max_queued_per_client and waiting >= settings.max_queued_per_client:
-            limit = settings.max_queued_per_client
-            abort(
-                429,
-                code="too_many_queued_jobs",
-                message=f"{waiting} of your jobs are still queued (limit {limit}).",
-                headers={"Retry-After": "5"},
-            )
+    def admit(self, priority: int) -> int:
+        """Admit one job asking for ``priority`` (or abort with a 429); returns the priority it
+        gets."""
+        limits, now = self.limits, self.now
+        if limits.rate_per_minute or limits.max_queued:
+            if self.counts is None:
+                since = now - timedelta(seconds=60) if limits.rate_per_minute else None
+                self.counts = admission_counts(self.db, self.client_id, since, queued=bool(limits.max_queued))
+            counts = self.counts
+            rate = limits.rate_per_minute
+            if rate and counts.created_since + self.admitted >= rate:
+                wait = self.window_reset()
+                abort(
+                    429,
+                    code="rate_limited",
+                    message=f"More than {rate} jobs in a minute; retry in {wait} s.",
+                    headers={"Retry-After": str(wait), **rate_headers(rate, 0, wait)},
+                )
+            waiting = counts.queued + self.admitted
+            if limits.max_queued and waiting >= limits.max_queued:
+                abort(
+                    429,
+                    code="too_many_queued_jobs",
+                    message=f"{waiting} of your jobs are still queued (limit {limits.max_queued}).",
+                    headers={
+                        "Retry-After": str(QUEUED_RETRY_AFTER),
+                        **rate_headers(limits.max_queued, 0, QUEUED_RETRY_AFTER),
+                    },
+                )
         self.admitted += 1
+        return min(priority, limits.max_priority)
+
+    def window_reset(self) -> int:
+        """Seconds until the oldest job of the last minute leaves the window (a place frees)."""
+        oldest = self.counts.oldest_since if self.counts is not None else None
+        wait = 60 - (self.now - oldest).total_seconds() if oldest is not None else 60
+        return max(1, math.ceil(wait))
+
+    def success_headers(self) -> dict[str, str]:
+        """The per-minute limit's X-RateLimit-* after the jobs admitted; none without one."""
+        rate = self.limits.rate_per_minute
+        if not rate or self.counts is None:
+            return {}
+        return rate_headers(rate, rate - self.counts.created_since - self.admitted, self.window_reset())
+
+
+def admission_headers() -> dict[str, str]:
+    """The X-RateLimit-* headers of this request's admission, for the answer that accepted jobs."""
+    admission: Admission | None = g.get("admission")
+    return {} if admission is None else admission.success_headers()
 
 
 def request_fingerprint(body: dict[str, Any]) -> str:
@@ -233,15 +284,27 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
             return existing, 200
 
     now = utcnow()
-    Admission(svc, g.client_id, now).admit()
+    asked = body["priority"]
+    priority = Admission(svc, g.client_id, now).admit(asked)
     # Large data: inputs become assets of the client, so the row holds asset:// instead of the
     # bytes (the fingerprint above stays that of the body the client sent).
     stored_payload, uploads = data_inputs_to_assets(svc, g.client_id, spec, body["payload"])
-    job = new_job(g.client_id, body, spec, stored_payload, idempotency_key, fingerprint, now)
+    job = new_job(
+        g.client_id, {**body, "priority": priority}, spec, stored_payload, idempotency_key, fingerprint, now
+    )
+    # A job for a local engine is sent only into a free slot of its queue, else it waits for its
+    # turn in fair order (models/dispatch.py); its own turn is decided in its INSERT's transaction.
+    slotted = waits_for_slot(settings, job)
+    if slotted:
+        job.dispatched_at = None
+    granted = due = False
     try:
         with svc.db.writing() as session:
             job.predict_time = predicted(session, spec.name, spec.predict_seconds)
             created = insert_job(session, job)  # the INSERT and its first event
+            if slotted:
+                limits = client_limits(svc, g.client_id)
+                granted, due = grant_new(session, job, now, settings.dispatch_ahead, limits.max_running)
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race.
         discard_uploads(svc, uploads)
@@ -249,6 +312,10 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         if existing is None:
             raise
         return existing, 200
+    if slotted and not granted:
+        if due:  # slots are free but others waited first: a dispatcher decides whose turn it is
+            ask_to_fill(svc.celery, job.queue)
+        return {**created, "reused": False, **capped(asked, priority)}, 202
     # Published only after COMMIT: a worker can never receive an id whose row it cannot see. The
     # prepare queue, or straight to the run queue when nothing needs downloading (one hop fewer).
     try:
@@ -263,7 +330,13 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
             message="The job queue is unreachable; retry shortly.",
             headers={"Retry-After": RETRY_AFTER_BROKER},
         )
-    return {**created, "reused": False}, 202
+    return {**created, "reused": False, **capped(asked, priority)}, 202
+
+
+def capped(asked: int, priority: int) -> dict[str, int]:
+    """``requested_priority`` for the answer that accepted a job whose priority was lowered to
+    its client's ``max_priority``; nothing otherwise."""
+    return {"requested_priority": asked} if priority != asked else {}
 
 
 def job_response(body: dict[str, Any], status: int = 200) -> Response:
@@ -329,7 +402,9 @@ class Jobs(MethodView):
     @documents(blp, 400, 401, 409, 413, 415, 429, 501, 503)
     def post(self, body: dict[str, Any]) -> Response:
         """Create a job"""
-        return job_response(*create_job(body, request.headers.get("Idempotency-Key")))
+        response = job_response(*create_job(body, request.headers.get("Idempotency-Key")))
+        response.headers.update(admission_headers())
+        return response
 
     # webargs ignores unknown query parameters unless told otherwise; ?stauts=queued must be a 422,
     # not every job.

@@ -227,6 +227,12 @@ class JobSchema(Schema):
             "description": "Only on POST: true when an earlier job with the same Idempotency-Key answers"
         }
     )
+    requested_priority = fields.Integer(
+        metadata={
+            "description": "Only on the POST that accepted it, and only when the priority asked for was "
+            "above the client's max_priority: what was asked (priority is the one the job got)"
+        }
+    )
 
 
 class JobListSchema(Schema):

@@ -180,6 +180,9 @@ class Settings:
     max_attempts: int = 3
     job_ttl: float = 24 * 3600.0
     republish_after: float = 300.0
+    # Jobs sent to a local engine queue beyond its workers' slots, so a worker never idles between
+    # two jobs (fair share: models/dispatch.py).
+    dispatch_ahead: int = 1
     result_retention: float = 7 * 24 * 3600.0
     sync_timeout: float = 120.0
     webhook_timeout: float = 10.0
@@ -315,6 +318,7 @@ class Settings:
             max_attempts=_int("AIORCH_MAX_ATTEMPTS", get("MAX_ATTEMPTS", "3"), low=1, high=100),
             job_ttl=_float("AIORCH_JOB_TTL", get("JOB_TTL", str(24 * 3600)), low=1),
             republish_after=_float("AIORCH_REPUBLISH_AFTER", get("REPUBLISH_AFTER", "300"), low=1),
+            dispatch_ahead=_int("AIORCH_DISPATCH_AHEAD", get("DISPATCH_AHEAD", "1"), low=0),
             result_retention=_float(
                 "AIORCH_RESULT_RETENTION", get("RESULT_RETENTION", str(7 * 86400)), low=1
             ),

@@ -8,23 +8,27 @@ A column left NULL (or no row) takes the default, so changing the environment ch
 that did not get a value of its own. For the three counts 0 means "no limit", as in the
 environment, so a client can be exempted from a default limit; ``max_priority`` is 0-9.
 
-The API reads a client's limits on every submit; ``LimitsCache`` keeps them per process for a few
-seconds, so the hot path costs no extra query (a change reaches every API process within ``ttl``).
+The API reads a client's limits on every submit (rate, queued, priority); ``LimitsCache`` keeps
+them per process for a few seconds, so the hot path costs no extra query (a change reaches every
+API process within ``ttl``). ``max_running`` is the fair-share dispatcher's to hold
+(``running_caps``: its caps per queue), since it alone decides when a client's job takes a slot.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from config import Settings
 from models.db import Database, utcnow
-from models.jobs import ApiKey, ClientLimit
+from models.jobs import IN_FLIGHT_SQL, ApiKey, ClientLimit, Job
 
 # The most a count limit may be: the column is a 32-bit integer, and a billion jobs a minute is
 # "no limit" in all but name (0 says that).
@@ -83,8 +87,13 @@ def own_values(row: ClientLimit | None) -> dict[str, int | None]:
 
 
 def in_force(own: dict[str, int | None], settings: Settings) -> Limits:
+    """The limits in force: the client's own values over the defaults."""
     base = defaults(settings)
-    return Limits(**{name: getattr(base, name) if own.get(name) is None else own[name] for name in NAMES})
+    values: dict[str, int] = {}
+    for name in NAMES:
+        value = own.get(name)
+        values[name] = getattr(base, name) if value is None else value
+    return Limits(**values)
 
 
 class ClientLimits:
@@ -105,22 +114,22 @@ class ClientLimits:
         """Change the named limits of ``client_id`` (None: back to the default), leave the others;
         returns its own values after the change. Raises ``InvalidLimit`` before writing anything."""
         checked = {name: None if value is None else check(name, value) for name, value in changes.items()}
-        for attempt in (1, 2):
-            try:
-                with self.db.session() as session:
-                    row = session.get(ClientLimit, client_id)
-                    if row is None:
-                        row = ClientLimit(client_id=client_id, **dict.fromkeys(NAMES))
-                        session.add(row)
-                    for name, value in checked.items():
-                        setattr(row, name, value)
-                    row.updated_at = utcnow()
-                    session.flush()
-                    return own_values(row)
-            except IntegrityError:
-                if attempt == 2:  # another process created the row at the same moment, twice
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return self._write(client_id, checked)
+        except IntegrityError:  # another process created the row meanwhile: it exists now
+            return self._write(client_id, checked)
+
+    def _write(self, client_id: str, checked: dict[str, int | None]) -> dict[str, int | None]:
+        with self.db.session() as session:
+            row = session.get(ClientLimit, client_id)
+            if row is None:
+                row = ClientLimit(client_id=client_id, **dict.fromkeys(NAMES))
+                session.add(row)
+            for name, value in checked.items():
+                setattr(row, name, value)
+            row.updated_at = utcnow()
+            session.flush()
+            return own_values(row)
 
     def listed(self) -> dict[str, dict[str, int | None]]:
         """Own values of every client that has keys in the database or limits of its own, by
@@ -130,6 +139,35 @@ class ClientLimits:
             for client_id in session.scalars(select(ApiKey.client_id).distinct()):
                 rows.setdefault(client_id, own_values(None))
         return dict(sorted(rows.items()))
+
+
+def running_caps(session: Session, queue: str, clients: Iterable[str], settings: Settings) -> dict[str, int]:
+    """For the fair-share dispatcher (``models.dispatch.take_turns(..., caps=)``): how many jobs
+    each of ``clients`` may have in flight on ``queue``, for those with a ``max_running``: the
+    limit less its jobs in flight on the other queues (so the limit holds across all workers),
+    never below 0. A client without a limit (0) is not in the answer. Two queries at most, on the
+    primary key of ``client_limits`` and the in-flight index of ``jobs``."""
+    wanted = list(dict.fromkeys(clients))
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(ClientLimit.client_id, ClientLimit.max_running).where(
+            ClientLimit.client_id.in_(wanted), ClientLimit.max_running.is_not(None)
+        )
+    )
+    own = {str(client): int(limit or 0) for client, limit in rows}  # never NULL: filtered above
+    limits = {c: own.get(c, settings.max_running_per_client) for c in wanted}
+    capped = [c for c, limit in limits.items() if limit]
+    if not capped:
+        return {}
+    elsewhere = dict(
+        session.execute(
+            select(Job.client_id, func.count())
+            .where(Job.client_id.in_(capped), Job.queue != queue, text(f"({IN_FLIGHT_SQL})"))
+            .group_by(Job.client_id)
+        ).all()
+    )
+    return {c: max(0, limits[c] - int(elsewhere.get(c, 0))) for c in capped}
 
 
 class LimitsCache:

@@ -49,6 +49,15 @@ class JobFailure:
         return cls("expired", message, details or {}, status=JobStatus.EXPIRED)
 
     @classmethod
+    def uninstalled(cls, engine_task: str) -> JobFailure:
+        """The job's engine left this installation after the job was accepted."""
+        return cls(
+            "task_not_installed",
+            f"No engine for task {engine_task!r} is installed here any more.",
+            {"field": "task"},
+        )
+
+    @classmethod
     def revoked(cls) -> JobFailure:
         """An operator revoked (or terminated) one of the job's Celery tasks, from Flower or
         ``celery control revoke``."""

@@ -1,6 +1,6 @@
-"""Tables: jobs, their event log and the counters their moves keep, API keys, stored files
-(outputs and uploads: the assets), webhook events, their deliveries and the clients' webhook
-signing secrets."""
+"""Tables: jobs, their event log, the counters their moves keep and their counts by status, API
+keys, stored files (outputs and uploads: the assets), webhook events, their deliveries and the
+clients' webhook signing secrets."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -26,14 +27,43 @@ from sqlalchemy.orm import Mapped, configure_mappers, mapped_column
 from models.db import Base, UTCDateTime, utcnow
 from models.state import JobStatus
 
+# A job holding a slot of its queue: its message sent and not claimed yet, or running on a local
+# engine (a remote provider's job holds none).
+IN_FLIGHT_SQL = (
+    "(status = 'queued' AND dispatched_at IS NOT NULL) OR (status = 'running' AND stage = 'local')"
+)
+
 
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("client_id", "idempotency_key", name="uq_jobs_client_idempotency"),
-        Index("ix_jobs_client_created", "client_id", "created_at"),
+        # A client's jobs newest first, ``id`` breaking ties: the listing's exact order, so a
+        # client's page never walks every client's newest jobs (ix_jobs_created) looking for its own.
+        Index("ix_jobs_client_created", "client_id", "created_at", "id"),
         Index("ix_jobs_status_queued", "status", "queued_at"),
         Index("ix_jobs_client_batch", "client_id", "batch_id"),
+        # Every client's jobs newest first (an admin's listing and /stats' latest jobs).
+        Index("ix_jobs_created", "created_at", "id"),
+        # The fair-share dispatcher's two sets (models/dispatch.py): jobs waiting for a slot on their
+        # queue, in each client's order; and jobs holding one (sent, or running on a local engine).
+        Index(
+            "ix_jobs_waiting",
+            "queue",
+            "client_id",
+            "priority",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+            sqlite_where=text("status = 'queued' AND dispatched_at IS NULL"),
+        ),
+        Index(
+            "ix_jobs_in_flight",
+            "queue",
+            "client_id",
+            postgresql_where=text(IN_FLIGHT_SQL),
+            sqlite_where=text(IN_FLIGHT_SQL),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -142,6 +172,25 @@ class JobCounter(Base):
     label: Mapped[str] = mapped_column(String(32), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger)  # how many (a bucket's: only its own observations)
     total: Mapped[float] = mapped_column(Float)  # the sum of the observations (histograms)
+
+
+class JobStatusCount(Base):
+    """How many jobs of a client are in one task and status, or rather this shard's part of it:
+    the sum over ``shard`` is the count. Kept by triggers on ``jobs`` (migration 0010) in the
+    transaction of every INSERT, status change and DELETE of jobs, whoever writes it; ``models.stats``
+    reads it, so ``/stats`` and the live gauge of ``/metrics`` cost the same at any history. A shard's
+    ``n`` may be negative (a job counted in one shard, moved on in another); the sum never is."""
+
+    __tablename__ = "job_status_counts"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), primary_key=True)  # as the client asked
+    engine_task: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # The writer's transaction id mod 16 (Postgres; 0 on SQLite): concurrent writers of one
+    # client's counts update different rows.
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -253,3 +302,26 @@ class ClientLimit(Base):
     max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class QueueSlot(Base):
+    """A worker's slots on one queue (its pool's processes), written when it starts and refreshed
+    while it runs (tasks/slots.py); the dispatcher counts the slots of the workers seen lately."""
+
+    __tablename__ = "queue_slots"
+
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DispatchTurn(Base):
+    """When a client last got a slot of a queue (``models.dispatch``): among clients with as few
+    jobs in flight, the one served longest ago goes first."""
+
+    __tablename__ = "dispatch_turns"
+
+    queue: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime())

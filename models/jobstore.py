@@ -475,9 +475,10 @@ class JobStore:
     def stuck_jobs(self, older_than: float, now: datetime | None = None) -> list[tuple[str, str, str, int]]:
         """Queued jobs whose message may have been lost: (id, stage, queue, priority).
 
-        A job that was accepted but never dispatched (the API died between COMMIT and publish), or
-        whose last dispatch is older than ``older_than`` seconds, is published again; the claim's
-        conditional UPDATE makes any duplicate message harmless.
+        A job that was sent (the API or a dispatcher marked it so; either may have died between
+        its COMMIT and its publish), and whose last sending is older than ``older_than`` seconds, is
+        published again; the claim's conditional UPDATE makes any duplicate message harmless. A job
+        waiting for a slot (never sent, ``models.dispatch``) is not stuck: it waits its turn.
         """
         now = now or utcnow()
         cutoff = now - timedelta(seconds=older_than)
@@ -485,7 +486,7 @@ class JobStore:
             rows = session.execute(
                 select(Job.id, Job.stage, Job.queue, Job.priority).where(
                     Job.status == JobStatus.QUEUED.value,
-                    func.coalesce(Job.dispatched_at, Job.queued_at) < cutoff,
+                    Job.dispatched_at < cutoff,
                 )
             ).all()
             return [(r.id, r.stage, r.queue, r.priority) for r in rows]

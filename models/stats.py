@@ -1,10 +1,14 @@
 """Aggregates for operators: a client's overview (``/stats``; every client's, by client, for an
-admin key) and the platform's Prometheus figures (``/metrics``).
+admin key) and the platform's Prometheus figures (``/metrics``). Neither reads the jobs table
+beyond one page of the latest jobs: both cost the same at a million jobs as at ten.
 
-``/metrics`` reads the counters that the moves themselves keep (``models.counters``: one row per
-series, so a scrape costs the same at a million jobs as at ten, and deleting jobs lowers no
-counter) and counts only the jobs queued or running now, through the status index. Every API
-process and worker agrees without multiprocess bookkeeping: the figures live in the database.
+Counts by status, task and client come from ``job_status_counts`` (``models.jobs.JobStatusCount``),
+which triggers on ``jobs`` keep in step with every INSERT, status change and DELETE (migration
+0010, on Postgres and on SQLite alike): one row per client, task, engine task, status and shard,
+summed here. ``/metrics`` reads the counters that the moves themselves keep (``models.counters``:
+one row per series; deleting jobs lowers no counter) and its gauge of the jobs queued or running
+now from the same status counts. Every API process and worker agrees without multiprocess
+bookkeeping: the figures live in the database.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from sqlalchemy import ColumnElement, func, select, true
 
 from models import counters
 from models.db import Database
-from models.jobs import Job
+from models.jobs import Job, JobStatusCount
 from models.state import JobStatus
 
 RECENT_JOBS = 20
@@ -34,23 +38,37 @@ class ClientOverview:
     by_client: dict[str, int] | None = None  # only in the overview of every client
 
 
+_counted = func.sum(JobStatusCount.n)
+# One row per client, task and status (the shards summed); a key whose jobs all went is left out.
+_COUNTS = (
+    select(JobStatusCount.client_id, JobStatusCount.task, JobStatusCount.status, _counted)
+    .group_by(JobStatusCount.client_id, JobStatusCount.task, JobStatusCount.status)
+    .having(_counted != 0)
+)
+
+
 def client_overview(db: Database, client_id: str | None, recent: int = RECENT_JOBS) -> ClientOverview:
-    """The overview of ``client_id``'s jobs, or of every client's for None."""
+    """The overview of ``client_id``'s jobs, or of every client's for None: the latest jobs through
+    the (client, created) or (created, id) index, the counts from ``job_status_counts``."""
     mine: ColumnElement[bool] = true() if client_id is None else Job.client_id == client_id
+    counts = _COUNTS if client_id is None else _COUNTS.where(JobStatusCount.client_id == client_id)
     with db.session() as session:
-        rows = list(session.scalars(select(Job).where(mine).order_by(Job.created_at.desc()).limit(recent)))
-        by_status = session.execute(select(Job.status, func.count()).where(mine).group_by(Job.status))
-        by_task = session.execute(select(Job.task, func.count()).where(mine).group_by(Job.task))
-        by_client = None
-        if client_id is None:
-            counted = session.execute(select(Job.client_id, func.count()).group_by(Job.client_id))
-            by_client = {client: count for client, count in counted}
-        return ClientOverview(
-            recent=rows,
-            by_status={status: count for status, count in by_status},
-            by_task={task: count for task, count in by_task},
-            by_client=by_client,
-        )
+        latest = select(Job).where(mine).order_by(Job.created_at.desc(), Job.id.desc()).limit(recent)
+        rows = list(session.scalars(latest))
+        counted = [(client, task, status, int(n)) for client, task, status, n in session.execute(counts)]
+    by_status: dict[str, int] = defaultdict(int)
+    by_task: dict[str, int] = defaultdict(int)
+    by_client: dict[str, int] = defaultdict(int)
+    for client, task, status, n in counted:
+        by_status[status] += n
+        by_task[task] += n
+        by_client[client] += n
+    return ClientOverview(
+        recent=rows,
+        by_status=dict(sorted(by_status.items())),
+        by_task=dict(sorted(by_task.items())),
+        by_client=dict(sorted(by_client.items())) if client_id is None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -74,11 +92,14 @@ class JobMetrics:
     webhook_attempts: dict[str, int]  # "success" / "failure" -> attempts
 
 
-# Few rows whatever the history: the status index finds the live jobs, the final ones are skipped.
+# The status counts of the live jobs, every client's together: as many rows whatever the history
+# (and however many jobs are queued now).
+_live_count = func.sum(JobStatusCount.n)
 _LIVE = (
-    select(Job.engine_task, Job.status, func.count())
-    .where(Job.status.in_(LIVE_STATUSES))
-    .group_by(Job.engine_task, Job.status)
+    select(JobStatusCount.engine_task, JobStatusCount.status, _live_count)
+    .where(JobStatusCount.status.in_(LIVE_STATUSES))
+    .group_by(JobStatusCount.engine_task, JobStatusCount.status)
+    .having(_live_count != 0)
 )
 
 

@@ -36,6 +36,8 @@ DISPATCH = "aiorch.dispatch_events"  # tasks/events.py
 # Only messages published before the event log existed still name it (tasks/events.py).
 FINISH = "aiorch.finish_job"
 DELIVER = "aiorch.deliver_webhook"  # tasks/webhooks.py
+# Fill a local engine queue's free slots with waiting jobs in fair order (the argument: the queue).
+FILL_SLOTS = "aiorch.fill_slots"  # tasks/scheduling.py
 # The modules that define the tasks, and the worker's signal handlers: ``tasks.worker`` imports
 # each of them, and a worker started from ``create_celery`` includes them.
 TASK_MODULES = (
@@ -49,6 +51,7 @@ TASK_MODULES = (
     "tasks.diag",
     "tasks.warmup",
     "tasks.revocation",
+    "tasks.scheduling",
 )
 
 
@@ -214,3 +217,12 @@ def kick_dispatcher(app: Celery, job_id: str) -> None:
         publish(app, DISPATCH, job_id, "cpu")
     except (OperationalError, OSError):
         log.warning("events of %s left to the sweep: broker unavailable", job_id)
+
+
+def ask_to_fill(app: Celery, queue: str) -> None:
+    """Ask the cpu queue to fill ``queue``'s free slots with waiting jobs (``tasks.scheduling``).
+    A request the broker does not take is only late: the sweep fills every queue's slots."""
+    try:
+        publish(app, FILL_SLOTS, queue, "cpu")
+    except (OperationalError, OSError):
+        log.warning("slots of %s left to the sweep to fill: broker unavailable", queue)

@@ -1,17 +1,25 @@
-"""kombu's filesystem transport with atomic message files.
+"""kombu's filesystem transport with atomic message files and message priority.
 
 kombu 5.7's ``Channel._put`` creates the message file, then locks it, then writes: a consumer in
 another process can move the file away while it is still empty and crash on ``json.loads("")``
 (kombu issue #1551), killing the worker and losing the message. Here a message is written to a
 hidden temporary name (one ``_get`` never matches) and renamed into place, so a consumer only ever
 sees complete files.
+
+kombu's ``_get`` takes the first message of a queue in the sorted listing of the folder, and its
+own names start with the publish time, so it ignores priority. Here a name starts with the
+priority, inverted (``9 - priority``: 0 for the highest), then the publish time in microseconds,
+zero-padded: the listing's order is higher priority first, FIFO within a priority, as RabbitMQ
+delivers from a queue with ``x-max-priority`` (tasks/celery_app.py). A message a worker hands back
+(``_restore``) is put again with its priority. Files named by an older version (the publish time
+first) are still taken, only not in priority order.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from time import monotonic
+from time import monotonic_ns
 from typing import Any
 
 from kombu.exceptions import ChannelError
@@ -22,12 +30,20 @@ from kombu.utils.json import dumps
 ALIAS = "aiorchfs"
 
 
+def message_name(queue: str, priority: int) -> str:
+    """A message file's name: sorted by name, higher priority first, then oldest first. The clock
+    is the system's monotonic one, shared by every process on the machine (the folder is local);
+    16 digits of microseconds hold some 300 years of uptime, so the names keep one width."""
+    # No dot before ".<queue>.msg": kombu finds a queue's messages by what follows the first dot.
+    return f"{9 - priority}_{monotonic_ns() // 1000:016d}_{uuid.uuid4()}.{queue}.msg"
+
+
 class Channel(filesystem.Channel):
     # kombu's own filesystem.Channel._put names its second parameter "payload" where the
     # virtual AbstractChannel it extends says "message"; no name satisfies both, so this keeps
     # the one of the class it overrides.
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        name = message_name(queue, self._get_message_priority(payload))
         final = os.path.join(self.data_folder_out, name)
         # A leading dot and no ".<queue>.msg" suffix: _get, _size and _purge all skip it.
         temporary = os.path.join(self.data_folder_out, f".tmp-{uuid.uuid4().hex}")

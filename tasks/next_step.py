@@ -17,11 +17,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from config import Settings
+from config import QUEUES, Settings
 from models.jobs import Job
 from models.state import Phase
 from tasks import catalog
 from tasks.celery_app import PREPARE, RUN, SUBMIT_REMOTE, publish
+
+# The queues of local engines: a job for one takes a slot of its queue when it is first sent, and
+# waits in the database for one until then (fair share: models/dispatch.py, tasks/scheduling.py).
+SLOTTED = frozenset(q for q in QUEUES if q != "cpu")
+
+
+def waits_for_slot(settings: Settings, job: Job) -> bool:
+    """Whether the job goes to a local engine's queue, dispatched by slots (a job whose route
+    starts with a remote provider does not: the provider queues it)."""
+    return job.queue in SLOTTED and not settings.routes.remote_first(job.task, job.engine_task)
 
 
 @dataclass(frozen=True)

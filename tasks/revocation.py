@@ -62,8 +62,9 @@ def cancel_revoked(app: Any, job_id: str, *, still_running: bool = False) -> boo
     """End the job ``cancelled`` (``revoked_by_operator``) unless it is final already; True when
     this call ended it. ``still_running``: the revoked task goes on running the job here (a revoke
     without terminate), and removes the job's inputs itself once it stops."""
-    rt = Runtime(app.aiorch_settings, app)
+    rt: Runtime | None = None
     try:
+        rt = Runtime(app.aiorch_settings, app)
         before = rt.store.get(job_id)
         if before is None or rt.store.revoke(job_id) is None:
             return False
@@ -78,7 +79,8 @@ def cancel_revoked(app: Any, job_id: str, *, still_running: bool = False) -> boo
         log.exception("cancelling job %s after its task was revoked failed", job_id)
         return False
     finally:
-        rt.db.dispose()
+        if rt is not None:
+            rt.db.dispose()
 
 
 def _cancel_at_provider(rt: Runtime, job: Job) -> None:

@@ -31,9 +31,11 @@ from tasks.celery_app import RUN
 from tasks.engines import BATCH_ENGINES, ENGINES, EngineCall
 from tasks.failures import failure_of
 from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError, decode_image
+from tasks.next_step import SLOTTED
 from tasks.outputs import note_refusal_end, record_outcome, store_outputs
 from tasks.prepare import load_inputs, validate_payload
 from tasks.runtime import JobTask, Runtime
+from tasks.scheduling import fill_slots
 
 log = logging.getLogger("aiorch.tasks")
 
@@ -81,7 +83,19 @@ def run_job(self: JobTask, job_id: str, recovered: bool = False, prepare: bool =
     the network (``tasks.next_step``). The claim takes it from there and its inputs are checked
     right after, with the same rules and errors as on the prepare queue (a bad input ends the
     claimed job ``failed``).
+
+    Whatever became of the job, its slot is free afterwards: the waiting jobs of the queue get it
+    in fair order (``tasks.scheduling``).
     """
+    try:
+        _run_job(self, job_id, recovered, prepare)
+    finally:
+        queue = (self.request.delivery_info or {}).get("routing_key")
+        if queue in SLOTTED:
+            fill_slots(self.runtime, self.app, queue)
+
+
+def _run_job(self: JobTask, job_id: str, recovered: bool, prepare: bool) -> None:
     rt = self.runtime
     redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or recovered
     try:

@@ -1,7 +1,8 @@
 """The periodic sweep (beat, every 30 s, on the cpu queue): what no message is left to do.
 
 It expires jobs queued past their TTL; sends on queued jobs whose message was lost (through
-``tasks.next_step``, the same decision as the API's and the prepare task's); recovers running
+``tasks.next_step``, the same decision as the API's and the prepare task's); fills free slots of
+local engine queues with waiting jobs (``tasks.scheduling``: normally a run's end does); recovers running
 jobs whose worker vanished (a local run is published again, a job at a provider resumes its poll
 or submit, ``tasks.remote.recovery``); deletes files past their retention; dispatches the events
 whose kick was lost (``tasks.events``); sends parked webhook retries; and prunes the event log.
@@ -15,7 +16,7 @@ from typing import Any
 from celery import shared_task
 from kombu.exceptions import OperationalError
 
-from models import outbox
+from models import dispatch, outbox
 from models.db import utcnow
 from models.failures import JobFailure
 from models.state import JobStatus
@@ -25,6 +26,7 @@ from tasks.events import dispatch_left_over, unattempted_events
 from tasks.next_step import send_next
 from tasks.remote.recovery import resume_remote
 from tasks.runtime import JobTask, Runtime
+from tasks.scheduling import fill_slots
 from tasks.webhooks import due_deliveries
 
 # An event still pending this long after its move lost its kick: the sweep dispatches it (sooner
@@ -44,6 +46,9 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
     for job_id in expired:
         rt.storage.remove_inputs(job_id)
     republished = _republish(rt, app)
+    with rt.db.session() as session:
+        waiting = dispatch.queues_waiting(session)
+    filled = sum(fill_slots(rt, app, queue) for queue in waiting)  # a safety net: see scheduling
     recovered = _recover(rt, app)
     removed = rt.store.expired_files()  # outputs and uploads
     rt.storage.delete_files(removed)
@@ -53,6 +58,7 @@ def sweep(rt: Runtime, app: Any) -> dict[str, int]:
     return {
         "expired": len(expired),
         "republished": republished,
+        "slots_filled": filled,
         "recovered": recovered,
         "files_removed": len(removed),
         "events_dispatched": dispatched,
@@ -73,7 +79,7 @@ def _republish(rt: Runtime, app: Any) -> int:
         if job.engine_task not in catalog.TASKS:
             # Its engine left this installation after the job was accepted: the job ends with a
             # clear error instead of stopping the sweep (and every other job's re-publish) here.
-            rt.store.fail_unclaimed(job_id, uninstalled(job.engine_task))
+            rt.store.fail_unclaimed(job_id, JobFailure.uninstalled(job.engine_task))
             continue
         try:
             send_next(app, rt.settings, job)
@@ -82,14 +88,6 @@ def _republish(rt: Runtime, app: Any) -> int:
         rt.store.mark_dispatched(job_id)
         republished += 1
     return republished
-
-
-def uninstalled(engine_task: str) -> JobFailure:
-    return JobFailure(
-        "task_not_installed",
-        f"No engine for task {engine_task!r} is installed here any more.",
-        {"field": "task"},
-    )
 
 
 def _recover(rt: Runtime, app: Any) -> int:

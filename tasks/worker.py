@@ -14,6 +14,7 @@ import tasks.remote.poll  # noqa: F401
 import tasks.remote.submit  # noqa: F401
 import tasks.revocation  # noqa: F401  (a revoke of a job's task cancels the job)
 import tasks.run  # noqa: F401
+import tasks.scheduling  # noqa: F401  (a worker's slots, and filling them fairly)
 import tasks.sweeps  # noqa: F401
 import tasks.warmup  # noqa: F401  (the pool children's engine imports)
 import tasks.webhooks  # noqa: F401

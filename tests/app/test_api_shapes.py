@@ -30,8 +30,9 @@ from tests.conftest import KEYS
 
 ALICE = {"X-API-Key": KEYS[0][1]}
 IMG = "http://images.example.com/a.png"
-# Only ``POST /v1/jobs`` (and the blocking endpoints' replays) say whether a job was reused.
-CREATE_ONLY = {"reused"}
+# Only ``POST /v1/jobs`` (and the blocking endpoints' replays) say whether a job was reused, and
+# (only when its priority was lowered to the client's max_priority) what it asked for.
+CREATE_ONLY = {"reused", "requested_priority"}
 
 
 @pytest.fixture
@@ -164,7 +165,8 @@ def test_every_response_that_carries_jobs_documents_the_one_job_schema(
 def test_every_job_the_api_sends_has_the_documented_fields(client: FlaskClient, spec: dict[str, Any]) -> None:
     fields = documented(spec, "Job")
     created = client.post("/v1/jobs", json={"task": "upscale", "payload": {"image_url": IMG}}, headers=ALICE)
-    assert created.status_code == 202 and set(created.get_json()) == fields
+    # requested_priority only when the priority asked for was lowered (tests/app/test_client_limits.py).
+    assert created.status_code == 202 and set(created.get_json()) == fields - {"requested_priority"}
     job_id = created.get_json()["job_id"]
     sent = [
         client.get(f"/v1/jobs/{job_id}", headers=ALICE).get_json(),

@@ -14,7 +14,7 @@ from sqlalchemy import event, select
 from app import create_app
 from config import Settings
 from models import lifecycle
-from models.jobs import JobEvent
+from models.jobs import Job, JobEvent
 from tests.conftest import KEYS
 
 ALICE = {"X-API-Key": KEYS[0][1]}
@@ -208,17 +208,51 @@ def test_admission_limits_apply_item_by_item(client: FlaskClient, settings: Sett
         app.extensions["aiorch"].db.dispose()
 
 
-def test_every_accepted_job_is_published_to_its_queue(client: FlaskClient) -> None:
+def test_every_accepted_job_is_published_when_its_queue_has_room(settings: Settings) -> None:
     from bench.infra import queue_depths
 
-    celery = client.application.extensions["aiorch"].celery
-    before = queue_depths(celery, ["cpu"])["cpu"] or 0
-    accepted(batch(client, [job(n) for n in range(25)] + [{"task": "nope"}]))
-    assert queue_depths(celery, ["cpu"])["cpu"] == before + 25
+    app = create_app(settings.with_overrides(dispatch_ahead=100_000))  # room for everyone
+    roomy = app.test_client()
+    try:
+        celery, db = app.extensions["aiorch"].celery, app.extensions["aiorch"].db
+        before = queue_depths(celery, ["cpu"])["cpu"] or 0
+        entries = accepted(batch(roomy, [job(n) for n in range(25)] + [{"task": "nope"}]))["jobs"]
+        ids = [e["job_id"] for e in entries if "job_id" in e]
+        with db.session() as session:
+            rows = session.query(Job).filter(Job.id.in_(ids)).all()
+            assert len(rows) == 25 and all(r.dispatched_at is not None for r in rows)
+        # Each to its prepare task; with them, whatever other tests left waiting got its turn too.
+        assert queue_depths(celery, ["cpu"])["cpu"] >= before + 25
+    finally:
+        app.extensions["aiorch"].db.dispose()
+
+
+def test_jobs_beyond_the_free_slots_wait_unpublished(settings: Settings) -> None:
+    """No worker has slots here and none are sent ahead: every job waits in the database for its
+    turn (models/dispatch.py), nothing reaches the broker, and none is lost."""
+    from bench.infra import queue_depths
+
+    app = create_app(settings.with_overrides(dispatch_ahead=0))
+    tight = app.test_client()
+    try:
+        celery, db = app.extensions["aiorch"].celery, app.extensions["aiorch"].db
+        before = queue_depths(celery, ["cpu"])["cpu"] or 0
+        ids = [e["job_id"] for e in accepted(batch(tight, [job(n) for n in range(5)]))["jobs"]]
+        assert queue_depths(celery, ["cpu"])["cpu"] == before
+        with db.session() as session:
+            rows = session.query(Job).filter(Job.id.in_(ids)).all()
+            assert len(rows) == 5 and all(r.status == "queued" and r.dispatched_at is None for r in rows)
+    finally:
+        app.extensions["aiorch"].db.dispose()
 
 
 def test_when_the_broker_is_down_the_batch_is_a_503_and_no_job_stays(settings: Settings) -> None:
-    app = create_app(settings.with_overrides(broker_url="amqp://guest:guest@127.0.0.1:9//"))
+    # Room for every job: they are published at once (a job waiting for a slot is not sent yet,
+    # so a broker that is down refuses nothing then; the sweep sends it later).
+    down_settings = settings.with_overrides(
+        broker_url="amqp://guest:guest@127.0.0.1:9//", dispatch_ahead=100_000
+    )
+    app = create_app(down_settings)
     down = app.test_client()
     try:
         mine = f"down-{uuid.uuid4().hex[:8]}"

@@ -16,9 +16,13 @@ from models import lifecycle
 from models.db import Base, Database, utcnow
 from models.jobs import (
     ApiKey,
+    ClientLimit,
+    DispatchTurn,
     Job,
     JobCounter,
     JobEvent,
+    JobStatusCount,
+    QueueSlot,
     StoredFile,
     WebhookDelivery,
     WebhookEvent,
@@ -166,6 +170,45 @@ def make_job_counter(db: Database, **overrides: Any) -> tuple[str, str, str]:
     return (values["metric"], values["task"], values["label"])
 
 
+def make_job_status_count(db: Database, **overrides: Any) -> tuple[str, str, str, str, int]:
+    """INSERT one shard of a status count of alice (a task of its own; no jobs unless ``n`` says so:
+    the counts that ``/stats`` and ``/metrics`` read stay true) and return its key ``(client_id,
+    task, engine_task, status, shard)``. The jobs triggers keep these rows (migration 0010)."""
+    task = f"t{new_id()[:12]}"
+    values: dict[str, Any] = dict(client_id="alice", task=task, engine_task=task, status="queued", shard=0, n=0)
+    values.update(overrides)
+    _insert(db, JobStatusCount(**values))
+    return (values["client_id"], values["task"], values["engine_task"], values["status"], values["shard"])
+
+
+def make_queue_slot(db: Database, **overrides: Any) -> tuple[str, str]:
+    """INSERT one worker's slots on a queue (seen now) and return its key ``(node, queue)``."""
+    values: dict[str, Any] = dict(
+        node=f"w{new_id()[:12]}@test", queue="gpu.superres", slots=1, seen_at=utcnow()
+    )
+    values.update(overrides)
+    _insert(db, QueueSlot(**values))
+    return (values["node"], values["queue"])
+
+
+def make_dispatch_turn(db: Database, **overrides: Any) -> tuple[str, str]:
+    """INSERT when a client last got a slot of a queue and return its key ``(queue, client_id)``."""
+    values: dict[str, Any] = dict(queue=f"q.{new_id()[:8]}", client_id="alice", last_at=utcnow())
+    values.update(overrides)
+    _insert(db, DispatchTurn(**values))
+    return (values["queue"], values["client_id"])
+
+
+def make_client_limit(db: Database, client_id: str | None = None, **overrides: Any) -> str:
+    """INSERT limits of a client of its own (``aiorch keys update``: a rate of 60 a minute, the
+    rest the defaults) and return its id."""
+    client_id = client_id or f"client-{new_id()[:12]}"
+    values: dict[str, Any] = dict(client_id=client_id, rate_per_minute=60, updated_at=utcnow())
+    values.update(overrides)
+    _insert(db, ClientLimit(**values))
+    return str(values["client_id"])
+
+
 FACTORIES: dict[type[Base], Callable[..., object]] = {
     Job: make_job,
     JobEvent: make_job_event,
@@ -175,4 +218,8 @@ FACTORIES: dict[type[Base], Callable[..., object]] = {
     WebhookDelivery: make_webhook_delivery,
     WebhookSecret: make_webhook_secret,
     JobCounter: make_job_counter,
+    JobStatusCount: make_job_status_count,
+    QueueSlot: make_queue_slot,
+    DispatchTurn: make_dispatch_turn,
+    ClientLimit: make_client_limit,
 }

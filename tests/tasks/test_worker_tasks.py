@@ -23,6 +23,7 @@ TASK_NAMES = {
     "aiorch.dispatch_events",
     "aiorch.finish_job",
     "aiorch.deliver_webhook",
+    "aiorch.fill_slots",
 }
 
 

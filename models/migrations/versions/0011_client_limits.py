@@ -15,7 +15,7 @@ from alembic import op
 import models.db
 
 revision = '0011'
-down_revision = '0009'  # '0010' once that migration lands (see the report to the lead)
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 

@@ -87,10 +87,9 @@ def test_sweep_republishes_an_accepted_job_whose_message_was_lost(
 ) -> None:
     settings = platform.settings.with_overrides(republish_after=0.5)
     runtime = Runtime(settings)
-    # As if the API had died between COMMIT and publish.
-    job_id = make_job(
-        runtime.db, stage="prepare", payload={"image_url": images.url("img/astronaut.png")}
-    )
+    # As if the API had died between COMMIT and publish (the job was marked sent: it had a slot).
+    payload = {"image_url": images.url("img/astronaut.png")}
+    job_id = make_job(runtime.db, stage="prepare", payload=payload, dispatched_at=utcnow())
     time.sleep(0.6)
     report = sweep(runtime, create_celery(settings))
     assert report["republished"] >= 1
@@ -103,8 +102,12 @@ def test_a_stuck_job_of_a_task_no_longer_installed_fails_and_the_sweep_goes_on(
 ) -> None:
     settings = platform.settings.with_overrides(republish_after=0.5)
     runtime = Runtime(settings)
-    gone = make_job(runtime.db, stage="prepare", task="retired_task", engine_task="retired_task")
-    lost = make_job(runtime.db, stage="prepare", payload={"image_url": images.url("img/astronaut.png")})
+    sent = utcnow()
+    gone = make_job(
+        runtime.db, stage="prepare", task="retired_task", engine_task="retired_task", dispatched_at=sent
+    )
+    payload = {"image_url": images.url("img/astronaut.png")}
+    lost = make_job(runtime.db, stage="prepare", payload=payload, dispatched_at=sent)
     time.sleep(0.6)
     report = sweep(runtime, create_celery(settings))
     assert report["republished"] >= 1

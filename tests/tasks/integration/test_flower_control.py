@@ -107,23 +107,26 @@ def flower(app: Celery) -> Iterator[FlowerView]:
         yield view
 
 
-def queued_task_id(settings: Settings, queue: str, job_id: str) -> str:
-    """The task id of the job's message still waiting on ``queue``, read as RabbitMQ's management
-    UI shows a queued message (got, then handed straight back to the queue)."""
+def queued_task_id(settings: Settings, queue: str, job_id: str, timeout: float = 10.0) -> str:
+    """The task id of the job's message waiting on ``queue``, read as RabbitMQ's management UI
+    shows a queued message (got, then handed straight back to the queue)."""
     [declared] = [q for q in queue_topology() if q.name == queue]
+    deadline = time.monotonic() + timeout
     with Connection(settings.broker_url) as connection:
         bound = declared(connection.default_channel)
-        seen = []
-        try:
-            while (message := bound.get(no_ack=False)) is not None:
-                seen.append(message)
-            for message in seen:
-                if message.headers.get("argsrepr") == repr([job_id]):
-                    return str(message.headers["id"])
-        finally:
-            for message in seen:
-                message.requeue()
-    raise AssertionError(f"no message of {job_id} on {queue}")
+        while time.monotonic() < deadline:
+            seen = []
+            try:
+                while (message := bound.get(no_ack=False)) is not None:
+                    seen.append(message)
+                for message in seen:
+                    if message.headers.get("argsrepr") == repr([job_id]):
+                        return str(message.headers["id"])
+            finally:
+                for message in seen:
+                    message.requeue()
+            time.sleep(0.1)
+    raise AssertionError(f"no message of {job_id} on {queue} within {timeout} s")
 
 
 def test_a_failed_job_is_a_failed_task_with_its_error_code_and_found_by_its_job_id(

@@ -1,0 +1,290 @@
+"""Fair share: which waiting job gets a free slot of its queue, decided in Postgres.
+
+A job for a local engine is not sent to its queue when it is accepted unless a slot is free: it
+waits in the jobs table (``status = 'queued' AND dispatched_at IS NULL``). A queue has as many
+slots as the workers consuming it have pool processes (``queue_slots``, written by each worker,
+``tasks/slots.py``), plus ``ahead`` more so a worker never idles between two jobs. A job holds a
+slot from the moment its first message is sent (its prepare or its run) until its run ends: it is
+*in flight* (``models.jobs.IN_FLIGHT_SQL``). When a run ends, or a job is accepted while slots are
+free, ``take_turns`` fills the free slots: each goes to the client with the fewest jobs in flight on
+that queue, ties to the higher priority, then the older job, and within a client its jobs go by
+priority, then age. So one client's backlog of thousands delays another client's single job by
+about one job's run time, never by the backlog.
+
+The broker still carries every job that runs, and Postgres stays the truth: a job is either
+waiting here or sent. ``take_turns`` marks its picks sent (``dispatched_at``) and commits before its
+caller publishes them, under a per-queue advisory lock, so two dispatchers never pick the same job
+or overfill a queue; a dispatcher that dies between its commit and its publish leaves jobs marked
+sent without a message, which the sweep publishes again after ``AIORCH_REPUBLISH_AFTER`` as it does
+any lost message. The claim is conditional, so no job ever runs twice.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import String, Table, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from config import Settings
+from models.client_limits import running_caps
+from models.db import UTCDateTime
+from models.jobs import IN_FLIGHT_SQL, DispatchTurn, Job, QueueSlot
+from models.lifecycle import job_from
+from models.state import JobStatus
+
+SLOT_TTL = 90.0  # seconds a worker's slots count after it was last seen
+_NEVER = datetime(1970, 1, 1, tzinfo=UTC)
+_jobs: Table = Job.__table__  # type: ignore[assignment]
+_slots: Table = QueueSlot.__table__  # type: ignore[assignment]
+_turns: Table = DispatchTurn.__table__  # type: ignore[assignment]
+_c = _jobs.c
+_QUEUE = bindparam("queue", type_=String())
+_WAITING = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None), _c.queue == _QUEUE)
+_IN_FLIGHT = and_(_c.queue == _QUEUE, text(f"({IN_FLIGHT_SQL})"))
+_SENT = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.isnot(None), _c.queue == _QUEUE)
+_ALIVE = bindparam("alive", type_=UTCDateTime())
+_SLOTS = select(func.coalesce(func.sum(_slots.c.slots), 0)).where(
+    _slots.c.queue == _QUEUE, _slots.c.seen_at > _ALIVE
+)
+_FLYING_BY_CLIENT = select(_c.client_id, func.count()).where(_IN_FLIGHT).group_by(_c.client_id)
+_GRANT = (
+    update(_jobs)
+    .where(_c.id.in_(bindparam("ids", expanding=True)), _c.status == JobStatus.QUEUED.value)
+    .where(_c.dispatched_at.is_(None))
+    .values(dispatched_at=bindparam("now", type_=UTCDateTime()))
+    .returning(*_jobs.c)
+)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A waiting job as the dispatcher orders it."""
+
+    id: str
+    client_id: str
+    priority: int
+    created_at: datetime
+
+    def order(self) -> tuple[int, datetime, str]:
+        return (-self.priority, self.created_at, self.id)
+
+
+def _alive(now: datetime) -> datetime:
+    return now - timedelta(seconds=SLOT_TTL)
+
+
+# -- slots ------------------------------------------------------------------------------------------
+
+
+def register(session: Session, node: str, slots: Mapping[str, int], now: datetime) -> None:
+    """A worker's slots per queue, as it starts or is still alive (replacing what it said before)."""
+    session.execute(delete(_slots).where(_slots.c.node == node))
+    if slots:
+        session.execute(
+            _slots.insert(),
+            [{"node": node, "queue": q, "slots": n, "seen_at": now} for q, n in slots.items()],
+        )
+
+
+def forget(session: Session, node: str) -> None:
+    """A worker that stops gives its slots back."""
+    session.execute(delete(_slots).where(_slots.c.node == node))
+
+
+def slots_of(session: Session, queue: str, now: datetime) -> int:
+    """The pool processes of the workers seen lately that consume ``queue``."""
+    return int(session.execute(_SLOTS, {"queue": queue, "alive": _alive(now)}).scalar() or 0)
+
+
+def queues_waiting(session: Session) -> list[str]:
+    """The queues that have jobs waiting for a slot (the sweep dispatches each)."""
+    rows = session.execute(
+        select(_c.queue).where(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None)).distinct()
+    )
+    return [row[0] for row in rows]
+
+
+# -- the choice -------------------------------------------------------------------------------------
+
+
+def fair_order(
+    heads: Mapping[str, list[Head]],
+    flying: Mapping[str, int],
+    take: int,
+    caps: Mapping[str, int] | None = None,
+    last_turns: Mapping[str, datetime] | None = None,
+) -> list[Head]:
+    """Up to ``take`` jobs in the order they get slots: each to the client with the fewest in
+    flight (counting the ones picked before it), ties to the higher priority, then to the client
+    served longest ago (``last_turns``; never served first), then the older job. ``heads``: each
+    client's waiting jobs in its own order (priority, then age). ``caps``: a client's most in flight.
+
+    Without the turn between the priority and the age, two clients' backlogs on a one-slot queue
+    would not alternate: the slot frees when the job holding it ends, so both counts are 0 again
+    and the older backlog would win every time."""
+    caps = caps or {}
+    last_turns = last_turns or {}
+    counts = dict(flying)
+    served = {client: (0, last_turns.get(client, _NEVER)) for client in heads}
+    queue: list[tuple[int, int, tuple[int, datetime], tuple[int, datetime, str], str, int]] = []
+
+    def push(client: str, index: int) -> None:
+        job = heads[client][index]
+        key = (counts.get(client, 0), -job.priority, served[client], job.order(), client, index)
+        heapq.heappush(queue, key)  # type: ignore[arg-type]
+
+    for client, jobs in heads.items():
+        if jobs:
+            push(client, 0)
+    picked: list[Head] = []
+    while queue and len(picked) < take:
+        count, _, _, _, client, index = heapq.heappop(queue)
+        cap = caps.get(client)
+        if cap is not None and count >= cap:
+            continue  # at its limit: its other jobs wait for one of its own to end
+        picked.append(heads[client][index])
+        counts[client] = count + 1
+        served[client] = (1, _NEVER + timedelta(microseconds=len(picked)))  # served now, in order
+        if index + 1 < len(heads[client]):
+            push(client, index + 1)
+    return picked
+
+
+def waiting_heads(session: Session, queue: str, per_client: int) -> dict[str, list[Head]]:
+    """Each client's first ``per_client`` waiting jobs on ``queue``, in its order (one index range
+    per client: the clients with jobs waiting, then the head of each)."""
+    found = session.execute(select(_c.client_id).where(_WAITING).distinct(), {"queue": queue})
+    clients = [row[0] for row in found]
+    heads: dict[str, list[Head]] = {}
+    for client in clients:
+        rows = session.execute(
+            select(_c.id, _c.client_id, _c.priority, _c.created_at)
+            .where(_WAITING, _c.client_id == client)
+            .order_by(_c.priority.desc(), _c.created_at, _c.id)
+            .limit(per_client),
+            {"queue": queue},
+        )
+        heads[client] = [Head(*row) for row in rows]
+    return heads
+
+
+def last_turns(session: Session, queue: str) -> dict[str, datetime]:
+    rows = session.execute(select(_turns.c.client_id, _turns.c.last_at).where(_turns.c.queue == queue))
+    return {row[0]: row[1] for row in rows}
+
+
+def _record_turns(session: Session, queue: str, picked: list[Head], now: datetime) -> None:
+    """Remember when each client last got a slot (in pick order: a microsecond apart)."""
+    last: dict[str, datetime] = {}
+    for i, head in enumerate(picked):
+        last[head.client_id] = now + timedelta(microseconds=i)
+    session.execute(
+        delete(_turns).where(_turns.c.queue == queue, _turns.c.client_id.in_(list(last)))
+    )
+    session.execute(
+        _turns.insert(), [{"queue": queue, "client_id": c, "last_at": at} for c, at in last.items()]
+    )
+
+
+def take_turns(
+    session: Session, queue: str, now: datetime, ahead: int, limits: Settings | None = None
+) -> list[Job]:
+    """Fill ``queue``'s free slots with waiting jobs in fair order and mark them sent; returns the
+    jobs to publish once the caller has committed (see the module's docstring). ``limits``: the
+    settings whose ``max_running_per_client`` (and each client's own ``max_running``) cap how many
+    jobs a client has in flight across all queues (``models.client_limits``)."""
+    if session.execute(select(_c.id).where(_WAITING).limit(1), {"queue": queue}).first() is None:
+        return []  # nobody waits: no lock taken, nothing counted
+    if session.get_bind().dialect.name == "postgresql":
+        lock = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
+        session.execute(lock, {"key": f"aiorch-dispatch:{queue}"})
+    flying = {row[0]: int(row[1]) for row in session.execute(_FLYING_BY_CLIENT, {"queue": queue})}
+    free = slots_of(session, queue, now) + ahead - sum(flying.values())
+    if free <= 0:
+        return []
+    heads = waiting_heads(session, queue, free)
+    caps = None if limits is None else running_caps(session, queue, list(heads), limits)
+    picked = fair_order(heads, flying, free, caps, last_turns(session, queue))
+    if not picked:
+        return []
+    rows = session.execute(_GRANT, {"ids": [head.id for head in picked], "now": now})
+    granted = {row.id: job_from(row) for row in rows}
+    _record_turns(session, queue, [head for head in picked if head.id in granted], now)
+    return [granted[head.id] for head in picked if head.id in granted]
+
+
+def grant_new(
+    session: Session, job: Job, now: datetime, ahead: int, max_running: int = 0
+) -> tuple[bool, bool]:
+    """The submit path's own turn, in its transaction: the new job is sent at once when its queue
+    has a free slot, nobody else waits for one and its client is under its ``max_running`` (0: no
+    limit). Returns ``(granted, a dispatch is due)``: a job left waiting while slots are free
+    (others waited too) needs a dispatcher to run."""
+    job_id, queue = job.id, job.queue
+    params = {"queue": queue, "alive": _alive(now)}
+    free = slots_of(session, queue, now) + ahead - int(
+        session.execute(select(func.count()).where(_IN_FLIGHT), params).scalar() or 0
+    )
+    others = session.execute(select(_c.id).where(_WAITING, _c.id != job_id).limit(1), params).first()
+    if free <= 0 or others is not None:
+        return False, free > 0 and others is not None
+    if max_running:
+        mine = select(func.count()).where(_c.client_id == job.client_id, text(f"({IN_FLIGHT_SQL})"))
+        if int(session.execute(mine).scalar() or 0) >= max_running:
+            return False, False  # its client is at its limit: one of its own jobs ending sends it
+    done = session.execute(
+        update(_jobs)
+        .where(_c.id == job_id, _c.dispatched_at.is_(None), _c.status == JobStatus.QUEUED.value)
+        .values(dispatched_at=now)
+    )
+    return bool(done.rowcount), False  # type: ignore[attr-defined]
+
+
+# -- where a job stands ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Standing:
+    """How many jobs will start before a queued job on its queue, and the slots serving it."""
+
+    position: int
+    slots: int
+
+
+def standing(session: Session, job: Job, now: datetime) -> Standing | None:
+    """The job's place in its queue while it is queued (None otherwise), in the order the
+    dispatcher and the broker will really use: every job already sent starts before a waiting one;
+    among the waiting, ``fair_order`` played out from now until the job is picked (each client's
+    head of the queue, no deeper than the job's own rank makes necessary); among jobs sent, the
+    broker's (priority, then the time they were sent). Index ranges, no table scan."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    params = {"queue": job.queue, "alive": _alive(now)}
+    slots = slots_of(session, job.queue, now)
+    older = or_(_c.created_at < job.created_at, and_(_c.created_at == job.created_at, _c.id < job.id))
+    earlier = or_(_c.priority > job.priority, and_(_c.priority == job.priority, older))
+    if job.dispatched_at is not None:
+        ahead = select(func.count()).where(
+            _SENT,
+            _c.id != job.id,
+            or_(
+                _c.priority > job.priority,
+                and_(_c.priority == job.priority, _c.dispatched_at < job.dispatched_at),
+            ),
+        )
+        return Standing(int(session.execute(ahead, params).scalar() or 0), slots)
+    sent = int(session.execute(select(func.count()).where(_SENT), params).scalar() or 0)
+    flying = {row[0]: int(row[1]) for row in session.execute(_FLYING_BY_CLIENT, params)}
+    mine = select(func.count()).where(_WAITING, _c.client_id == job.client_id, earlier)
+    rank = int(session.execute(mine, params).scalar() or 0)
+    # No client gets more than this many slots before the job's own client has had ``rank`` more.
+    depth = flying.get(job.client_id, 0) + rank + 2 - min(flying.values(), default=0)
+    heads = waiting_heads(session, job.queue, depth)
+    everyone = sum(len(h) for h in heads.values())
+    order = fair_order(heads, flying, everyone, None, last_turns(session, job.queue))
+    place = next((i for i, head in enumerate(order) if head.id == job.id), len(order))
+    return Standing(sent + place, slots)

@@ -1,0 +1,141 @@
+"""The fair-share dispatcher's choice and its bookkeeping, on the run's Postgres and on SQLite:
+who gets a free slot, that no slot is overfilled, and that a queued job's position is the order
+the dispatcher really uses."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from config import Settings
+from models import dispatch
+from models.db import Database, utcnow
+from models.dispatch import Head
+from models.jobs import Job
+from models.jobstore import JobStore
+from models.migrate import upgrade
+from models.state import JobStatus
+from tests.support.factories import make_job
+
+T0 = utcnow()
+
+
+def head(client: str, n: int, priority: int = 0) -> Head:
+    return Head(f"{client}{n}", client, priority, T0 + timedelta(seconds=n))
+
+
+def test_each_slot_goes_to_the_client_with_the_fewest_in_flight() -> None:
+    heads = {"a": [head("a", i) for i in range(5)], "b": [head("b", 10)], "c": [head("c", 20), head("c", 21)]}
+    picked = dispatch.fair_order(heads, {"a": 2}, 4)
+    # b and c have none in flight (b's job is older), then c again (1 < a's 2), then a.
+    assert [h.id for h in picked] == ["b10", "c20", "c21", "a0"]
+
+
+def test_ties_go_to_the_higher_priority_then_the_older_job_and_caps_hold() -> None:
+    heads = {"a": [head("a", 5, priority=9), head("a", 1)], "b": [head("b", 0)]}
+    assert [h.id for h in dispatch.fair_order(heads, {}, 3)] == ["a5", "b0", "a1"]
+    assert [h.id for h in dispatch.fair_order(heads, {"a": 1}, 3, caps={"a": 1})] == ["b0"]
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        settings = settings.with_overrides(database_url=f"sqlite:///{tmp_path / 'd.db'}")
+    database = Database(settings)
+    if request.param == "sqlite":
+        upgrade(database)
+    yield database
+    database.dispose()
+
+
+def waiting_job(db: Database, queue: str, client: str, n: int, priority: int = 0) -> str:
+    return make_job(
+        db,
+        queue=queue,
+        client_id=client,
+        priority=priority,
+        dispatched_at=None,
+        created_at=T0 + timedelta(milliseconds=n),
+        queued_at=T0 + timedelta(milliseconds=n),
+    )
+
+
+def turn(db: Database, queue: str, ahead: int = 0) -> list[str]:
+    with db.session() as session:
+        return [job.id for job in dispatch.take_turns(session, queue, utcnow(), ahead)]
+
+
+def run_and_finish(db: Database, job_id: str) -> None:
+    store = JobStore(db, 3)
+    claim = store.claim(job_id, redelivered=False, from_prepare=True)
+    store.finish(claim, JobStatus.SUCCEEDED, result={"ok": True})
+
+
+def test_take_turns_fills_the_free_slots_fairly_and_never_more(db: Database) -> None:
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    a = [waiting_job(db, queue, "alice", i) for i in range(6)]
+    b = waiting_job(db, queue, "bob", 100)
+    with db.session() as session:
+        dispatch.register(session, "w1@test", {queue: 2}, utcnow())
+    first = turn(db, queue)
+    assert first == [a[0], b]  # one each: bob's single job does not wait behind alice's backlog
+    assert turn(db, queue) == []  # both slots taken: nothing more is sent
+    run_and_finish(db, b)
+    assert turn(db, queue) == [a[1]]
+    with db.session() as session:
+        assert dispatch.standing(session, Job(**{"status": "running"}), utcnow()) is None
+        dispatch.forget(session, "w1@test")
+    assert turn(db, queue, ahead=0) == []  # no worker: no slot
+    assert turn(db, queue, ahead=3) == [a[2]]  # ``ahead`` beyond the workers' slots
+
+
+def test_a_new_job_is_sent_at_once_only_when_a_slot_is_free_and_nobody_waits(db: Database) -> None:
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    with db.session() as session:
+        dispatch.register(session, "w2@test", {queue: 1}, utcnow())
+    def grant(job_id: str, ahead: int, max_running: int = 0) -> tuple[bool, bool]:
+        with db.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            return dispatch.grant_new(session, job, utcnow(), ahead, max_running)
+
+    first = waiting_job(db, queue, "alice", 0)
+    assert grant(first, ahead=0) == (True, False)
+    second = waiting_job(db, queue, "alice", 1)
+    assert grant(second, ahead=0) == (False, False)  # the one slot is taken
+    third = waiting_job(db, queue, "bob", 2)
+    assert grant(third, ahead=1) == (False, True)  # a slot is free, but alice's second job waited first
+    other, dave = f"q.{uuid.uuid4().hex[:8]}", f"dave-{uuid.uuid4().hex[:8]}"
+    assert grant(waiting_job(db, other, dave, 3), ahead=5, max_running=1) == (True, False)
+    capped = waiting_job(db, other, dave, 4)
+    assert grant(capped, ahead=5, max_running=1) == (False, False)  # dave has one in flight already
+    assert grant(capped, ahead=5, max_running=2) == (True, False)
+    with db.session() as session:
+        dispatch.forget(session, "w2@test")
+
+
+def test_the_queue_position_is_the_order_the_dispatcher_uses(db: Database) -> None:
+    """Positions read before any dispatch equal the order in which the jobs are then sent, one
+    slot at a time, with three clients of different backlogs and priorities."""
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    jobs = [waiting_job(db, queue, "alice", i) for i in range(5)]
+    jobs += [waiting_job(db, queue, "bob", 10 + i) for i in range(2)]
+    jobs += [waiting_job(db, queue, "carol", 20, priority=5), waiting_job(db, queue, "carol", 21)]
+    with db.session() as session:
+        dispatch.register(session, "w3@test", {queue: 1}, utcnow())
+        rows = {job.id: job for job in session.query(Job).filter(Job.id.in_(jobs))}
+        positions = {job_id: dispatch.standing(session, rows[job_id], utcnow()) for job_id in jobs}
+    order = []
+    for _ in jobs:
+        [sent] = turn(db, queue)
+        order.append(sent)
+        run_and_finish(db, sent)
+    assert sorted(jobs, key=lambda job_id: positions[job_id].position) == order  # type: ignore[union-attr]
+    assert sorted(p.position for p in positions.values()) == list(range(len(jobs)))  # type: ignore[union-attr]
+    assert all(p.slots == 1 for p in positions.values())  # type: ignore[union-attr]
+    with db.session() as session:
+        dispatch.forget(session, "w3@test")
