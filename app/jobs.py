@@ -35,7 +35,7 @@ from app.services import Services
 from config import Settings
 from models.client_limits import Limits, LimitsCache
 from models.db import utcnow
-from models.dispatch import grant_new
+from models.dispatch import grant_new, standing
 from models.jobs import Job, WebhookDelivery
 from models.jobstore import ClaimRefused, insert_job, new_id, predict_seconds
 from models.public import iso, job_object
@@ -333,6 +333,20 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     return {**created, "reused": False, **capped(asked, priority)}, 202
 
 
+def live_job_object(job: Job) -> dict[str, Any]:
+    """The job object with, while it is queued, its place in its queue and an ETA that counts the
+    jobs ahead of it on the slots serving that queue (``models.dispatch.standing``)."""
+    body = job_object(job)
+    if job.status == JobStatus.QUEUED.value:
+        now = utcnow()
+        with services().db.session() as session:
+            place = standing(session, job, now)
+        if place is not None:
+            body["queue_position"] = place.position
+            body["eta_utc"] = iso(place.eta(now, job.predict_time))
+    return body
+
+
 def capped(asked: int, priority: int) -> dict[str, int]:
     """``requested_priority`` for the answer that accepted a job whose priority was lowered to
     its client's ``max_priority``; nothing otherwise."""
@@ -449,7 +463,7 @@ class JobById(MethodView):
     @blp.response(200, JobSchema)
     def get(self, job_id: str) -> Response:
         """Get a job"""
-        return job_response(job_object(owned_job(job_id)))
+        return job_response(live_job_object(owned_job(job_id)))
 
     @blp.response(204)
     def delete(self, job_id: str) -> None:

@@ -212,6 +212,14 @@ class JobSchema(Schema):
     duration = fields.Float(allow_none=True)
     predict_time = fields.Float(allow_none=True)
     eta_utc = fields.String(allow_none=True)
+    queue_position = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "While queued, how many jobs of its queue start before it (0 = next), in the "
+            "fair-share order the platform really uses; null otherwise. Computed by GET /v1/jobs/{id}, "
+            "which also recomputes eta_utc from it (null in lists, events and webhooks)."
+        },
+    )
     result = fields.Dict(allow_none=True)
     error = fields.Dict(allow_none=True)
     attempts = fields.Integer()
@@ -260,6 +268,14 @@ class StatsSchema(Schema):
         keys=fields.String(),
         values=fields.Integer(allow_none=True),
         metadata={"description": "Messages waiting per queue; null when the broker cannot say"},
+    )
+    scheduler = fields.Dict(
+        keys=fields.String(),
+        values=fields.Dict(),
+        metadata={
+            "description": "Per local engine queue: its slots, the jobs in flight (sent or running) and "
+            "waiting for a slot; per client for an admin key, the caller's own (mine) for a client key"
+        },
     )
 
 

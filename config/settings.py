@@ -199,7 +199,8 @@ class Settings:
     worker_concurrency: int = 0
     debug_tasks: bool = False
     # Fault tests only (honoured with debug_tasks): a worker that commits a move with this event
-    # type (e.g. ``job.finished``) kills itself before kicking the dispatcher.
+    # type (e.g. ``job.finished``) kills itself before kicking the dispatcher; ``fill_slots``: a
+    # worker that filled a queue's slots kills itself between that COMMIT and the publish.
     debug_crash_before_dispatch: str = ""
     # Content safety: prompts containing any of these words or phrases are refused (rejected).
     prompt_blocklist: tuple[str, ...] = ()

@@ -217,6 +217,29 @@ def take_turns(
     return [granted[head.id] for head in picked if head.id in granted]
 
 
+# ``grant_new`` on Postgres: the same decision and UPDATE in one statement (one round trip more for
+# a submit, not four).
+_GRANT_NEW = text(
+    f"""
+    WITH cap AS (
+        SELECT (SELECT coalesce(sum(s.slots), 0) FROM queue_slots s
+                 WHERE s.queue = :queue AND s.seen_at > :alive) + :ahead
+               - (SELECT count(*) FROM jobs f WHERE f.queue = :queue AND ({IN_FLIGHT_SQL})) AS free,
+               EXISTS (SELECT 1 FROM jobs w WHERE w.status = 'queued' AND w.dispatched_at IS NULL
+                          AND w.queue = :queue AND w.id <> :id) AS others,
+               (:cap > 0 AND (SELECT count(*) FROM jobs m
+                               WHERE m.client_id = :client AND ({IN_FLIGHT_SQL})) >= :cap) AS capped
+    ), sent AS (
+        UPDATE jobs SET dispatched_at = :now FROM cap
+         WHERE jobs.id = :id AND jobs.dispatched_at IS NULL AND jobs.status = 'queued'
+           AND cap.free > 0 AND NOT cap.others AND NOT cap.capped
+        RETURNING jobs.id
+    )
+    SELECT (SELECT count(*) FROM sent) AS granted, cap.free, cap.others, cap.capped FROM cap
+    """
+).bindparams(bindparam("alive", type_=UTCDateTime()), bindparam("now", type_=UTCDateTime()))
+
+
 def grant_new(
     session: Session, job: Job, now: datetime, ahead: int, max_running: int = 0
 ) -> tuple[bool, bool]:
@@ -226,6 +249,12 @@ def grant_new(
     (others waited too) needs a dispatcher to run."""
     job_id, queue = job.id, job.queue
     params = {"queue": queue, "alive": _alive(now)}
+    if session.get_bind().dialect.name == "postgresql":
+        row = session.execute(
+            _GRANT_NEW,
+            {**params, "id": job_id, "client": job.client_id, "ahead": ahead, "cap": max_running, "now": now},
+        ).one()
+        return bool(row.granted), bool(row.free > 0 and row.others and not row.capped)
     free = slots_of(session, queue, now) + ahead - int(
         session.execute(select(func.count()).where(_IN_FLIGHT), params).scalar() or 0
     )
@@ -253,6 +282,14 @@ class Standing:
 
     position: int
     slots: int
+
+    def eta(self, now: datetime, per_job: float | None) -> datetime | None:
+        """When the job should be done: the jobs ahead of it run ``slots`` at a time, each about
+        ``per_job`` seconds (the recent median run time of its task), then the job itself."""
+        if per_job is None:
+            return None
+        ahead = self.position * per_job / max(1, self.slots)
+        return now + timedelta(seconds=ahead + per_job)
 
 
 def standing(session: Session, job: Job, now: datetime) -> Standing | None:
@@ -288,3 +325,35 @@ def standing(session: Session, job: Job, now: datetime) -> Standing | None:
     order = fair_order(heads, flying, everyone, None, last_turns(session, job.queue))
     place = next((i for i, head in enumerate(order) if head.id == job.id), len(order))
     return Standing(sent + place, slots)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """One local engine queue as the dispatcher sees it: its slots, and per client the jobs in
+    flight (sent or running) and the jobs waiting for a slot."""
+
+    queue: str
+    slots: int
+    ahead: int
+    in_flight: dict[str, int]
+    waiting: dict[str, int]
+
+
+_WAITS = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None))
+_LIVE_BY_QUEUE = (
+    select(_c.queue, _c.client_id, _WAITS.label("waits"), func.count())
+    .where(or_(_WAITS, text(f"({IN_FLIGHT_SQL})")))
+    .group_by(_c.queue, _c.client_id, _WAITS)
+)
+
+
+def scheduler_state(session: Session, queues: list[str], now: datetime, ahead: int) -> list[QueueState]:
+    """Every queue's slots, in-flight and waiting jobs per client (live jobs only, through the
+    status index: what is queued or running now, never the history)."""
+    flying: dict[str, dict[str, int]] = {q: {} for q in queues}
+    waiting: dict[str, dict[str, int]] = {q: {} for q in queues}
+    for queue, client, waits, count in session.execute(_LIVE_BY_QUEUE):
+        if queue in flying:
+            target = waiting if waits else flying
+            target[queue][client] = target[queue].get(client, 0) + int(count)
+    return [QueueState(q, slots_of(session, q, now), ahead, flying[q], waiting[q]) for q in queues]

@@ -60,6 +60,9 @@ def job_object(job: Job, now: datetime | None = None) -> dict[str, Any]:
             "batch_id": job.batch_id,
             "priority": job.priority,
             "expires_at": iso(job.expires_at),
+            # Last, after seed 000's fields: filled in by GET /v1/jobs/{id} while the job is queued
+            # (models/dispatch.standing).
+            "queue_position": None,
         }
     )
     return body

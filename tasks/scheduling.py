@@ -15,6 +15,8 @@ providers, webhooks) is not: its work is short and a provider queues jobs itself
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from typing import Any
 
@@ -44,6 +46,8 @@ def fill_slots(rt: Runtime, app: Any, queue: str) -> int:
         return 0
     with rt.db.session() as session:
         jobs = dispatch.take_turns(session, queue, utcnow(), rt.settings.dispatch_ahead, rt.settings)
+    if jobs and rt.settings.debug_tasks and rt.settings.debug_crash_before_dispatch == "fill_slots":
+        os.kill(os.getpid(), signal.SIGKILL)  # the fault tests' death between COMMIT and publish
     for job in jobs:
         if job.engine_task not in catalog.TASKS:
             # Its engine left this installation while it waited: it ends with a clear error.

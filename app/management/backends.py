@@ -1,5 +1,6 @@
 """``GET /diag/backends``: every worker's queues, slots, busy slots, active jobs, loaded models and
-devices, from one broadcast that each worker answers (``tasks/diag.py``).
+devices, from one broadcast that each worker answers (``tasks/diag.py``); and the fair-share
+scheduler's state per local engine queue (``scheduler``: slots, jobs in flight and waiting).
 
 The workers answer with every client's running job ids; what a caller sees of them depends on its
 key: a client key sees its own jobs among ``active_jobs`` (``busy`` still counts every slot in
@@ -18,8 +19,10 @@ from app.auth import job_scope
 from app.errors import abort
 from app.schemas import Blueprint
 from app.services import current_services
-from models.db import Database
+from models.db import Database, utcnow
+from models.dispatch import scheduler_state
 from models.reads import clients_of
+from tasks.next_step import SLOTTED
 
 blp = Blueprint("backends", __name__, description="Operators: the workers and what they hold")
 
@@ -105,4 +108,30 @@ class Backends(MethodView):
     def get(self) -> dict[str, Any]:
         """Workers: queues, slots, busy slots, active jobs, loaded models, devices"""
         svc = current_services()
-        return as_seen_by(collect_backends(svc.celery), svc.db, job_scope())
+        seen = as_seen_by(collect_backends(svc.celery), svc.db, job_scope())
+        return {**seen, "scheduler": scheduler(svc.db, svc.settings.dispatch_ahead, job_scope())}
+
+
+def scheduler(db: Database, ahead: int, client_id: str | None) -> dict[str, Any]:
+    """The fair-share dispatcher's state per local engine queue (``models.dispatch``): its slots,
+    the jobs in flight and waiting; per client for an admin, a client's own beside the totals."""
+    with db.session() as session:
+        states = scheduler_state(session, sorted(SLOTTED), utcnow(), ahead)
+    shown: dict[str, Any] = {}
+    for state in states:
+        entry: dict[str, Any] = {
+            "slots": state.slots,
+            "sent_ahead": state.ahead,
+            "in_flight": sum(state.in_flight.values()),
+            "waiting": sum(state.waiting.values()),
+        }
+        if client_id is None:
+            entry["in_flight_by_client"] = state.in_flight
+            entry["waiting_by_client"] = state.waiting
+        else:
+            entry["mine"] = {
+                "in_flight": state.in_flight.get(client_id, 0),
+                "waiting": state.waiting.get(client_id, 0),
+            }
+        shown[state.queue] = entry
+    return shown

@@ -4,8 +4,9 @@ queue depths.
 Counters and histograms are read from ``job_counters``, which the moves that end jobs and the
 webhook attempts keep (``models.counters``): a scrape reads one row per series, however many jobs
 the table holds, and the counters never go down when jobs are deleted. The jobs queued or running
-now are a gauge, counted through the status index. Every worker's jobs count without
-multiprocess bookkeeping: all of it lives in the database.
+now are a gauge, summed from the status counts that the jobs triggers keep (``job_status_counts``):
+a scrape reads no job at all. Every worker's jobs count without multiprocess bookkeeping: all of it
+lives in the database.
 
 The figures are the whole platform's, all clients together, so only an admin key reads them
 (``app.auth``), unless ``AIORCH_METRICS_PUBLIC=1`` opens them to anyone, as before roles. Prometheus

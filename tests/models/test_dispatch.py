@@ -139,3 +139,17 @@ def test_the_queue_position_is_the_order_the_dispatcher_uses(db: Database) -> No
     assert all(p.slots == 1 for p in positions.values())  # type: ignore[union-attr]
     with db.session() as session:
         dispatch.forget(session, "w3@test")
+
+
+def test_the_scheduler_state_counts_live_jobs_per_queue_and_client(db: Database) -> None:
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    for n in range(3):
+        waiting_job(db, queue, "alice", n)
+    waiting_job(db, queue, "bob", 10)
+    make_job(db, queue=queue, client_id="bob", dispatched_at=utcnow())  # sent, not claimed
+    with db.session() as session:
+        dispatch.register(session, "w4@test", {queue: 3}, utcnow())
+        [state] = dispatch.scheduler_state(session, [queue], utcnow(), ahead=1)
+        dispatch.forget(session, "w4@test")
+    assert (state.slots, state.ahead) == (3, 1)
+    assert state.waiting == {"alice": 3, "bob": 1} and state.in_flight == {"bob": 1}

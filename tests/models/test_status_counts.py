@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import event, func, select, text, update
 
 from config import Settings
 from models import lifecycle
@@ -27,6 +27,7 @@ from models.failures import JobFailure
 from models.jobs import Job, JobStatusCount
 from models.jobstore import JobStore, new_id
 from models.migrate import upgrade
+from models.reads import JobFilter, list_jobs
 from models.state import MOVES, JobStatus
 from models.stats import client_overview, job_metrics
 from tests.conftest import PG_ADMIN, RUN_ID
@@ -317,7 +318,8 @@ def seed_at_0009(db: Database, rows: int) -> None:
                     'done', 0, 0, '{}', '{}', 1, false, now() - n * interval '1 second',
                     now(), now(), 1
                 FROM generate_series(1, :rows) AS n,
-                    LATERAL (SELECT (ARRAY['upscale', 'generate', 'faceswap'])[1 + mod(n / 21, 3)] AS t) AS pick
+                    LATERAL (SELECT (ARRAY['upscale', 'generate', 'faceswap'])[1 + mod(n / 21, 3)] AS t)
+                    AS pick
                 """
             ),
             {"rows": rows},
@@ -334,12 +336,17 @@ def all_counts(db: Database) -> tuple[Counts, Counts]:
             )
         ).all()
         true = session.execute(
-            select(Job.client_id, Job.task, Job.status, func.count()).group_by(Job.client_id, Job.task, Job.status)
+            select(Job.client_id, Job.task, Job.status, func.count()).group_by(
+                Job.client_id, Job.task, Job.status
+            )
         ).all()
     return {(c, t, s): int(k) for c, t, s, k in kept if k}, {(c, t, s): int(k) for c, t, s, k in true}
 
 
-def test_migration_0010_backfills_the_counts_of_an_existing_table(base_settings: Settings) -> None:
+@pytest.fixture(scope="module")
+def history(base_settings: Settings) -> Iterator[Database]:
+    """A database of its own at revision 0009 with 20,000 jobs, then upgraded to head and analyzed:
+    what the upgrade of a busy installation meets."""
     name = f"aiorch_t_{RUN_ID}_status_counts"
     _pg_admin(f"CREATE DATABASE {name}")
     db = Database(replace(base_settings, database_url=f"postgresql://postgres@127.0.0.1:5432/{name}"))
@@ -347,14 +354,72 @@ def test_migration_0010_backfills_the_counts_of_an_existing_table(base_settings:
         upgrade(db, "0009")
         seed_at_0009(db, 20_000)
         upgrade(db)
-        kept, true = all_counts(db)
-        assert kept == true and sum(true.values()) == 20_000
-        client = a_client()
-        create_batch(db, client, 5)  # and the triggers count from there on
-        assert exact(db, client) == {("upscale", "upscale", "queued"): 5}
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql("VACUUM ANALYZE jobs")
+        yield db
     finally:
         db.dispose()
         _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_migration_0010_backfills_the_counts_of_an_existing_table(history: Database) -> None:
+    kept, true = all_counts(history)
+    assert sum(true.values()) >= 20_000 and kept == true
+    client = a_client()
+    create_batch(history, client, 5)  # and the triggers count from there on
+    assert exact(history, client) == {("upscale", "upscale", "queued"): 5}
+
+
+def plans(db: Database, call: Callable[[], object]) -> list[str]:
+    """The plan of every SELECT that ``call`` issues, as Postgres would run it now."""
+    issued: list[tuple[str, Any]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        issued.append((statement, parameters))
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        call()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    found = []
+    with db.engine.connect() as connection:
+        for statement, parameters in issued:
+            if statement.lstrip().upper().startswith("SELECT"):
+                rows = connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+                found.append(" ".join(statement.split()) + "\n" + "\n".join(row[0] for row in rows))
+    return found
+
+
+def test_the_api_reads_use_indexes_and_never_the_whole_jobs_table(history: Database) -> None:
+    """``/stats`` (a client's and an admin's), ``/metrics``, ``GET /v1/jobs`` (a client's page, an
+    admin's, ``?ids=``) and ``GET /v1/jobs/{id}``: each page comes out of an index in its order
+    (no Sort of the client's or every client's jobs), counts come from the status counts."""
+    with history.session() as session:
+        ids = list(session.scalars(select(Job.id).where(Job.client_id == "bob").limit(10)))
+    reads: dict[str, Callable[[], object]] = {
+        "overview of alice": lambda: client_overview(history, "alice"),
+        "overview of every client": lambda: client_overview(history, None),
+        "metrics": lambda: job_metrics(history),
+        "page of alice": lambda: list_jobs(history, "alice", JobFilter(), 50),
+        "page of alice before a time": lambda: list_jobs(
+            history, "alice", JobFilter(before=utcnow() - timedelta(hours=2)), 50
+        ),
+        "page of every client": lambda: list_jobs(history, None, JobFilter(), 50),
+        "ids of bob": lambda: list_jobs(history, "bob", JobFilter(ids=ids), 50),
+        "one job": lambda: JobStore(history).get(ids[0]),
+    }
+    for name, read in reads.items():
+        for plan in plans(history, read):
+            assert "Seq Scan on jobs" not in plan, (name, plan)
+            statement = plan.splitlines()[0]
+            if "FROM jobs" in statement and "ORDER BY" in statement and "ids" not in name:
+                # LIMIT over an index walked in the page's order; ?ids= sorts its few rows.
+                assert "Sort" not in plan and "Index Scan Backward" in plan, (name, plan)
+            elif "FROM jobs" in statement:
+                assert " jobs_pkey" in plan, (name, plan)  # an index or bitmap scan of ids
+    [counts_plan] = [p for p in plans(history, reads["overview of alice"]) if "job_status_counts" in p]
+    assert "FROM jobs" not in counts_plan
 
 
 def test_migration_0010_backfills_sqlite(tmp_path: Path) -> None:

@@ -175,7 +175,9 @@ def make_job_status_count(db: Database, **overrides: Any) -> tuple[str, str, str
     the counts that ``/stats`` and ``/metrics`` read stay true) and return its key ``(client_id,
     task, engine_task, status, shard)``. The jobs triggers keep these rows (migration 0010)."""
     task = f"t{new_id()[:12]}"
-    values: dict[str, Any] = dict(client_id="alice", task=task, engine_task=task, status="queued", shard=0, n=0)
+    values: dict[str, Any] = dict(
+        client_id="alice", task=task, engine_task=task, status="queued", shard=0, n=0
+    )
     values.update(overrides)
     _insert(db, JobStatusCount(**values))
     return (values["client_id"], values["task"], values["engine_task"], values["status"], values["shard"])

@@ -51,7 +51,11 @@ def platform(
     base_settings: Settings, worker_amqp_url: str, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
     tmp = tmp_path_factory.mktemp("engines")
-    settings = platform_settings(base_settings, tmp, broker_url=worker_amqp_url, models_dir=models_dir)
+    # Room for eight jobs beyond the worker's slot: the batching test sends several upscales to
+    # gpu.superres while its worker is away, to find them all waiting there when it is back.
+    settings = platform_settings(
+        base_settings, tmp, broker_url=worker_amqp_url, models_dir=models_dir, dispatch_ahead=8
+    )
     with running_platform(settings, tmp) as plat:
         yield plat
 
