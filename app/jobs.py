@@ -35,7 +35,7 @@ from app.services import Services
 from config import Settings
 from models.client_limits import Limits, LimitsCache
 from models.db import utcnow
-from models.dispatch import grant_new, standing
+from models.dispatch import grant_new, live_object
 from models.jobs import Job, WebhookDelivery
 from models.jobstore import ClaimRefused, insert_job, new_id, predict_seconds
 from models.public import iso, job_object
@@ -335,16 +335,11 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
 
 def live_job_object(job: Job) -> dict[str, Any]:
     """The job object with, while it is queued, its place in its queue and an ETA that counts the
-    jobs ahead of it on the slots serving that queue (``models.dispatch.standing``)."""
-    body = job_object(job)
-    if job.status == JobStatus.QUEUED.value:
-        now = utcnow()
-        with services().db.session() as session:
-            place = standing(session, job, now)
-        if place is not None:
-            body["queue_position"] = place.position
-            body["eta_utc"] = iso(place.eta(now, job.predict_time))
-    return body
+    jobs ahead of it (``models.dispatch.live_object``)."""
+    if job.status != JobStatus.QUEUED.value:
+        return job_object(job)
+    with services().db.session() as session:
+        return live_object(session, job, utcnow(), services().settings.dispatch_ahead)
 
 
 def capped(asked: int, priority: int) -> dict[str, int]:

@@ -35,12 +35,14 @@ import psycopg2
 import psycopg2.extensions
 
 from models import feed
-from models.db import Database
+from models.db import Database, utcnow
+from models.dispatch import live_object
 from models.state import FINAL_STATUSES
 
 log = logging.getLogger("aiorch.streams")
 
 SAFETY_NET = 5.0  # seconds between re-reads of watched jobs on Postgres
+POSITIONS_EVERY = 0.5  # seconds between recomputations of followed queued jobs' places
 TAIL_INTERVAL = 0.01  # seconds between reads of the log's tail on SQLite, while anyone watches
 MAX_BUFFERED = 1 << 20  # bytes a slow reader may fall behind before its stream is closed
 HEADERS = (
@@ -57,6 +59,12 @@ KEEPALIVE = b": keep-alive\n\n"
 def frame(event_id: int, job: dict[str, Any]) -> bytes:
     """One SSE event: the job object after a change."""
     return b"id: %d\nevent: job\ndata: %s\n\n" % (event_id, json.dumps(job, separators=(",", ":")).encode())
+
+
+def placed(job: dict[str, Any]) -> bytes:
+    """An SSE event of a queued job whose place changed: no ``id``, since it is no entry of the
+    job's log (a resumed stream gets the place afresh, not replayed)."""
+    return b"event: job\ndata: %s\n\n" % json.dumps(job, separators=(",", ":")).encode()
 
 
 def is_final(job: dict[str, Any]) -> bool:
@@ -142,14 +150,16 @@ class Stream:
     last: dict[str, int] = field(default_factory=dict)
     final: set[str] = field(default_factory=set)
     next_keepalive: float = 0.0
+    positions: dict[str, int] = field(default_factory=dict)  # the queue_position last sent per job
 
 
 class StreamHub:
     """The thread, its listener and the streams and waiters it feeds (one per API process)."""
 
-    def __init__(self, db: Database, keepalive: float = 15.0):
+    def __init__(self, db: Database, keepalive: float = 15.0, ahead: int = 1):
         self.db = db
         self.keepalive = keepalive
+        self.ahead = ahead  # AIORCH_DISPATCH_AHEAD, for the places of queued jobs
         self.dsn: str | None = None
         if db.is_postgres:
             self.dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -168,6 +178,8 @@ class StreamHub:
         self._listener_fd = -1
         self._tail_after = 0
         self._next_net = 0.0
+        self._queued: set[str] = set()  # followed jobs last seen queued (their place may change)
+        self._next_positions = 0.0
         # How often keep-alives are looked at; each is sent up to this much early, never late.
         self._check = min(1.0, keepalive / 4)
         self._next_check = 0.0
@@ -268,6 +280,8 @@ class StreamHub:
             woken |= set(self._streams) | set(self._waiters)
         if woken:
             self._deliver(woken)
+            if self._queued and now >= self._next_positions:
+                self._positions(woken)
         self._keep_alive(now)
 
     def _drain_wake(self) -> None:
@@ -326,6 +340,7 @@ class StreamHub:
                 rows = feed.latest(session, stream.job_ids)
             else:
                 rows = feed.events_after(session, stream.job_ids, stream.resume_after)
+            rows = self._placed(session, stream, rows)
         for job_id in stream.job_ids:
             # -1: a job whose log was pruned is sent as its row, with id 0 (``feed.latest``).
             stream.last[job_id] = -1 if stream.resume_after is None else stream.resume_after
@@ -343,6 +358,23 @@ class StreamHub:
                     if is_final(job) and stream.last[job_id] >= event_id:
                         stream.final.add(job_id)
             self._end_if_done(stream)
+
+    def _placed(self, session: Any, stream: Stream, rows: list[feed.Logged]) -> list[feed.Logged]:
+        """``rows`` with the last object of each job that is still queued replaced by its live
+        one (its place in its queue, an ETA that counts it), so a stream's first word on a queued
+        job says where it stands."""
+        last = {job_id: i for i, (_, job_id, _) in enumerate(rows)}
+        queued = [job_id for job_id, i in last.items() if rows[i][2].get("status") == "queued"]
+        if not queued:
+            return rows
+        now = utcnow()
+        rows = list(rows)
+        for job in feed.queued_rows(session, queued):
+            body = live_object(session, job, now, self.ahead)
+            event_id, job_id, _ = rows[last[job.id]]
+            rows[last[job.id]] = (event_id, job_id, body)
+            stream.positions[job.id] = body["queue_position"]
+        return rows
 
     def _deliver(self, job_ids: set[str]) -> None:
         with self._lock:
@@ -371,12 +403,38 @@ class StreamHub:
             out += frame(event_id, job)
             if is_final(job):
                 stream.final.add(job_id)
+            if job.get("status") == "queued":
+                self._queued.add(job_id)
+            else:
+                self._queued.discard(job_id)
         if out:
             stream.sink.send(bytes(out))
             stream.next_keepalive = time.monotonic() + self.keepalive - self._check
         self._end_if_done(stream)
         if stream in self._open:
             self._want_writes(stream)
+
+    def _positions(self, woken: set[str]) -> None:
+        """Send the followed queued jobs whose place in their queue changed: those on the queues of
+        the jobs that just logged events (``woken``). At most every ``POSITIONS_EVERY`` seconds.
+        Such an event has no ``id``: it is no entry of the job's log, so a resumed stream gets
+        the place afresh (its first object says it) instead of a replay."""
+        self._next_positions = time.monotonic() + POSITIONS_EVERY
+        watched = [job_id for job_id in self._queued if job_id in self._streams]
+        if not watched:
+            return
+        now = utcnow()
+        with self.db.session() as session:
+            moved = feed.queues_of(session, woken)
+            jobs = [job for job in feed.queued_rows(session, watched) if job.queue in moved]
+            places = {job.id: live_object(session, job, now, self.ahead) for job in jobs}
+        for job_id, body in places.items():
+            for stream in list(self._streams.get(job_id, ())):
+                if stream.positions.get(job_id) == body["queue_position"]:
+                    continue
+                stream.positions[job_id] = body["queue_position"]
+                stream.sink.send(placed(body))
+                self._want_writes(stream)
 
     def _end_if_done(self, stream: Stream) -> None:
         if stream.sink.closed:

@@ -42,7 +42,7 @@ def hub() -> StreamHub:
     found: StreamHub | None = current_app.extensions.get("aiorch_hub")
     if found is None:
         svc = services()
-        found = StreamHub(svc.db, keepalive=svc.settings.stream_keepalive)
+        found = StreamHub(svc.db, keepalive=svc.settings.stream_keepalive, ahead=svc.settings.dispatch_ahead)
         current_app.extensions["aiorch_hub"] = found
     return found
 

@@ -24,7 +24,8 @@ written in key order, so two moves never wait on each other in a cycle.
 
 A series is ``(metric, task, label)``: ``jobs_finished`` by engine task and final status; the two
 histograms (``job_duration_seconds``, the run time of a job that ran; ``job_predict_time_seconds``,
-its estimate at queueing) by engine task and bucket, one row per bucket holding only the
+its estimate at queueing; ``job_queue_wait_seconds``, how long it waited for its turn, accepted to
+started) by engine task and bucket, one row per bucket holding only the
 observations that fall in it (``value``) and their sum (``total``), made cumulative at read time;
 ``webhook_attempts`` by outcome. ``BOUNDS`` are the histograms' buckets: a bound later removed
 leaves rows whose observations fold into the next larger bucket at read time.
@@ -48,8 +49,9 @@ INF = "+Inf"
 JOBS_FINISHED = "jobs_finished"
 DURATION = "job_duration_seconds"
 PREDICT_TIME = "job_predict_time_seconds"
+QUEUE_WAIT = "job_queue_wait_seconds"
 WEBHOOK_ATTEMPTS = "webhook_attempts"
-HISTOGRAMS = (DURATION, PREDICT_TIME)
+HISTOGRAMS = (DURATION, PREDICT_TIME, QUEUE_WAIT)
 
 _counters: Table = JobCounter.__table__  # type: ignore[assignment]
 _c = _counters.c
@@ -117,6 +119,9 @@ def observations(job: Job) -> list[Series]:
         series.append(Series(DURATION, task, bucket_of(seconds), 1, seconds))
         if job.predict_time is not None:
             series.append(Series(PREDICT_TIME, task, bucket_of(job.predict_time), 1, job.predict_time))
+        # How long it waited for its turn: accepted -> started (its last start, after a retry).
+        waited = max(0.0, (job.started_at - job.queued_at).total_seconds())
+        series.append(Series(QUEUE_WAIT, task, bucket_of(waited), 1, waited))
     return series
 
 

@@ -22,9 +22,11 @@ any lost message. The claim is conditional, so no job ever runs twice.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import String, Table, and_, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
@@ -34,6 +36,7 @@ from models.client_limits import running_caps
 from models.db import UTCDateTime
 from models.jobs import IN_FLIGHT_SQL, DispatchTurn, Job, QueueSlot
 from models.lifecycle import job_from
+from models.public import iso, job_object
 from models.state import JobStatus
 
 SLOT_TTL = 90.0  # seconds a worker's slots count after it was last seen
@@ -51,6 +54,13 @@ _SLOTS = select(func.coalesce(func.sum(_slots.c.slots), 0)).where(
     _slots.c.queue == _QUEUE, _slots.c.seen_at > _ALIVE
 )
 _FLYING_BY_CLIENT = select(_c.client_id, func.count()).where(_IN_FLIGHT).group_by(_c.client_id)
+# The clients of the jobs holding a slot, in the order they will free it: running ones by start,
+# then the ones sent and not started by the time they were sent.
+_FLYING_IN_ORDER = (
+    select(_c.client_id)
+    .where(_IN_FLIGHT)
+    .order_by((_c.status == JobStatus.QUEUED.value), func.coalesce(_c.started_at, _c.dispatched_at), _c.id)
+)
 _GRANT = (
     update(_jobs)
     .where(_c.id.in_(bindparam("ids", expanding=True)), _c.status == JobStatus.QUEUED.value)
@@ -276,6 +286,17 @@ def grant_new(
 # -- where a job stands ---------------------------------------------------------------------------
 
 
+def live_object(session: Session, job: Job, now: datetime, ahead: int = 1) -> dict[str, Any]:
+    """The job object with, while it is queued, its place in its queue (``standing``) and an ETA
+    that counts the jobs ahead of it on the slots serving that queue."""
+    body = job_object(job, now)
+    place = standing(session, job, now, ahead)
+    if place is not None:
+        body["queue_position"] = place.position
+        body["eta_utc"] = iso(place.eta(now, job.predict_time))
+    return body
+
+
 @dataclass(frozen=True)
 class Standing:
     """How many jobs will start before a queued job on its queue, and the slots serving it."""
@@ -292,12 +313,56 @@ class Standing:
         return now + timedelta(seconds=ahead + per_job)
 
 
-def standing(session: Session, job: Job, now: datetime) -> Standing | None:
+def play_out(
+    heads: Mapping[str, list[Head]],
+    in_flight: list[str],
+    capacity: int,
+    last_turns: Mapping[str, datetime],
+    until: str,
+) -> int:
+    """How many waiting jobs get a slot before job ``until``, the way the platform hands slots out:
+    the free ones at once (``take_turns``), then one each time a job in flight ends, oldest sent
+    first (``in_flight``: their clients, in that order). Each pick is ``fair_order``'s: the fewest
+    in flight, the higher priority, the client served longest ago, the older job."""
+    counts: dict[str, int] = {}
+    for client in in_flight:
+        counts[client] = counts.get(client, 0) + 1
+    flying = deque(in_flight)
+    free = max(0, capacity - len(flying))
+    served = {client: (0, last_turns.get(client, _NEVER)) for client in heads}
+    index = dict.fromkeys(heads, 0)
+    for picked in range(sum(len(jobs) for jobs in heads.values())):
+        if free > 0:
+            free -= 1
+        elif flying:
+            ended = flying.popleft()
+            counts[ended] -= 1
+        client = min(
+            (c for c in heads if index[c] < len(heads[c])),
+            key=lambda c: (
+                counts.get(c, 0),
+                -heads[c][index[c]].priority,
+                served[c],
+                heads[c][index[c]].order(),
+            ),
+        )
+        head = heads[client][index[client]]
+        if head.id == until:
+            return picked
+        index[client] += 1
+        counts[client] = counts.get(client, 0) + 1
+        flying.append(client)
+        served[client] = (1, _NEVER + timedelta(microseconds=picked + 1))
+    return sum(len(jobs) for jobs in heads.values())
+
+
+def standing(session: Session, job: Job, now: datetime, ahead: int = 1) -> Standing | None:
     """The job's place in its queue while it is queued (None otherwise), in the order the
     dispatcher and the broker will really use: every job already sent starts before a waiting one;
-    among the waiting, ``fair_order`` played out from now until the job is picked (each client's
+    among the waiting, the dispatcher's choices played out from now (``play_out``: each client's
     head of the queue, no deeper than the job's own rank makes necessary); among jobs sent, the
-    broker's (priority, then the time they were sent). Index ranges, no table scan."""
+    broker's (priority, then the time they were sent). ``ahead``: ``AIORCH_DISPATCH_AHEAD``.
+    Index ranges of live jobs, no table scan."""
     if job.status != JobStatus.QUEUED.value:
         return None
     params = {"queue": job.queue, "alive": _alive(now)}
@@ -305,7 +370,7 @@ def standing(session: Session, job: Job, now: datetime) -> Standing | None:
     older = or_(_c.created_at < job.created_at, and_(_c.created_at == job.created_at, _c.id < job.id))
     earlier = or_(_c.priority > job.priority, and_(_c.priority == job.priority, older))
     if job.dispatched_at is not None:
-        ahead = select(func.count()).where(
+        before = select(func.count()).where(
             _SENT,
             _c.id != job.id,
             or_(
@@ -313,17 +378,16 @@ def standing(session: Session, job: Job, now: datetime) -> Standing | None:
                 and_(_c.priority == job.priority, _c.dispatched_at < job.dispatched_at),
             ),
         )
-        return Standing(int(session.execute(ahead, params).scalar() or 0), slots)
+        return Standing(int(session.execute(before, params).scalar() or 0), slots)
     sent = int(session.execute(select(func.count()).where(_SENT), params).scalar() or 0)
-    flying = {row[0]: int(row[1]) for row in session.execute(_FLYING_BY_CLIENT, params)}
+    flying = [row[0] for row in session.execute(_FLYING_IN_ORDER, params)]
     mine = select(func.count()).where(_WAITING, _c.client_id == job.client_id, earlier)
     rank = int(session.execute(mine, params).scalar() or 0)
     # No client gets more than this many slots before the job's own client has had ``rank`` more.
-    depth = flying.get(job.client_id, 0) + rank + 2 - min(flying.values(), default=0)
+    depth = rank + len(flying) + 2
     heads = waiting_heads(session, job.queue, depth)
-    everyone = sum(len(h) for h in heads.values())
-    order = fair_order(heads, flying, everyone, None, last_turns(session, job.queue))
-    place = next((i for i, head in enumerate(order) if head.id == job.id), len(order))
+    capacity = max(1, slots + ahead)
+    place = play_out(heads, flying, capacity, last_turns(session, job.queue), job.id)
     return Standing(sent + place, slots)
 
 

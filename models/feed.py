@@ -116,3 +116,19 @@ def announce(session: Session, job_ids: Iterable[str]) -> None:
             text("SELECT pg_notify(:channel, :ids)"),
             {"channel": EVENT_CHANNEL, "ids": ",".join(ids[start : start + 200])},
         )
+
+
+def queues_of(session: Session, job_ids: Iterable[str]) -> set[str]:
+    """The queues of these jobs (those that still exist)."""
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    return {row[0] for row in session.execute(select(_j.queue).where(_j.id.in_(ids)).distinct())}
+
+
+def queued_rows(session: Session, job_ids: Iterable[str]) -> list[Job]:
+    """The rows of those of ``job_ids`` that are queued now."""
+    ids = list(job_ids)
+    if not ids:
+        return []
+    return list(session.scalars(select(Job).where(_j.id.in_(ids), _j.status == "queued")))

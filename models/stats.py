@@ -89,6 +89,7 @@ class JobMetrics:
     finished: list[tuple[str, str, int]]  # (engine task, final status, jobs ended since the start)
     durations: list[Histogram]  # run time (started -> finished) of the jobs that ran
     predict_times: list[Histogram]  # the estimate made at queueing, of the same jobs
+    queue_waits: list[Histogram]  # accepted -> started, of the same jobs (fair share's waits)
     webhook_attempts: dict[str, int]  # "success" / "failure" -> attempts
 
 
@@ -125,6 +126,7 @@ def job_metrics(db: Database) -> JobMetrics:
         finished=sorted(finished),
         durations=_histograms(buckets[counters.DURATION]),
         predict_times=_histograms(buckets[counters.PREDICT_TIME]),
+        queue_waits=_histograms(buckets[counters.QUEUE_WAIT]),
         webhook_attempts=attempts,
     )
 

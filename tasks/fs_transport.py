@@ -17,8 +17,11 @@ first) are still taken, only not in priority order.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import uuid
+from collections.abc import Iterator
 from time import monotonic_ns
 from typing import Any
 
@@ -39,6 +42,27 @@ def message_name(queue: str, priority: int) -> str:
 
 
 class Channel(filesystem.Channel):
+    def _queue_bind(self, exchange: str, routing_key: Any, pattern: Any, queue: Any) -> Any:
+        # kombu creates a missing exchange table by opening it "wb" and only then locking it: a
+        # second process binding at that moment opens the empty file, locks it first and fails on
+        # json.loads(""). The whole bind, creation included, runs under one lock file here.
+        with self._tables_locked():
+            return super()._queue_bind(exchange, routing_key, pattern, queue)
+
+    def get_table(self, exchange: str) -> Any:
+        with self._tables_locked():  # never the empty file of a table being created
+            return super().get_table(exchange)
+
+    @contextlib.contextmanager
+    def _tables_locked(self) -> Iterator[None]:
+        self.control_folder.mkdir(exist_ok=True)
+        with open(self.control_folder / ".tables.lock", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+
     # kombu's own filesystem.Channel._put names its second parameter "payload" where the
     # virtual AbstractChannel it extends says "message"; no name satisfies both, so this keeps
     # the one of the class it overrides.

@@ -26,6 +26,7 @@ from tasks.failures import failure_of
 from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError
 from tasks.next_step import send_next
 from tasks.runtime import JobTask, Runtime, note_ended
+from tasks.scheduling import fill_slots
 from tasks.storage import write_private
 
 log = logging.getLogger("aiorch.tasks")
@@ -45,6 +46,7 @@ def prepare_job(self: JobTask, job_id: str) -> None:
             inputs = load_inputs(rt, job)
         except FetchCancelled:
             rt.storage.remove_inputs(job_id)
+            fill_slots(rt, self.app, job.queue)  # it held a slot of its queue: free now
             return
         except (ValidationError, InputProblem, TransientFetchError) as exc:
             failure = failure_of(exc)
@@ -52,11 +54,13 @@ def prepare_job(self: JobTask, job_id: str) -> None:
                 log.warning("input fetch failed, retrying: %s", failure.message)
                 raise self.retry(countdown=min(30, 2**self.request.retries), exc=exc) from None
             fail_before_run(rt, job_id, failure)
+            fill_slots(rt, self.app, job.queue)
             return
         prepared = rt.store.set_prepared(job_id, inputs)
         if prepared is None:
             # Cancelled (or expired) while the inputs were downloading: it stays that way.
             rt.storage.remove_inputs(job_id)
+            fill_slots(rt, self.app, job.queue)
             return
         send_next(self.app, rt.settings, prepared)
 

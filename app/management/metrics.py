@@ -74,6 +74,11 @@ class JobCollector:
         yield _histogram_family(
             "aiorch_job_predict_time_seconds", "Predicted run time at queueing", figures.predict_times
         )
+        yield _histogram_family(
+            "aiorch_job_queue_wait_seconds",
+            "Time jobs waited for their turn (accepted to started)",
+            figures.queue_waits,
+        )
         attempts = CounterMetricFamily(
             "aiorch_webhook_attempts", "Webhook delivery attempts", labels=["outcome"]
         )

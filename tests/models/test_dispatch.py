@@ -128,7 +128,7 @@ def test_the_queue_position_is_the_order_the_dispatcher_uses(db: Database) -> No
     with db.session() as session:
         dispatch.register(session, "w3@test", {queue: 1}, utcnow())
         rows = {job.id: job for job in session.query(Job).filter(Job.id.in_(jobs))}
-        positions = {job_id: dispatch.standing(session, rows[job_id], utcnow()) for job_id in jobs}
+        positions = {job_id: dispatch.standing(session, rows[job_id], utcnow(), ahead=0) for job_id in jobs}
     order = []
     for _ in jobs:
         [sent] = turn(db, queue)
@@ -153,3 +153,15 @@ def test_the_scheduler_state_counts_live_jobs_per_queue_and_client(db: Database)
         dispatch.forget(session, "w4@test")
     assert (state.slots, state.ahead) == (3, 1)
     assert state.waiting == {"alice": 3, "bob": 1} and state.in_flight == {"bob": 1}
+
+
+def test_playing_out_frees_the_oldest_slot_before_each_later_pick() -> None:
+    """Alice's two jobs hold the queue's two places (one running, one sent); her other two and
+    bob's three wait. Each later pick follows a job's end, so the clients alternate (bob first:
+    he has none in flight) rather than bob taking the next two while alice's count is still 2."""
+    heads = {"alice": [head("alice", 2), head("alice", 3)], "bob": [head("bob", 10 + i) for i in range(3)]}
+    expected = ["bob10", "alice2", "bob11", "alice3", "bob12"]
+    every = [h for hs in heads.values() for h in hs]
+    places = {h.id: dispatch.play_out(heads, ["alice", "alice"], 2, {"alice": T0}, h.id) for h in every}
+    assert sorted(places, key=places.__getitem__) == expected
+    assert sorted(places.values()) == [0, 1, 2, 3, 4]

@@ -7,6 +7,7 @@ one job sent ahead. Assertions are about order, never about timing."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +157,32 @@ def test_a_dispatcher_killed_between_commit_and_publish_loses_no_job(
         assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in done), done
         assert "signal 9" in (plat.logs / "gpu.log").read_text().lower()  # it did die, mid-dispatch
         runtime.db.dispose()
+
+
+def sse_blocks(response: requests.Response) -> Iterator[dict[str, str]]:
+    """The stream's events as their raw fields (an event without ``id`` has none here)."""
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            lines = [line for line in block.decode().splitlines() if not line.startswith(":")]
+            fields = dict(line.split(": ", 1) for line in lines)
+            if fields:
+                yield fields
+
+
+def test_a_stream_of_a_waiting_job_says_its_place_as_it_moves_up(platform: Platform) -> None:
+    ids = batch(platform, ALICE, 4, seconds=0.6)
+    last = ids[-1]
+    url, headers = f"{platform.base_url}/v1/jobs/{last}/events", {"X-API-Key": ALICE}
+    response = requests.get(url, headers=headers, stream=True, timeout=(5, 60))
+    blocks = list(sse_blocks(response))
+    first, rest = blocks[0], blocks[1:]
+    assert "id" in first and json.loads(first["data"])["queue_position"] >= 1  # first, where it stands
+    places = [json.loads(b["data"])["queue_position"] for b in rest if "id" not in b]
+    assert places and places == sorted(places, reverse=True) and len(set(places)) == len(places), places
+    logged = [json.loads(b["data"]) for b in rest if "id" in b]
+    assert [job["status"] for job in logged][-1] == "succeeded"
+    assert all(job["queue_position"] is None for job in logged if job["status"] != "queued")
+    assert [int(b["id"]) for b in blocks if "id" in b] == sorted(int(b["id"]) for b in blocks if "id" in b)

@@ -55,7 +55,9 @@ def test_a_crash_on_the_first_attempt_only_succeeds_on_the_second(platform: Plat
 def test_broker_unreachable_at_submit_is_503_with_retry_after_and_no_job_is_kept(
     settings: Settings, astronaut_png
 ) -> None:
-    dead = settings.with_overrides(broker_url="amqp://guest:guest@127.0.0.1:1//")
+    # Room for the job: it is published at once (a job that waits for a slot is not sent at
+    # submit, so a broker that is down refuses nothing then; it is sent when its turn comes).
+    dead = settings.with_overrides(broker_url="amqp://guest:guest@127.0.0.1:1//", dispatch_ahead=100_000)
     app = create_app(dead, create_celery(dead))
     client = app.test_client()
     key = {"X-API-Key": ALICE}

@@ -504,6 +504,7 @@ def test_metrics_count_jobs_through_the_workers_and_deleting_them_lowers_nothing
         "aiorch_jobs_finished",
         "aiorch_job_duration_seconds",
         "aiorch_job_predict_time_seconds",
+        "aiorch_job_queue_wait_seconds",
         "aiorch_webhook_attempts",
         "aiorch_queue_depth",
     } <= set(families)
