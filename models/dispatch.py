@@ -40,6 +40,10 @@ from models.public import iso, job_object
 from models.state import JobStatus
 
 SLOT_TTL = 90.0  # seconds a worker's slots count after it was last seen
+# The submit path counts a queue's jobs in flight up to this many: it only needs to know whether
+# one more fits, and jobs marked sent by something else than the dispatcher (rows another program
+# wrote, jobs sent before this version) must not make every submit count all of them.
+COUNT_BOUND = 1000
 _NEVER = datetime(1970, 1, 1, tzinfo=UTC)
 _jobs: Table = Job.__table__  # type: ignore[assignment]
 _slots: Table = QueueSlot.__table__  # type: ignore[assignment]
@@ -234,7 +238,8 @@ _GRANT_NEW = text(
     WITH cap AS (
         SELECT (SELECT coalesce(sum(s.slots), 0) FROM queue_slots s
                  WHERE s.queue = :queue AND s.seen_at > :alive) + :ahead
-               - (SELECT count(*) FROM jobs f WHERE f.queue = :queue AND ({IN_FLIGHT_SQL})) AS free,
+               - (SELECT count(*) FROM (SELECT 1 FROM jobs f WHERE f.queue = :queue AND ({IN_FLIGHT_SQL})
+                                         LIMIT {COUNT_BOUND}) AS flying) AS free,
                EXISTS (SELECT 1 FROM jobs w WHERE w.status = 'queued' AND w.dispatched_at IS NULL
                           AND w.queue = :queue AND w.id <> :id) AS others,
                (:cap > 0 AND (SELECT count(*) FROM jobs m
@@ -265,8 +270,9 @@ def grant_new(
             {**params, "id": job_id, "client": job.client_id, "ahead": ahead, "cap": max_running, "now": now},
         ).one()
         return bool(row.granted), bool(row.free > 0 and row.others and not row.capped)
+    flying = select(_c.id).where(_IN_FLIGHT).limit(COUNT_BOUND).subquery()
     free = slots_of(session, queue, now) + ahead - int(
-        session.execute(select(func.count()).where(_IN_FLIGHT), params).scalar() or 0
+        session.execute(select(func.count()).select_from(flying), params).scalar() or 0
     )
     others = session.execute(select(_c.id).where(_WAITING, _c.id != job_id).limit(1), params).first()
     if free <= 0 or others is not None:
