@@ -179,6 +179,7 @@ class StreamHub:
         self._tail_after = 0
         self._next_net = 0.0
         self._queued: set[str] = set()  # followed jobs last seen queued (their place may change)
+        self._live_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._next_positions = 0.0
         # How often keep-alives are looked at; each is sent up to this much early, never late.
         self._check = min(1.0, keepalive / 4)
@@ -370,11 +371,24 @@ class StreamHub:
         now = utcnow()
         rows = list(rows)
         for job in feed.queued_rows(session, queued):
-            body = live_object(session, job, now, self.ahead)
+            body = self._live(session, job, now)
             event_id, job_id, _ = rows[last[job.id]]
             rows[last[job.id]] = (event_id, job_id, body)
             stream.positions[job.id] = body["queue_position"]
         return rows
+
+    def _live(self, session: Any, job: Any, now: Any) -> dict[str, Any]:
+        """A queued job's live object, reused for ``POSITIONS_EVERY`` seconds: a thousand streams
+        opened on one job cost one place, not a thousand."""
+        at = time.monotonic()
+        cached = self._live_cache.get(job.id)
+        if cached is not None and at - cached[0] < POSITIONS_EVERY:
+            return cached[1]
+        if len(self._live_cache) > 10_000:
+            self._live_cache.clear()
+        body = live_object(session, job, now, self.ahead)
+        self._live_cache[job.id] = (at, body)
+        return body
 
     def _deliver(self, job_ids: set[str]) -> None:
         with self._lock:
@@ -427,7 +441,7 @@ class StreamHub:
         with self.db.session() as session:
             moved = feed.queues_of(session, woken)
             jobs = [job for job in feed.queued_rows(session, watched) if job.queue in moved]
-            places = {job.id: live_object(session, job, now, self.ahead) for job in jobs}
+            places = {job.id: self._live(session, job, now) for job in jobs}
         for job_id, body in places.items():
             for stream in list(self._streams.get(job_id, ())):
                 if stream.positions.get(job_id) == body["queue_position"]:

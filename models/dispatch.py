@@ -44,6 +44,9 @@ SLOT_TTL = 90.0  # seconds a worker's slots count after it was last seen
 # one more fits, and jobs marked sent by something else than the dispatcher (rows another program
 # wrote, jobs sent before this version) must not make every submit count all of them.
 COUNT_BOUND = 1000
+# A queued job's place is played out pick by pick while it is within this many jobs of the head of
+# its queue; deeper in a backlog it is computed in closed form (``standing``).
+PLAY_OUT_DEPTH = 200
 _NEVER = datetime(1970, 1, 1, tzinfo=UTC)
 _jobs: Table = Job.__table__  # type: ignore[assignment]
 _slots: Table = QueueSlot.__table__  # type: ignore[assignment]
@@ -58,6 +61,7 @@ _SLOTS = select(func.coalesce(func.sum(_slots.c.slots), 0)).where(
     _slots.c.queue == _QUEUE, _slots.c.seen_at > _ALIVE
 )
 _FLYING_BY_CLIENT = select(_c.client_id, func.count()).where(_IN_FLIGHT).group_by(_c.client_id)
+_WAITING_BY_CLIENT = select(_c.client_id, func.count()).where(_WAITING).group_by(_c.client_id)
 # The clients of the jobs holding a slot, in the order they will free it: running ones by start,
 # then the ones sent and not started by the time they were sent.
 _FLYING_IN_ORDER = (
@@ -240,8 +244,9 @@ _GRANT_NEW = text(
                  WHERE s.queue = :queue AND s.seen_at > :alive) + :ahead
                - (SELECT count(*) FROM (SELECT 1 FROM jobs f WHERE f.queue = :queue AND ({IN_FLIGHT_SQL})
                                          LIMIT {COUNT_BOUND}) AS flying) AS free,
-               EXISTS (SELECT 1 FROM jobs w WHERE w.status = 'queued' AND w.dispatched_at IS NULL
-                          AND w.queue = :queue AND w.id <> :id) AS others,
+               (SELECT w.id FROM jobs w WHERE w.status = 'queued' AND w.dispatched_at IS NULL
+                   AND w.queue = :queue AND w.id <> :id
+                 ORDER BY w.queue, w.client_id, w.priority, w.created_at, w.id LIMIT 1) IS NOT NULL AS others,
                (:cap > 0 AND (SELECT count(*) FROM jobs m
                                WHERE m.client_id = :client AND ({IN_FLIGHT_SQL})) >= :cap) AS capped
     ), sent AS (
@@ -386,11 +391,23 @@ def standing(session: Session, job: Job, now: datetime, ahead: int = 1) -> Stand
         )
         return Standing(int(session.execute(before, params).scalar() or 0), slots)
     sent = int(session.execute(select(func.count()).where(_SENT), params).scalar() or 0)
-    flying = [row[0] for row in session.execute(_FLYING_IN_ORDER, params)]
+    flying = [row[0] for row in session.execute(_FLYING_IN_ORDER.limit(COUNT_BOUND), params)]
     mine = select(func.count()).where(_WAITING, _c.client_id == job.client_id, earlier)
     rank = int(session.execute(mine, params).scalar() or 0)
     # No client gets more than this many slots before the job's own client has had ``rank`` more.
     depth = rank + len(flying) + 2
+    if depth > PLAY_OUT_DEPTH:
+        # Deep in a backlog: the play-out's outcome in closed form, each other client getting as
+        # many turns as it has jobs, up to the job's own client's count at its turn (ties before).
+        waiting = {row[0]: int(row[1]) for row in session.execute(_WAITING_BY_CLIENT, params)}
+        counts = {client: flying.count(client) for client in set(flying)}
+        turn = counts.get(job.client_id, 0) + rank
+        others = sum(
+            min(n, max(0, turn + 1 - counts.get(client, 0)))
+            for client, n in waiting.items()
+            if client != job.client_id
+        )
+        return Standing(sent + rank + others, slots)
     heads = waiting_heads(session, job.queue, depth)
     capacity = max(1, slots + ahead)
     place = play_out(heads, flying, capacity, last_turns(session, job.queue), job.id)

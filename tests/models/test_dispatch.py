@@ -165,3 +165,18 @@ def test_playing_out_frees_the_oldest_slot_before_each_later_pick() -> None:
     places = {h.id: dispatch.play_out(heads, ["alice", "alice"], 2, {"alice": T0}, h.id) for h in every}
     assert sorted(places, key=places.__getitem__) == expected
     assert sorted(places.values()) == [0, 1, 2, 3, 4]
+
+
+def test_a_place_deep_in_a_backlog_is_computed_without_playing_it_out(db: Database) -> None:
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    alice = [waiting_job(db, queue, "alice", i) for i in range(dispatch.PLAY_OUT_DEPTH + 50)]
+    bob = [waiting_job(db, queue, "bob", 10_000 + i) for i in range(5)]
+    with db.session() as session:
+        rows = {job.id: job for job in session.query(Job).filter(Job.id.in_([alice[-1], bob[2]]))}
+        deep = dispatch.standing(session, rows[alice[-1]], utcnow())
+        shallow = dispatch.standing(session, rows[bob[2]], utcnow())
+    assert deep is not None and shallow is not None
+    # All of alice's earlier jobs and bob's five go before her last one; bob's third goes after
+    # alice's first three and his own first two.
+    assert deep.position == len(alice) - 1 + len(bob)
+    assert shallow.position == 5
