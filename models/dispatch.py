@@ -236,23 +236,26 @@ def take_turns(
 
 
 # ``grant_new`` on Postgres: the same decision and UPDATE in one statement (one round trip more for
-# a submit, not four).
+# a submit, not four). Each look-up is ordered like the partial index it should walk and limited:
+# with statistics that lag a burst of inserts, the planner would otherwise scan the whole table.
 _GRANT_NEW = text(
     f"""
     WITH cap AS (
         SELECT (SELECT coalesce(sum(s.slots), 0) FROM queue_slots s
                  WHERE s.queue = :queue AND s.seen_at > :alive) + :ahead
-               - (SELECT count(*) FROM (SELECT 1 FROM jobs f WHERE f.queue = :queue AND ({IN_FLIGHT_SQL})
-                                         LIMIT {COUNT_BOUND}) AS flying) AS free,
+               - (SELECT count(*) FROM (
+                    SELECT 1 FROM jobs f WHERE f.queue = :queue AND ({IN_FLIGHT_SQL})
+                     ORDER BY f.queue, f.client_id LIMIT {COUNT_BOUND}) AS flying) AS free,
                (SELECT w.id FROM jobs w WHERE w.status = 'queued' AND w.dispatched_at IS NULL
                    AND w.queue = :queue AND w.id <> :id
                  ORDER BY w.queue, w.client_id, w.priority, w.created_at, w.id LIMIT 1) IS NOT NULL AS others,
                (:cap > 0 AND (SELECT count(*) FROM jobs m
                                WHERE m.client_id = :client AND ({IN_FLIGHT_SQL})) >= :cap) AS capped
     ), sent AS (
-        UPDATE jobs SET dispatched_at = :now FROM cap
-         WHERE jobs.id = :id AND jobs.dispatched_at IS NULL AND jobs.status = 'queued'
-           AND cap.free > 0 AND NOT cap.others AND NOT cap.capped
+        -- The row was inserted by this transaction: found by its primary key alone (a condition on
+        -- dispatched_at would invite the waiting index's whole length), and only when it may go.
+        UPDATE jobs SET dispatched_at = :now
+         WHERE jobs.id = :id AND EXISTS (SELECT 1 FROM cap WHERE free > 0 AND NOT others AND NOT capped)
         RETURNING jobs.id
     )
     SELECT (SELECT count(*) FROM sent) AS granted, cap.free, cap.others, cap.capped FROM cap
