@@ -36,10 +36,11 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## throughput and latency benchmark (Postgres+RabbitMQ, then embedded, then reads at 1M jobs); writes bench-results/
+bench: $(STAMP) ## throughput and latency (Postgres+RabbitMQ, embedded), reads at 1M jobs, fair share; writes bench-results/
 	$(PY) -m bench.run
 	$(PY) -m bench.run --embedded
 	$(PY) -m bench.reads
+	$(PY) -m bench.fairness
 
 bench-gpu: $(STAMP) ## GPU engines via a real worker vs the raw library call (CPU smoke run without CUDA)
 	$(PY) -m bench.gpu
