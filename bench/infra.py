@@ -5,50 +5,34 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 from celery import Celery
 
-PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
-
-
-def _pg_admin(sql: str, dsn: str = PG_ADMIN) -> None:
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(sql)
-    finally:
-        conn.close()
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+from tests.support.services import pg_admin, rabbitmqctl
 
 
 @contextlib.contextmanager
 def private_database(name: str) -> Iterator[str]:
     """``CREATE DATABASE name`` on the machine's Postgres, dropped (forcibly) on exit."""
-    _pg_admin(f"CREATE DATABASE {name}")
+    pg_admin(f"CREATE DATABASE {name}")
     try:
         yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     finally:
-        _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @contextlib.contextmanager
 def private_vhost(name: str) -> Iterator[str]:
     """A RabbitMQ vhost for guest, deleted (with every queue and message in it) on exit."""
-    _rabbitmqctl("add_vhost", name)
+    rabbitmqctl("add_vhost", name)
     try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
     finally:
-        _rabbitmqctl("delete_vhost", name)
+        rabbitmqctl("delete_vhost", name)
 
 
 def queue_depths(app: Celery, names: list[str]) -> dict[str, int | None]:

@@ -34,6 +34,13 @@ def waits_for_slot(settings: Settings, job: Job) -> bool:
     return job.queue in SLOTTED and not settings.routes.remote_first(job.task, job.engine_task)
 
 
+def installed(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+    """``jobs`` split into those whose engine is installed here and those whose engine left this
+    installation while they waited (they end with ``JobFailure.uninstalled``, never sent)."""
+    here = [job for job in jobs if job.engine_task in catalog.TASKS]
+    return here, [job for job in jobs if job.engine_task not in catalog.TASKS]
+
+
 @dataclass(frozen=True)
 class Step:
     """One message: the task it names, its queue, its keyword arguments and time limits."""

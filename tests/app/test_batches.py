@@ -327,3 +327,22 @@ def test_another_clients_batch_is_not_found_and_not_cancelled(client: FlaskClien
     assert status["counts"] == {"queued": 2}
     for unknown in ("nope", "a%00b", "x" * 65):
         assert client.get(f"/v1/batches/{unknown}", headers=ALICE).status_code == 404
+
+
+def test_a_waiting_job_whose_engine_left_is_failed_when_its_turn_comes(settings: Settings) -> None:
+    """The dispatcher that a batch runs may pick a job accepted before its engine was removed: it
+    ends ``task_not_installed`` instead of failing the batch."""
+    from tests.support.factories import make_job
+
+    app = create_app(settings.with_overrides(dispatch_ahead=100_000))
+    roomy = app.test_client()
+    try:
+        db = app.extensions["aiorch"].db
+        retired = {"engine_task": "retired_task", "task": "retired_task", "queue": "gpu.superres"}
+        gone = make_job(db, dispatched_at=None, **retired)
+        accepted(batch(roomy, [job(1)]))
+        with db.session() as session:
+            row = session.get(Job, gone)
+            assert row is not None and row.status == "failed" and row.error["code"] == "task_not_installed"
+    finally:
+        app.extensions["aiorch"].db.dispose()

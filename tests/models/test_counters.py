@@ -13,7 +13,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 from sqlalchemy import SQLColumnExpression, case, event, func, insert, select, text
 from sqlalchemy.orm import Session
@@ -30,9 +29,10 @@ from models.stats import Histogram, JobMetrics, job_metrics
 from tasks.celery_app import create_celery
 from tasks.events import dispatch
 from tasks.runtime import Runtime
-from tests.conftest import PG_ADMIN, RUN_ID
+from tests.conftest import RUN_ID
 from tests.support.factories import HOOK_URL, make_job
 from tests.support.servers import WebhookReceiver
+from tests.support.services import pg_admin as _pg_admin
 
 Key = tuple[str, str, str]
 FAILURE = JobFailure("engine_error", "The engine failed.")
@@ -203,16 +203,6 @@ def attempt_at_0005(db: Database, job_id: str, ok: bool) -> None:
 
 MANY = 100_000
 TASKS = ("upscale", "generate", "face_swap")
-
-
-def _pg_admin(sql: str) -> None:
-    conn = psycopg2.connect(PG_ADMIN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(sql)
-    finally:
-        conn.close()
 
 
 def seed_final_jobs(db: Database, rows: int) -> None:

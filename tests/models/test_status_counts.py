@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 from sqlalchemy import event, func, select, text, update
 
@@ -30,7 +29,8 @@ from models.migrate import upgrade
 from models.reads import JobFilter, list_jobs
 from models.state import MOVES, JobStatus
 from models.stats import client_overview, job_metrics
-from tests.conftest import PG_ADMIN, RUN_ID
+from tests.conftest import RUN_ID
+from tests.support.services import pg_admin as _pg_admin
 
 Counts = dict[tuple[str, str, str], int]
 FAILURE = JobFailure("engine_error", "The engine failed.")
@@ -291,16 +291,6 @@ def test_concurrent_submits_and_moves_of_one_client_stay_exact(db: Database) -> 
             select(func.count(func.distinct(JobStatusCount.shard))).where(JobStatusCount.client_id == client)
         )
     assert shards is not None and shards > 1
-
-
-def _pg_admin(sql: str) -> None:
-    conn = psycopg2.connect(PG_ADMIN)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(sql)
-    finally:
-        conn.close()
 
 
 def seed_at_0009(db: Database, rows: int) -> None:

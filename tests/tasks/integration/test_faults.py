@@ -19,6 +19,7 @@ from tests.conftest import KEYS
 from tests.support.factories import make_job
 from tests.support.platform import Platform
 from tests.support.servers import ImageServer
+from tests.support.services import fresh_database
 
 ALICE = KEYS[0][1]
 
@@ -55,8 +56,10 @@ def test_a_crash_on_the_first_attempt_only_succeeds_on_the_second(platform: Plat
 def test_broker_unreachable_at_submit_is_503_with_retry_after_and_no_job_is_kept(
     settings: Settings, astronaut_png
 ) -> None:
-    # Room for the job: it is published at once (a job that waits for a slot is not sent at
-    # submit, so a broker that is down refuses nothing then; it is sent when its turn comes).
+    # A database of its own, where nobody waits, and room for the job: it is published at once (a
+    # job that waits for its turn is not sent at submit, so a broker that is down refuses nothing
+    # then; it is sent when its turn comes).
+    settings = settings.with_overrides(database_url=fresh_database(settings))
     dead = settings.with_overrides(broker_url="amqp://guest:guest@127.0.0.1:1//", dispatch_ahead=100_000)
     app = create_app(dead, create_celery(dead))
     client = app.test_client()
