@@ -116,6 +116,10 @@ def test_a_running_generation_stops_at_the_end_of_the_step_the_cancel_came_in(
         # piggybacking on the throttled writes would take longest to notice it.
         nonlocal unet_calls, cancelled_in, writes_seen
         unet_calls += 1
+        # Steps of at least 10 ms: 100 of them outlast the progress interval on any machine, so a
+        # progress write always comes (a fast, quiet machine ran the tiny model's 100 steps in
+        # under 0.5 s and never wrote one, and no cancel was ever sent).
+        time.sleep(0.01)
         writes = progress_writes(statements)
         if cancelled_in is None and unet_calls >= 3 and writes > writes_seen:
             store.cancel(job_id)
