@@ -52,13 +52,12 @@ from models.batches import (
 )
 from models.db import utcnow
 from models.dispatch import take_turns
-from models.failures import JobFailure
 from models.jobs import Job, StoredFile
 from models.jobstore import new_id
 from models.public import iso
 from tasks.bulk_publish import publish_batch
 from tasks.catalog import TaskSpec
-from tasks.next_step import installed, waits_for_slot
+from tasks.next_step import sendable, waits_for_slot
 
 blp = Blueprint("batches", __name__, url_prefix="/v1", description="Many jobs at once")
 
@@ -273,12 +272,8 @@ def submit_batch(body: dict[str, Any], batch_id: str, *, race_retry: bool = True
             return submit_batch(body, batch_id, race_retry=False)
         # Published only after COMMIT, as for one job: a worker never gets an id it cannot see.
         try:
-            sendable, gone = installed(granted)  # waited since before their engine was removed
-            for job in gone:
-                svc.store.fail_unclaimed(job.id, JobFailure.uninstalled(job.engine_task))
-            publish_batch(
-                svc.celery, svc.settings, [job for job in admitted.jobs if job.id not in slotted] + sendable
-            )
+            fresh = [job for job in admitted.jobs if job.id not in slotted]
+            publish_batch(svc.celery, svc.settings, fresh + sendable(svc.store, granted))
         except (OperationalError, OSError):
             withdraw_jobs(svc.db, [job.id for job in admitted.jobs])
             discard_uploads(svc, admitted.uploads)

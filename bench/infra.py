@@ -11,7 +11,8 @@ from typing import Any
 
 from celery import Celery
 
-from tests.support.services import pg_admin, rabbitmqctl
+from tests.support.services import pg_admin
+from tests.support.services import private_vhost as private_vhost  # the benchmarks' vhost is the tests'
 
 
 @contextlib.contextmanager
@@ -22,17 +23,6 @@ def private_database(name: str) -> Iterator[str]:
         yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     finally:
         pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-@contextlib.contextmanager
-def private_vhost(name: str) -> Iterator[str]:
-    """A RabbitMQ vhost for guest, deleted (with every queue and message in it) on exit."""
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
-    finally:
-        rabbitmqctl("delete_vhost", name)
 
 
 def queue_depths(app: Celery, names: list[str]) -> dict[str, int | None]:

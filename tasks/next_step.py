@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config import QUEUES, Settings
+from models.failures import JobFailure
 from models.jobs import Job
+from models.jobstore import JobStore
 from models.state import Phase
 from tasks import catalog
 from tasks.celery_app import PREPARE, RUN, SUBMIT_REMOTE, publish
@@ -34,11 +36,17 @@ def waits_for_slot(settings: Settings, job: Job) -> bool:
     return job.queue in SLOTTED and not settings.routes.remote_first(job.task, job.engine_task)
 
 
-def installed(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
-    """``jobs`` split into those whose engine is installed here and those whose engine left this
-    installation while they waited (they end with ``JobFailure.uninstalled``, never sent)."""
-    here = [job for job in jobs if job.engine_task in catalog.TASKS]
-    return here, [job for job in jobs if job.engine_task not in catalog.TASKS]
+def sendable(store: JobStore, jobs: list[Job]) -> list[Job]:
+    """The ``jobs`` whose engine is installed here. Each other one's engine left this installation
+    while it waited: it ends ``task_not_installed`` now instead of being sent (the dispatcher,
+    a batch's dispatch and the sweep all meet such jobs)."""
+    here = []
+    for job in jobs:
+        if job.engine_task in catalog.TASKS:
+            here.append(job)
+        else:
+            store.fail_unclaimed(job.id, JobFailure.uninstalled(job.engine_task))
+    return here
 
 
 @dataclass(frozen=True)

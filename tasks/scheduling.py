@@ -27,9 +27,8 @@ from kombu.exceptions import OperationalError
 from config import Settings
 from models import dispatch
 from models.db import Database, utcnow
-from models.failures import JobFailure
 from tasks.celery_app import FILL_SLOTS
-from tasks.next_step import SLOTTED, installed, send_next
+from tasks.next_step import SLOTTED, send_next, sendable
 from tasks.runtime import JobTask, Runtime
 
 log = logging.getLogger("aiorch.scheduling")
@@ -47,10 +46,7 @@ def fill_slots(rt: Runtime, app: Any, queue: str) -> int:
         jobs = dispatch.take_turns(session, queue, utcnow(), rt.settings.dispatch_ahead, rt.settings)
     if jobs and rt.settings.debug_tasks and rt.settings.debug_crash_before_dispatch == "fill_slots":
         os.kill(os.getpid(), signal.SIGKILL)  # the fault tests' death between COMMIT and publish
-    sendable, gone = installed(jobs)
-    for job in gone:  # its engine left this installation while it waited: a clear error
-        rt.store.fail_unclaimed(job.id, JobFailure.uninstalled(job.engine_task))
-    for job in sendable:
+    for job in sendable(rt.store, jobs):
         try:
             send_next(app, rt.settings, job)
         except (OperationalError, OSError):

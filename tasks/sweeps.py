@@ -18,12 +18,11 @@ from kombu.exceptions import OperationalError
 
 from models import dispatch, outbox
 from models.db import utcnow
-from models.failures import JobFailure
 from models.state import JobStatus
 from tasks import catalog
 from tasks.celery_app import RUN, SWEEP, publish
 from tasks.events import dispatch_left_over, unattempted_events
-from tasks.next_step import send_next
+from tasks.next_step import send_next, sendable
 from tasks.remote.recovery import resume_remote
 from tasks.runtime import JobTask, Runtime
 from tasks.scheduling import fill_slots
@@ -76,10 +75,9 @@ def _republish(rt: Runtime, app: Any) -> int:
         job = rt.store.get(job_id)
         if job is None or job.status != JobStatus.QUEUED.value:
             continue  # deleted, or on its way, since stuck_jobs listed it
-        if job.engine_task not in catalog.TASKS:
-            # Its engine left this installation after the job was accepted: the job ends with a
-            # clear error instead of stopping the sweep (and every other job's re-publish) here.
-            rt.store.fail_unclaimed(job_id, JobFailure.uninstalled(job.engine_task))
+        if not sendable(rt.store, [job]):
+            # Its engine left this installation after the job was accepted: it ended with a clear
+            # error instead of stopping the sweep (and every other job's re-publish) here.
             continue
         try:
             send_next(app, rt.settings, job)

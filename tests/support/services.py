@@ -42,9 +42,14 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
+def vhost(suffix: str) -> contextlib.AbstractContextManager[str]:
+    """This run's vhost ``aiorch_t_<RUN_ID>_<suffix>`` (``private_vhost``)."""
+    return private_vhost(f"aiorch_t_{RUN_ID}_{suffix}")
+
+
 @contextlib.contextmanager
-def vhost(suffix: str) -> Iterator[str]:
-    name = f"aiorch_t_{RUN_ID}_{suffix}"
+def private_vhost(name: str) -> Iterator[str]:
+    """A RabbitMQ vhost for guest, deleted (with every queue and message in it) on exit."""
     rabbitmqctl("add_vhost", name)
     try:
         rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")

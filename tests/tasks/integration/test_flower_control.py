@@ -28,6 +28,7 @@ from tasks.sweeps import sweep
 from tests.conftest import KEYS
 from tests.support.platform import Platform
 from tests.support.servers import ImageServer
+from tests.support.worker_events import worker_events
 
 ALICE = KEYS[0][1]
 
@@ -74,26 +75,8 @@ class FlowerView:
 @contextlib.contextmanager
 def flower_view(app: Celery) -> Iterator[FlowerView]:
     view = FlowerView()
-    listening = threading.Event()
-    receivers: list[Any] = []
-
-    def on_event(event: dict[str, Any]) -> None:
-        listening.set()  # any event (the heartbeats the wakeup asks for) proves the binding is up
-        view.add(event)
-
-    def capture() -> None:
-        with app.connection_for_read() as connection:
-            receivers.append(app.events.Receiver(connection, handlers={"*": on_event}))
-            receivers[0].capture(limit=None, timeout=None, wakeup=True)
-
-    thread = threading.Thread(target=capture, daemon=True)
-    thread.start()
-    assert listening.wait(10), "no worker event within 10 s"
-    try:
+    with worker_events(app, view.add):
         yield view
-    finally:
-        receivers[0].should_stop = True
-        thread.join(5)
 
 
 @pytest.fixture(scope="module")

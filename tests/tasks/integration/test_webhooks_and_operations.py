@@ -26,6 +26,7 @@ from tests.conftest import KEYS
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 from tests.support.servers import ImageServer, Received, WebhookReceiver
+from tests.support.worker_events import worker_events
 
 ALICE = KEYS[0][1]
 BOB = KEYS[1][1]
@@ -169,29 +170,14 @@ def test_after_a_rotation_a_delivery_carries_both_signatures(
 def flower_view(settings: Settings) -> Iterator[list[dict[str, Any]]]:
     """The task events the workers send, as Flower receives and shows them (``args`` and
     ``kwargs`` are the messages' ``argsrepr`` and ``kwargsrepr``)."""
-    app = create_celery(settings)
     events: list[dict[str, Any]] = []
-    listening = threading.Event()
-    receivers: list[Any] = []
 
-    def on_event(event: dict[str, Any]) -> None:
-        listening.set()  # any event (the heartbeats the wakeup asks for) proves the binding is up
+    def keep(event: dict[str, Any]) -> None:
         if event.get("type") == "task-received":
             events.append(event)
 
-    def capture() -> None:
-        with app.connection_for_read() as connection:
-            receivers.append(app.events.Receiver(connection, handlers={"*": on_event}))
-            receivers[0].capture(limit=None, timeout=None, wakeup=True)
-
-    thread = threading.Thread(target=capture, daemon=True)
-    thread.start()
-    assert listening.wait(10), "no worker event within 10 s"
-    try:
+    with worker_events(create_celery(settings), keep):
         yield events
-    finally:
-        receivers[0].should_stop = True
-        thread.join(5)
 
 
 def test_webhook_task_messages_show_flower_ids_only_never_bodies_or_urls(
@@ -380,7 +366,6 @@ def test_blocking_endpoint_times_out_with_504_and_the_job_goes_on(
 def test_a_job_deleted_while_its_blocking_request_waits_answers_404_at_once(
     platform: Platform, images: ImageServer
 ) -> None:
-    import threading
 
     answers: list[requests.Response] = []
     waiting = threading.Thread(
