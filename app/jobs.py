@@ -48,6 +48,7 @@ from models.reads import (
     list_jobs,
 )
 from models.state import FINAL_STATUSES, JobStatus
+from models.together import Together, on_postgres
 from tasks import catalog
 from tasks.catalog import TaskSpec
 from tasks.celery_app import ask_to_fill
@@ -301,10 +302,13 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     try:
         with svc.db.writing() as session:
             job.predict_time = predicted(session, spec.name, spec.predict_seconds)
-            created = insert_job(session, job)  # the INSERT and its first event
+            # The INSERT and its first event; on Postgres sent with the job's turn, in one round trip.
+            batch = Together(session) if slotted and on_postgres(session) else None
+            created = insert_job(session, job, batch)
             if slotted:
                 limits = client_limits(svc, g.client_id)
-                granted, due = grant_new(session, job, now, settings.dispatch_ahead, limits.max_running)
+                ahead = settings.dispatch_ahead
+                granted, due = grant_new(session, job, now, ahead, limits.max_running, batch)
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race.
         discard_uploads(svc, uploads)

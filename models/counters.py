@@ -41,6 +41,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from models.jobs import Job, JobCounter
+from models.together import Together
 
 # Seconds; reaching GPU-scale minutes (a large generate or a video face swap).
 BOUNDS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
@@ -93,19 +94,29 @@ _UPSERTS = {"postgresql": _upsert(postgresql), "sqlite": _upsert(sqlite)}
 _READ = select(_c.metric, _c.task, _c.label, _c.value, _c.total)
 
 
-def add(session: Session, series: list[Series]) -> None:
-    """Add ``series`` to the counters in this transaction (their rows created at need)."""
+def _rows(series: list[Series]) -> list[dict[str, Any]]:
+    """``series`` merged by key, in key order: every writer locks counter rows in the same order,
+    so none waits in a cycle (and one statement never touches a row twice, which Postgres refuses)."""
     merged: dict[tuple[str, str, str], tuple[int, float]] = {}
     for row in series:
         value, total = merged.get(row[:3], (0, 0.0))
         merged[row[:3]] = (value + row.value, total + row.total)
-    # In key order: every writer locks counter rows in the same order, so none waits in a cycle
-    # (and one statement never touches a row twice, which Postgres refuses).
-    rows = [
+    return [
         {"metric": metric, "task": task, "label": label, "value": value, "total": total}
         for (metric, task, label), (value, total) in sorted(merged.items())
     ]
-    session.execute(_UPSERTS[session.get_bind().dialect.name], rows)
+
+
+def add(session: Session, series: list[Series]) -> None:
+    """Add ``series`` to the counters in this transaction (their rows created at need)."""
+    session.execute(_UPSERTS[session.get_bind().dialect.name], _rows(series))
+
+
+# ``_upsert``'s conflict clause as text, for a multi-row INSERT gathered with other writes.
+_ADD_ON_CONFLICT = (
+    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET value = {_counters.name}.value + EXCLUDED.value, "
+    f"total = {_counters.name}.total + EXCLUDED.total"
+)
 
 
 def observations(job: Job) -> list[Series]:
@@ -125,9 +136,14 @@ def observations(job: Job) -> list[Series]:
     return series
 
 
-def count_final(session: Session, job: Job) -> None:
-    """Count a job that a move has just ended, in that move's transaction (``models.lifecycle``)."""
-    add(session, observations(job))
+def count_final(target: Session | Together, job: Job) -> None:
+    """Count a job that a move has just ended, in that move's transaction (``models.lifecycle``):
+    written at once in a session, or gathered with the move's other writes in a ``Together``."""
+    series = observations(job)
+    if isinstance(target, Together):
+        target.insert(_counters, _rows(series), _ADD_ON_CONFLICT)
+    else:
+        add(target, series)
 
 
 def count_webhook_attempt(session: Session, ok: bool) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event, text
+from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import DisconnectionError
@@ -110,15 +110,6 @@ def _ping_after_idle(engine: Engine) -> None:
         except Exception as exc:
             # The pool discards this connection and checks out (or opens) another.
             raise DisconnectionError() from exc
-
-
-def relaxed_commit(session: Session) -> None:
-    """This transaction's COMMIT does not wait for the WAL flush (Postgres only; the flush follows
-    within ``wal_writer_delay``, and any later synchronous commit flushes it first). For writes a
-    database crash may lose without harm, as a claim: its job reads ``queued`` again, the fenced
-    finish of the lost claim matches nothing, and the sweep publishes the job again."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 class Database:

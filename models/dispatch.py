@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, Table, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy import Integer, String, Table, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from config import Settings
@@ -38,6 +39,7 @@ from models.jobs import IN_FLIGHT_SQL, DispatchTurn, Job, QueueSlot
 from models.lifecycle import job_from
 from models.public import iso, job_object
 from models.state import JobStatus
+from models.together import Together, on_postgres
 
 SLOT_TTL = 90.0  # seconds a worker's slots count after it was last seen
 # The submit path counts a queue's jobs in flight up to this many: it only needs to know whether
@@ -59,6 +61,23 @@ _SENT = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.isnot(None), 
 _ALIVE = bindparam("alive", type_=UTCDateTime())
 _SLOTS = select(func.coalesce(func.sum(_slots.c.slots), 0)).where(
     _slots.c.queue == _QUEUE, _slots.c.seen_at > _ALIVE
+)
+_PRIORITY = bindparam("priority", type_=Integer())
+# A sent job's place: the sent jobs the broker hands out before it (priority, then the time they
+# were sent), and the slots serving its queue.
+_SENT_STANDING = select(
+    _SLOTS.scalar_subquery().label("slots"),
+    select(func.count())
+    .where(
+        _SENT,
+        _c.id != bindparam("id", type_=String()),
+        or_(
+            _c.priority > _PRIORITY,
+            and_(_c.priority == _PRIORITY, _c.dispatched_at < bindparam("dispatched", type_=UTCDateTime())),
+        ),
+    )
+    .scalar_subquery()
+    .label("ahead"),
 )
 _FLYING_BY_CLIENT = select(_c.client_id, func.count()).where(_IN_FLIGHT).group_by(_c.client_id)
 _WAITING_BY_CLIENT = select(_c.client_id, func.count()).where(_WAITING).group_by(_c.client_id)
@@ -200,9 +219,7 @@ def _record_turns(session: Session, queue: str, picked: list[Head], now: datetim
     last: dict[str, datetime] = {}
     for i, head in enumerate(picked):
         last[head.client_id] = now + timedelta(microseconds=i)
-    session.execute(
-        delete(_turns).where(_turns.c.queue == queue, _turns.c.client_id.in_(list(last)))
-    )
+    session.execute(delete(_turns).where(_turns.c.queue == queue, _turns.c.client_id.in_(list(last))))
     session.execute(
         _turns.insert(), [{"queue": queue, "client_id": c, "last_at": at} for c, at in last.items()]
     )
@@ -261,26 +278,35 @@ _GRANT_NEW = text(
     SELECT (SELECT count(*) FROM sent) AS granted, cap.free, cap.others, cap.capped FROM cap
     """
 ).bindparams(bindparam("alive", type_=UTCDateTime()), bindparam("now", type_=UTCDateTime()))
+_GRANT_NEW_SQL = str(_GRANT_NEW.compile(dialect=postgresql.dialect()))  # psycopg2's %(name)s style
 
 
 def grant_new(
-    session: Session, job: Job, now: datetime, ahead: int, max_running: int = 0
+    session: Session,
+    job: Job,
+    now: datetime,
+    ahead: int,
+    max_running: int = 0,
+    batch: Together | None = None,
 ) -> tuple[bool, bool]:
     """The submit path's own turn, in its transaction: the new job is sent at once when its queue
     has a free slot, nobody else waits for one and its client is under its ``max_running`` (0: no
     limit). Returns ``(granted, a dispatch is due)``: a job left waiting while slots are free
-    (others waited too) needs a dispatcher to run."""
+    (others waited too) needs a dispatcher to run. ``batch`` (Postgres): the job's INSERTs, still
+    to send, which go in the same round trip as the decision."""
     job_id, queue = job.id, job.queue
     params = {"queue": queue, "alive": _alive(now)}
-    if session.get_bind().dialect.name == "postgresql":
-        row = session.execute(
-            _GRANT_NEW,
-            {**params, "id": job_id, "client": job.client_id, "ahead": ahead, "cap": max_running, "now": now},
-        ).one()
-        return bool(row.granted), bool(row.free > 0 and row.others and not row.capped)
+    if on_postgres(session):
+        given = {**params, "id": job_id, "client": job.client_id, "ahead": ahead, "cap": max_running}
+        given["now"] = now
+        row = (batch or Together(session)).send(_GRANT_NEW_SQL, given)
+        assert row is not None  # one row, always
+        return bool(row["granted"]), bool(row["free"] > 0 and row["others"] and not row["capped"])
     flying = select(_c.id).where(_IN_FLIGHT).limit(COUNT_BOUND).subquery()
-    free = slots_of(session, queue, now) + ahead - int(
-        session.execute(select(func.count()).select_from(flying), params).scalar() or 0
+    free = (
+        slots_of(session, queue, now)
+        + ahead
+        - int(session.execute(select(func.count()).select_from(flying), params).scalar() or 0)
     )
     others = session.execute(select(_c.id).where(_WAITING, _c.id != job_id).limit(1), params).first()
     if free <= 0 or others is not None:
@@ -380,19 +406,14 @@ def standing(session: Session, job: Job, now: datetime, ahead: int = 1) -> Stand
     if job.status != JobStatus.QUEUED.value:
         return None
     params = {"queue": job.queue, "alive": _alive(now)}
+    if job.dispatched_at is not None:
+        # Sent already (the common case of a poll): one prebuilt statement.
+        given = {**params, "id": job.id, "priority": job.priority, "dispatched": job.dispatched_at}
+        row = session.execute(_SENT_STANDING, given).one()
+        return Standing(int(row.ahead or 0), int(row.slots or 0))
     slots = slots_of(session, job.queue, now)
     older = or_(_c.created_at < job.created_at, and_(_c.created_at == job.created_at, _c.id < job.id))
     earlier = or_(_c.priority > job.priority, and_(_c.priority == job.priority, older))
-    if job.dispatched_at is not None:
-        before = select(func.count()).where(
-            _SENT,
-            _c.id != job.id,
-            or_(
-                _c.priority > job.priority,
-                and_(_c.priority == job.priority, _c.dispatched_at < job.dispatched_at),
-            ),
-        )
-        return Standing(int(session.execute(before, params).scalar() or 0), slots)
     sent = int(session.execute(select(func.count()).where(_SENT), params).scalar() or 0)
     flying = [row[0] for row in session.execute(_FLYING_IN_ORDER.limit(COUNT_BOUND), params)]
     mine = select(func.count()).where(_WAITING, _c.client_id == job.client_id, earlier)

@@ -41,18 +41,14 @@ _LATEST = (
     select(_e.id, _e.job_id, _e.data)
     .where(
         _e.id.in_(
-            select(func.max(_e.id))
-            .where(_e.job_id.in_(bindparam("ids", expanding=True)))
-            .group_by(_e.job_id)
+            select(func.max(_e.id)).where(_e.job_id.in_(bindparam("ids", expanding=True))).group_by(_e.job_id)
         )
     )
     .order_by(_e.id)
 )
 _TAIL = select(_e.id, _e.job_id).where(_e.id > bindparam("after")).order_by(_e.id).limit(5000)
 _LAST_ID = select(func.max(_e.id))
-_OWNED = select(_j.id).where(
-    _j.id.in_(bindparam("ids", expanding=True)), _j.client_id == bindparam("client")
-)
+_OWNED = select(_j.id).where(_j.id.in_(bindparam("ids", expanding=True)), _j.client_id == bindparam("client"))
 _ANY = select(_j.id).where(_j.id.in_(bindparam("ids", expanding=True)))
 _IN_BATCH = select(_j.id).where(_j.batch_id == bindparam("batch")).order_by(_j.created_at, _j.id)
 

@@ -15,16 +15,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, insert, select
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from models import feed, lifecycle
 from models.assets import OUTPUT, stamps
-from models.db import Database, relaxed_commit, rowcount, utcnow
+from models.db import Database, rowcount, utcnow
 from models.failures import JobFailure
 from models.jobs import Job, StoredFile, WebhookDelivery
 from models.lifecycle import Moved, job_from
 from models.state import FINAL_STATUSES, MOVES, JobStatus, Phase, finish_move
+from models.together import Together
 
 __all__ = [
     "CancelOutcome",
@@ -81,10 +82,10 @@ def predict_seconds(session: Session, engine_task: str, default: float) -> float
     return round(statistics.median(durations), 3)
 
 
-def insert_job(session: Session, job: Job) -> dict[str, Any]:
-    """The submit path's one write: the job's INSERT and its first event (``lifecycle.create``);
-    returns the job object."""
-    return lifecycle.create(session, job)
+def insert_job(session: Session, job: Job, batch: Together | None = None) -> dict[str, Any]:
+    """The submit path's one write: the job's INSERT and its first event (``lifecycle.create``),
+    gathered in ``batch`` when given; returns the job object."""
+    return lifecycle.create(session, job, batch)
 
 
 @dataclass(frozen=True)
@@ -199,10 +200,9 @@ class JobStore:
         with self.db.session() as session:
             # A claim a database crash may lose is harmless: its job reads queued again, the lost
             # run's fenced finish matches nothing, and the sweep publishes the job again.
-            relaxed_commit(session)
-            moved = lifecycle.apply(session, first, job_id, now, None, **given)
+            moved = lifecycle.apply(session, first, job_id, now, None, relaxed=True, **given)
             if moved is None and redelivered:
-                moved = lifecycle.apply(session, again, job_id, now, None, **given)
+                moved = lifecycle.apply(session, again, job_id, now, None, relaxed=True, **given)
             if moved is None:
                 refusal, ended = self._refusal(session, job_id, redelivered, now)
         if moved is None:
@@ -272,6 +272,23 @@ class JobStore:
         now = utcnow()
         expires = now + timedelta(seconds=retention) if retention and files else None
         succeeded = status is JobStatus.SUCCEEDED
+        rows = [
+            {
+                "name": f.name,
+                "asset_id": f.asset_id,
+                "kind": f.kind or OUTPUT,
+                "job_id": f.job_id,
+                "client_id": f.client_id,
+                "filename": f.filename,
+                "content_type": f.content_type,
+                "size": f.size,
+                "width": f.width,
+                "height": f.height,
+                "created_at": created,
+                "expires_at": expires,
+            }
+            for f, created in zip(files, stamps(now, len(files)), strict=True)
+        ]
         with self.db.session() as session:
             moved = lifecycle.apply(
                 session,
@@ -279,36 +296,15 @@ class JobStore:
                 claim.job_id,
                 now,
                 claim.token,
+                also=[(_files, rows)] if rows else (),
                 result=result,
                 error=None if error is None else error.as_error(),
                 backend=backend or None,
                 expires_at=expires if succeeded else None,
             )
-            if moved is None:
-                return None
-            if files:
-                session.execute(
-                    insert(_files),
-                    [
-                        {
-                            "name": f.name,
-                            "asset_id": f.asset_id,
-                            "kind": f.kind or OUTPUT,
-                            "job_id": f.job_id,
-                            "client_id": f.client_id,
-                            "filename": f.filename,
-                            "content_type": f.content_type,
-                            "size": f.size,
-                            "width": f.width,
-                            "height": f.height,
-                            "created_at": created,
-                            "expires_at": expires,
-                        }
-                        for f, created in zip(files, stamps(now, len(files)), strict=True)
-                    ],
-                )
-                for stored in files:
-                    stored.expires_at = expires
+        if moved is not None:
+            for stored in files:
+                stored.expires_at = expires
         return self._done(moved)
 
     def fail(self, claim: Claim, failure: JobFailure, *, backend: str | None = None) -> Moved | None:

@@ -29,13 +29,11 @@ writes a column that only moves write (``MOVE_COLUMNS``); a test holds it to tha
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import psycopg2.extras
 from sqlalchemy import (
     Integer,
     String,
@@ -50,7 +48,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from models import counters
@@ -68,6 +65,7 @@ from models.state import (
     JobStatus,
     Move,
 )
+from models.together import Together, insert_rows, on_postgres
 
 _jobs: Table = Job.__table__  # type: ignore[assignment]
 _events: Table = JobEvent.__table__  # type: ignore[assignment]
@@ -204,34 +202,47 @@ def wanted_by_webhook(event: Event, job: Job) -> bool:
     return event is Event.FINISHED or event.value in (job.webhook_events or ())
 
 
-def record(
-    session: Session, event: Event, job: Job, now: datetime, body: dict[str, Any] | None = None
-) -> bool:
-    """INSERT the event of a move into the job's log (sequence number ``job.event_seq``); returns
-    whether it waits for the dispatcher."""
-    notify = wanted_by_webhook(event, job)
-    session.execute(
-        _INSERT_EVENT,
-        {
-            "job_id": job.id,
-            "seq": job.event_seq,
-            "type": event.value,
-            "created_at": now,
-            "data": job_object(job, now) if body is None else body,
-            "dispatched_at": None if notify else now,
-        },
-    )
-    return notify
+def event_row(event: Event, job: Job, now: datetime) -> dict[str, Any]:
+    """The log row of a move's event (sequence number ``job.event_seq``): pending (``dispatched_at``
+    NULL) only when a webhook waits for it."""
+    return {
+        "job_id": job.id,
+        "seq": job.event_seq,
+        "type": event.value,
+        "created_at": now,
+        "data": job_object(job, now),
+        "dispatched_at": None if wanted_by_webhook(event, job) else now,
+    }
+
+
+# A transaction whose COMMIT does not wait for the WAL flush (the flush follows within
+# ``wal_writer_delay``, and any later synchronous commit flushes it first). For writes a database
+# crash may lose without harm, as a claim: its job reads queued again, the fenced finish of the
+# lost claim matches nothing, and the sweep publishes the job again.
+_RELAXED = "SET LOCAL synchronous_commit TO OFF"
 
 
 def apply(
-    session: Session, move: Move, job_id: str, now: datetime, fence: str | None = None, **given: Any
+    session: Session,
+    move: Move,
+    job_id: str,
+    now: datetime,
+    fence: str | None = None,
+    *,
+    also: Sequence[tuple[Table, list[dict[str, Any]]]] = (),
+    relaxed: bool = False,
+    **given: Any,
 ) -> Moved | None:
     """Make ``move`` on the job in this transaction, with its event; None when it was refused.
 
     ``fence``: the caller's claim token, required by a fenced move. ``given``: the columns the
     move writes (``Move.writes``, ``Move.keeps``) and the values its effects and guards compare
     with (``new_token``, ``max_attempts``, ``seen``); anything else is a programming error.
+    ``also``: rows INSERTed with the move when it is made (a run's output files). ``relaxed``: the
+    transaction's COMMIT does not wait for the WAL flush once the move is made (a claim).
+
+    On Postgres the UPDATE is one round trip and everything that goes with it (the event, the
+    counters of a final move, ``also``) one more (``models.together``).
     """
     params: dict[str, Any] = {"job_id": job_id, "now": now}
     if move.fenced:
@@ -247,26 +258,49 @@ def apply(
     if row is None:
         return None
     job = job_from(row)
-    notify = record(session, move.event, job, now)
-    if move.target is not None and move.target.final:
-        counters.count_final(session, job)  # the /metrics counters, with the move or not at all
+    event = event_row(move.event, job, now)
+    final = move.target is not None and move.target.final  # counted with the move or not at all
+    if on_postgres(session):
+        batch = Together(session)
+        if relaxed:
+            batch.statement(_RELAXED)
+        batch.insert(_events, [event])
+        if final:
+            counters.count_final(batch, job)
+        for table, rows in also:
+            batch.insert(table, rows)
+        batch.send()
+    else:
+        session.execute(_INSERT_EVENT, event)
+        if final:
+            counters.count_final(session, job)
+        for table, rows in also:
+            if rows:
+                session.execute(insert(table), rows)
+    notify = event["dispatched_at"] is None
     return Moved(move, job, move.event, notify, bool(row._mapping.get("neighbours", False)))
 
 
-def create(session: Session, job: Job) -> dict[str, Any]:
+def create(session: Session, job: Job, batch: Together | None = None) -> dict[str, Any]:
     """The first move: INSERT a new job at ``INITIAL`` from a transient ``Job`` (the attributes it
     was given, column defaults for the rest), without the ORM unit of work, and its ``job.queued``
     event (at ``created_at``). Returns the job object, which the caller answers with.
 
-    On Postgres both INSERTs go in one round trip (``insert_together``): the single submit waits
-    on the database twice (these and COMMIT) instead of three times."""
+    On Postgres both INSERTs go in one round trip (``models.together``); with ``batch`` they are
+    only gathered there, for the caller to send with what it writes next (the submit's turn,
+    ``models.dispatch.grant_new``): the single submit then waits on the database twice, for those
+    and for COMMIT."""
     job.status, job.stage, job.event_seq = INITIAL.status.value, INITIAL.phase.value, 1
     state = job.__dict__
     row = {name: state[key] for name, key in _ATTRIBUTES.items() if key in state}
     body = job_object(job, job.created_at)
     event = _queued_event(job, body)
-    if session.get_bind().dialect.name == "postgresql":
-        insert_together(session, [(_jobs, [row]), (_events, [event])])
+    if on_postgres(session):
+        gathered = batch or Together(session)
+        gathered.insert(_jobs, [row])
+        gathered.insert(_events, [event])
+        if batch is None:
+            gathered.send()
     else:
         session.execute(_INSERT_JOB, row)
         session.execute(_INSERT_EVENT, event)
@@ -274,7 +308,7 @@ def create(session: Session, job: Job) -> dict[str, Any]:
 
 
 def _queued_event(job: Job, body: dict[str, Any]) -> dict[str, Any]:
-    """The row of a new job's ``job.queued`` event (``record``'s, without a statement of its own)."""
+    """The row of a new job's ``job.queued`` event (``event_row``'s, at ``created_at``)."""
     return {
         "job_id": job.id,
         "seq": 1,
@@ -307,103 +341,6 @@ def create_many(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]:
     insert_rows(session, _jobs, rows)
     insert_rows(session, _events, events)
     return bodies
-
-
-def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
-    """One multi-row write of ``rows`` (the same keys in each) in the session's transaction.
-
-    On Postgres through ``COPY ... FROM STDIN`` (text format), each value bound by its column
-    type's own processor first (JSON serialized, UTC times checked), as SQLAlchemy binds: a batch
-    of 500 jobs spent a third of its INSERT in SQLAlchemy's executemany machinery, and then most of
-    the rest quoting each value into a 500-row ``VALUES`` list (psycopg2's ``mogrify``) for the
-    server to parse again; COPY sends the values as they are. A value of a type COPY's text form is
-    not written for here falls back to one multi-row INSERT (``execute_values``). A unique
-    violation is raised as SQLAlchemy's ``IntegrityError``, as ``session.execute`` would raise it.
-    Elsewhere (SQLite) through SQLAlchemy's own executemany."""
-    if not rows:
-        return
-    dialect = session.get_bind().dialect
-    if dialect.name != "postgresql":
-        session.execute(insert(table), rows)
-        return
-    columns, values = _bound(table, rows, dialect)
-    cursor = session.connection().connection.cursor()
-    try:
-        text_rows = _copy_text(values)
-        if text_rows is None:
-            statement = f'INSERT INTO "{table.name}" ({columns}) VALUES %s'
-            psycopg2.extras.execute_values(cursor, statement, values, page_size=len(values))
-        else:
-            statement = f'COPY "{table.name}" ({columns}) FROM STDIN'
-            cursor.copy_expert(statement, io.StringIO(text_rows))
-    except psycopg2.IntegrityError as exc:
-        raise IntegrityError(statement, None, exc) from exc
-    finally:
-        cursor.close()
-
-
-def _bound(table: Table, rows: list[dict[str, Any]], dialect: Any) -> tuple[str, list[tuple[Any, ...]]]:
-    """The column list of ``rows`` and their values, each bound by its column type's own
-    processor (JSON serialized, UTC times checked), as SQLAlchemy binds them."""
-    names = list(rows[0])
-    processors = [(name, table.c[name].type.bind_processor(dialect)) for name in names]
-    values = [
-        tuple(row[name] if process is None else process(row[name]) for name, process in processors)
-        for row in rows
-    ]
-    return ", ".join(f'"{name}"' for name in names), values
-
-
-def insert_together(session: Session, writes: Sequence[tuple[Table, list[dict[str, Any]]]]) -> None:
-    """(Postgres) One multi-row INSERT per ``(table, rows)``, all sent in one round trip, in the
-    session's transaction; a unique violation is raised as SQLAlchemy's ``IntegrityError``."""
-    dialect = session.get_bind().dialect
-    cursor = session.connection().connection.cursor()
-    statement = b""
-    try:
-        parts = []
-        for table, rows in writes:
-            columns, values = _bound(table, rows, dialect)
-            row_sql = "(" + ", ".join(["%s"] * len(values[0])) + ")"
-            head = f'INSERT INTO "{table.name}" ({columns}) VALUES '.encode()
-            parts.append(head + b", ".join(cursor.mogrify(row_sql, v) for v in values))
-        statement = b";\n".join(parts)
-        cursor.execute(statement)  # no parameters: nothing in it is read as a placeholder
-    except psycopg2.IntegrityError as exc:
-        raise IntegrityError(statement.decode(errors="replace"), None, exc) from exc
-    finally:
-        cursor.close()
-
-
-# COPY's text format: a backslash, a newline, a carriage return and a tab are escaped.
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
-
-
-def _copy_value(value: Any) -> str | None:
-    if value is None:
-        return "\\N"
-    kind = type(value)
-    if kind is str:
-        return value.translate(_COPY_ESCAPES)  # type: ignore[no-any-return]
-    if kind is bool:
-        return "t" if value else "f"
-    if kind is int or kind is float:
-        return repr(value)
-    if kind is datetime and value.tzinfo is not None:
-        return value.isoformat()  # type: ignore[no-any-return]
-    return None  # anything else: not written by hand
-
-
-def _copy_text(values: list[tuple[Any, ...]]) -> str | None:
-    """``values`` as COPY text rows, or None when one of them is of a type not handled here."""
-    lines = []
-    for row in values:
-        fields = [_copy_value(value) for value in row]
-        if None in fields:
-            return None
-        lines.append("\t".join(fields))  # type: ignore[arg-type]
-    lines.append("")
-    return "\n".join(lines)
 
 
 # -- touches ----------------------------------------------------------------------------------------

@@ -76,6 +76,13 @@ def write_child_status(app: Any, hostname: str) -> None:
 @worker_process_init.connect
 def _child_started(sender: Any = None, **_: Any) -> None:
     _hostname.clear()
+    _last_status.clear()
+
+
+# A child rewrites its status file at most this often (seconds) while its loaded models stay the
+# same: a tiny job would otherwise spend a few percent of its worker time on diagnostics.
+STATUS_INTERVAL = 1.0
+_last_status: dict[str, Any] = {}
 
 
 @task_postrun.connect
@@ -83,8 +90,16 @@ def _after_task(sender: Any = None, **_: Any) -> None:
     if sender is None or not hasattr(sender.app, "aiorch_settings"):
         return
     hostname = getattr(sender.request, "hostname", None) or "unknown"
+    models = loaded_models()
+    now = time.monotonic()
+    if (
+        models == _last_status.get("models")
+        and now - _last_status.get("at", -STATUS_INTERVAL) < STATUS_INTERVAL
+    ):
+        return
     with contextlib.suppress(OSError):
         write_child_status(sender.app, hostname)
+        _last_status.update(models=models, at=now)
 
 
 def _node_summary(consumer: Any) -> dict[str, Any]:

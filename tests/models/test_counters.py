@@ -166,7 +166,7 @@ def test_a_final_move_adds_one_upsert_to_its_transaction(db: Database) -> None:
     statements: list[str] = []
 
     def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
-        statements.append(" ".join(statement.split()[:3]).upper())
+        statements.append(statement)
 
     store = JobStore(db)
     claim = store.claim(make_job(db, engine_task=a_task(), predict_time=1.0), redelivered=False)
@@ -175,8 +175,14 @@ def test_a_final_move_adds_one_upsert_to_its_transaction(db: Database) -> None:
         store.finish(claim, JobStatus.SUCCEEDED, result={"ok": True})
     finally:
         event.remove(db.engine, "before_cursor_execute", record)
-    writes = [s for s in statements if not s.startswith(("SET", "SELECT PG_NOTIFY"))]
+    # On Postgres the writes that go with the UPDATE are one multi-statement round trip.
+    parts = [
+        " ".join(part.split()[:3]).upper().replace('"', "") for s in statements for part in s.split(";\n")
+    ]
+    writes = [s for s in parts if not s.startswith(("SET", "SELECT PG_NOTIFY"))]
     assert writes == ["UPDATE JOBS SET", "INSERT INTO JOB_EVENTS", "INSERT INTO JOB_COUNTERS"]
+    if db.engine.dialect.name == "postgresql":
+        assert len(statements) == 2
 
 
 # Rows written at revision 0005, before later migrations added columns the models now have: only
