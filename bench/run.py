@@ -18,6 +18,8 @@
    is reported beside it.
 3. Webhook delay: receive time at a real receiver minus the body's ``finished_at_ms``.
 4. API RSS: gunicorn master + workers (VmRSS summed; PSS alongside, which counts shared pages once).
+5. ``aiorch batch run`` of 2,000 tiny jobs end to end against a bare script that submits them in
+   bulk and follows one multiplexed stream (``bench/batch_run.py``).
 
 Prints a table and writes ``bench-results/bench-<timestamp>.json``. Every ratio compares numbers
 measured in this run on this machine.
@@ -52,6 +54,8 @@ from typing import Any
 from sqlalchemy import delete, select, text
 
 from bench import infra
+from bench.batch_run import part_batch_run
+from bench.batch_run import table_rows as batch_run_rows
 from bench.bulk import part_bulk
 from bench.bulk import table_rows as bulk_rows
 from bench.raw_celery import ECHO, PING, RAW_QUEUE, RESULT_TABLES, build
@@ -109,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="SSE streams held open in part 1c (default 1000; 0 skips it)")
     parser.add_argument("--stream-jobs", type=int, default=30,
                         help="tiny jobs followed on their SSE stream in part 4 (default 30)")
+    parser.add_argument("--batch-jobs", type=int, default=2000,
+                        help="tiny jobs of part 5's `aiorch batch run` against a bare script (0 skips it)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the JSON goes")
     parser.add_argument("--keep-logs", action="store_true", help="copy the process logs next to the JSON")
     return parser.parse_args(argv)
@@ -639,6 +645,8 @@ def table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         delay = sse["event_delay_ms"]
         row("SSE event delay after the move p99", delay["p99"], None, None, "<= 20 ms",
             None if delay["p99"] is None else delay["p99"] <= 20, " ms")
+    if "batch_run" in results:
+        batch_run_rows(results["batch_run"], row)
     if "worker_crashes" in results:
         crashes = results["worker_crashes"]
         row("worker crashes during parts 2-3", len(crashes), None, None, "0", not crashes)
@@ -820,6 +828,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["stream_latency"] = part_stream_latency(
                     http, raw, sup, payload, args.stream_jobs, KEY, settings.port)
                 http.close()
+            if args.batch_jobs:
+                say(f"part 5: `aiorch batch run` of {args.batch_jobs} tiny jobs against a bare script "
+                    "(bulk endpoint + one stream)")
+                env = {k: v for k, v in os.environ.items() if not k.startswith("AIORCH_")}
+                env["PYTHONPATH"] = str(ROOT)
+                results["batch_run"] = part_batch_run(settings.port, KEY, payload, args.batch_jobs, env, say)
             results["api_memory"]["after_all"] = infra.memory(plat.procs["api"].pid)
             status = 0
         except BaseException as exc:
