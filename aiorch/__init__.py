@@ -4,6 +4,7 @@ Only the client lives here (the standard library and ``requests``); the platform
 ``app``, ``tasks``, ``models``, ``inference`` and ``config`` packages beside it.
 """
 
+from aiorch.aio import AsyncClient
 from aiorch.client import Client, output_files
 from aiorch.errors import (
     AiorchError,
@@ -28,6 +29,7 @@ __all__ = [
     "FINAL",
     "AiorchError",
     "ApiError",
+    "AsyncClient",
     "BadRequest",
     "Client",
     "Conflict",

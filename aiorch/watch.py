@@ -258,6 +258,11 @@ class JobWatcher:
                         heard += 1
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
                 pass  # a broken stream: reconnect below, from the last event it gave
+            except AttributeError:
+                # ``close()`` closed the response under this reader: http.client then reads from
+                # a file object it has set to None. Anything else is a bug to show.
+                if not self._stop.is_set():
+                    raise
             finally:
                 with self._lock:
                     self._responses.discard(response)

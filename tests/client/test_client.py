@@ -8,6 +8,7 @@ The same client against the real platform is ``tests/client/integration/test_cli
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import pytest
 
 from aiorch import (
     ApiError,
+    AsyncClient,
     Client,
     Conflict,
     JobFailed,
@@ -597,3 +599,13 @@ def test_the_journal_survives_a_torn_last_record(tmp_path: Path) -> None:
     state = RunState.load(tmp_path)
     assert (state.file, state.batch_id, state.assets) == ("/x.jsonl", "b", {"s": "a"})
     assert state.submitted == {"d.0": hex_id(1)} and state.done == {}
+
+
+def test_the_async_client_has_every_method_of_the_client_as_a_coroutine_or_async_iterator() -> None:
+    public = {name for name, _ in inspect.getmembers(Client, inspect.isfunction) if not name.startswith("_")}
+    # ``close`` is ``aclose`` there; ``watcher`` hands out a threaded object that has no async form.
+    for name in public - {"close", "watcher"}:
+        method = getattr(AsyncClient, name)
+        assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), name
+        assert method.__doc__ == getattr(Client, name).__doc__, name
+    assert inspect.isasyncgenfunction(AsyncClient.watch) and inspect.isasyncgenfunction(AsyncClient.list)

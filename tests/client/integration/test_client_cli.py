@@ -6,6 +6,7 @@ person or a script runs it; the jobs are tiny Lanczos upscales, so the suite sta
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from aiorch import Client
+from aiorch import AsyncClient, Client, Conflict, NotFound
 from aiorch.batch import REPORT, RunState
 from config import Settings
 from tests.conftest import KEYS
@@ -291,3 +292,35 @@ def test_a_429_is_waited_out_as_retry_after_says_by_the_client_and_by_batch_run(
     assert [r["status"] for r in report] == ["succeeded"] * 10
     assert client.batch(RunState.load(out).batch_id or "")["total"] == 10
     client.close()
+
+
+def test_the_async_client_uploads_submits_follows_and_downloads_jobs_concurrently(
+    platform: Platform, astronaut_png: Path, tmp_path: Path
+) -> None:
+    images = tiny_images(astronaut_png, tmp_path / "img", 3)
+
+    async def scenario() -> dict[str, Any]:
+        async with AsyncClient(platform.base_url, ALICE) as client:
+            assets = await asyncio.gather(*(client.upload(path) for path in images))
+            payloads = [{"image_url": f"asset://{asset['asset_id']}", **UPSCALE} for asset in assets]
+            jobs = await asyncio.gather(*(client.submit("upscale", p) for p in payloads))
+            changes = [change async for change in client.watch(jobs, timeout=60)]
+            final = await client.wait(jobs, timeout=60)
+            newest = [job async for job in client.list(limit=2)]
+            saved = await asyncio.gather(*(client.download(job, tmp_path / "out") for job in final))
+            with pytest.raises(Conflict):
+                await client.cancel(final[0])
+            with pytest.raises(NotFound):
+                await client.get("0" * 32)
+            return {"jobs": jobs, "changes": changes, "final": final, "newest": newest, "saved": saved}
+
+    seen = asyncio.run(scenario())
+    ids = [job["job_id"] for job in seen["jobs"]]
+    assert len(set(ids)) == 3
+    assert [job["status"] for job in seen["final"]] == ["succeeded"] * 3
+    # The watch ended with each job's final object, as the synchronous client's does.
+    last = {change["job_id"]: change["status"] for change in seen["changes"]}
+    assert last == dict.fromkeys(ids, "succeeded")
+    assert {job["job_id"] for job in seen["newest"]} <= set(ids) and len(seen["newest"]) == 2
+    for (path,) in seen["saved"]:
+        assert Image.open(path).size == (48, 48)
