@@ -14,7 +14,6 @@ from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from flask_smorest import Api
 from marshmallow import Schema, fields, validate
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 # The views' abort. flask_smorest re-exports this same function but ships no py.typed, so through
 # it mypy sees Any and cannot tell that abort never returns; imported from webargs it is NoReturn.
@@ -22,6 +21,7 @@ from webargs.flaskparser import abort as abort
 from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable, UnprocessableEntity
 
 from app.schemas import JsonTooDeep
+from models.db import database_unreachable
 
 log = logging.getLogger("aiorch.api")
 
@@ -160,7 +160,7 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception) -> ResponseReturnValue:
         if isinstance(exc, HTTPException):
             return error_response(exc)
-        if (isinstance(exc, DBAPIError) and exc.connection_invalidated) or _database_unreachable(exc):
+        if database_unreachable(exc):
             # The database is down or restarting: a client should retry, not report a bug.
             log.warning("database unavailable: %s", exc.__class__.__name__)
             unavailable = ServiceUnavailable()
@@ -172,29 +172,6 @@ def register_error_handlers(app: Flask) -> None:
             return error_response(unavailable)
         log.exception("unhandled error")
         return error_response(InternalServerError())
-
-
-def _database_unreachable(exc: Exception) -> bool:
-    """An OperationalError that means "no connection" (refused, reset, shut down), as opposed to
-    a bad query, which is a bug and stays a 500."""
-    if not isinstance(exc, OperationalError):
-        return False
-    text = str(exc.orig).lower()
-    return any(
-        marker in text
-        for marker in (
-            "could not connect",
-            "connection refused",
-            "server closed the connection",
-            "terminating connection",
-            "the database system is",
-            "connection to server",
-            "no route to host",
-            "timeout expired",
-            "database is locked",
-            "unable to open database",
-        )
-    )
 
 
 # What each documented error status means where an operation lists it (``documents``).

@@ -12,7 +12,7 @@ from typing import Any, cast
 from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult, Result
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from config import Settings
@@ -110,6 +110,32 @@ def _ping_after_idle(engine: Engine) -> None:
         except Exception as exc:
             # The pool discards this connection and checks out (or opens) another.
             raise DisconnectionError() from exc
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """An error that means "no connection to the database" (refused, reset, shut down, a
+    connection SQLAlchemy has just invalidated), as opposed to a bad query, which is a bug. The
+    API answers the first with ``503``; a worker waits it out and gives the message back."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    text = str(exc.orig).lower()
+    return any(
+        marker in text
+        for marker in (
+            "could not connect",
+            "connection refused",
+            "server closed the connection",
+            "terminating connection",
+            "the database system is",
+            "connection to server",
+            "no route to host",
+            "timeout expired",
+            "database is locked",
+            "unable to open database",
+        )
+    )
 
 
 class Database:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from config.logs import bind_job
 from inference.base import Cancelled, EngineResult
+from models.db import database_unreachable
 from models.failures import JobFailure
 from models.jobs import Job, StoredFile
 from models.jobstore import Claim, ClaimRefused, JobStore
@@ -51,7 +52,9 @@ class JobControl:
     every ``should_stop`` (one primary-key SELECT, well under a millisecond next to a diffusion
     step), so a cancel is seen at the next step; a progress write reads the flag too, and the
     ``should_stop`` right after it reuses that answer instead of asking again. Each write is a
-    ``progress`` move, so its event reaches a webhook that asked for ``job.progress``.
+    ``progress`` move, so its event reaches a webhook that asked for ``job.progress``. Neither
+    fails the engine while the database is unreachable: the run goes on, and its final write is
+    what waits for the database (``JobTask``).
     """
 
     def __init__(self, store: JobStore, claim: Claim):
@@ -65,12 +68,22 @@ class JobControl:
         now = time.monotonic()
         if now - self._last_write >= PROGRESS_INTERVAL:
             self._last_write = now
-            self._stop = self.store.report_progress(self.claim, int(percent)) or self._stop
+            try:
+                self._stop = self.store.report_progress(self.claim, int(percent)) or self._stop
+            except Exception as exc:  # the engine goes on; the final write waits for the database
+                if not database_unreachable(exc):
+                    raise
+                log.warning("progress of %s not written: database unreachable", self.claim.job_id)
+                return
             self._flag_fresh = True
 
     def should_stop(self) -> bool:
         if not self._stop and not self._flag_fresh:
-            self._stop = self.store.cancel_requested(self.claim.job_id)
+            try:
+                self._stop = self.store.cancel_requested(self.claim.job_id)
+            except Exception as exc:  # asked again at the next step
+                if not database_unreachable(exc):
+                    raise
         self._flag_fresh = False
         return self._stop
 
@@ -156,6 +169,8 @@ def _run_claimed(
             backend = outcome.backend
             result, files = store_outputs(rt, job_id, job.client_id, outcome, payload, job.inputs or {})
         except Exception as exc:  # it fails this job (the mapping says how); the worker goes on
+            if database_unreachable(exc):
+                raise  # not the job's fault: the task waits for the database (``JobTask``)
             failure = failure_of(exc, time_limit=spec.soft_time_limit)
         if record_outcome(rt, claim, failure, result=result, files=files, backend=backend):
             rt.storage.remove_inputs(job_id)

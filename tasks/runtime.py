@@ -13,24 +13,30 @@ logged at INFO without a traceback, never retried, and its message is acked like
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import time
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import worker_process_init
+from sqlalchemy import text
 
 from config import Settings
 from models.assets import AssetStore
-from models.db import Database
+from models.db import Database, database_unreachable
 from models.failures import JobFailure
 from models.jobstore import JobStore, Moved
 from models.state import JobStatus
 from tasks.celery_app import kick_dispatcher
 from tasks.inputs import Fetcher
 from tasks.storage import Storage
+
+log = logging.getLogger("aiorch.tasks")
 
 
 class Runtime:
@@ -95,9 +101,39 @@ def note_ended(job_id: str, failure: JobFailure | None) -> None:
         ended[job_id] = failure
 
 
+# How long a task whose database went away waits for it before it gives its message back anyway
+# (it is then delivered again, and waits again): under the run task's soft time limit.
+DATABASE_WAIT = 60.0
+
+
+def wait_for_database(db: Database, limit: float = DATABASE_WAIT) -> bool:
+    """Block until the database answers ``SELECT 1`` (True) or ``limit`` seconds pass (False),
+    trying again after 0.2 s, then twice as long each time, up to 5 s."""
+    deadline = time.monotonic() + limit
+    delay = 0.2
+    while True:
+        try:
+            with db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception as exc:
+            if not database_unreachable(exc):
+                raise
+        if time.monotonic() + delay > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 class JobTask(Task):
     """Base of every task of the platform: late acks, requeue when the worker process dies, and a
-    FAILURE (``JobFailed``) when the task ended its own job failed or rejected."""
+    FAILURE (``JobFailed``) when the task ended its own job failed or rejected.
+
+    A task that fails because the database is unreachable (a restart, an outage) neither acks nor
+    burns its message: it waits until the database answers (``wait_for_database``), meanwhile
+    taking no other message (one prefetched message per process), then gives the message back to
+    the queue (``Reject(requeue=True)``), so the job runs once the database is back instead of
+    being dropped with an acknowledged failure."""
 
     abstract = True
     acks_late = True
@@ -119,6 +155,13 @@ class JobTask(Task):
                 # retries, hostname); calling ``run`` keeps it, as Celery's guide for a custom
                 # ``__call__`` says.
                 result = self.run(*args, **kwargs)
+        except Exception as exc:
+            if self.request.called_directly or not database_unreachable(exc):
+                raise
+            # Not this job's fault: keep the message, wait for the database, give it back.
+            log.warning("%s: database unreachable; waiting for it: %s", self.name, exc)
+            wait_for_database(self.runtime.db)
+            raise Reject("the database was unreachable", requeue=True) from None
         finally:
             _ended.reset(token)
         job_id = args[0] if args else kwargs.get("job_id")

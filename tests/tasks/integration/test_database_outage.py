@@ -1,0 +1,103 @@
+"""A database restart under load, on a Postgres cluster of this module's own: the API answers
+``503`` + ``Retry-After`` while it is down, and every job accepted before it ends, once, soon after
+it is back: a worker whose database went away keeps its message, waits, and gives it back
+(``tasks.runtime.JobTask``) instead of acknowledging a failure, which left jobs ``queued`` until
+the 300 s re-publish sweep."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+import requests
+
+from config import Settings
+from models.db import Database
+from models.migrate import upgrade
+from tests.conftest import KEYS
+from tests.support.platform import FINAL, Platform
+from tests.support.platform_fixtures import platform_settings, running_platform
+from tests.support.private_postgres import PrivatePostgres, private_postgres
+
+KEY = KEYS[0][1]
+JOBS = 10
+OUTAGE = 4.0  # seconds the database is down
+SLEEP = 0.4  # seconds each job holds the one GPU slot
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PrivatePostgres]:
+    with private_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(scope="module")
+def platform(
+    base_settings: Settings,
+    worker_amqp_url: str,
+    cluster: PrivatePostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Platform]:
+    conn = psycopg2.connect(cluster.url)
+    conn.autocommit = True
+    conn.cursor().execute("CREATE DATABASE aiorch")
+    conn.close()
+    tmp = tmp_path_factory.mktemp("outage")
+    url = cluster.url.rsplit("/", 1)[0] + "/aiorch"
+    settings = platform_settings(base_settings, tmp, broker_url=worker_amqp_url, database_url=url)
+    db = Database(settings)
+    upgrade(db)
+    db.dispose()
+    with running_platform(settings, tmp) as plat:
+        yield plat
+
+
+def test_every_job_accepted_before_a_database_restart_ends_once_soon_after(
+    platform: Platform, cluster: PrivatePostgres, tmp_path: Path
+) -> None:
+    ids = []
+    for _ in range(JOBS):
+        answer = platform.submit(KEY, "debug_sleep", {"seconds": SLEEP})
+        assert answer.status_code == 202, answer.text
+        ids.append(answer.json()["job_id"])
+    deadline = time.monotonic() + 30
+    while platform.job(KEY, ids[0])["status"] == "queued":
+        assert time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.05)
+
+    cluster.stop()
+    stopped = time.monotonic()
+    try:
+        down = platform.submit(KEY, "debug_sleep", {"seconds": SLEEP})
+        assert down.status_code == 503, down.text
+        assert down.json()["error"]["code"] == "database_unavailable" and down.headers["Retry-After"]
+        time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
+    finally:
+        cluster.start()
+    back = time.monotonic()
+
+    # Every accepted job ends within the outage plus 30 s (the work itself is JOBS * SLEEP s).
+    jobs: dict[str, dict] = {}
+    while len(jobs) < JOBS:
+        assert time.monotonic() - back < 30 + JOBS * SLEEP, (
+            f"not final 30 s after the database came back: {sorted(set(ids) - set(jobs))}\n"
+            + platform.log("gpu")[-3000:]
+        )
+        for job_id in ids:
+            if job_id not in jobs:
+                try:
+                    job = platform.job(KEY, job_id)
+                except requests.RequestException:
+                    continue
+                if job.get("status") in FINAL:
+                    jobs[job_id] = job
+        time.sleep(0.2)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}, jobs
+    # A job that never ran before the outage ran once; only the one holding the slot when the
+    # database stopped may have been claimed again.
+    again = [job_id for job_id, job in jobs.items() if job["attempts"] != 1]
+    assert len(again) <= 1 and all(jobs[i]["attempts"] == 2 for i in again), jobs
+    assert "Traceback" not in platform.log("gpu")
