@@ -35,7 +35,7 @@ from app.services import Services
 from config import Settings
 from models.client_limits import Limits, LimitsCache
 from models.db import utcnow
-from models.dispatch import grant_new, live_object
+from models.dispatch import insert_in_turn, live_object
 from models.jobs import Job, WebhookDelivery
 from models.jobstore import ClaimRefused, insert_job, new_id, predict_seconds
 from models.public import iso, job_object
@@ -48,7 +48,6 @@ from models.reads import (
     list_jobs,
 )
 from models.state import FINAL_STATUSES, JobStatus
-from models.together import Together, on_postgres
 from tasks import catalog
 from tasks.catalog import TaskSpec
 from tasks.celery_app import ask_to_fill
@@ -302,13 +301,13 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     try:
         with svc.db.writing() as session:
             job.predict_time = predicted(session, spec.name, spec.predict_seconds)
-            # The INSERT and its first event; on Postgres sent with the job's turn, in one round trip.
-            batch = Together(session) if slotted and on_postgres(session) else None
-            created = insert_job(session, job, batch)
-            if slotted:
+            if slotted:  # the INSERT, its first event and its own turn (one statement on Postgres)
                 limits = client_limits(svc, g.client_id)
-                ahead = settings.dispatch_ahead
-                granted, due = grant_new(session, job, now, ahead, limits.max_running, batch)
+                created, granted, due = insert_in_turn(
+                    session, job, now, settings.dispatch_ahead, limits.max_running
+                )
+            else:
+                created = insert_job(session, job)  # the INSERT and its first event
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race.
         discard_uploads(svc, uploads)

@@ -29,14 +29,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, String, Table, and_, bindparam, delete, func, or_, select, text, update
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from config import Settings
 from models.client_limits import running_caps
 from models.db import UTCDateTime
 from models.jobs import IN_FLIGHT_SQL, DispatchTurn, Job, QueueSlot
-from models.lifecycle import job_from
+from models.lifecycle import create, job_from
 from models.public import iso, job_object
 from models.state import JobStatus
 from models.together import Together, on_postgres
@@ -252,56 +251,59 @@ def take_turns(
     return [granted[head.id] for head in picked if head.id in granted]
 
 
-# ``grant_new`` on Postgres: the same decision and UPDATE in one statement (one round trip more for
-# a submit, not four). Each look-up is ordered like the partial index it should walk and limited:
-# with statistics that lag a burst of inserts, the planner would otherwise scan the whole table.
-_GRANT_NEW = text(
-    f"""
-    WITH cap AS (
-        SELECT (SELECT coalesce(sum(s.slots), 0) FROM queue_slots s
-                 WHERE s.queue = :queue AND s.seen_at > :alive) + :ahead
-               - (SELECT count(*) FROM (
-                    SELECT 1 FROM jobs f WHERE f.queue = :queue AND ({IN_FLIGHT_SQL})
-                     ORDER BY f.queue, f.client_id LIMIT {COUNT_BOUND}) AS flying) AS free,
-               (SELECT w.id FROM jobs w WHERE w.status = 'queued' AND w.dispatched_at IS NULL
-                   AND w.queue = :queue AND w.id <> :id
-                 ORDER BY w.queue, w.client_id, w.priority, w.created_at, w.id LIMIT 1) IS NOT NULL AS others,
-               (:cap > 0 AND (SELECT count(*) FROM jobs m
-                               WHERE m.client_id = :client AND ({IN_FLIGHT_SQL})) >= :cap) AS capped
-    ), sent AS (
-        -- The row was inserted by this transaction: found by its primary key alone (a condition on
-        -- dispatched_at would invite the waiting index's whole length), and only when it may go.
-        UPDATE jobs SET dispatched_at = :now
-         WHERE jobs.id = :id AND EXISTS (SELECT 1 FROM cap WHERE free > 0 AND NOT others AND NOT capped)
-        RETURNING jobs.id
-    )
-    SELECT (SELECT count(*) FROM sent) AS granted, cap.free, cap.others, cap.capped FROM cap
-    """
-).bindparams(bindparam("alive", type_=UTCDateTime()), bindparam("now", type_=UTCDateTime()))
-_GRANT_NEW_SQL = str(_GRANT_NEW.compile(dialect=postgresql.dialect()))  # psycopg2's %(name)s style
+# A submit's turn on Postgres, decided in the statement that INSERTs the job (``insert_in_turn``):
+# the row is written already sent or not, with no second version of it. Each look-up is ordered
+# like the partial index it should walk and limited: with statistics that lag a burst of inserts,
+# the planner would otherwise scan the whole table. psycopg2's ``%(name)s`` placeholders.
+_TURN = f"""
+    SELECT (SELECT coalesce(sum(s.slots), 0) FROM queue_slots s
+             WHERE s.queue = %(queue)s AND s.seen_at > %(alive)s) + %(ahead)s
+           - (SELECT count(*) FROM (
+                SELECT 1 FROM jobs f WHERE f.queue = %(queue)s AND ({IN_FLIGHT_SQL})
+                 ORDER BY f.queue, f.client_id LIMIT {COUNT_BOUND}) AS flying) AS free,
+           (SELECT w.id FROM jobs w WHERE w.status = 'queued' AND w.dispatched_at IS NULL
+               AND w.queue = %(queue)s
+             ORDER BY w.queue, w.client_id, w.priority, w.created_at, w.id LIMIT 1) IS NOT NULL AS others,
+           (%(cap)s > 0 AND (SELECT count(*) FROM jobs m
+                              WHERE m.client_id = %(client)s AND ({IN_FLIGHT_SQL})) >= %(cap)s) AS capped,
+           CAST(%(now)s AS timestamptz) AS now
+"""
+_GOES = "turn.free > 0 AND NOT turn.others AND NOT turn.capped"
+_SENT_IF_GOES = f"(SELECT CASE WHEN {_GOES} THEN turn.now END FROM turn)"
+_TURN_ANSWER = f"SELECT {_GOES} AS granted, turn.free, turn.others, turn.capped FROM turn"
+
+
+def insert_in_turn(
+    session: Session, job: Job, now: datetime, ahead: int, max_running: int = 0
+) -> tuple[dict[str, Any], bool, bool]:
+    """A submit's write: INSERT the new job (``lifecycle.create``) and give it its own turn
+    (``grant_new``'s rules). Returns ``(job object, granted, a dispatch is due)``.
+
+    On Postgres one statement does both: the turn is decided in a common table expression and the
+    job's row is written with ``dispatched_at`` set or not by it, with its event, in one round trip.
+    Elsewhere the INSERT, then ``grant_new``."""
+    if not on_postgres(session):
+        body = create(session, job)
+        return (body, *grant_new(session, job, now, ahead, max_running))
+    batch = Together(session, computed={"jobs": {"dispatched_at": _SENT_IF_GOES}})
+    body = create(session, job, batch)
+    params = {"queue": job.queue, "alive": _alive(now), "ahead": ahead, "cap": max_running}
+    params.update(client=job.client_id, now=now)
+    row = batch.send_within("turn", _TURN, params, _TURN_ANSWER)
+    assert row is not None  # one row, always
+    return body, bool(row["granted"]), bool(row["free"] > 0 and row["others"] and not row["capped"])
 
 
 def grant_new(
-    session: Session,
-    job: Job,
-    now: datetime,
-    ahead: int,
-    max_running: int = 0,
-    batch: Together | None = None,
+    session: Session, job: Job, now: datetime, ahead: int, max_running: int = 0
 ) -> tuple[bool, bool]:
-    """The submit path's own turn, in its transaction: the new job is sent at once when its queue
+    """The turn of a job already inserted, in its transaction: it is sent at once when its queue
     has a free slot, nobody else waits for one and its client is under its ``max_running`` (0: no
     limit). Returns ``(granted, a dispatch is due)``: a job left waiting while slots are free
-    (others waited too) needs a dispatcher to run. ``batch`` (Postgres): the job's INSERTs, still
-    to send, which go in the same round trip as the decision."""
+    (others waited too) needs a dispatcher to run. (A submit on Postgres decides it in its INSERT:
+    ``insert_in_turn``.)"""
     job_id, queue = job.id, job.queue
     params = {"queue": queue, "alive": _alive(now)}
-    if on_postgres(session):
-        given = {**params, "id": job_id, "client": job.client_id, "ahead": ahead, "cap": max_running}
-        given["now"] = now
-        row = (batch or Together(session)).send(_GRANT_NEW_SQL, given)
-        assert row is not None  # one row, always
-        return bool(row["granted"]), bool(row["free"] > 0 and row["others"] and not row["capped"])
     flying = select(_c.id).where(_IN_FLIGHT).limit(COUNT_BOUND).subquery()
     free = (
         slots_of(session, queue, now)

@@ -25,7 +25,6 @@ from models.failures import JobFailure
 from models.jobs import Job, StoredFile, WebhookDelivery
 from models.lifecycle import Moved, job_from
 from models.state import FINAL_STATUSES, MOVES, JobStatus, Phase, finish_move
-from models.together import Together
 
 __all__ = [
     "CancelOutcome",
@@ -82,10 +81,10 @@ def predict_seconds(session: Session, engine_task: str, default: float) -> float
     return round(statistics.median(durations), 3)
 
 
-def insert_job(session: Session, job: Job, batch: Together | None = None) -> dict[str, Any]:
-    """The submit path's one write: the job's INSERT and its first event (``lifecycle.create``),
-    gathered in ``batch`` when given; returns the job object."""
-    return lifecycle.create(session, job, batch)
+def insert_job(session: Session, job: Job) -> dict[str, Any]:
+    """The submit path's one write: the job's INSERT and its first event (``lifecycle.create``);
+    returns the job object. (A job that waits for a slot: ``models.dispatch.insert_in_turn``.)"""
+    return lifecycle.create(session, job)
 
 
 @dataclass(frozen=True)

@@ -288,7 +288,7 @@ def create(session: Session, job: Job, batch: Together | None = None) -> dict[st
 
     On Postgres both INSERTs go in one round trip (``models.together``); with ``batch`` they are
     only gathered there, for the caller to send with what it writes next (the submit's turn,
-    ``models.dispatch.grant_new``): the single submit then waits on the database twice, for those
+    ``models.dispatch.insert_in_turn``): the single submit then waits on the database twice, for those
     and for COMMIT."""
     job.status, job.stage, job.event_seq = INITIAL.status.value, INITIAL.phase.value, 1
     state = job.__dict__

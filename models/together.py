@@ -5,7 +5,7 @@
   (with an optional ``ON CONFLICT`` clause) or a statement of its own, gathered and sent to the
   server in one round trip, optionally followed by one query whose row is the answer. A move's
   event, its counters and its output files go with one another this way (``models.lifecycle``),
-  and a submit's INSERTs with its turn (``models.dispatch.grant_new``).
+  and a submit's INSERTs with its turn (``models.dispatch.insert_in_turn``).
 
 Values are bound by each column type's own processor (JSON serialized, UTC times checked), as
 SQLAlchemy binds them, then quoted by psycopg2 (``mogrify``); the joined text is executed without
@@ -31,22 +31,32 @@ def on_postgres(session: Session) -> bool:
 
 
 class Together:
-    """(Postgres) Writes gathered in the session's transaction, sent in one round trip by ``send``."""
+    """(Postgres) Writes gathered in the session's transaction, sent in one round trip by ``send``
+    (or ``send_within``).
 
-    def __init__(self, session: Session):
+    ``computed``: per table name, columns whose value is an SQL expression rather than the row's
+    value (for ``send_within``: the expression may read its common table expression)."""
+
+    def __init__(self, session: Session, computed: Mapping[str, Mapping[str, str]] | None = None):
         self.session = session
         self.dialect = session.get_bind().dialect
+        self.computed = computed or {}
         self.parts: list[bytes] = []
 
     def insert(self, table: Table, rows: list[dict[str, Any]], on_conflict: str = "") -> None:
         """One multi-row INSERT of ``rows`` (the same keys in each), then ``on_conflict`` if any."""
         if not rows:
             return
-        columns, values = _bound(table, rows, self.dialect)
-        row_sql = "(" + ", ".join(["%s"] * len(values[0])) + ")"
+        computed = self.computed.get(table.name, {})
+        given = [{k: v for k, v in row.items() if k not in computed} for row in rows] if computed else rows
+        columns, values = _bound(table, given, self.dialect)
+        names = [*columns, *computed]
+        slots = ["%s"] * len(columns) + [expression.replace("%", "%%") for expression in computed.values()]
+        row_sql = "(" + ", ".join(slots) + ")"
         with self._cursor() as cursor:
             quoted = b", ".join(cursor.mogrify(row_sql, v) for v in values)
-        head = f'INSERT INTO "{table.name}" ({columns}) VALUES '.encode()
+        quoted_names = ", ".join(f'"{name}"' for name in names)
+        head = f'INSERT INTO "{table.name}" ({quoted_names}) VALUES '.encode()
         self.parts.append(head + quoted + (b" " + on_conflict.encode() if on_conflict else b""))
 
     def statement(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
@@ -66,14 +76,30 @@ class Together:
             self.statement(query, params)
         if not self.parts:
             return None
-        statement = b";\n".join(self.parts).decode()
+        statement = b";\n".join(self.parts)
         self.parts = []
+        return self._execute(statement, query is not None)
+
+    def send_within(
+        self, name: str, cte: str, params: Mapping[str, Any], query: str
+    ) -> dict[str, Any] | None:
+        """Send the gathered INSERTs as one statement: ``WITH <name> AS (<cte>), <each INSERT> <query>``,
+        so their ``computed`` columns and ``query`` read the same ``cte``, evaluated once; returns
+        the first row of ``query``."""
+        assert all(part.startswith(b"INSERT") for part in self.parts), "only INSERTs go in a WITH"
+        with self._cursor() as cursor:
+            head = f"WITH {name} AS (".encode() + cursor.mogrify(cte, params) + b")"
+        writes = b"".join(b", w%d AS (%s)" % (index, part) for index, part in enumerate(self.parts))
+        self.parts = []
+        return self._execute(head + writes + b" " + query.encode(), True)
+
+    def _execute(self, statement: bytes, answer: bool) -> dict[str, Any] | None:
         # Through SQLAlchemy (its events see the statement, its errors wrap psycopg2's), executed
         # without parameters: nothing in the quoted values is read as a placeholder.
         result = self.session.connection().exec_driver_sql(
-            statement, execution_options={"no_parameters": True}
+            statement.decode(), execution_options={"no_parameters": True}
         )
-        if query is None or not result.returns_rows:
+        if not answer or not result.returns_rows:
             return None
         row = result.mappings().first()
         return None if row is None else dict(row)
@@ -99,7 +125,8 @@ def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> N
     if dialect.name != "postgresql":
         session.execute(insert(table), rows)
         return
-    columns, values = _bound(table, rows, dialect)
+    names, values = _bound(table, rows, dialect)
+    columns = ", ".join(f'"{name}"' for name in names)
     cursor = session.connection().connection.cursor()
     try:
         text_rows = _copy_text(values)
@@ -115,8 +142,8 @@ def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> N
         cursor.close()
 
 
-def _bound(table: Table, rows: list[dict[str, Any]], dialect: Any) -> tuple[str, list[tuple[Any, ...]]]:
-    """The column list of ``rows`` and their values, each bound by its column type's own
+def _bound(table: Table, rows: list[dict[str, Any]], dialect: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The column names of ``rows`` and their values, each bound by its column type's own
     processor (JSON serialized, UTC times checked), as SQLAlchemy binds them."""
     names = list(rows[0])
     processors = [(name, table.c[name].type.bind_processor(dialect)) for name in names]
@@ -124,7 +151,7 @@ def _bound(table: Table, rows: list[dict[str, Any]], dialect: Any) -> tuple[str,
         tuple(row[name] if process is None else process(row[name]) for name, process in processors)
         for row in rows
     ]
-    return ", ".join(f'"{name}"' for name in names), values
+    return names, values
 
 
 # COPY's text format: a backslash, a newline, a carriage return and a tab are escaped.

@@ -10,16 +10,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from config import Settings
 from models import dispatch
 from models.db import Database, utcnow
 from models.dispatch import Head
-from models.jobs import Job
+from models.jobs import Job, JobEvent
 from models.jobstore import JobStore
 from models.migrate import upgrade
 from models.state import JobStatus
-from tests.support.factories import make_job
+from tests.support.factories import make_job, new_job
 
 T0 = utcnow()
 
@@ -97,6 +98,7 @@ def test_a_new_job_is_sent_at_once_only_when_a_slot_is_free_and_nobody_waits(db:
     queue = f"q.{uuid.uuid4().hex[:8]}"
     with db.session() as session:
         dispatch.register(session, "w2@test", {queue: 1}, utcnow())
+
     def grant(job_id: str, ahead: int, max_running: int = 0) -> tuple[bool, bool]:
         with db.session() as session:
             job = session.get(Job, job_id)
@@ -116,6 +118,36 @@ def test_a_new_job_is_sent_at_once_only_when_a_slot_is_free_and_nobody_waits(db:
     assert grant(capped, ahead=5, max_running=2) == (True, False)
     with db.session() as session:
         dispatch.forget(session, "w2@test")
+
+
+def test_a_submit_takes_its_turn_in_its_own_insert_by_grant_new_s_rules(db: Database) -> None:
+    """``insert_in_turn`` (one statement on Postgres) decides as ``grant_new`` does above, and
+    writes the row already sent exactly when it was granted, with its ``job.queued`` event."""
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    with db.session() as session:
+        dispatch.register(session, "w3@test", {queue: 1}, utcnow())
+
+    def submit(queue: str, client: str, n: int, ahead: int, max_running: int = 0) -> tuple[bool, bool]:
+        at = T0 + timedelta(milliseconds=n)
+        job = new_job(queue=queue, client_id=client, dispatched_at=None, created_at=at, queued_at=at)
+        with db.session() as session:
+            body, granted, due = dispatch.insert_in_turn(session, job, utcnow(), ahead, max_running)
+        assert body["job_id"] == job.id and body["status"] == "queued"
+        with db.session() as session:
+            row = session.get(Job, job.id)
+            events = session.execute(select(JobEvent.type).where(JobEvent.job_id == job.id)).scalars().all()
+        assert row is not None and (row.dispatched_at is not None) == granted
+        assert events == ["job.queued"]
+        return granted, due
+
+    assert submit(queue, "alice", 0, ahead=0) == (True, False)
+    assert submit(queue, "alice", 1, ahead=0) == (False, False)  # the one slot is taken
+    assert submit(queue, "bob", 2, ahead=1) == (False, True)  # free, but alice's second job waited first
+    other, dave = f"q.{uuid.uuid4().hex[:8]}", f"dave-{uuid.uuid4().hex[:8]}"
+    assert submit(other, dave, 3, ahead=5, max_running=1) == (True, False)
+    assert submit(other, dave, 4, ahead=5, max_running=1) == (False, False)  # dave is at his limit
+    with db.session() as session:
+        dispatch.forget(session, "w3@test")
 
 
 def test_the_queue_position_is_the_order_the_dispatcher_uses(db: Database) -> None:

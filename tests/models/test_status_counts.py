@@ -420,8 +420,9 @@ def test_migration_0010_backfills_sqlite(tmp_path: Path) -> None:
         for client in clients:
             create(db, client, TASKS[i % 3])
             with db.session() as session:
-                session.execute(update(Job).where(Job.client_id == client, Job.status == "queued").values(
-                    status=status))
+                session.execute(
+                    update(Job).where(Job.client_id == client, Job.status == "queued").values(status=status)
+                )
     upgrade(db)
     kept, true = all_counts(db)
     assert kept == true and sum(true.values()) == 10

@@ -64,6 +64,11 @@ def _job_values(**overrides: object) -> dict[str, object]:
     return values
 
 
+def new_job(**overrides: object) -> Job:
+    """A queued upscale job not inserted yet (a submit's), ``overrides`` setting any column."""
+    return Job.transient(**_job_values(**overrides))
+
+
 def make_job(db: Database, **overrides: object) -> str:
     """INSERT a queued upscale job (committed) and return its id; ``overrides`` set any column."""
     values = _job_values(**overrides)

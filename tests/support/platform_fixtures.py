@@ -68,9 +68,7 @@ def running_platform(settings: Settings, tmp: Path) -> Iterator[Platform]:
 
 
 @contextlib.contextmanager
-def routed_platform(
-    base: Settings, broker_url: str, tmp: Path, routes: dict[str, Any]
-) -> Iterator[Platform]:
+def routed_platform(base: Settings, broker_url: str, tmp: Path, routes: dict[str, Any]) -> Iterator[Platform]:
     """The API and workers with ``routes`` as their routes file, as an operator configures it."""
     path = tmp / "routes.json"
     path.write_text(json.dumps(routes))
