@@ -255,18 +255,22 @@ def take_turns(
 # the row is written already sent or not, with no second version of it. Each look-up is ordered
 # like the partial index it should walk and limited: with statistics that lag a burst of inserts,
 # the planner would otherwise scan the whole table. psycopg2's ``%(name)s`` placeholders.
+# The jobs in flight are counted only as far as the decision needs (up to the queue's capacity, up
+# to the client's cap): a backlog of thousands sent costs a submit no more than an idle queue.
 _TURN = f"""
-    SELECT (SELECT coalesce(sum(s.slots), 0) FROM queue_slots s
-             WHERE s.queue = %(queue)s AND s.seen_at > %(alive)s) + %(ahead)s
-           - (SELECT count(*) FROM (
+    SELECT capacity.n - (SELECT count(*) FROM (
                 SELECT 1 FROM jobs f WHERE f.queue = %(queue)s AND ({IN_FLIGHT_SQL})
-                 ORDER BY f.queue, f.client_id LIMIT {COUNT_BOUND}) AS flying) AS free,
+                 ORDER BY f.queue, f.client_id LIMIT capacity.n) AS flying) AS free,
            (SELECT w.id FROM jobs w WHERE w.status = 'queued' AND w.dispatched_at IS NULL
                AND w.queue = %(queue)s
              ORDER BY w.queue, w.client_id, w.priority, w.created_at, w.id LIMIT 1) IS NOT NULL AS others,
-           (%(cap)s > 0 AND (SELECT count(*) FROM jobs m
-                              WHERE m.client_id = %(client)s AND ({IN_FLIGHT_SQL})) >= %(cap)s) AS capped,
+           (%(cap)s > 0 AND (SELECT count(*) FROM (
+                SELECT 1 FROM jobs m WHERE m.client_id = %(client)s AND ({IN_FLIGHT_SQL})
+                 LIMIT %(cap)s) AS mine) >= %(cap)s) AS capped,
            CAST(%(now)s AS timestamptz) AS now
+      FROM (SELECT greatest(0, %(ahead)s + (SELECT coalesce(sum(s.slots), 0) FROM queue_slots s
+                                             WHERE s.queue = %(queue)s AND s.seen_at > %(alive)s)) AS n
+           ) AS capacity
 """
 _GOES = "turn.free > 0 AND NOT turn.others AND NOT turn.capped"
 _SENT_IF_GOES = f"(SELECT CASE WHEN {_GOES} THEN turn.now END FROM turn)"
