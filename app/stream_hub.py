@@ -43,6 +43,7 @@ log = logging.getLogger("aiorch.streams")
 
 SAFETY_NET = 5.0  # seconds between re-reads of watched jobs on Postgres
 POSITIONS_EVERY = 0.5  # seconds between recomputations of followed queued jobs' places
+LIVE_CACHE_PRUNE = 1000  # cached live objects past which the expired ones are dropped
 TAIL_INTERVAL = 0.01  # seconds between reads of the log's tail on SQLite, while anyone watches
 MAX_BUFFERED = 1 << 20  # bytes a slow reader may fall behind before its stream is closed
 HEADERS = (
@@ -384,8 +385,8 @@ class StreamHub:
         cached = self._live_cache.get(job.id)
         if cached is not None and at - cached[0] < POSITIONS_EVERY:
             return cached[1]
-        if len(self._live_cache) > 10_000:
-            self._live_cache.clear()
+        if len(self._live_cache) > LIVE_CACHE_PRUNE:  # what is too old to be reused goes
+            self._live_cache = {k: v for k, v in self._live_cache.items() if at - v[0] < POSITIONS_EVERY}
         body = live_object(session, job, now, self.ahead)
         self._live_cache[job.id] = (at, body)
         return body
@@ -463,8 +464,10 @@ class StreamHub:
             following = self._streams.get(job_id, [])
             if stream in following:
                 following.remove(stream)
-            if not following:
+            if not following:  # nobody follows it any more: nothing of it stays here
                 self._streams.pop(job_id, None)
+                self._queued.discard(job_id)
+                self._live_cache.pop(job_id, None)
         if isinstance(stream.sink, SocketSink):
             if lingering:  # the end is still being written: keep only its socket's writes going
                 self._selector.modify(stream.sink.sock, selectors.EVENT_WRITE, stream)
