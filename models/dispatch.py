@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from models.client_limits import running_caps
-from models.db import UTCDateTime
+from models.db import UTCDateTime, rowcount
 from models.jobs import IN_FLIGHT_SQL, DispatchTurn, Job, QueueSlot
 from models.lifecycle import create, job_from
 from models.public import iso, job_object
@@ -93,6 +93,14 @@ _GRANT = (
     .where(_c.dispatched_at.is_(None))
     .values(dispatched_at=bindparam("now", type_=UTCDateTime()))
     .returning(*_jobs.c)
+)
+
+# Sent jobs whose message the broker did not take: waiting again, as if never sent.
+_WITHDRAW = (
+    update(_jobs)
+    .where(_c.id.in_(bindparam("ids", expanding=True)), _c.status == JobStatus.QUEUED.value)
+    .where(_c.dispatched_at == bindparam("sent", type_=UTCDateTime()))
+    .values(dispatched_at=None)
 )
 
 
@@ -327,6 +335,17 @@ def grant_new(
         .values(dispatched_at=now)
     )
     return bool(done.rowcount), False  # type: ignore[attr-defined]
+
+
+def withdraw(session: Session, jobs: list[Job]) -> int:
+    """Jobs ``take_turns`` sent whose publish failed (the broker down): they wait for a slot again,
+    so the next fill sends them, instead of the re-publish sweep after ``AIORCH_REPUBLISH_AFTER``.
+    Only while still queued and marked by that same turn; returns how many."""
+    done = 0
+    for sent in {job.dispatched_at for job in jobs if job.dispatched_at is not None}:
+        ids = [job.id for job in jobs if job.dispatched_at == sent]
+        done += rowcount(session.execute(_WITHDRAW, {"ids": ids, "sent": sent}))
+    return done
 
 
 # -- where a job stands ---------------------------------------------------------------------------

@@ -38,19 +38,27 @@ HEARTBEAT = 30.0  # seconds between a worker's reminders of its slots
 
 def fill_slots(rt: Runtime, app: Any, queue: str) -> int:
     """Send waiting jobs into ``queue``'s free slots (committed first, then published); returns
-    how many were sent. A publish the broker refuses leaves its job marked sent: the sweep sends it
-    again after ``AIORCH_REPUBLISH_AFTER``, as any lost message."""
+    how many were sent. When the broker refuses a publish, that job and the ones not yet published
+    wait again (``dispatch.withdraw``); a message lost after the broker took it is the re-publish
+    sweep's, after ``AIORCH_REPUBLISH_AFTER``."""
     if queue not in SLOTTED:
         return 0
     with rt.db.session() as session:
         jobs = dispatch.take_turns(session, queue, utcnow(), rt.settings.dispatch_ahead, rt.settings)
     if jobs and rt.settings.debug_tasks and rt.settings.debug_crash_before_dispatch == "fill_slots":
         os.kill(os.getpid(), signal.SIGKILL)  # the fault tests' death between COMMIT and publish
-    for job in sendable(rt.store, jobs):
+    ready = sendable(rt.store, jobs)
+    for index, job in enumerate(ready):
         try:
             send_next(app, rt.settings, job)
         except (OperationalError, OSError):
-            log.warning("job %s left for the sweep to send: broker unavailable", job.id)
+            # The broker is down: this job and the rest wait for a slot again (the next fill, or
+            # the sweep's, sends them), rather than count as sent until the re-publish sweep.
+            unsent = ready[index:]
+            with rt.db.session() as session:
+                dispatch.withdraw(session, unsent)
+            log.warning("broker unavailable: %d job(s) wait for their turn again", len(unsent))
+            return index
     return len(jobs)
 
 

@@ -1,0 +1,103 @@
+"""A broker restart under load, on a RabbitMQ node of this module's own: jobs are still accepted
+while it is down (they wait for their turn in the database), the workers reconnect by themselves,
+and every job accepted ends exactly once (durable queues, persistent messages, late acks: a message in flight
+when the connection dropped is delivered again and its run fenced by the claim)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+import requests
+
+from config import Settings
+from tests.conftest import KEYS
+from tests.support.platform import FINAL, Platform
+from tests.support.platform_fixtures import platform_settings, running_platform
+from tests.support.private_rabbitmq import PrivateRabbit, private_rabbitmq
+
+KEY = KEYS[0][1]
+JOBS = 12
+OUTAGE = 3.0  # seconds the broker is down
+SLEEP = 0.3  # seconds each job holds the one GPU slot
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[PrivateRabbit]:
+    with private_rabbitmq() as rabbit:
+        yield rabbit
+
+
+@pytest.fixture(scope="module")
+def platform(
+    base_settings: Settings, node: PrivateRabbit, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    tmp = tmp_path_factory.mktemp("broker-outage")
+    with running_platform(platform_settings(base_settings, tmp, broker_url=node.url), tmp) as plat:
+        yield plat
+
+
+def finished_events(database_url: str, job_ids: list[str]) -> dict[str, int]:
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT job_id, count(*) FROM job_events WHERE type = 'job.finished' AND job_id = ANY(%s) "
+                "GROUP BY job_id",
+                (job_ids,),
+            )
+            return dict(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def test_every_job_accepted_before_a_broker_restart_ends_exactly_once(
+    platform: Platform, node: PrivateRabbit
+) -> None:
+    ids = []
+    for _ in range(JOBS):
+        answer = platform.submit(KEY, "debug_sleep", {"seconds": SLEEP})
+        assert answer.status_code == 202, answer.text
+        ids.append(answer.json()["job_id"])
+    deadline = time.monotonic() + 30
+    while platform.job(KEY, ids[0])["status"] == "queued":
+        assert time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.05)
+
+    node.stop()
+    stopped = time.monotonic()
+    try:
+        # Its queue's slot is taken: the job waits for its turn in the database, so it is accepted
+        # with the broker down (a submit that must publish at once gets 503: test_faults).
+        down = platform.submit(KEY, "debug_sleep", {"seconds": SLEEP})
+        assert down.status_code == 202, down.text
+        ids.append(down.json()["job_id"])
+        time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
+    finally:
+        node.start()
+    back = time.monotonic()
+
+    jobs: dict[str, dict[str, Any]] = {}
+    while len(jobs) < len(ids):
+        assert time.monotonic() - back < 45 + JOBS * SLEEP, (
+            f"not final after the broker came back: {[platform.job(KEY, i) for i in set(ids) - set(jobs)]}\n"
+            f"submitted while it was down: {ids[-1]}\n" + platform.log("gpu")[-3000:]
+        )
+        for job_id in ids:
+            if job_id not in jobs:
+                try:
+                    job = platform.job(KEY, job_id)
+                except requests.RequestException:
+                    continue
+                if job.get("status") in FINAL:
+                    jobs[job_id] = job
+        time.sleep(0.2)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}, jobs
+    # Each ended once: one job.finished event each, whatever was delivered twice.
+    assert finished_events(platform.settings.database_url, ids) == dict.fromkeys(ids, 1)
+    # And the platform takes new jobs again.
+    again = platform.submit(KEY, "debug_sleep", {"seconds": 0})
+    assert again.status_code == 202, again.text
