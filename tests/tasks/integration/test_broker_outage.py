@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg2
 import pytest
-import requests
 
 from config import Settings
 from tests.conftest import KEYS
-from tests.support.platform import FINAL, Platform
+from tests.support.outages import all_final, sleepers_running
+from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 from tests.support.private_rabbitmq import PrivateRabbit, private_rabbitmq
 
@@ -57,15 +56,7 @@ def finished_events(database_url: str, job_ids: list[str]) -> dict[str, int]:
 def test_every_job_accepted_before_a_broker_restart_ends_exactly_once(
     platform: Platform, node: PrivateRabbit
 ) -> None:
-    ids = []
-    for _ in range(JOBS):
-        answer = platform.submit(KEY, "debug_sleep", {"seconds": SLEEP})
-        assert answer.status_code == 202, answer.text
-        ids.append(answer.json()["job_id"])
-    deadline = time.monotonic() + 30
-    while platform.job(KEY, ids[0])["status"] == "queued":
-        assert time.monotonic() < deadline, "the first job never started"
-        time.sleep(0.05)
+    ids = sleepers_running(platform, KEY, JOBS, SLEEP)
 
     node.stop()
     stopped = time.monotonic()
@@ -78,23 +69,7 @@ def test_every_job_accepted_before_a_broker_restart_ends_exactly_once(
         time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
     finally:
         node.start()
-    back = time.monotonic()
-
-    jobs: dict[str, dict[str, Any]] = {}
-    while len(jobs) < len(ids):
-        assert time.monotonic() - back < 45 + JOBS * SLEEP, (
-            f"not final after the broker came back: {[platform.job(KEY, i) for i in set(ids) - set(jobs)]}\n"
-            f"submitted while it was down: {ids[-1]}\n" + platform.log("gpu")[-3000:]
-        )
-        for job_id in ids:
-            if job_id not in jobs:
-                try:
-                    job = platform.job(KEY, job_id)
-                except requests.RequestException:
-                    continue
-                if job.get("status") in FINAL:
-                    jobs[job_id] = job
-        time.sleep(0.2)
+    jobs = all_final(platform, KEY, ids, within=45 + JOBS * SLEEP)
     assert {job["status"] for job in jobs.values()} == {"succeeded"}, jobs
     # Each ended once: one job.finished event each, whatever was delivered twice.
     assert finished_events(platform.settings.database_url, ids) == dict.fromkeys(ids, 1)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-import requests
 
 from config import Settings
 from models.db import Database
 from models.migrate import upgrade
 from tests.conftest import KEYS
-from tests.support.platform import FINAL, Platform
+from tests.support.outages import all_final, sleepers_running
+from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 from tests.support.private_postgres import PrivatePostgres, private_postgres
 
@@ -58,15 +58,7 @@ def platform(
 def test_every_job_accepted_before_a_database_restart_ends_once_soon_after(
     platform: Platform, cluster: PrivatePostgres, tmp_path: Path
 ) -> None:
-    ids = []
-    for _ in range(JOBS):
-        answer = platform.submit(KEY, "debug_sleep", {"seconds": SLEEP})
-        assert answer.status_code == 202, answer.text
-        ids.append(answer.json()["job_id"])
-    deadline = time.monotonic() + 30
-    while platform.job(KEY, ids[0])["status"] == "queued":
-        assert time.monotonic() < deadline, "the first job never started"
-        time.sleep(0.05)
+    ids = sleepers_running(platform, KEY, JOBS, SLEEP)
 
     cluster.stop()
     stopped = time.monotonic()
@@ -77,24 +69,8 @@ def test_every_job_accepted_before_a_database_restart_ends_once_soon_after(
         time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
     finally:
         cluster.start()
-    back = time.monotonic()
-
     # Every accepted job ends within the outage plus 30 s (the work itself is JOBS * SLEEP s).
-    jobs: dict[str, dict] = {}
-    while len(jobs) < JOBS:
-        assert time.monotonic() - back < 30 + JOBS * SLEEP, (
-            f"not final 30 s after the database came back: {sorted(set(ids) - set(jobs))}\n"
-            + platform.log("gpu")[-3000:]
-        )
-        for job_id in ids:
-            if job_id not in jobs:
-                try:
-                    job = platform.job(KEY, job_id)
-                except requests.RequestException:
-                    continue
-                if job.get("status") in FINAL:
-                    jobs[job_id] = job
-        time.sleep(0.2)
+    jobs = all_final(platform, KEY, ids, within=30 + JOBS * SLEEP)
     assert {job["status"] for job in jobs.values()} == {"succeeded"}, jobs
     # A job that never ran before the outage ran once; only the one holding the slot when the
     # database stopped may have been claimed again.
