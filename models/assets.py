@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
-from models.db import Database, utcnow
+from models.db import Database, on_postgres, utcnow
 from models.jobs import StoredFile
 
 OUTPUT = "output"
@@ -145,7 +145,7 @@ class AssetStore:
 
     @staticmethod
     def _lock_client(session: Session, client_id: str) -> None:
-        if session.get_bind().dialect.name == "postgresql":
+        if on_postgres(session):
             # Released at COMMIT or ROLLBACK; hashtext spreads clients over the lock space.
             session.execute(
                 text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"assets:{client_id}"}

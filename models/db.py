@@ -180,9 +180,14 @@ class Database:
         self.engine.dispose()
 
 
+def on_postgres(session: Session) -> bool:
+    """Whether the session's database is Postgres (else the embedded SQLite)."""
+    return bool(session.get_bind().dialect.name == "postgresql")
+
+
 def insert_or_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> None:
     """INSERT a row unless one with the same primary key exists (then leave that row as it is).
     One statement on Postgres and SQLite alike, so two processes racing to create the same row
     both succeed and agree on the first one, without a read-then-write window."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    dialect = postgresql if on_postgres(session) else sqlite
     session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())

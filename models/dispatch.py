@@ -33,12 +33,12 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from models.client_limits import running_caps
-from models.db import UTCDateTime, rowcount
+from models.db import UTCDateTime, on_postgres, rowcount
 from models.jobs import IN_FLIGHT_SQL, DispatchTurn, Job, QueueSlot
 from models.lifecycle import create, job_from
 from models.public import iso, job_object
 from models.state import JobStatus
-from models.together import Together, on_postgres
+from models.together import Together
 
 SLOT_TTL = 90.0  # seconds a worker's slots count after it was last seen
 # The submit path counts a queue's jobs in flight up to this many: it only needs to know whether
@@ -241,7 +241,7 @@ def take_turns(
     jobs a client has in flight across all queues (``models.client_limits``)."""
     if session.execute(select(_c.id).where(_WAITING).limit(1), {"queue": queue}).first() is None:
         return []  # nobody waits: no lock taken, nothing counted
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgres(session):
         lock = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
         session.execute(lock, {"key": f"aiorch-dispatch:{queue}"})
     flying = {row[0]: int(row[1]) for row in session.execute(_FLYING_BY_CLIENT, {"queue": queue})}

@@ -51,7 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from models import counters
-from models.db import UTCDateTime
+from models.db import UTCDateTime, on_postgres
 from models.jobs import Job, JobEvent
 from models.public import job_object
 from models.state import (
@@ -65,7 +65,7 @@ from models.state import (
     JobStatus,
     Move,
 )
-from models.together import Together, insert_rows, on_postgres
+from models.together import Together, insert_rows
 
 _jobs: Table = Job.__table__  # type: ignore[assignment]
 _events: Table = JobEvent.__table__  # type: ignore[assignment]
@@ -275,8 +275,7 @@ def apply(
         if final:
             counters.count_final(session, job)
         for table, rows in also:
-            if rows:
-                session.execute(insert(table), rows)
+            insert_rows(session, table, rows)
     notify = event["dispatched_at"] is None
     return Moved(move, job, move.event, notify, bool(row._mapping.get("neighbours", False)))
 

@@ -3,7 +3,8 @@
 - ``insert_rows``: many rows of one table in one ``COPY`` (a batch of jobs and its events).
 - ``Together``: the statements of one unit of work that need no answer, each a multi-row INSERT
   (with an optional ``ON CONFLICT`` clause) or a statement of its own, gathered and sent to the
-  server in one round trip, optionally followed by one query whose row is the answer. A move's
+  server in one round trip (``send``), or the INSERTs as one statement with a common table
+  expression they read and a query whose row is the answer (``send_within``). A move's
   event, its counters and its output files go with one another this way (``models.lifecycle``),
   and a submit's INSERTs with its turn (``models.dispatch.insert_in_turn``).
 
@@ -24,10 +25,6 @@ import psycopg2.extras
 from sqlalchemy import Table, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-
-
-def on_postgres(session: Session) -> bool:
-    return bool(session.get_bind().dialect.name == "postgresql")
 
 
 class Together:
@@ -59,26 +56,15 @@ class Together:
         head = f'INSERT INTO "{table.name}" ({quoted_names}) VALUES '.encode()
         self.parts.append(head + quoted + (b" " + on_conflict.encode() if on_conflict else b""))
 
-    def statement(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        """A statement of its own (``%(name)s`` placeholders, psycopg2's style)."""
-        if params is None:
-            self.parts.append(sql.encode())
-        else:
-            with self._cursor() as cursor:
-                self.parts.append(cursor.mogrify(sql, params))
+    def statement(self, sql: str) -> None:
+        """A statement of its own, with no parameters."""
+        self.parts.append(sql.encode())
 
-    def send(
-        self, query: str | None = None, params: Mapping[str, Any] | None = None
-    ) -> dict[str, Any] | None:
-        """Send what was gathered, then ``query`` if given, in one round trip; returns the first row
-        of ``query`` (as a dict) or None."""
-        if query is not None:
-            self.statement(query, params)
-        if not self.parts:
-            return None
-        statement = b";\n".join(self.parts)
-        self.parts = []
-        return self._execute(statement, query is not None)
+    def send(self) -> None:
+        """Send what was gathered, in one round trip."""
+        if self.parts:
+            statement, self.parts = b";\n".join(self.parts), []
+            self._execute(statement)
 
     def send_within(
         self, name: str, cte: str, params: Mapping[str, Any], query: str
@@ -91,18 +77,16 @@ class Together:
             head = f"WITH {name} AS (".encode() + cursor.mogrify(cte, params) + b")"
         writes = b"".join(b", w%d AS (%s)" % (index, part) for index, part in enumerate(self.parts))
         self.parts = []
-        return self._execute(head + writes + b" " + query.encode(), True)
-
-    def _execute(self, statement: bytes, answer: bool) -> dict[str, Any] | None:
-        # Through SQLAlchemy (its events see the statement, its errors wrap psycopg2's), executed
-        # without parameters: nothing in the quoted values is read as a placeholder.
-        result = self.session.connection().exec_driver_sql(
-            statement.decode(), execution_options={"no_parameters": True}
-        )
-        if not answer or not result.returns_rows:
-            return None
+        result = self._execute(head + writes + b" " + query.encode())
         row = result.mappings().first()
         return None if row is None else dict(row)
+
+    def _execute(self, statement: bytes) -> Any:
+        # Through SQLAlchemy (its events see the statement, its errors wrap psycopg2's), executed
+        # without parameters: nothing in the quoted values is read as a placeholder.
+        return self.session.connection().exec_driver_sql(
+            statement.decode(), execution_options={"no_parameters": True}
+        )
 
     def _cursor(self) -> Any:
         return self.session.connection().connection.cursor()
