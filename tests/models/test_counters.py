@@ -38,17 +38,6 @@ Key = tuple[str, str, str]
 FAILURE = JobFailure("engine_error", "The engine failed.")
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def database(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "postgres":
-        db = Database(settings)
-    else:
-        db = Database(Settings(database_url=f"sqlite:///{tmp_path / 'counters.db'}"))
-        upgrade(db)
-    yield db
-    db.dispose()
-
-
 def series(db: Database, task: str) -> dict[Key, tuple[int, float]]:
     """The counters of one engine task (each test counts its own task: the run's database is shared)."""
     with db.session() as session:

@@ -4,9 +4,7 @@ moves succeed, each writes one event to the job's log, and the log's pending eve
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,13 +12,11 @@ from sqlalchemy import event, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
-from config import Settings
 from models import lifecycle, outbox
 from models.db import Database, utcnow
 from models.failures import JobFailure
 from models.jobs import Job, JobEvent
 from models.jobstore import JobStore, new_id
-from models.migrate import upgrade
 from models.state import (
     ENDED,
     FINAL_STATUSES,
@@ -128,17 +124,6 @@ def test_touches_never_write_a_column_that_only_moves_write() -> None:
 
 
 # -- every (state, move) pair against a real database ------------------------------------------------
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def database(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "postgres":
-        db = Database(settings)
-    else:
-        db = Database(Settings(database_url=f"sqlite:///{tmp_path / 'lifecycle.db'}"))
-        upgrade(db)
-    yield db
-    db.dispose()
 
 
 def job_in(db: Database, state: State, move: Move) -> str:

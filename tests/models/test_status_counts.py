@@ -38,17 +38,6 @@ FAILURE = JobFailure("engine_error", "The engine failed.")
 TASKS = (("upscale", "upscale"), ("ahv_image", "generate"), ("remove_background", "remove_background"))
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def database(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "postgres":
-        db = Database(settings)
-    else:
-        db = Database(Settings(database_url=f"sqlite:///{tmp_path / 'counts.db'}"))
-        upgrade(db)
-    yield db
-    db.dispose()
-
-
 def a_client() -> str:
     """Each test counts a client of its own: the run's Postgres database is shared."""
     return f"c{new_id()[:12]}"

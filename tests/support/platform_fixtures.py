@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 
 from config import Settings
+from models.db import Database
+from models.migrate import upgrade
 from tests.support.platform import Platform, free_port
 from tests.support.servers import ImageServer
 from tests.support.services import fresh_database, purge_queues
@@ -52,6 +54,18 @@ def platform_settings(base: Settings, tmp: Path, **overrides: object) -> Setting
         storage_dir=tmp / "storage",
         **overrides,
     )
+
+
+def embedded_settings(base: Settings, tmp: Path, **overrides: object) -> Settings:
+    """``platform_settings`` for the embedded default: a migrated SQLite file in ``tmp`` and the
+    filesystem transport."""
+    settings = platform_settings(
+        base, tmp, database_url=f"sqlite:///{tmp / 'aiorch.db'}", broker_url="filesystem://", **overrides
+    )
+    db = Database(settings)
+    upgrade(db)
+    db.dispose()
+    return settings
 
 
 @contextlib.contextmanager

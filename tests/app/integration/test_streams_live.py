@@ -15,11 +15,9 @@ import requests
 
 from aiorch.watch import ServerEvent, parse_events
 from config import Settings
-from models.db import Database
-from models.migrate import upgrade
 from tests.conftest import KEYS
 from tests.support.platform import Platform
-from tests.support.platform_fixtures import platform_settings, running_platform
+from tests.support.platform_fixtures import embedded_settings, platform_settings, running_platform
 
 ALICE = KEYS[0][1]
 BOB = KEYS[1][1]
@@ -181,16 +179,7 @@ def test_open_streams_hold_no_request_thread(platform: Platform) -> None:
 
 def test_streams_on_the_embedded_default(base_settings: Settings, tmp_path: Path) -> None:
     """SQLite and the filesystem transport: the hub reads the log's tail instead of NOTIFY."""
-    settings = platform_settings(
-        base_settings,
-        tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'aiorch.db'}",
-        broker_url="filesystem://",
-        stream_keepalive=0.5,
-    )
-    db = Database(settings)
-    upgrade(db)
-    db.dispose()
+    settings = embedded_settings(base_settings, tmp_path, stream_keepalive=0.5)
     with running_platform(settings, tmp_path) as plat:
         ids = [plat.submit(ALICE, "debug_sleep", {"seconds": 0.5}).json()["job_id"] for _ in range(2)]
         events, _ = read_all(open_stream(plat, f"/v1/jobs/{ids[0]}/events"))

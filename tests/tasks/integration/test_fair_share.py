@@ -17,14 +17,12 @@ import pytest
 import requests
 
 from config import Settings
-from models.db import Database
-from models.migrate import upgrade
 from tasks.celery_app import create_celery
 from tasks.runtime import Runtime
 from tasks.sweeps import sweep
 from tests.conftest import KEYS
 from tests.support.platform import Platform
-from tests.support.platform_fixtures import platform_settings, running_platform
+from tests.support.platform_fixtures import embedded_settings, platform_settings, running_platform
 
 ALICE, BOB = KEYS[0][1], KEYS[1][1]
 CAROL = "carol-key-0123456789"
@@ -43,16 +41,7 @@ def platform(
     if request.param == "postgres":
         settings = platform_settings(base_settings, tmp, broker_url=worker_amqp_url, api_keys=keys)
     else:
-        settings = platform_settings(
-            base_settings,
-            tmp,
-            database_url=f"sqlite:///{tmp / 'aiorch.db'}",
-            broker_url="filesystem://",
-            api_keys=keys,
-        )
-        db = Database(settings)
-        upgrade(db)
-        db.dispose()
+        settings = embedded_settings(base_settings, tmp, api_keys=keys)
     with running_platform(settings, tmp) as plat:
         yield plat
 

@@ -11,11 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from config import Settings
-from models.db import Database
-from models.migrate import upgrade
 from tests.conftest import KEYS
 from tests.support.platform import FINAL, Platform
-from tests.support.platform_fixtures import platform_settings, running_platform
+from tests.support.platform_fixtures import embedded_settings, platform_settings, running_platform
 
 KEY = KEYS[0][1]
 BLOCK_SECONDS = 4.0  # long enough to send the other jobs while it runs, on a busy 2-core machine
@@ -32,12 +30,7 @@ def broker_platform(
     if request.param == "rabbitmq":
         settings = platform_settings(base_settings, tmp, broker_url=worker_amqp_url)
     else:
-        settings = platform_settings(
-            base_settings, tmp, database_url=f"sqlite:///{tmp / 'aiorch.db'}", broker_url="filesystem://"
-        )
-        db = Database(settings)
-        upgrade(db)
-        db.dispose()
+        settings = embedded_settings(base_settings, tmp)
     with running_platform(settings, tmp) as plat:
         yield plat
 
