@@ -39,7 +39,12 @@ def pg_admin(sql: str) -> None:
 
 
 def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"rabbitmqctl {' '.join(args)} exited {done.returncode} (is this machine's RabbitMQ "
+            f"running? `rabbitmq-server -detached` starts it): {done.stdout}{done.stderr}"
+        )
 
 
 def vhost(suffix: str) -> contextlib.AbstractContextManager[str]:
