@@ -141,9 +141,20 @@ def serve(workers: int, threads: int) -> None:
 @click.option("--queues", "-Q", default="cpu", show_default=True, help="comma-separated queues")
 @click.option("--concurrency", "-c", type=int, default=None, help="processes (default: 1 for GPU queues)")
 @click.option("--name", "-n", default=None, help="worker node name")
+@click.option(
+    "--gpus",
+    default=None,
+    help="GPUs its processes share, e.g. 0,1 (AIORCH_GPUS; default: CUDA_VISIBLE_DEVICES, else all)",
+)
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def worker(queues: str, concurrency: int | None, name: str | None, extra: tuple[str, ...]) -> None:
-    """Run a Celery worker on the given queues."""
+def worker(
+    queues: str, concurrency: int | None, name: str | None, gpus: str | None, extra: tuple[str, ...]
+) -> None:
+    """Run a Celery worker on the given queues.
+
+    A worker of GPU queues spreads its processes over its GPUs (process i takes GPU i mod count)
+    and checks each GPU first: one that torch (or, for the ONNX engines, onnxruntime) cannot use
+    stops the start with the reason, rather than running its jobs on the CPU."""
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in names if q not in QUEUES]
     if unknown:
@@ -155,6 +166,21 @@ def worker(queues: str, concurrency: int | None, name: str | None, extra: tuple[
         # One process per GPU: CUDA contexts and model caches are per process.
         concurrency = settings.worker_concurrency or (1 if any(q.startswith("gpu.") for q in names) else 2)
     label = name or f"{'gpu' if any(q.startswith('gpu.') for q in names) else 'cpu'}@%h"
+    from config.devices import environment_with, parse_gpus
+    from tasks.gpus import worker_gpu_problems
+
+    env = None
+    if gpus is not None:
+        try:
+            settings = settings.with_overrides(gpus=parse_gpus(gpus))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gpus") from None
+        env = environment_with(AIORCH_GPUS=gpus)  # for the worker it becomes
+    problems = worker_gpu_problems(names, settings)
+    if problems:
+        raise click.ClickException(
+            "a GPU this worker was given cannot be used, so it does not start:\n  " + "\n  ".join(problems)
+        )
     argv = [
         sys.executable,
         "-m",
@@ -176,7 +202,9 @@ def worker(queues: str, concurrency: int | None, name: str | None, extra: tuple[
         settings.log_level,
         *extra,
     ]
-    os.execv(sys.executable, argv)
+    if env is None:
+        os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, env)
 
 
 @main.command()

@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from config.devices import parse_gpus
 from config.routes import NO_ROUTES, Routes, RoutesError, load_routes
 
 QUEUES = ("cpu", "gpu.diffusion", "gpu.superres", "gpu.faceswap", "gpu.vision")
@@ -42,6 +43,13 @@ def _int(name: str, raw: str, *, low: int | None = None, high: int | None = None
     if (low is not None and value < low) or (high is not None and value > high):
         raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
     return value
+
+
+def _gpus(name: str, raw: str) -> tuple[str, ...]:
+    try:
+        return parse_gpus(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
 
 
 def _float(name: str, raw: str, *, low: float = 0.0) -> float:
@@ -197,6 +205,9 @@ class Settings:
     # Workers.
     broker_poll_interval: float = 0.05
     worker_concurrency: int = 0
+    # GPUs a worker's processes share (process i takes gpus[i mod len]); empty: CUDA_VISIBLE_DEVICES
+    # as inherited, else every GPU nvidia-smi lists (``inference.devices``).
+    gpus: tuple[str, ...] = ()
     debug_tasks: bool = False
     # Fault tests only (honoured with debug_tasks): a worker that commits a move with this event
     # type (e.g. ``job.finished``) kills itself before kicking the dispatcher; ``fill_slots``: a
@@ -338,6 +349,7 @@ class Settings:
             ),
             broker_poll_interval=_float("AIORCH_BROKER_POLL_INTERVAL", get("BROKER_POLL_INTERVAL", "0.05")),
             worker_concurrency=_int("AIORCH_WORKER_CONCURRENCY", get("WORKER_CONCURRENCY", "0"), low=0),
+            gpus=_gpus("AIORCH_GPUS", get("GPUS")),
             debug_tasks=_bool("AIORCH_DEBUG_TASKS", get("DEBUG_TASKS", "0")),
             debug_crash_before_dispatch=get("DEBUG_CRASH_BEFORE_DISPATCH"),
             prompt_blocklist=_blocklist(get("PROMPT_BLOCKLIST")),

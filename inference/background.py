@@ -25,7 +25,7 @@ from inference.base import (
     RunControl,
     check_stop,
 )
-from inference.runtime import onnx_providers
+from inference.runtime import check_onnx_session, onnx_session_providers
 
 log = logging.getLogger(__name__)
 
@@ -245,18 +245,19 @@ def _open_session(path: Path, device: str, threads: int | None):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if not path.is_file():
         raise EngineError(f"segmentation model file not found: {path}", code="model_not_found")
-    providers = onnx_providers(ort.get_available_providers(), device)
+    providers = onnx_session_providers(device)
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:
         # InvalidProtobuf, an unsupported IR version or opset, a missing external-data file: to the
         # job they all mean the same thing.
         raise EngineError(
             f"{path.name} is not a loadable ONNX segmentation model: {exc}", code="invalid_model"
         ) from exc
+    return check_onnx_session(session, providers)
 
 
 def _check_size(image: Image.Image, min_side: int) -> None:

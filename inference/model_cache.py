@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -311,18 +310,6 @@ def measure_bytes(obj: Any) -> int:
 
     visit(obj)
     return total
-
-
-def default_budget_bytes(device: str = "cpu", fraction: float = 0.6) -> int:
-    """A starting budget: ``fraction`` of the device's total memory (the rest is headroom for
-    activations and, on CPU, for everything else the machine runs)."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        _free, total = torch.cuda.mem_get_info(torch.device(device))
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * fraction)
 
 
 def _mb(nbytes: int) -> str:

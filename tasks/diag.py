@@ -18,7 +18,7 @@ from typing import Any
 from celery.signals import task_postrun, worker_process_init
 from celery.worker.control import inspect_command
 
-from inference import runtime
+from inference import devices, runtime
 
 _hostname: dict[str, str] = {}
 
@@ -28,19 +28,27 @@ def _status_dir(settings: Any, hostname: str) -> Path:
 
 
 def device_info() -> dict[str, Any]:
-    """Device and memory of this process; torch is consulted only if the engines already loaded it."""
+    """Device and memory of this process. torch is consulted only if the engines already loaded
+    it, and CUDA only if they already made a context: a diagnostic never creates one (on GPU 0
+    or anywhere else)."""
+    chosen = devices.assignment()
     info: dict[str, Any] = {"device": "cpu"}
+    if chosen.gpu is not None:
+        info.update(gpu=chosen.gpu, gpu_share=chosen.share)
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch is not None and devices.cuda_initialized():
         index = torch.cuda.current_device()
         free, total = torch.cuda.mem_get_info(index)
-        info = {
-            "device": f"cuda:{index}",
-            "device_name": torch.cuda.get_device_name(index),
-            "memory_total": total,
-            "memory_free": free,
-            "memory_allocated": torch.cuda.memory_allocated(index),
-        }
+        info.update(
+            device=f"cuda:{index}",
+            device_name=torch.cuda.get_device_name(index),
+            memory_total=total,
+            memory_free=free,
+            memory_allocated=torch.cuda.memory_allocated(index),
+        )
+    onnx = runtime.onnx_report()
+    if onnx:
+        info["onnx"] = onnx
     try:
         with open("/proc/self/status") as handle:
             for line in handle:

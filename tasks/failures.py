@@ -21,6 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from marshmallow import ValidationError
 from marshmallow.schema import SCHEMA
 
+from inference import devices
 from inference.base import Cancelled, ContentRejected, EngineError
 from inference.remote import ProviderException, ProviderRetryableError
 from models.failures import JobFailure
@@ -70,6 +71,15 @@ def failure_of(
         status = JobStatus.REJECTED if isinstance(exc, ContentRejected) else JobStatus.FAILED
         message = without_paths(_sentence(exc, "The engine failed on this input."))
         return JobFailure(exc.code, message, details, status=status)
+    if devices.is_out_of_memory(exc):
+        reason = without_paths(devices.first_line(exc, "out of memory"))
+        message = f"The device ran out of memory on this job ({reason}); try a smaller size or batch."
+        return JobFailure("out_of_memory", message)
+    if devices.is_device_fault(exc):
+        log.error("GPU fault", exc_info=exc)
+        reason = without_paths(devices.first_line(exc, "CUDA error"))
+        message = f"The GPU failed while running this job ({reason}); the worker process was replaced."
+        return JobFailure("device_error", message)
     if isinstance(exc, SoftTimeLimitExceeded):
         limit = f"its time limit of {time_limit:g} s" if time_limit else "its time limit"
         return JobFailure("timeout", f"The job ran longer than {limit}.")

@@ -10,8 +10,9 @@ business: each move writes its event, and the store kicks the dispatcher (``task
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from marshmallow import ValidationError
 from PIL import Image
 
 from config.logs import bind_job
+from inference import devices, runtime
 from inference.base import Cancelled, EngineResult
 from models.db import database_unreachable
 from models.failures import JobFailure
@@ -35,57 +37,76 @@ from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError, deco
 from tasks.next_step import SLOTTED
 from tasks.outputs import note_refusal_end, record_outcome, store_outputs
 from tasks.prepare import load_inputs, validate_payload
-from tasks.runtime import JobTask, Runtime
+from tasks.runtime import JobTask, Runtime, note_device_fault
 from tasks.scheduling import fill_slots
 
 log = logging.getLogger("aiorch.tasks")
 
-PROGRESS_INTERVAL = 0.5  # seconds between progress writes: never a database write per step
+PROGRESS_INTERVAL = 0.5  # seconds between the watcher's checks: never a database query per step
 
 
 class JobControl:
-    """The ``RunControl`` engines see: throttled progress writes and a per-call cancel check.
+    """The ``RunControl`` engines see, with nothing on the engine's step path but memory.
 
-    Progress writes are throttled to one per ``PROGRESS_INTERVAL``, counted from the claim (which
-    already wrote ``running``), so a job shorter than that writes no progress row at all: a tiny
-    upscale costs two fewer round trips to the database. The cancel flag is read on
-    every ``should_stop`` (one primary-key SELECT, well under a millisecond next to a diffusion
-    step), so a cancel is seen at the next step; a progress write reads the flag too, and the
-    ``should_stop`` right after it reuses that answer instead of asking again. Each write is a
-    ``progress`` move, so its event reaches a webhook that asked for ``job.progress``. Neither
-    fails the engine while the database is unreachable: the run goes on, and its final write is
-    what waits for the database (``JobTask``).
+    ``progress`` stores a number and ``should_stop`` reads a flag: a diffusion step on a GPU never
+    waits for the database. A watcher thread (started by ``with control:``) does the talking,
+    once every ``PROGRESS_INTERVAL`` counted from the claim (which already wrote ``running``):
+    when the progress moved it writes it (a ``progress`` move, fenced by the claim, whose answer
+    carries the cancel flag too), else it reads the cancel flag; a flag it finds set is what the
+    next ``should_stop`` returns. So a job shorter than the interval sends no query at all, and a
+    cancel is seen within one interval. The watcher never fails the engine: while the database is
+    unreachable the run goes on, and its final write is what waits for it (``JobTask``).
     """
 
-    def __init__(self, store: JobStore, claim: Claim):
+    def __init__(self, store: JobStore, claim: Claim, interval: float = PROGRESS_INTERVAL):
         self.store = store
         self.claim = claim
-        self._last_write = time.monotonic()
-        self._flag_fresh = False  # the last progress write already read the cancel flag
-        self._stop = False
+        self.interval = interval
+        self._percent: int | None = None  # the engine's latest report
+        self._written: int | None = None  # what the database holds
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def progress(self, percent: float) -> None:
-        now = time.monotonic()
-        if now - self._last_write >= PROGRESS_INTERVAL:
-            self._last_write = now
-            try:
-                self._stop = self.store.report_progress(self.claim, int(percent)) or self._stop
-            except Exception as exc:  # the engine goes on; the final write waits for the database
-                if not database_unreachable(exc):
-                    raise
-                log.warning("progress of %s not written: database unreachable", self.claim.job_id)
-                return
-            self._flag_fresh = True
+        self._percent = int(percent)
 
     def should_stop(self) -> bool:
-        if not self._stop and not self._flag_fresh:
-            try:
-                self._stop = self.store.cancel_requested(self.claim.job_id)
-            except Exception as exc:  # asked again at the next step
-                if not database_unreachable(exc):
-                    raise
-        self._flag_fresh = False
-        return self._stop
+        return self._stop.is_set()
+
+    def __enter__(self) -> JobControl:
+        self._watcher = threading.Thread(
+            target=self._watch, name=f"aiorch-watch-{self.claim.job_id}", daemon=True
+        )
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.interval):
+            self.check()
+
+    def check(self) -> None:
+        """One look at the database: write the progress if it moved, else read the cancel flag."""
+        percent = self._percent
+        try:
+            if percent is not None and percent != self._written:
+                stop = self.store.report_progress(self.claim, percent)
+                self._written = percent
+            else:
+                stop = self.store.cancel_requested(self.claim.job_id)
+        except Exception as exc:  # looked at again after the next interval
+            if database_unreachable(exc):
+                log.warning("progress of %s not written: database unreachable", self.claim.job_id)
+            else:
+                log.exception("watching %s failed", self.claim.job_id)
+            return
+        if stop:
+            self._stop.set()
 
 
 @shared_task(bind=True, base=JobTask, name=RUN, soft_time_limit=600, time_limit=660)
@@ -157,13 +178,14 @@ def _run_claimed(
         result: dict[str, Any] | None = None
         failure: JobFailure | None = None
         files: list[StoredFile] = []
+        gpu_fault = oom = False
         try:
             if prepared is None:
                 payload = validate_payload(spec, job.payload, rt.settings)
                 images = _open_inputs(job.inputs or {})
-                control = JobControl(rt.store, claim)
-                call = EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings)
-                outcome = ENGINES[spec.engine or ""](call)
+                with JobControl(rt.store, claim) as control:
+                    call = EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings)
+                    outcome = ENGINES[spec.engine or ""](call)
             else:
                 payload, outcome = prepared[0].payload, _batched_outcome(rt, job_id, prepared[1])
             backend = outcome.backend
@@ -172,6 +194,12 @@ def _run_claimed(
             if database_unreachable(exc):
                 raise  # not the job's fault: the task waits for the database (``JobTask``)
             failure = failure_of(exc, time_limit=spec.soft_time_limit)
+            oom, gpu_fault = devices.is_out_of_memory(exc), devices.is_device_fault(exc)
+        if oom or gpu_fault:
+            # Outside the except block: until it ends, the traceback pins what filled the device.
+            runtime.release_memory()
+        if gpu_fault:
+            note_device_fault(job_id)  # its process is replaced once the task is done
         if record_outcome(rt, claim, failure, result=result, files=files, backend=backend):
             rt.storage.remove_inputs(job_id)
         elif _ended_elsewhere(rt, job_id):
@@ -189,6 +217,7 @@ def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list
     """Run claimed jobs that share a batch key (tasks/batching.py) in one engine call, then store
     and finish each one on its own."""
     calls: list[EngineCall] = []
+    controls: list[JobControl] = []
     batched: list[tuple[Claim, Job]] = []
     for claim, job in members:
         try:
@@ -199,6 +228,7 @@ def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list
             _run_claimed(task, rt, spec, claim, job)
             continue
         control = JobControl(rt.store, claim)
+        controls.append(control)
         calls.append(EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings))
         batched.append((claim, job))
     if not calls:
@@ -207,7 +237,10 @@ def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list
     with bind_job(job_id=leader.id, task=leader.task, worker=task.request.hostname or ""):
         log.info("running %d %s jobs as one batch", len(calls), spec.name)
         try:
-            outcomes = BATCH_ENGINES[spec.engine or ""](calls, BatchControl([c.control for c in calls]))
+            with contextlib.ExitStack() as watching:
+                for control in controls:
+                    watching.enter_context(control)
+                outcomes = BATCH_ENGINES[spec.engine or ""](calls, BatchControl(list(controls)))
         except Exception as exc:  # Cancelled, a time limit, a crash: it ends every job of the batch
             outcomes = [exc] * len(calls)
     for (claim, job), call, outcome in zip(batched, calls, outcomes, strict=True):

@@ -21,6 +21,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+from billiard.process import current_process
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import worker_process_init
@@ -101,6 +102,33 @@ def note_ended(job_id: str, failure: JobFailure | None) -> None:
         ended[job_id] = failure
 
 
+# A pool child whose GPU faulted (a sticky CUDA error: its context fails every later call) exits
+# with this status after its task, and the pool starts a fresh one in its place.
+EXIT_DEVICE_FAULT = 70
+_device_faults: list[str] = []
+
+
+def note_device_fault(job_id: str) -> None:
+    """The job ``job_id`` hit a GPU fault that leaves this process's CUDA context broken: once its
+    task has written every outcome, the process is replaced (``retire_process``)."""
+    _device_faults.append(job_id)
+
+
+def retire_process() -> None:
+    """End this pool child now (the pool replaces it; the message of the task it was running goes
+    back to the queue, and a redelivered copy finds its job already ended). Outside a prefork
+    pool, where nothing would replace it, the process goes on and says so."""
+    jobs = ", ".join(_device_faults)
+    _device_faults.clear()
+    if not current_process().name.startswith("ForkPoolWorker"):
+        log.error("GPU fault in job %s; not a pool process, so it is not replaced", jobs)
+        return
+    log.critical("GPU fault in job %s: replacing this worker process (pid %d)", jobs, os.getpid())
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(EXIT_DEVICE_FAULT)
+
+
 # How long a task whose database went away waits for it before it gives its message back anyway
 # (it is then delivered again, and waits again): under the run task's soft time limit.
 DATABASE_WAIT = 60.0
@@ -133,7 +161,9 @@ class JobTask(Task):
     burns its message: it waits until the database answers (``wait_for_database``), meanwhile
     taking no other message (one prefetched message per process), then gives the message back to
     the queue (``Reject(requeue=True)``), so the job runs once the database is back instead of
-    being dropped with an acknowledged failure."""
+    being dropped with an acknowledged failure.
+
+    A task whose job hit a GPU fault (``note_device_fault``) ends its process once it is done."""
 
     abstract = True
     acks_late = True
@@ -164,6 +194,8 @@ class JobTask(Task):
             raise Reject("the database was unreachable", requeue=True) from None
         finally:
             _ended.reset(token)
+            if _device_faults:
+                retire_process()
         job_id = args[0] if args else kwargs.get("job_id")
         failure = ended.get(job_id) if isinstance(job_id, str) else None
         if failure is not None:

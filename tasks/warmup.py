@@ -10,7 +10,8 @@ itself: the pool kills a child that has not reported ready within ``worker_proc_
 the module import lock for whatever is still loading. Loading weights stays lazy: which model a
 job needs is not known until it arrives.
 
-The child also learns its slot in the pool here, which picks its GPU (``inference.runtime``).
+The child also chooses its GPU here, from its slot in the pool, before anything in it touches
+CUDA (``inference.devices``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from typing import Any
 from billiard.process import current_process
 from celery.signals import celeryd_after_setup, worker_process_init
 
-from inference import runtime
+from inference import devices
 from inference.engines import REGISTRY
 
 log = logging.getLogger("aiorch.warmup")
 
 _queues: list[str] = []
+_concurrency = 1
+_gpus: tuple[str, ...] = ()
 
 
 def modules_for(queues: list[str]) -> list[str]:
@@ -38,18 +41,25 @@ def modules_for(queues: list[str]) -> list[str]:
 
 @celeryd_after_setup.connect
 def _remember_queues(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    global _concurrency, _gpus
     try:
         _queues[:] = sorted(instance.app.amqp.queues.consume_from)
     except AttributeError:
         _queues[:] = []
+    _gpus = tuple(getattr(getattr(instance.app, "aiorch_settings", None), "gpus", ()) or ())
+    try:
+        _concurrency = max(1, int(instance.concurrency))
+    except (AttributeError, TypeError, ValueError):
+        _concurrency = 1
 
 
 @worker_process_init.connect
 def _start_imports(**_: Any) -> None:
     try:
-        runtime.set_pool_index(int(getattr(current_process(), "index", 0) or 0))
+        index = int(getattr(current_process(), "index", 0) or 0)
     except (TypeError, ValueError):
-        runtime.set_pool_index(0)
+        index = 0
+    devices.configure_process(index, _concurrency, _gpus)
     names = modules_for(_queues)
     if names:
         threading.Thread(target=import_engines, args=(names,), name="aiorch-warmup", daemon=True).start()

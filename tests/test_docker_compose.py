@@ -614,3 +614,15 @@ def test_cpu_images_leave_out_the_gpu_extra() -> None:
         video = dockerfile == "Dockerfile.worker-cpu"
         wanted = r"pip install '\.\[video\]'" if video else r"pip install \.(\s|$)"
         assert re.search(wanted, runs), dockerfile
+
+
+def test_gpu_image_runs_onnx_on_cuda_of_torchs_major_and_sets_expandable_segments() -> None:
+    instructions = dockerfile_instructions(DOCKER / "Dockerfile.worker-gpu")
+    args = _arg_defaults(instructions)
+    installs = " ".join(value for keyword, value in instructions if keyword == "RUN")
+    # onnxruntime-gpu replaces the CPU build, and the build fails unless its CUDA major is torch's.
+    assert args["ONNXRUNTIME_GPU_VERSION"] and "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" in installs
+    assert "pip uninstall -y onnxruntime" in installs
+    assert "b.cuda_version.split('.')[0] == torch.version.cuda.split('.')[0]" in installs
+    env = " ".join(value for keyword, value in instructions if keyword == "ENV")
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in env

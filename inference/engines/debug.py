@@ -1,6 +1,6 @@
 """``debug_sleep``, the diagnostic task (only with AIORCH_DEBUG_TASKS): sleeps in small slices,
 reporting progress, and can kill its own worker process, which is how the fault tests exercise
-redelivery."""
+redelivery, or raise what a GPU raises when it runs out of memory or faults."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+from config.devices import visible_gpus
 from inference.base import EngineResult, check_stop
 from inference.registry import Engine, EngineCall, LocalTask
 
@@ -31,7 +32,24 @@ def run_debug_sleep(call: EngineCall) -> EngineResult:
         # An engine bug: an unexpected exception whose text holds an object's repr, which no job
         # error may show (the worker goes on with its next job).
         raise RuntimeError(f"debug engine crashed on purpose in {call!r}")
-    return EngineResult(backend="debug_sleep", data={"slept": seconds, "attempt": call.attempt})
+    if crash == "oom":
+        import torch  # the real class an engine's allocation raises
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (debug_sleep)")
+    if crash == "device":
+        # A sticky CUDA error, as torch raises it: the process's context is broken from now on.
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (debug_sleep)")
+    return EngineResult(
+        backend="debug_sleep",
+        data={
+            "slept": seconds,
+            "attempt": call.attempt,
+            # Which process and GPU ran it: how the fault tests see a process replaced, and the
+            # pool's processes spread over their GPUs.
+            "pid": os.getpid(),
+            "gpu": ",".join(visible_gpus() or ()) or None,
+        },
+    )
 
 
 ENGINE = Engine(

@@ -29,7 +29,7 @@ from inference.base import EngineError
 from inference.faceswap.blending import alpha_blend, feather, match_colour
 from inference.faceswap.engine import DEFAULT_MAX_FACES, FaceSwapEngine
 from inference.faceswap.faces import Face, keep_largest, similarity_transform
-from inference.runtime import onnx_providers
+from inference.runtime import check_onnx_session, onnx_session_providers
 
 # The five-point ArcFace template in its 112x112 crop (eyes, nose tip, mouth corners).
 ARCFACE_TEMPLATE_112 = np.array(
@@ -58,18 +58,14 @@ def arcface_template(size: int) -> np.ndarray:
     return template
 
 
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, the CPU after it for any op CUDA lacks.
-
-    The choice is ``inference.runtime.onnx_providers``, the platform's one pure function of
-    ``ort.get_available_providers()``, so every ONNX engine picks its providers alike.
-    """
-    import onnxruntime as ort
-
-    return onnx_providers(ort.get_available_providers())
+def default_providers() -> list[Any]:
+    """The platform's choice for this process (``inference.runtime.onnx_session_providers``): CUDA
+    with this process's device and arena on a GPU worker, the CPU after it for any op CUDA lacks;
+    the CPU alone on a machine without a GPU. Every ONNX engine picks its providers alike."""
+    return onnx_session_providers()
 
 
-def _session(path: str | Path, providers: Sequence[str] | None, threads: int | None) -> Any:
+def _session(path: str | Path, providers: Sequence[Any] | None, threads: int | None) -> Any:
     import onnxruntime as ort
 
     path = Path(path)
@@ -78,12 +74,12 @@ def _session(path: str | Path, providers: Sequence[str] | None, threads: int | N
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    chosen = list(providers or default_providers())
     try:
-        return ort.InferenceSession(
-            str(path), sess_options=options, providers=list(providers or default_providers())
-        )
+        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own untyped errors for a bad file
         raise EngineError(f"cannot load {path.name}: {exc}", code="model_invalid") from exc
+    return check_onnx_session(session, chosen)
 
 
 def _spatial(shape: Sequence[Any], default: tuple[int, int]) -> tuple[int, int]:

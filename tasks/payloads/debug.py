@@ -21,7 +21,7 @@ class DebugSleepPayload(Schema):
 
     seconds = fields.Float(load_default=1.0, validate=validate.Range(min=0.0, max=600.0))
     crash = fields.String(
-        load_default="never", validate=validate.OneOf(("never", "always", "first", "raise"))
+        load_default="never", validate=validate.OneOf(("never", "always", "first", "raise", "oom", "device"))
     )
 
     def __init__(self, *args: Any, url_policy: UrlPolicy = UrlPolicy(), max_faces: int = 0, **kwargs: Any):

@@ -100,10 +100,3 @@ def test_flower_broker_api_is_derived_from_an_amqp_broker_url_and_absent_otherwi
     assert Settings.from_env({}).broker_management_api is None  # the embedded filesystem transport
     given = Settings.from_env({"AIORCH_BROKER_URL": "amqp://mq//", "AIORCH_FLOWER_BROKER_API": "http://x/api/"})
     assert given.broker_management_api == "http://x/api/"
-
-
-def test_each_pool_process_of_a_gpu_worker_takes_its_own_gpu() -> None:
-    from inference.runtime import cuda_device_for
-
-    assert [cuda_device_for(i, 4) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
-    assert cuda_device_for(3, 1) == "cuda"  # one GPU: every child shares it

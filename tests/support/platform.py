@@ -100,12 +100,19 @@ class Platform:
         env["PYTHONPATH"] = str(ROOT)
         return env
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (the process owns it)
         # A session of its own, so SIGKILL can take the worker with its pool children.
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env=self._env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=ROOT,
+            env={**self._env(), **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs[name] = proc
         return proc
@@ -125,7 +132,9 @@ class Platform:
                 time.sleep(0.2)
         raise RuntimeError("API did not start:\n" + self.log("api"))
 
-    def start_worker(self, name: str, queues: str, concurrency: int = 1) -> None:
+    def start_worker(
+        self, name: str, queues: str, concurrency: int = 1, env: dict[str, str] | None = None
+    ) -> None:
         log = self.logs / f"{name}.log"
         before = log.stat().st_size if log.exists() else 0
         self._spawn(
@@ -151,6 +160,7 @@ class Platform:
                 "--loglevel",
                 "INFO",
             ],
+            env,
         )
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:

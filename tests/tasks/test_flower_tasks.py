@@ -182,8 +182,10 @@ def test_a_terminated_run_ends_its_job_and_the_lost_claim_can_write_nothing(
     claim = rt.store.claim(job_id, redelivered=False)
     task_revoked.send(sender=app.tasks[RUN], request=Context(args=[job_id]), terminated=True, signum=15)
     assert job_row(db, job_id).error["code"] == "revoked_by_operator"
-    # Had the run gone on, its engine stops at the next step and its finish is fenced off.
-    assert JobControl(rt.store, claim).should_stop()
+    # Had the run gone on, its engine stops at the watcher's next look and its finish is fenced off.
+    control = JobControl(rt.store, claim)
+    control.check()
+    assert control.should_stop()
     assert not record_outcome(rt, claim, None, result={"ok": True}, files=[], backend="debug")
     assert job_row(db, job_id).status == "cancelled"
     with pytest.raises(ClaimRefused):  # a redelivered copy of the message cannot run it again
