@@ -269,6 +269,10 @@ def test_insightface_engine_serves_face_jobs_once_its_three_models_are_installed
         diag = requests.get(f"{platform.base_url}/diag/backends", headers={"X-API-Key": ALICE}, timeout=10)
         gpu = next(w for w in diag.json()["workers"] if w["name"] == "gpu@test")
         assert any(m["id"].startswith("face:insightface:") for m in gpu["loaded_models"]), gpu
+        # Where its ONNX sessions run, for an operator to see a GPU worker quietly on the CPU.
+        onnx = [d["onnx"] for d in gpu["devices"] if "onnx" in d]
+        assert onnx and onnx[0]["sessions_on"] == ["CPUExecutionProvider"], gpu["devices"]
+        assert "CPUExecutionProvider" in onnx[0]["available"]
     finally:
         for model_id in ids:
             store.remove(model_id)
