@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+ONNXRUNTIME_GPU_VERSION := 1.31.1
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
@@ -19,6 +20,12 @@ $(STAMP): setup.cfg pyproject.toml
 	# protobuf<5 and opencv-contrib-python pins are wrong for us (it runs on numpy 2 and
 	# protobuf 6) and would downgrade numpy and replace OpenCV. Its real needs are in the gpu extra.
 	$(PY) -m pip install -q --no-deps 'mediapipe==0.10.21'
+	# On a machine with an NVIDIA GPU, the ONNX engines run on it: onnxruntime-gpu built for torch's
+	# CUDA major (the GPU image's pin) in place of the CPU build; a GPU worker refuses to start
+	# where it cannot load (inference/gpu_check.py).
+	if nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip uninstall -q -y onnxruntime && \
+		$(PY) -m pip install -q 'onnxruntime-gpu==$(ONNXRUNTIME_GPU_VERSION)'; fi
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP) ## create .venv and install aiorch with engines and dev tools
@@ -42,7 +49,8 @@ bench: $(STAMP) ## throughput and latency (Postgres+RabbitMQ, embedded), reads a
 	$(PY) -m bench.reads
 	$(PY) -m bench.fairness
 
-bench-gpu: $(STAMP) ## GPU engines via a real worker vs the raw library call (CPU smoke run without CUDA)
+bench-gpu: $(STAMP) ## output encode costs, then GPU engines via a real worker vs the raw library call (CPU smoke run without CUDA)
+	$(PY) -m bench.encode
 	$(PY) -m bench.gpu
 
 flower: $(STAMP) ## Flower on 127.0.0.1:5555 with basic auth

@@ -626,3 +626,6 @@ def test_gpu_image_runs_onnx_on_cuda_of_torchs_major_and_sets_expandable_segment
     assert "b.cuda_version.split('.')[0] == torch.version.cuda.split('.')[0]" in installs
     env = " ".join(value for keyword, value in instructions if keyword == "ENV")
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in env
+    # `make install` on a GPU host installs the same onnxruntime-gpu.
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"ONNXRUNTIME_GPU_VERSION := {args['ONNXRUNTIME_GPU_VERSION']}\n" in makefile
