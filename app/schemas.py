@@ -200,6 +200,13 @@ class JobSchema(Schema):
     task = fields.String()
     status = fields.String(metadata={"enum": [s.value for s in JobStatus]})
     progress = fields.Integer()
+    progress_detail = fields.Dict(
+        allow_none=True,
+        metadata={
+            "description": "What a run reports beside its percentage: a train_lora job's "
+            '{"step", "steps", "loss"}; null for the other tasks'
+        },
+    )
     ok = fields.Boolean()
     created_at = fields.String(allow_none=True)
     created_at_ms = fields.Integer(allow_none=True)

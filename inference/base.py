@@ -46,8 +46,9 @@ class Cancelled(Exception):
 class RunControl(Protocol):
     """What an engine may call while it runs."""
 
-    def progress(self, percent: float) -> None:
-        """Report progress 0-100; callers throttle, so engines may call it every step."""
+    def progress(self, percent: float, detail: dict[str, Any] | None = None) -> None:
+        """Report progress 0-100, and what the run can say beside it (a training's step and loss);
+        callers throttle, so engines may call it every step."""
 
     def should_stop(self) -> bool:
         """True once the job was cancelled; the engine should stop at its next safe point."""
@@ -56,7 +57,7 @@ class RunControl(Protocol):
 class NullControl:
     """A ``RunControl`` for direct calls and tests: no progress sink, never stops."""
 
-    def progress(self, percent: float) -> None:
+    def progress(self, percent: float, detail: dict[str, Any] | None = None) -> None:
         pass
 
     def should_stop(self) -> bool:

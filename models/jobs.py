@@ -77,6 +77,8 @@ class Job(Base):
     # Where the job is in its pipeline: a ``models.state.Phase`` (status + phase = its state).
     stage: Mapped[str] = mapped_column(String(16), default="prepare")
     progress: Mapped[int] = mapped_column(Integer, default=0)
+    # What a long run reports beside its percentage (a training's step, steps and loss); None else.
+    progress_detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)

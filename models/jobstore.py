@@ -233,9 +233,9 @@ class JobStore:
         stale = f"job is {job.status} (stage {job.stage}); this copy of the message is stale"
         return ClaimRefused(stale), None
 
-    def report_progress(self, claim: Claim, percent: int) -> bool:
-        """Store progress (a ``progress`` move, fenced); returns True when the job has been asked
-        to stop, or was taken from this claim."""
+    def report_progress(self, claim: Claim, percent: int, detail: dict[str, Any] | None = None) -> bool:
+        """Store progress (a ``progress`` move, fenced) and what the run reports beside it; returns
+        True when the job has been asked to stop, or was taken from this claim."""
         with self.db.session() as session:
             moved = lifecycle.apply(
                 session,
@@ -244,6 +244,7 @@ class JobStore:
                 utcnow(),
                 claim.token,
                 progress=max(0, min(99, percent)),
+                progress_detail=detail,
             )
         self._done(moved)
         return moved is None or bool(moved.job.cancel_requested)

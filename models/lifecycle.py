@@ -80,6 +80,7 @@ MOVE_COLUMNS = frozenset(
         "attempts",
         "claim_token",
         "progress",
+        "progress_detail",
         "result",
         "error",
         "cancel_requested",

@@ -41,6 +41,8 @@ def job_object(job: Job, now: datetime | None = None) -> dict[str, Any]:
         "task": job.task,
         "status": job.status,
         "progress": job.progress,
+        # What a run reports beside its percentage (a training's step and loss); null for most.
+        "progress_detail": job.progress_detail,
         "ok": job.status == JobStatus.SUCCEEDED.value,
     }
     for name in ("created_at", "queued_at", "started_at", "finished_at"):

@@ -211,7 +211,14 @@ MOVES: dict[str, Move] = {
             writes=("claim_token", "next_poll_at"),
             guards=frozenset({Guard.UNCHANGED}),
         ),
-        Move("progress", RUNNING_STATES, None, Event.PROGRESS, fenced=True, writes=("progress",)),
+        Move(
+            "progress",
+            RUNNING_STATES,
+            None,
+            Event.PROGRESS,
+            fenced=True,
+            writes=("progress", "progress_detail"),
+        ),
         Move(
             "request_cancel",
             RUNNING_STATES,

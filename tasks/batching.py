@@ -151,9 +151,9 @@ class BatchControl:
     def __init__(self, controls: list[RunControl]):
         self.controls = controls
 
-    def progress(self, percent: float) -> None:
+    def progress(self, percent: float, detail: dict[str, Any] | None = None) -> None:
         for control in self.controls:
-            control.progress(percent)
+            control.progress(percent, detail)
 
     def should_stop(self) -> bool:
         return all(control.should_stop() for control in self.controls)

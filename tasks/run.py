@@ -51,25 +51,26 @@ class JobControl:
     ``progress`` stores a number and ``should_stop`` reads a flag: a diffusion step on a GPU never
     waits for the database. A watcher thread (started by ``with control:``) does the talking,
     once every ``PROGRESS_INTERVAL`` counted from the claim (which already wrote ``running``):
-    when the progress moved it writes it (a ``progress`` move, fenced by the claim, whose answer
-    carries the cancel flag too), else it reads the cancel flag; a flag it finds set is what the
-    next ``should_stop`` returns. So a job shorter than the interval sends no query at all, and a
-    cancel is seen within one interval. The watcher never fails the engine: while the database is
-    unreachable the run goes on, and its final write is what waits for it (``JobTask``).
+    when the progress (or the detail reported with it) moved it writes it (a ``progress`` move,
+    fenced by the claim, whose answer carries the cancel flag too), else it reads the cancel flag;
+    a flag it finds set is what the next ``should_stop`` returns. So a job shorter than the
+    interval sends no query at all, and a cancel is seen within one interval. The watcher never
+    fails the engine: while the database is unreachable the run goes on, and its final write is
+    what waits for it (``JobTask``).
     """
 
     def __init__(self, store: JobStore, claim: Claim, interval: float = PROGRESS_INTERVAL):
         self.store = store
         self.claim = claim
         self.interval = interval
-        self._percent: int | None = None  # the engine's latest report
-        self._written: int | None = None  # what the database holds
+        self._report: tuple[int, dict[str, Any] | None] | None = None  # the engine's latest
+        self._written: tuple[int, dict[str, Any] | None] | None = None  # what the database holds
         self._stop = threading.Event()
         self._done = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def progress(self, percent: float) -> None:
-        self._percent = int(percent)
+    def progress(self, percent: float, detail: dict[str, Any] | None = None) -> None:
+        self._report = (int(percent), detail)
 
     def should_stop(self) -> bool:
         return self._stop.is_set()
@@ -92,11 +93,11 @@ class JobControl:
 
     def check(self) -> None:
         """One look at the database: write the progress if it moved, else read the cancel flag."""
-        percent = self._percent
+        report = self._report
         try:
-            if percent is not None and percent != self._written:
-                stop = self.store.report_progress(self.claim, percent)
-                self._written = percent
+            if report is not None and report != self._written:
+                stop = self.store.report_progress(self.claim, *report)
+                self._written = report
             else:
                 stop = self.store.cancel_requested(self.claim.job_id)
         except Exception as exc:  # looked at again after the next interval

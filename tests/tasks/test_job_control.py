@@ -243,3 +243,30 @@ def test_a_running_generation_sends_no_query_from_its_steps_and_stops_within_an_
     # The generation's own thread sent nothing: no query per step.
     assert from_this_thread(statements) == []
     assert progress_writes(statements) <= 2 + elapsed / PROGRESS_INTERVAL
+
+
+def test_what_a_run_reports_beside_its_percentage_is_written_with_it_and_carried_by_its_event(
+    db: Database, statements: list[Statement]
+) -> None:
+    from sqlalchemy import select
+
+    from models.jobs import JobEvent
+    from models.public import job_object
+
+    store = JobStore(db, max_attempts=3)
+    job_id = make_job(db)
+    control = JobControl(store, store.claim(job_id, redelivered=False))
+    control.progress(40, {"step": 40, "steps": 100, "loss": 0.25})
+    control.check()
+    control.progress(40, {"step": 41, "steps": 100, "loss": 0.24})  # the percentage alone did not move
+    control.check()
+    assert progress_writes(statements) == 2
+    job = store.get(job_id)
+    assert job is not None and job_object(job)["progress_detail"] == {"step": 41, "steps": 100, "loss": 0.24}
+    with db.session() as session:
+        events = session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.type == "job.progress")
+            .order_by(JobEvent.seq)
+        ).all()
+        assert [e.data["progress_detail"]["step"] for e in events] == [40, 41]
