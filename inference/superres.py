@@ -15,7 +15,6 @@ antialiased Lanczos resize, as Real-ESRGAN's own ``outscale`` does.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from inference.base import (
     check_stop,
 )
 from inference.lanczos import LanczosUpscaler, capped_size
+from inference.superres_tensors import DevicePass
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,12 @@ class _Prepared:
     width: int
     height: int
     capped: bool
-    color: np.ndarray  # HxW (grey) or HxWx3, float in [0, 1]
-    alpha: np.ndarray | None
+    color: np.ndarray  # HxWx3 or HxW (grey) uint8, or HxW float32 in [0, 1] for 16-bit grey
+    alpha: np.ndarray | None  # HxW uint8
     out_mode: str
     model_alpha: bool
-
-    @property
-    def rgb(self) -> np.ndarray:
-        return _as_rgb(self.color) if self.color.ndim == 2 else self.color
-
-
-def _as_rgb(plane: np.ndarray) -> np.ndarray:
-    return np.repeat(plane[..., None], 3, axis=2)
+    # The colour comes back from the device as final uint8 pixels (see _prepare).
+    quantize: bool
 
 
 class FaceRestorer(Protocol):
@@ -106,7 +100,8 @@ class Upscaler:
     The model is loaded once in ``__init__`` and reused for every call. ``tile_size`` bounds the
     input area the network sees at once (``None`` never tiles); each tile is extended by
     ``tile_overlap`` input pixels on every side and only its centre is kept, so the network sees
-    the same neighbourhood as in an untiled run and no seams appear.
+    the same neighbourhood as in an untiled run and no seams appear. ``channels_last`` and
+    ``cudnn_benchmark`` apply on CUDA only (see ``DevicePass``).
     """
 
     name = BACKEND
@@ -125,6 +120,8 @@ class Upscaler:
         max_native_pixels: int = 100_000_000,
         alpha_upsampler: str = "model",
         face_restorer: FaceRestorer | None = None,
+        channels_last: bool = True,
+        cudnn_benchmark: bool = True,
     ):
         if tile_size is not None and tile_size < 16:
             raise ValueError(f"tile_size must be at least 16 or None, got {tile_size}")
@@ -154,12 +151,22 @@ class Upscaler:
         except Exception as exc:  # spandrel raises its own UnsupportedDtypeError, torch RuntimeError
             raise EngineError(f"cannot place {self.model_id} on {self.device} as {dtype}: {exc}") from exc
         self.dtype = dtype
-        self._model = descriptor
         # The bare network too, so a memory-bounded cache that looks for modules can measure it.
         self.network: torch.nn.Module = descriptor.model
         self.arch = _FAMILY_ARCHS[descriptor.architecture.id]
         self.native_scale: int = descriptor.scale
-        self._forward_s = 0.0
+        self._pass = DevicePass(
+            descriptor,
+            device=self.device,
+            dtype=dtype,
+            scale=self.native_scale,
+            channels_last=channels_last,
+            cudnn_benchmark=cudnn_benchmark,
+        )
+        if self._pass.channels_last:
+            # Both RRDB and compact are plain conv stacks: NHWC weights let cuDNN run them on
+            # tensor cores without reordering every activation.
+            self.network.to(memory_format=torch.channels_last)
 
     @property
     def backend(self) -> str:
@@ -183,11 +190,11 @@ class Upscaler:
         job = self._prepare(UpscaleRequest(image, scale, face_enhance))
         color_span = (5.0, 50.0) if job.model_alpha else (5.0, 90.0)
         control.progress(color_span[0])
-        native, tiles = self._upscale_rgb(job.rgb, control, color_span)
+        native, tiles = self._upscale_plane(job.color, job.quantize, control, color_span)
         alpha_native = None
         if job.model_alpha:
             assert job.alpha is not None
-            alpha_native, alpha_tiles = self._upscale_rgb(_as_rgb(job.alpha), control, (50.0, 90.0))
+            alpha_native, alpha_tiles = self._upscale_plane(job.alpha, False, control, (50.0, 90.0))
             tiles += alpha_tiles
         result = self._finish(job, native, alpha_native, tiles=tiles, batch_size=1, control=control)
         result.images[0].meta["timing"] = self._timing(started)
@@ -221,13 +228,13 @@ class Upscaler:
             except EngineError as exc:
                 outcomes[index] = exc
         # Planes that go through the network: each image's colour, and its alpha when it varies.
-        planes: list[tuple[int, str, np.ndarray]] = []
+        planes: list[tuple[int, str, np.ndarray, bool]] = []
         for index, job in jobs.items():
-            planes.append((index, "color", job.rgb))
+            planes.append((index, "color", job.color, job.quantize))
             if job.model_alpha:
                 assert job.alpha is not None
-                planes.append((index, "alpha", _as_rgb(job.alpha)))
-        by_size: dict[tuple[int, int], list[tuple[int, str, np.ndarray]]] = {}
+                planes.append((index, "alpha", job.alpha, False))
+        by_size: dict[tuple[int, int], list[tuple[int, str, np.ndarray, bool]]] = {}
         alone = []
         for plane in planes:
             if self.tile_size is None or max(plane[2].shape[:2]) <= self.tile_size:
@@ -244,14 +251,15 @@ class Upscaler:
         control.progress(5)
         for done, chunk in enumerate(chunks):
             check_stop(control)
-            for (index, kind, _), out in zip(chunk, self._forward_batch([p[2] for p in chunk]), strict=True):
+            outs = self._forward_batch([p[2] for p in chunk], [p[3] for p in chunk])
+            for (index, kind, _, _), out in zip(chunk, outs, strict=True):
                 native[index, kind] = out
                 tiles[index] += 1
                 if kind == "color":
                     batch_sizes[index] = len(chunk)
             control.progress(5 + 85 * (done + 1) / steps)
-        for done, (index, kind, rgb) in enumerate(alone, start=len(chunks)):
-            native[index, kind], count = self._upscale_rgb(rgb, control, (5.0, 5.0))
+        for done, (index, kind, array, quantize) in enumerate(alone, start=len(chunks)):
+            native[index, kind], count = self._upscale_plane(array, quantize, control, (5.0, 5.0))
             tiles[index] += count
             control.progress(5 + 85 * (done + 1) / steps)
         for index, job in jobs.items():
@@ -274,7 +282,7 @@ class Upscaler:
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _start_timing(self) -> float:
-        self._forward_s = 0.0
+        self._pass.reset_clock()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         return time.perf_counter()
@@ -285,7 +293,7 @@ class Upscaler:
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return {
             "engine_s": round(time.perf_counter() - started, 4),
-            "forward_s": round(self._forward_s, 4),
+            "forward_s": round(self._pass.forward_s, 4),
             "peak_device_bytes": peak,
         }
 
@@ -320,7 +328,14 @@ class Upscaler:
         # As Real-ESRGAN does: a varying alpha plane goes through the network as a grey image,
         # which keeps cut-out edges as crisp as the colour edges.
         model_alpha = alpha is not None and self.alpha_upsampler == "model" and bool(np.ptp(alpha) > 0)
-        return _Prepared(scale, face_enhance, width, height, capped, color, alpha, out_mode, model_alpha)
+        # 8-bit colour wanted at the model's own size needs nothing after the network but rounding,
+        # so that happens on the device and only uint8 comes back. Grey (its luma is taken on the
+        # host), 16-bit and resized outputs come back as float32 for the finishing below.
+        native_size = (image.width * self.native_scale, image.height * self.native_scale)
+        quantize = color.dtype == np.uint8 and color.ndim == 3 and (width, height) == native_size
+        return _Prepared(
+            scale, face_enhance, width, height, capped, color, alpha, out_mode, model_alpha, quantize
+        )
 
     def _finish(
         self,
@@ -333,8 +348,10 @@ class Upscaler:
         control: RunControl,
     ) -> EngineResult:
         width, height = job.width, job.height
-        gray = job.color.ndim == 2
-        out = _resize(native @ _LUMA if gray else native, width, height)
+        if job.quantize:
+            out = native  # final uint8 pixels already
+        else:
+            out = _resize(native @ _LUMA if job.color.ndim == 2 else native, width, height)
         out_alpha = None
         if job.alpha is not None:
             if alpha_native is not None:
@@ -342,9 +359,9 @@ class Upscaler:
             elif np.ptp(job.alpha) == 0:
                 # Fully opaque (or uniformly translucent) alpha, the common case for RGBA PNGs:
                 # no need to spend a model pass on a constant.
-                out_alpha = np.full((height, width), job.alpha.flat[0], dtype=np.float32)
+                out_alpha = np.full((height, width), job.alpha.flat[0], dtype=np.uint8)
             else:
-                out_alpha = _resize(job.alpha, width, height)
+                out_alpha = _resize(_unit(job.alpha), width, height)
         result = _encode(out, out_alpha, job.out_mode)
         backend = self.backend
         if job.face_enhance:
@@ -367,66 +384,44 @@ class Upscaler:
         }
         return EngineResult(backend=backend, images=[OutputImage(result, meta)])
 
-    def _forward_batch(self, planes: list[np.ndarray]) -> list[np.ndarray]:
-        """One forward pass over same-size HxWx3 planes; halves the batch on CUDA out-of-memory."""
+    def _forward_batch(self, planes: list[np.ndarray], quantize: list[bool]) -> list[np.ndarray]:
+        """One forward pass over same-size planes; halves the batch on CUDA out-of-memory."""
         try:
-            stacked = np.stack([plane.transpose(2, 0, 1) for plane in planes])
-            with torch.inference_mode():
-                started = time.perf_counter()
-                result = self._model(torch.from_numpy(stacked).to(self.device, self.dtype)).float().cpu()
-                self._forward_s += time.perf_counter() - started  # .cpu() waited for the device
-            return [result[k].permute(1, 2, 0).numpy() for k in range(len(planes))]
+            return self._pass.run_batch(planes, quantize)
         except torch.OutOfMemoryError:
             if len(planes) == 1 or self.device.type != "cuda":
                 raise
             log.warning("out of GPU memory with a batch of %s, splitting it", len(planes))
             torch.cuda.empty_cache()
             half = len(planes) // 2
-            return self._forward_batch(planes[:half]) + self._forward_batch(planes[half:])
+            return self._forward_batch(planes[:half], quantize[:half]) + self._forward_batch(
+                planes[half:], quantize[half:]
+            )
 
-    def _upscale_rgb(
-        self, rgb: np.ndarray, control: RunControl, span: tuple[float, float]
+    def _upscale_plane(
+        self, plane: np.ndarray, quantize: bool, control: RunControl, span: tuple[float, float]
     ) -> tuple[np.ndarray, int]:
-        """Run the network over an HxWx3 float image in [0, 1]; returns the native-scale result."""
+        """Run the network over one plane (see ``DevicePass``); returns the native-scale result."""
         tile_size = self.tile_size
         while True:
             try:
-                return self._run_tiles(rgb, tile_size, control, span)
+                return self._pass.run_tiled(
+                    plane,
+                    quantize=quantize,
+                    tile_size=tile_size,
+                    overlap=self.tile_overlap,
+                    control=control,
+                    span=span,
+                )
             except torch.OutOfMemoryError:
                 # A large image on a busy GPU: retry with smaller tiles instead of failing the
                 # job; below 128 px tiles the overlap dominates and it is better to give up.
-                smaller = (tile_size or max(rgb.shape[:2])) // 2
+                smaller = (tile_size or max(plane.shape[:2])) // 2
                 if smaller < 128 or self.device.type != "cuda":
                     raise
                 log.warning("out of GPU memory with %s px tiles, retrying with %s", tile_size, smaller)
                 torch.cuda.empty_cache()
                 tile_size = smaller
-
-    def _run_tiles(
-        self, rgb: np.ndarray, tile_size: int | None, control: RunControl, span: tuple[float, float]
-    ) -> tuple[np.ndarray, int]:
-        height, width = rgb.shape[:2]
-        n = self.native_scale
-        pad = self.tile_overlap
-        tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
-        out = np.empty((height * n, width * n, 3), dtype=np.float32)
-        boxes = [
-            (y0, y1, x0, x1) for y0, y1 in _splits(height, tile_size) for x0, x1 in _splits(width, tile_size)
-        ]
-        for done, (y0, y1, x0, x1) in enumerate(boxes):
-            check_stop(control)
-            py0, py1 = max(y0 - pad, 0), min(y1 + pad, height)
-            px0, px1 = max(x0 - pad, 0), min(x1 + pad, width)
-            with torch.inference_mode():
-                piece = tensor[:, :, py0:py1, px0:px1].to(self.device, self.dtype)
-                started = time.perf_counter()
-                result = self._model(piece)[0].float().cpu()
-                self._forward_s += time.perf_counter() - started
-            # Keep only the tile's own area: the overlap served as context for the network.
-            core = result[:, (y0 - py0) * n : (y1 - py0) * n, (x0 - px0) * n : (x1 - px0) * n]
-            out[y0 * n : y1 * n, x0 * n : x1 * n] = core.permute(1, 2, 0).numpy()
-            control.progress(span[0] + (span[1] - span[0]) * (done + 1) / len(boxes))
-        return out, len(boxes)
 
 
 def _load_descriptor(path: Path):
@@ -461,17 +456,12 @@ def _load_descriptor(path: Path):
     return descriptor
 
 
-def _splits(length: int, tile: int | None) -> list[tuple[int, int]]:
-    """Cut ``length`` into near-equal parts of at most ``tile``, so no sliver tile is left over."""
-    if tile is None or length <= tile:
-        return [(0, length)]
-    count = math.ceil(length / tile)
-    edges = [round(i * length / count) for i in range(count + 1)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
-
-
 def _decode(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Split an image into float colour (HxW or HxWx3), float alpha (HxW or None), output mode."""
+    """Split an image into colour (HxW or HxWx3), alpha (HxW or None) and the output mode.
+
+    8-bit planes stay uint8 (the device normalises them, see ``DevicePass``); 16-bit grey is
+    normalised here, to float32 in [0, 1].
+    """
     mode = image.mode
     if mode in _16BIT_MODES or mode == "I":
         # Pillow opens 16-bit greyscale PNG/TIFF as I;16 or, in older paths, as 32-bit "I".
@@ -489,14 +479,19 @@ def _decode(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, str]:
         image = image.convert("LA")
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-    array = np.asarray(image).astype(np.float32) / 255.0
+    array = np.array(image)  # writable: torch warns on the read-only array np.asarray gives
     if image.mode == "L":
         return array, None, "L"
     if image.mode == "LA":
-        return array[..., 0], array[..., 1], "LA"
+        return np.ascontiguousarray(array[..., 0]), np.ascontiguousarray(array[..., 1]), "LA"
     if image.mode == "RGBA":
-        return array[..., :3], array[..., 3], "RGBA"
+        return np.ascontiguousarray(array[..., :3]), np.ascontiguousarray(array[..., 3]), "RGBA"
     return array, None, "RGB"
+
+
+def _unit(plane: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [0, 1]."""
+    return plane.astype(np.float32) / 255.0
 
 
 def _resize(plane: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -509,14 +504,14 @@ def _resize(plane: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _encode(color: np.ndarray, alpha: np.ndarray | None, mode: str) -> Image.Image:
+    """Colour and alpha, each float32 in [0, 1] or final uint8 already, as an image."""
     if mode == "I;16":
         return Image.fromarray(_quantize(color, 65535, np.uint16))
-    planes = [color] if color.ndim == 2 else [color[..., c] for c in range(3)]
-    if alpha is not None:
-        planes.append(alpha)
-    array = _quantize(np.stack(planes, axis=2), 255, np.uint8)
-    # Pillow infers L, LA, RGB or RGBA from the uint8 array's channel count.
-    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    planes = [
+        p if p.dtype == np.uint8 else _quantize(p, 255, np.uint8) for p in (color, alpha) if p is not None
+    ]
+    # Pillow infers L, LA, RGB or RGBA from the uint8 array's shape.
+    return Image.fromarray(planes[0] if len(planes) == 1 else np.dstack(planes))
 
 
 def _quantize(array: np.ndarray, top: int, dtype: type) -> np.ndarray:
