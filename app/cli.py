@@ -14,10 +14,14 @@ from typing import Any
 
 import click
 
+from app.cli_models import models
 from config import QUEUES, REQUEST_LINE_LIMIT, Settings
 from config.logs import configure_logging
 
-GPU_QUEUES = [q for q in QUEUES if q.startswith("gpu.")]
+# The inference queues one GPU worker takes; training has its own worker (``aiorch up``'s "train"),
+# so a long training never holds the GPU that jobs of the other queues wait for.
+TRAIN_QUEUE = "gpu.train"
+GPU_QUEUES = [q for q in QUEUES if q.startswith("gpu.") and q != TRAIN_QUEUE]
 # Every file an aiorch process creates (database, broker folders, keys, outputs, logs) is its
 # owner's only: no other local user reads a tenant's images or the platform's secrets.
 PRIVATE_UMASK = 0o077
@@ -396,81 +400,6 @@ def keys_revoke(key_id: int) -> None:
     click.echo(f"revoked {key_id}")
 
 
-@main.group()
-def models() -> None:
-    """The model store in AIORCH_MODELS_DIR (nothing is downloaded unless you pull)."""
-
-
-@models.command("list")
-@click.option("--type", "model_type", default=None, help="only this type (diffusers, lora, realesrgan, onnx)")
-def models_list(model_type: str | None) -> None:
-    """List installed models and built-in engines."""
-    from tasks.model_registry import list_models
-
-    for entry in list_models(settings_from_env(), model_type):
-        click.echo(
-            f"{entry['id']}\t{entry['type']}\t{','.join(entry['tasks'])}\t{entry['base_model_type'] or ''}"
-        )
-
-
-@models.command("add")
-@click.argument("path", type=click.Path(exists=True))
-@click.option("--id", "model_id", default=None, help="model id (default: from the file or folder name)")
-@click.option("--type", "model_type", default=None, help="detected from the files when not given")
-@click.option(
-    "--role",
-    type=click.Choice(["face_detector", "face_recognizer", "face_swapper"]),
-    default=None,
-    help="the part an ONNX file plays in the InsightFace engine, when its name does not say",
-)
-@click.option(
-    "--family",
-    type=click.Choice(["u2net", "birefnet", "rmbg"]),
-    default=None,
-    help="the pre-processing an ONNX background-removal model needs, when its file does not tell",
-)
-def models_add(
-    path: str, model_id: str | None, model_type: str | None, role: str | None, family: str | None
-) -> None:
-    """Register a local diffusers folder, Real-ESRGAN .pth, LoRA or ONNX file."""
-    from tasks.model_registry import add_model
-
-    try:
-        entry = add_model(settings_from_env(), path, model_id, model_type, role, family)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"added {entry['id']} ({entry['type']}; tasks: {', '.join(entry['tasks']) or 'none'})")
-
-
-@models.command("pull")
-@click.argument("repo")
-@click.option("--id", "model_id", default=None)
-@click.option("--revision", default=None)
-@click.option("--offline", is_flag=True, help="only use what the local Hugging Face cache already holds")
-def models_pull(repo: str, model_id: str | None, revision: str | None, offline: bool) -> None:
-    """Download a Hugging Face repository into the store (needs the network unless --offline)."""
-    from tasks.model_registry import pull_model
-
-    try:
-        entry = pull_model(settings_from_env(), repo, model_id, revision, offline)
-    except Exception as exc:  # network and hub errors alike: say what failed, no traceback
-        raise click.ClickException(f"pull failed: {exc}") from None
-    click.echo(f"pulled {entry['id']} ({entry['type']})")
-
-
-@models.command("remove")
-@click.argument("model_id")
-def models_remove(model_id: str) -> None:
-    """Forget a model (its files stay on disk)."""
-    from tasks.model_registry import remove_model
-
-    try:
-        remove_model(settings_from_env(), model_id)
-    except (LookupError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"removed {model_id}")
-
-
 def ensure_dev_key(settings: Settings) -> str | None:
     """With no key configured anywhere, create one for client ``dev`` and keep it in var/."""
     from models.db import Database
@@ -493,7 +422,8 @@ def ensure_dev_key(settings: Settings) -> str | None:
 @main.command()
 @click.option("--flower/--no-flower", default=True, help="also start Flower on 127.0.0.1")
 def up(flower: bool) -> None:
-    """Migrate, then run the API, a cpu worker, a GPU-queues worker and the scheduler together."""
+    """Migrate, then run the API, a cpu worker, a GPU-queues worker, a training worker and the
+    scheduler together."""
     settings = settings_from_env()
     private_dir(settings.var_dir)
     exe = [sys.executable, "-m", "app.cli"]
@@ -503,6 +433,7 @@ def up(flower: bool) -> None:
         "api": [*exe, "serve"],
         "cpu": [*exe, "worker", "-Q", "cpu", "-c", "2", "-n", "cpu@%h"],
         "gpu": [*exe, "worker", "-Q", ",".join(GPU_QUEUES), "-c", "1", "-n", "gpu@%h"],
+        "train": [*exe, "worker", "-Q", TRAIN_QUEUE, "-c", "1", "-n", "train@%h"],
         "beat": [*exe, "beat"],
     }
     if flower:
@@ -595,6 +526,8 @@ def flower() -> None:
         os.putenv(name, value)
     os.execv(sys.executable, argv)
 
+
+main.add_command(models)
 
 if __name__ == "__main__":
     main()

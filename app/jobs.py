@@ -51,8 +51,9 @@ from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
 from tasks.catalog import TaskSpec
 from tasks.celery_app import ask_to_fill
-from tasks.model_registry import has_model_for
+from tasks.model_registry import has_model_for, model_problem
 from tasks.next_step import send_next, waits_for_slot
+from tasks.payloads.base import model_refs
 
 log = logging.getLogger("aiorch.api")
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Asynchronous jobs")
@@ -217,7 +218,15 @@ def checked_spec(body: dict[str, Any], settings: Settings) -> TaskSpec:
     except ValidationError as exc:
         details = exc.messages if "webhook_url" in exc.messages else {"payload": exc.messages}
         abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)
-    del payload  # validated here; workers validate again from the stored raw payload
+    # The models it names, as its client sees the store (another client's model is unknown).
+    problems = {
+        field: [problem]
+        for field, model_id, ref in model_refs(schema, payload)
+        if (problem := model_problem(settings, model_id, ref.types, ref.task, g.client_id)) is not None
+    }
+    if problems:
+        details = {"payload": problems}
+        abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)
     return spec
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from config.devices import parse_gpus
 from config.routes import NO_ROUTES, Routes, RoutesError, load_routes
 
-QUEUES = ("cpu", "gpu.diffusion", "gpu.superres", "gpu.faceswap", "gpu.vision")
+QUEUES = ("cpu", "gpu.diffusion", "gpu.superres", "gpu.faceswap", "gpu.vision", "gpu.train")
 # The longest request line ``aiorch serve`` reads (414 past it): ``GET /v1/events?ids=`` takes up
 # to 1000 job ids, about 33 KB of URL (app/gunicorn_json.py raises gunicorn's own 8190 ceiling).
 REQUEST_LINE_LIMIT = 64 * 1024

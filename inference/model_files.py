@@ -117,6 +117,8 @@ def _detect_diffusers(folder: Path) -> Detected:
     if base in ("sd15", "sd2", "sdxl"):
         # A 9-channel UNet is an inpainting model: it cannot denoise from text alone.
         tasks = INPAINT_TASKS if in_channels == 9 else DIFFUSION_TASKS
+        if base in ("sd15", "sd2") and in_channels == 4:
+            tasks = (*tasks, "train_lora")  # one text encoder: what inference/training trains
     else:
         tasks = ("generate",)
     extra = {"pipeline_class": cls_name, "unet_in_channels": in_channels}

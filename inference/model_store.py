@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -79,6 +80,13 @@ class ModelEntry:
     added_at: str | None = None
     # Facts an engine needs that only some types have (an upscaler's scale, a pipeline class).
     extra: dict[str, Any] = field(default_factory=dict)
+    # The client whose model it is (a LoRA it trained): only that client sees it. None: the
+    # operator's, installed for everyone.
+    owner: str | None = None
+
+    def visible_to(self, client: str | None) -> bool:
+        """Whether ``client`` sees it (None: the operator's view, which sees every model)."""
+        return client is None or self.owner is None or self.owner == client
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -99,6 +107,7 @@ class ModelEntry:
             source=data.get("source"),
             added_at=data.get("added_at"),
             extra=dict(data.get("extra") or {}),
+            owner=data.get("owner"),
         )
 
 
@@ -135,14 +144,19 @@ class ModelStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def list(self, *, type: str | None = None, task: str | None = None) -> list[ModelEntry]:
-        """Every model, built-ins first then by id, optionally of one type and/or serving one task."""
+    def list(
+        self, *, type: str | None = None, task: str | None = None, client: str | None = None
+    ) -> list[ModelEntry]:
+        """Every model, built-ins first then by id, optionally of one type and/or serving one task;
+        with ``client``, only what that client sees (the operator's models and its own)."""
         entries = list(BUILTIN_MODELS) if self.include_builtin else []
         entries += sorted(self._current().values(), key=lambda e: e.id)
         if type is not None:
             entries = [e for e in entries if e.type == type]
         if task is not None:
             entries = [e for e in entries if task in e.tasks]
+        if client is not None:
+            entries = [e for e in entries if e.visible_to(client)]
         return entries
 
     def page(
@@ -156,14 +170,16 @@ class ModelStore:
         entries = self.list(type=type, task=task)
         return Page(data=entries[offset : offset + size], have_next=offset + size < len(entries))
 
-    def get(self, model_id: str) -> ModelEntry:
+    def get(self, model_id: str, *, client: str | None = None) -> ModelEntry:
+        """The model ``model_id``; with ``client``, another client's model is not found, exactly
+        like one that does not exist."""
         for builtin in BUILTIN_MODELS if self.include_builtin else ():
             if builtin.id == model_id:
                 return builtin
-        try:
-            return self._current()[model_id]
-        except KeyError:
-            raise ModelNotFound(model_id) from None
+        entry = self._current().get(model_id)
+        if entry is None or not entry.visible_to(client):
+            raise ModelNotFound(model_id)
+        return entry
 
     def __contains__(self, model_id: object) -> bool:
         try:
@@ -195,6 +211,7 @@ class ModelStore:
         replace: bool = False,
         role: str | None = None,
         family: str | None = None,
+        owner: str | None = None,
     ) -> ModelEntry:
         """Register the model at ``path``; its type, tasks and base model are read from its files
         unless given. Paths inside the models dir are stored relative to it, so the directory can
@@ -244,6 +261,7 @@ class ModelStore:
             source=source,
             added_at=datetime.now(UTC).isoformat(),
             extra=detected.extra,
+            owner=owner,
         )
         with self._locked_manifest() as entries:
             if model_id in entries and not replace:
@@ -251,15 +269,28 @@ class ModelStore:
             entries[model_id] = entry
         return entry
 
-    def remove(self, model_id: str) -> ModelEntry:
-        """Drop a model from the manifest; its files stay where they are (the operator owns them)."""
+    def remove(self, model_id: str, *, client: str | None = None) -> ModelEntry:
+        """Drop a model from the manifest. The operator's files stay where they are (the operator
+        owns them); a client's model (a LoRA it trained, kept in the models dir) goes with its
+        files. With ``client``, only that client's own models: another client's is not found, an
+        operator's is refused (``ModelStoreError``)."""
         if any(b.id == model_id for b in BUILTIN_MODELS):
             raise ModelStoreError(f"{model_id!r} is a built-in engine and cannot be removed")
         with self._locked_manifest() as entries:
-            try:
-                return entries.pop(model_id)
-            except KeyError:
-                raise ModelNotFound(model_id) from None
+            entry = entries.get(model_id)
+            if entry is None or not entry.visible_to(client):
+                raise ModelNotFound(model_id)
+            if client is not None and entry.owner is None:
+                raise ModelStoreError(f"{model_id!r} is an operator's model; only an admin removes it")
+            del entries[model_id]
+        if entry.owner is not None and entry.path is not None:
+            path = self.resolve_path(entry)
+            if path.resolve().is_relative_to(self.models_dir.resolve()):  # never beyond the store
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        return entry
 
     def pull(
         self,

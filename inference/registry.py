@@ -31,6 +31,9 @@ class EngineCall:
     control: RunControl
     attempt: int
     settings: Settings
+    job_id: str = ""
+    # The client whose job it is: the models it may name are the operator's and its own.
+    owner: str = ""
 
 
 Run = Callable[[EngineCall], EngineResult]

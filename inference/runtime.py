@@ -158,7 +158,7 @@ def chosen_model(call: EngineCall, task: str, types: tuple[str, ...]) -> ModelEn
     if not model_id:
         return None
     try:
-        entry = model_store(call.settings).get(model_id)
+        entry = model_store(call.settings).get(model_id, client=call.owner or None)
     except ModelNotFound:
         raise InvalidInput(f"model {model_id!r} is not installed", field="model") from None
     if entry.type not in types or task not in entry.tasks:

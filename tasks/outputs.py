@@ -73,7 +73,8 @@ def store_outputs(
         result.update(outputs[0])
     else:
         result["meta"] = {"backend": outcome.backend}
-    if len(outputs) > 1:
+    if len(outputs) > 1 or outcome.files:
+        # Several outputs, or a file that is not a picture (a video, a trained LoRA): listed.
         result["files"] = outputs
     if outcome.data:
         result.update(outcome.data)

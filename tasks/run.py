@@ -185,7 +185,7 @@ def _run_claimed(
                 payload = validate_payload(spec, job.payload, rt.settings)
                 images = _open_inputs(job.inputs or {})
                 with JobControl(rt.store, claim) as control:
-                    call = EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings)
+                    call = engine_call(job, payload, images, control, claim.attempt, rt)
                     outcome = ENGINES[spec.engine or ""](call)
             else:
                 payload, outcome = prepared[0].payload, _batched_outcome(rt, job_id, prepared[1])
@@ -209,6 +209,14 @@ def _run_claimed(
             rt.storage.remove_inputs(job_id)
 
 
+def engine_call(
+    job: Job, payload: dict[str, Any], images: dict[str, Any], control: JobControl, attempt: int, rt: Runtime
+) -> EngineCall:
+    return EngineCall(
+        job.engine_task, payload, images, control, attempt, rt.settings, job_id=job.id, owner=job.client_id
+    )
+
+
 def _ended_elsewhere(rt: Runtime, job_id: str) -> bool:
     job = rt.store.get(job_id)
     return job is None or is_final(job.status)
@@ -230,7 +238,7 @@ def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list
             continue
         control = JobControl(rt.store, claim)
         controls.append(control)
-        calls.append(EngineCall(job.engine_task, payload, images, control, claim.attempt, rt.settings))
+        calls.append(engine_call(job, payload, images, control, claim.attempt, rt))
         batched.append((claim, job))
     if not calls:
         return

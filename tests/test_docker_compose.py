@@ -40,9 +40,9 @@ COMPOSE_FILE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
 SCHEMA_FILE = Path(__file__).with_name("data") / "compose-spec.json"
 
-GPU_QUEUES = sorted(q for q in QUEUES if q.startswith("gpu."))
+GPU_QUEUES = sorted(q for q in QUEUES if q.startswith("gpu.") and q != "gpu.train")
 # Services that run until stopped; `migrate` is the only one-shot.
-LONG_RUNNING = {"rabbitmq", "postgres", "api", "worker-cpu", "worker-gpu", "beat", "flower"}
+LONG_RUNNING = {"rabbitmq", "postgres", "api", "worker-cpu", "worker-gpu", "worker-train", "beat", "flower"}
 ONE_SHOT = {"migrate"}
 # Which Dockerfile builds which aiorch service, and what its process must be.
 SERVICE_DOCKERFILE = {
@@ -52,6 +52,7 @@ SERVICE_DOCKERFILE = {
     "beat": "Dockerfile.worker-cpu",
     "flower": "Dockerfile.worker-cpu",
     "worker-gpu": "Dockerfile.worker-gpu",
+    "worker-train": "Dockerfile.worker-gpu",
 }
 SECRETS = {"POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "AIORCH_FLOWER_PASSWORD"}
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -436,10 +437,22 @@ def test_gpu_worker_listens_to_the_four_gpu_queues_with_one_process(services: di
     assert params["concurrency"] == 1, "one process per GPU"
 
 
+def test_training_has_a_gpu_worker_of_its_own_that_writes_the_model_store(services: dict[str, Any]) -> None:
+    argv = effective_argv("worker-train", services["worker-train"])
+    assert queues_of(argv) == ["gpu.train"]
+    assert parse_aiorch(argv)[1]["concurrency"] == 1
+    devices = services["worker-train"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    for name in ("worker-train", "api"):  # registers a trained LoRA; DELETE /v1/models removes one
+        mounts = {parse_volume(v)[0]: parse_volume(v) for v in services[name]["volumes"]}
+        assert mounts["models"][1] == environment(services[name])["AIORCH_MODELS_DIR"]
+        assert not mounts["models"][2], f"{name} must write the models volume"
+
+
 def test_worker_health_checks_ping_the_node_the_worker_runs_as(services: dict[str, Any]) -> None:
     # `-n cpu@%h` names the node after the container's hostname; a ping addressed to any other
     # name gets no reply, and the worker would be marked unhealthy forever.
-    for name in ("worker-cpu", "worker-gpu"):
+    for name in ("worker-cpu", "worker-gpu", "worker-train"):
         _names, params = parse_aiorch(effective_argv(name, services[name]))
         prefix, _, host = params["name"].partition("@")
         assert host == "%h", f"{name}: node name must end in @%h, got {params['name']}"
@@ -502,7 +515,7 @@ def test_gpu_worker_reserves_an_nvidia_gpu(services: dict[str, Any]) -> None:
     devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d.get("capabilities", []) for d in devices), devices
     for name, service in services.items():
-        if name != "worker-gpu":
+        if name not in ("worker-gpu", "worker-train"):
             assert "devices" not in str(service.get("deploy", {})), f"{name} should not hold a GPU"
 
 
@@ -512,7 +525,14 @@ def test_secrets_reach_only_the_services_that_use_them(raw: dict[str, Any]) -> N
 
     assert holders("AIORCH_WEBHOOK_SECRET") == {"worker-cpu"}
     assert holders("AIORCH_API_KEYS") == {"api"}
-    assert holders("POSTGRES_PASSWORD") == {"postgres", "migrate", "api", "worker-cpu", "worker-gpu"}
+    assert holders("POSTGRES_PASSWORD") == {
+        "postgres",
+        "migrate",
+        "api",
+        "worker-cpu",
+        "worker-gpu",
+        "worker-train",
+    }
     assert holders("AIORCH_FLOWER_PASSWORD") == {"flower"}
 
 

@@ -43,12 +43,13 @@ class ImageGenerator(DiffusionPipeline):
         image: Image.Image | None = None,
         image_strength: float = 0.6,
         control: RunControl | None = None,
+        client: str | None = None,
     ) -> EngineResult:
         control = control or NullControl()
         params = SamplingParams.check(
             prompt, negative_prompt, steps, cfg_scale, samples, scheduler, prompt_required=True
         )
-        entry, info = self.models.resolve(model, self.task)
+        entry, info = self.models.resolve(model, self.task, client)
         if image is not None:
             image = input_image("image", image)
             width, height = img2img_size(image, width, height, info)
@@ -58,7 +59,7 @@ class ImageGenerator(DiffusionPipeline):
             width = side("width", info.native_side if width is None else width, info.max_side)
             height = side("height", info.native_side if height is None else height, info.max_side)
         seeds = params.seeds(seed)
-        lora_list = self.models.resolve_loras(loras, entry.base_model_type or info.base_model_type)
+        lora_list = self.models.resolve_loras(loras, entry.base_model_type or info.base_model_type, client)
         call = params.pipeline_kwargs()
         if image is not None:
             # The img2img pipelines take their size from the image, not from width/height.

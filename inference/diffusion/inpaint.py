@@ -48,6 +48,7 @@ class Inpainter(DiffusionPipeline):
         loras: list[dict[str, Any]] | None = None,
         feather: int | None = None,
         control: RunControl | None = None,
+        client: str | None = None,
     ) -> EngineResult:
         control = control or NullControl()
         params = SamplingParams.check(prompt, negative_prompt, steps, cfg_scale, samples, scheduler)
@@ -55,9 +56,9 @@ class Inpainter(DiffusionPipeline):
         check_effective_steps("strength", strength, params.steps)
         image, region = image_and_mask(image, mask, mask_mode)
         feather = feather_width(feather, image)
-        entry, info = self.models.resolve(model, self.task)
+        entry, info = self.models.resolve(model, self.task, client)
         seeds = params.seeds(seed)
-        lora_list = self.models.resolve_loras(loras, entry.base_model_type or info.base_model_type)
+        lora_list = self.models.resolve_loras(loras, entry.base_model_type or info.base_model_type, client)
         images = masked_repaint(
             self.models,
             entry,
@@ -99,6 +100,7 @@ class ObjectRemover(DiffusionPipeline):
         scheduler: str | None = None,
         feather: int | None = None,
         control: RunControl | None = None,
+        client: str | None = None,
     ) -> EngineResult:
         control = control or NullControl()
         params = SamplingParams.check(
@@ -111,7 +113,7 @@ class ObjectRemover(DiffusionPipeline):
         )
         image, region = image_and_mask(image, mask, mask_mode)
         feather = feather_width(feather, image)
-        entry, info = self.models.resolve(model, self.task)
+        entry, info = self.models.resolve(model, self.task, client)
         seeds = params.seeds(seed)
         images = masked_repaint(
             self.models,

@@ -114,11 +114,15 @@ class DiffusionModels:
 
     # -- resolving (no weights touched) ------------------------------------------------------
 
-    def resolve(self, model: str | None, task: str) -> tuple[ModelEntry, ModelInfo]:
+    def resolve(
+        self, model: str | None, task: str, client: str | None = None
+    ) -> tuple[ModelEntry, ModelInfo]:
+        """The base model a job names (or the default one); ``client``: the job's, which sees the
+        operator's models and its own only."""
         if model is None:
             model = self.default_model
         if model is None:
-            candidates = self.store.list(type="diffusers", task=task)
+            candidates = self.store.list(type="diffusers", task=task, client=client)
             if not candidates:
                 raise InvalidInput(f"no diffusers model for {task!r} is installed", field="model")
             # With no model named, a dedicated inpainting model (9-channel UNet) is the better
@@ -130,7 +134,7 @@ class DiffusionModels:
             if not isinstance(model, str):
                 raise InvalidInput("model must be a model id string", field="model")
             try:
-                entry = self.store.get(model)
+                entry = self.store.get(model, client=client)
             except ModelNotFound:
                 raise InvalidInput(f"unknown model {model!r}", field="model") from None
         if entry.type != "diffusers":
@@ -145,7 +149,8 @@ class DiffusionModels:
             )
         return entry, model_info(str(self.store.resolve_path(entry)))
 
-    def resolve_loras(self, loras: Any, base_model_type: str) -> list[Lora]:
+    def resolve_loras(self, loras: Any, base_model_type: str, client: str | None = None) -> list[Lora]:
+        """The LoRAs a job names, checked; another client's LoRA is unknown to ``client``."""
         if loras is None:
             return []
         if not isinstance(loras, (list, tuple)):
@@ -165,7 +170,7 @@ class DiffusionModels:
                 low_open=True,
             )
             try:
-                entry = self.store.get(item["model"])
+                entry = self.store.get(item["model"], client=client)
             except ModelNotFound:
                 raise InvalidInput(f"unknown lora {item['model']!r}", field=f"{where}.model") from None
             if entry.type != "lora":

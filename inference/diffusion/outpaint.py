@@ -57,6 +57,7 @@ class Outpainter(DiffusionPipeline):
         scheduler: str | None = None,
         loras: list[dict[str, Any]] | None = None,
         control: RunControl | None = None,
+        client: str | None = None,
     ) -> EngineResult:
         control = control or NullControl()
         params = SamplingParams.check(prompt, negative_prompt, steps, cfg_scale, samples, scheduler)
@@ -67,9 +68,9 @@ class Outpainter(DiffusionPipeline):
         align = ALIGN_ALIASES.get(align, align)
         fx, fy = ALIGNS[align]
         x, y = round((canvas_w - image.width) * fx), round((canvas_h - image.height) * fy)
-        entry, info = self.models.resolve(model, self.task)
+        entry, info = self.models.resolve(model, self.task, client)
         seeds = params.seeds(seed)
-        lora_list = self.models.resolve_loras(loras, entry.base_model_type or info.base_model_type)
+        lora_list = self.models.resolve_loras(loras, entry.base_model_type or info.base_model_type, client)
 
         # The new area starts as the original's edge pixels stretched outward: a strength below
         # 1 then continues the image instead of denoising from flat grey.

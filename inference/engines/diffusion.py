@@ -40,7 +40,7 @@ def run_diffusion(call: EngineCall) -> EngineResult:
         if field in call.images:
             kwargs[arg] = call.images[field]
     pipeline = PIPELINES[call.task](_models)
-    return pipeline(**kwargs, control=call.control)
+    return pipeline(**kwargs, control=call.control, client=call.owner or None)
 
 
 _DIFFUSERS = ("diffusers",)

@@ -152,6 +152,27 @@ def unit(**kw: Any) -> fields.Float:
     return fields.Float(validate=validate.Range(min=0.0, max=1.0), **kw)
 
 
+class ModelRef(fields.String):
+    """The id of a model in the store that must be one of ``types`` and serve ``task``: checked at
+    the API against the store as the client sees it (``app.jobs.checked_spec``), so a wrong one is
+    a 422 naming the field, and again by the engine."""
+
+    def __init__(self, *args: Any, types: tuple[str, ...], task: str, **kwargs: Any) -> None:
+        metadata = {"x-model-types": list(types), **(kwargs.pop("metadata", None) or {})}
+        super().__init__(*args, validate=validate.Length(min=1, max=128), metadata=metadata, **kwargs)
+        self.types = types
+        self.task = task
+
+
+def model_refs(schema: Schema, payload: dict[str, Any]) -> list[tuple[str, str, ModelRef]]:
+    """``(field, model id, its ModelRef)`` of each ``ModelRef`` the loaded ``payload`` fills."""
+    return [
+        (name, payload[name], field)
+        for name, field in schema.fields.items()
+        if isinstance(field, ModelRef) and payload.get(name)
+    ]
+
+
 def model_field() -> fields.String:
     """``model``: the id of an installed model (the engine checks that it serves the task)."""
     return fields.String(validate=validate.Length(min=1, max=128))
