@@ -208,6 +208,8 @@ class Settings:
     # GPUs a worker's processes share (process i takes gpus[i mod len]); empty: CUDA_VISIBLE_DEVICES
     # as inherited, else every GPU nvidia-smi lists (``inference.devices``).
     gpus: tuple[str, ...] = ()
+    # train_lora: steps between checkpoints (a run that died resumes from the last one).
+    train_checkpoint_every: int = 100
     debug_tasks: bool = False
     # Fault tests only (honoured with debug_tasks): a worker that commits a move with this event
     # type (e.g. ``job.finished``) kills itself before kicking the dispatcher; ``fill_slots``: a
@@ -350,6 +352,9 @@ class Settings:
             broker_poll_interval=_float("AIORCH_BROKER_POLL_INTERVAL", get("BROKER_POLL_INTERVAL", "0.05")),
             worker_concurrency=_int("AIORCH_WORKER_CONCURRENCY", get("WORKER_CONCURRENCY", "0"), low=0),
             gpus=_gpus("AIORCH_GPUS", get("GPUS")),
+            train_checkpoint_every=_int(
+                "AIORCH_TRAIN_CHECKPOINT_EVERY", get("TRAIN_CHECKPOINT_EVERY", "100"), low=1
+            ),
             debug_tasks=_bool("AIORCH_DEBUG_TASKS", get("DEBUG_TASKS", "0")),
             debug_crash_before_dispatch=get("DEBUG_CRASH_BEFORE_DISPATCH"),
             prompt_blocklist=_blocklist(get("PROMPT_BLOCKLIST")),

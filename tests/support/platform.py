@@ -70,6 +70,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "AIORCH_MAX_VIDEO_BYTES": str(settings.max_video_bytes),
         "AIORCH_MAX_VIDEO_FRAMES": str(settings.max_video_frames),
         "AIORCH_BROKER_POLL_INTERVAL": str(settings.broker_poll_interval),
+        "AIORCH_TRAIN_CHECKPOINT_EVERY": str(settings.train_checkpoint_every),
     }
     if settings.prompt_blocklist:
         env["AIORCH_PROMPT_BLOCKLIST"] = ",".join(settings.prompt_blocklist)
