@@ -74,17 +74,18 @@ def test_aiorch_up_runs_a_job_on_the_embedded_default_with_flower(
             time.sleep(0.05)
         assert job["status"] == "succeeded", job
         assert requests.get(job["result"]["url"], timeout=5).status_code == 200
-        # Flower sees both workers through the filesystem transport's broadcast.
+        # Flower sees the three workers (cpu, the GPU queues', training) through the filesystem
+        # transport's broadcast.
         auth = ("admin", "flower-pw")
         assert wait_http(f"http://127.0.0.1:{flower_port}/api/workers", 60).status_code == 401
         deadline = time.monotonic() + 60
         workers: dict = {}
-        while time.monotonic() < deadline and len(workers) < 2:
+        while time.monotonic() < deadline and len(workers) < 3:
             workers = requests.get(
                 f"http://127.0.0.1:{flower_port}/api/workers?refresh=1", auth=auth, timeout=10
             ).json()
             time.sleep(1)
-        assert {name.split("@")[0] for name in workers} == {"cpu", "gpu"}
+        assert {name.split("@")[0] for name in workers} == {"cpu", "gpu", "train"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
