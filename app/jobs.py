@@ -218,10 +218,13 @@ def checked_spec(body: dict[str, Any], settings: Settings) -> TaskSpec:
     except ValidationError as exc:
         details = exc.messages if "webhook_url" in exc.messages else {"payload": exc.messages}
         abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)
-    # The models it names, as its client sees the store (another client's model is unknown).
+    # The models it names, as its client sees the store (another client's model is unknown). A
+    # job whose route starts at a provider names the provider's models (a SenseTime base model
+    # for train_lora), which our store does not hold: the provider's client checks those.
+    remote = settings.routes.remote_first(body["task"], spec.name)
     problems = {
         field: [problem]
-        for field, model_id, ref in model_refs(schema, payload)
+        for field, model_id, ref in ([] if remote else model_refs(schema, payload))
         if (problem := model_problem(settings, model_id, ref.types, ref.task, g.client_id)) is not None
     }
     if problems:

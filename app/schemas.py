@@ -204,7 +204,8 @@ class JobSchema(Schema):
         allow_none=True,
         metadata={
             "description": "What a run reports beside its percentage: a train_lora job's "
-            '{"step", "steps", "loss"}; null for the other tasks'
+            '{"step", "steps", "loss"} ({"training_progress"}, a fraction, when SenseTime trains it); '
+            "null for the other tasks"
         },
     )
     ok = fields.Boolean()

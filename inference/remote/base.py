@@ -89,6 +89,9 @@ class RemoteResult:
     error_message: str | None = None
     provider_code: str | None = None
     progress: float | None = None
+    # What the provider says beside its percentage (a training's fraction done), kept on the job
+    # as its ``progress_detail``; None: nothing to say.
+    progress_detail: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property

@@ -227,8 +227,11 @@ def _settle(
     poll again at once) or ``retry`` (a transient failure: poll again, backing off)."""
     if not result.final:
         progress = int(result.progress or job.progress or 0)
-        if progress != (job.progress or 0):
-            stop = rt.store.report_progress(claim, progress)
+        # What the provider says beside the percentage (a training's fraction done) is kept
+        # until it says something else.
+        detail = job.progress_detail if result.progress_detail is None else dict(result.progress_detail)
+        if progress != (job.progress or 0) or detail != job.progress_detail:
+            stop = rt.store.report_progress(claim, progress, detail)
         else:
             stop = not rt.store.heartbeat(claim)  # no news is no move (and no event)
         return "stop" if stop else "running"

@@ -12,6 +12,16 @@ Behaviour the tests steer:
 - ``faults.add("rate_limit" | "server_error" | "slow" | "malformed", on=...)``;
 - ``fetch_inputs = True`` makes a submit download its image URLs, as the real service does
   ("必须是公开可访"): a URL it cannot fetch is refused with code 3, and ``fetched`` records what came.
+
+LoRA training (section 10: ``/v1/lora/train``, ``/v1/lora/result/<id>``, ``/v1/lora/results``,
+``/v1/lora/cancel``):
+- a training answers PENDING for ``lora_pending_polls`` polls, then RUNNING with a
+  ``training_progress`` that grows each poll for ``lora_running_polls`` polls, then SUCCESS with a
+  ``lora_id``; the base model must be one of the fake's Checkpoint models (else code 5);
+- a ``trigger_word`` containing ``NO-HUMAN`` with ``main_object`` Human (the default) fails after
+  its first RUNNING poll with the seed's own message about images without a person;
+- ``/v1/lora/cancel`` cancels a training only while it waits (PENDING), as the seed says; a running
+  one answers ``success: false``. ``cancels`` records every cancel asked for.
 """
 
 from __future__ import annotations
@@ -28,6 +38,15 @@ from flask import Response, jsonify, request
 from tests.fakes.common import FakeClock, FakeProvider, slow
 
 BATCH_LIMIT = 50
+# Seed 001 section 10's limits on a training request.
+LORA_MAX_IMAGES = 1000
+LORA_TEXT_LIMITS = {"model_name": 64, "description": 1024, "trigger_word": 256}
+LORA_ENUMS = {"main_object": ("Human", "Style"), "task_type": ("NORMAL", "VIP")}
+# The seed's example of a failed training's state_msg (its spelling).
+NO_HUMAN_MESSAGE = (
+    "Images were not avaliable for main object 'Human', pleases update your images or choose another "
+    "main object"
+)
 _IMAGE_FAMILIES = {"imgenstd", "erase", "outpaint", "inpaint", "sup_res", "split", "stylization"}
 # What each submit endpoint requires, per the seed's parameter tables.
 _REQUIRED = {
@@ -62,6 +81,9 @@ class SenseTimeFake(FakeProvider):
         self.model_pages: list[tuple[int, int]] = []
         self.fetch_inputs = False
         self.fetched: list[dict[str, Any]] = []
+        self.lora_pending_polls = 1
+        self.lora_running_polls = 3
+        self.cancels: list[dict[str, Any]] = []
         self.models = [
             {
                 "id": f"model{i:03d}",
@@ -84,6 +106,9 @@ class SenseTimeFake(FakeProvider):
             self.model_pages.clear()
             self.fetched.clear()
             self.fetch_inputs = False
+            self.lora_pending_polls = 1
+            self.lora_running_polls = 3
+            self.cancels.clear()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -223,6 +248,87 @@ class SenseTimeFake(FakeProvider):
             "images": state["images"],
         }
 
+    # -- LoRA training ----------------------------------------------------------------------
+
+    def _lora_problem(self, body: dict[str, Any]) -> Response | None:
+        """The seed's checks of a training request; the error answer, or None when it is fine."""
+        base = body.get("base_model_id")
+        images = body.get("images")
+        if not base or not isinstance(images, list) or not images:
+            return self.error(3, "Invalid Params: base_model_id and images are required", 400)
+        if not all(isinstance(url, str) and url for url in images) or len(set(images)) > LORA_MAX_IMAGES:
+            return self.error(3, f"Invalid Params: images are at most {LORA_MAX_IMAGES} urls", 400)
+        for name, limit in LORA_TEXT_LIMITS.items():
+            if name in body and (not isinstance(body[name], str) or len(body[name]) > limit):
+                return self.error(3, f"Invalid Params: {name} is at most {limit} characters", 400)
+        for name, allowed in LORA_ENUMS.items():
+            if name in body and body[name] not in allowed:
+                return self.error(3, f"Invalid Params: {name} must be one of {', '.join(allowed)}", 400)
+        unknown = set(body) - {"base_model_id", "images", *LORA_TEXT_LIMITS, *LORA_ENUMS}
+        if unknown:
+            return self.error(3, f"Invalid Params: unknown {', '.join(sorted(unknown))}", 400)
+        if not any(m["id"] == base and m["model_type"] == "Checkpoint" for m in self.models):
+            return self.error(5, f"base model {base} is not valid", 400)
+        return None
+
+    def _new_training(self, body: dict[str, Any]) -> Response:
+        problem = self._lora_problem(body)
+        if problem is not None:
+            return problem
+        if self.fetch_inputs:
+            for url in body["images"]:
+                reason = self._fetch(url)
+                if reason:
+                    return self.error(3, f"Invalid Params: {reason}", 400)
+        task_id = f"lora-task-{self.next_id():05d}"
+        no_human = "NO-HUMAN" in str(body.get("trigger_word") or "")
+        with self.lock:
+            self.tasks[task_id] = {
+                "family": "lora",
+                "polls": 0,
+                "body": body,
+                "state": "PENDING",
+                "progress": 0.0,
+                "fails": no_human and body.get("main_object", "Human") == "Human",
+            }
+        return jsonify({"task_id": task_id})
+
+    def _training_body(self, task_id: str) -> dict[str, Any]:
+        """One poll of a training: count it, move it on, and answer as the seed's result does."""
+        with self.lock:
+            task = self.tasks[task_id]
+            if task["state"] in ("PENDING", "RUNNING"):  # a final training stays as it is
+                task["polls"] += 1
+                running = task["polls"] - self.lora_pending_polls  # the RUNNING polls so far
+                if task["fails"] and running > 1:
+                    task["state"] = "FAILED"
+                elif 0 < running <= self.lora_running_polls:
+                    task["state"] = "RUNNING"
+                    task["progress"] = round(running / (self.lora_running_polls + 1), 4)
+                elif running > self.lora_running_polls:
+                    task["state"], task["progress"] = "SUCCESS", 1.0
+            state = task["state"]
+            message = {"FAILED": NO_HUMAN_MESSAGE, "CANCELLED": "cancelled by the user"}.get(state, "")
+            return {
+                "state": state,
+                "state_msg": message,
+                "task_id": task_id,
+                "lora_id": f"lora-{task_id}" if state == "SUCCESS" else "",
+                "training_progress": task["progress"],
+            }
+
+    def _cancel_training(self, task_id: Any) -> Response:
+        with self.lock:
+            task = self.tasks.get(task_id) if isinstance(task_id, str) else None
+            if task is None or task["family"] != "lora":
+                return self.error(5, "task not found", 404)
+            # "等待状态才能被取消": only a training that waits can be cancelled.
+            success = task["state"] == "PENDING"
+            self.cancels.append({"task_id": task_id, "state": task["state"], "success": success})
+            if success:
+                task["state"] = "CANCELLED"
+        return jsonify({"success": success})
+
     # -- routes -----------------------------------------------------------------------------
 
     def _routes(self) -> None:
@@ -279,6 +385,44 @@ class SenseTimeFake(FakeProvider):
                 i for i in ids if i in self.tasks and self.tasks[i]["family"] in (family, f"{family}.free")
             ]
             return jsonify({"results": [self._result_body(task_id) for task_id in found]})
+
+        @app.post("/v1/lora/train")
+        def lora_train():
+            denied = self._gate("submit")
+            if denied is not None:
+                return denied
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict):
+                return self.error(3, "Invalid Params: body must be a JSON object", 400)
+            return self._new_training(body)
+
+        @app.get("/v1/lora/result/<task_id>")
+        def lora_result(task_id: str):
+            denied = self._gate("poll")
+            if denied is not None:
+                return denied
+            if self.tasks.get(task_id, {}).get("family") != "lora":
+                return self.error(5, "task not found", 404)
+            return jsonify(self._training_body(task_id))
+
+        @app.get("/v1/lora/results")
+        def lora_results():
+            denied = self._gate("batch")
+            if denied is not None:
+                return denied
+            ids = (request.get_json(silent=True) or {}).get("task_ids")
+            if not isinstance(ids, list) or not ids or len(ids) > BATCH_LIMIT:
+                return self.error(3, f"Invalid Params: 1 to {BATCH_LIMIT} task_ids", 400)
+            self.batch_sizes.append(len(ids))
+            found = [i for i in ids if self.tasks.get(i, {}).get("family") == "lora"]
+            return jsonify({"results": [self._training_body(task_id) for task_id in found]})
+
+        @app.post("/v1/lora/cancel")
+        def lora_cancel():
+            denied = self._gate("cancel")
+            if denied is not None:
+                return denied
+            return self._cancel_training((request.get_json(silent=True) or {}).get("task_id"))
 
         @app.get("/v1/face/imggen/<task_id>")
         def faceswap_result(task_id: str):

@@ -12,6 +12,7 @@ from typing import Any
 
 from inference.base import InvalidInput
 from inference.remote.base import check_range, require
+from inference.remote.sensetime.training import build_train_lora
 
 _ALIGN = {
     "topleft",
@@ -115,15 +116,19 @@ def _build_generate(payload: Mapping[str, Any], options: Mapping[str, Any]) -> t
 def _lora(item: Any) -> dict[str, Any]:
     if isinstance(item, str):
         return {"model_id": item}
-    if isinstance(item, Mapping) and (item.get("model_id") or item.get("id")):
-        lora: dict[str, Any] = {"model_id": str(item.get("model_id") or item.get("id"))}
-        weight = item.get("merge_weight", item.get("weight"))
-        if weight is not None:
-            if not 0 < float(weight) < 2:
-                raise InvalidInput("a LoRA weight must be in (0, 2)", field="loras")
-            lora["merge_weight"] = float(weight)
-        return lora
-    raise InvalidInput("each LoRA is a model id or {'model_id', 'weight'}", field="loras")
+    # The contract's form is {"model", "weight"} (a LoRA trained at SenseTime is named by its
+    # provider_model_id); SenseTime's own key names are taken too.
+    found: Mapping[str, Any] = item if isinstance(item, Mapping) else {}
+    model_id = found.get("model") or found.get("model_id") or found.get("id")
+    if not model_id:
+        raise InvalidInput("each LoRA is a model id or {'model', 'weight'}", field="loras")
+    lora: dict[str, Any] = {"model_id": str(model_id)}
+    weight = found.get("merge_weight", found.get("weight"))
+    if weight is not None:
+        if not 0 < float(weight) < 2:
+            raise InvalidInput("a LoRA weight must be in (0, 2)", field="loras")
+        lora["merge_weight"] = float(weight)
+    return lora
 
 
 def _build_faceswap(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[str, dict]:
@@ -256,6 +261,10 @@ def _build_stylize(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tu
     return "stylization", _common(body, payload, options)
 
 
+def _build_train_lora(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[str, dict]:
+    return "lora", build_train_lora(payload, options)
+
+
 _BUILDERS = {
     "generate": _build_generate,
     "faceswap": _build_faceswap,
@@ -267,6 +276,7 @@ _BUILDERS = {
     "upscale": _build_upscale,
     "remove_background": _build_remove_background,
     "stylize": _build_stylize,
+    "train_lora": _build_train_lora,
 }
 
 

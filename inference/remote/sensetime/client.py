@@ -61,12 +61,14 @@ _RATE_LIMIT_WAIT = {8: 10.0, 429: 3600.0, 409: 5.0}
 
 @dataclass(frozen=True)
 class _Family:
-    """One capability's endpoints. ``batch`` is None where the seed documents no batch look-up."""
+    """One capability's endpoints. ``batch`` is None where the seed documents no batch look-up,
+    ``cancel`` where it documents no cancel (every capability but LoRA training)."""
 
     submit: str
     result: str
     batch: str | None
-    shape: str = "images"  # images | faceswap | detect
+    shape: str = "images"  # images | faceswap | detect | lora
+    cancel: str | None = None
 
 
 _FAMILIES: dict[str, _Family] = {
@@ -82,6 +84,7 @@ _FAMILIES: dict[str, _Family] = {
     # document; polling a split task there would ask the wrong service, so split polls one by one.
     "split": _Family("/v1/split/imgen", "/v1/split/result/{}", None),
     "stylization": _Family("/v1/stylization/imgen", "/v1/stylization/result/{}", "/v1/stylization/results"),
+    "lora": _Family("/v1/lora/train", "/v1/lora/result/{}", "/v1/lora/results", "lora", "/v1/lora/cancel"),
 }
 
 
@@ -267,6 +270,21 @@ class SenseTimeClient(HttpClient):
             if remote_id not in results:
                 results[remote_id] = self.poll(remote_id)
         return results
+
+    # -- cancel -----------------------------------------------------------------------------
+
+    def cancel(self, remote_id: str) -> bool:
+        """Ask SenseTime to drop a job; True when it did.
+
+        Only LoRA training has a cancel (``/v1/lora/cancel``), and only while the training waits
+        ("等待状态才能被取消"): a training already running answers ``success: false`` and goes on
+        at SenseTime. Every other capability has none, so nothing is sent for it.
+        """
+        ref, family = self._parse(remote_id)
+        if family.cancel is None:
+            return False
+        answer = self._call("POST", family.cancel, json={"task_id": ref.id})
+        return isinstance(answer, dict) and answer.get("success") is True
 
     def _parse(self, remote_id: str) -> tuple[RemoteRef, _Family]:
         ref = RemoteRef.parse(remote_id)

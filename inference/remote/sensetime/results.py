@@ -13,13 +13,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from inference.remote.base import ProviderRetryableError, RemoteOutput, RemoteResult, RemoteStatus
+from inference.remote.sensetime.training import lora_result
 
 # Per-image error_code "Sensitive" is the only content verdict in result bodies.
 _SENSITIVE = "Sensitive"
 
 
 def to_result(remote_id: str, shape: str, body: Mapping[str, Any]) -> RemoteResult:
-    """The poll answer ``body`` of a job of a family of this ``shape`` (images, faceswap, detect)."""
+    """The poll answer ``body`` of a job of a family of this ``shape`` (images, faceswap, detect,
+    lora)."""
+    if shape == "lora":
+        return lora_result(remote_id, body)
     if shape == "faceswap":
         return _faceswap_result(remote_id, body)
     if shape == "detect":
