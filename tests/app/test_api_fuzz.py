@@ -58,6 +58,7 @@ REMOTE = (
     "gg_image",
     "cx_image",
     "ahv_video",
+    "train_lora",
 )
 
 
@@ -139,6 +140,7 @@ VALID = {
     "faceswap_video": {"source_url": IMG, "target_url": "http://videos.example.com/a.mp4"},
     "ahv_video": {"prompt": "a cat"},
     "debug_sleep": {"seconds": 0},
+    "train_lora": {"images": [IMG] * 4, "trigger_word": "sks", "base_model": "tiny-sd"},
 }
 # Wrong in type or range for (nearly) every field; a few are valid for some fields (a 202 then).
 HOSTILE = [
