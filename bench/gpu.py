@@ -5,13 +5,17 @@ directly in one process, on random-weight models of production size, judged on w
     python -m bench.gpu --only diffusion     # one section
     python -m bench.gpu --small              # tiny models at tiny sizes: a CPU smoke run
     python -m bench.gpu --repeats 31         # pairs per case (default 15)
+    python -m bench.gpu --training-repeats 5 # pairs of the training section (default 3)
     python -m bench.gpu --format jpg         # the output format the jobs ask for (default png)
     python -m bench.gpu --embedded           # SQLite + kombu filesystem transport
     python -m bench.gpu --database-url ... --broker-url ...   # existing ones (as bench.run)
 
 Sections (one module each): diffusion (``bench/gpu_diffusion.py``: SD 1.5-shaped, 512x512, 20
 steps), superres (``bench/gpu_superres.py``: RRDB x4 on 512x512, compact x4 on 1024x1024, then
-batching), faceswap (``bench/gpu_faceswap.py``: a 1080p target with 1 and 4 faces).
+batching), faceswap (``bench/gpu_faceswap.py``: a 1080p target with 1 and 4 faces), training
+(``bench/gpu_training.py``: ``train_lora`` on the SD 1.5-shaped model, 512x512, rank 16, 100 steps,
+through a training worker of its own against ``inference.training.train_lora`` called here; its
+own ratios and ``--training-repeats`` pairs, see that module).
 
 Every case starts clean (``Bench.fresh_start``: the gpu worker restarted, this process's cached
 memory released), installs its random-weight model into the benchmark's models dir while the
@@ -51,9 +55,10 @@ from typing import Any
 from bench import infra
 from bench.gpu_diffusion import bench_diffusion
 from bench.gpu_faceswap import bench_faceswap
-from bench.gpu_judge import CONFIDENCE, MIN_REPEATS, NOT_REPORTED, Judgement, Spread
+from bench.gpu_judge import FEW_REPEATS, MIN_REPEATS, NOT_REPORTED, Judgement, Spread
 from bench.gpu_session import Bench
 from bench.gpu_superres import bench_superres
+from bench.gpu_training import bench_training
 from bench.run import bench_settings, fmt, git_revision, redact, say, verdict
 from inference.model_store import ModelStore
 from models.db import Database
@@ -64,6 +69,7 @@ SECTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "diffusion": bench_diffusion,
     "superres": bench_superres,
     "faceswap": bench_faceswap,
+    "training": bench_training,
 }
 
 
@@ -85,6 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=MIN_REPEATS,
         help=f"interleaved pairs (job, raw call) per case (default {MIN_REPEATS})",
+    )
+    parser.add_argument(
+        "--training-repeats",
+        type=int,
+        default=FEW_REPEATS,
+        help=f"interleaved pairs (job, direct train_lora call) of section training (default {FEW_REPEATS})",
     )
     parser.add_argument(
         "--format",
@@ -128,7 +140,7 @@ def judged_lines(row: dict[str, Any]) -> list[str]:
     return [
         first,
         f"{'':<12}{num} {spread_text(j.numerator, 4)} s   {den} {spread_text(j.denominator, 4)} s   "
-        f"ratio {spread_text(j.ratio, 3)}   {CONFIDENCE:.0%} CI {interval}   n={n}   "
+        f"ratio {spread_text(j.ratio, 3)}   {j.confidence:.0%} CI {interval}   n={n}   "
         f"added {milliseconds(j.difference)}",
     ]
 
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke_only": smoke_note is not None,
         "note": smoke_note,
         "repeats": args.repeats,
+        "training_repeats": args.training_repeats,
         "format": args.format,
         "host": {
             "cpus": os.cpu_count(),
@@ -233,7 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         upgrade(db)
         plat = Platform(settings, tmp / "logs")
         stack.callback(plat.stop)
-        bench = Bench(plat, ModelStore(settings.models_dir), device, small, args.repeats, args.format)
+        bench = Bench(
+            plat,
+            ModelStore(settings.models_dir),
+            device,
+            small,
+            args.repeats,
+            args.format,
+            args.training_repeats,
+        )
         try:
             plat.start_api()
             plat.start_workers()
@@ -246,13 +267,14 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append(name)
                     results["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"}
                     say(f"section {name} failed: {type(exc).__name__}: {exc}")
-                    print(f"--- gpu worker log (tail) ---\n{plat.log('gpu')[-1500:]}", file=sys.stderr)
+                    worker = "train" if name == "training" else "gpu"
+                    print(f"--- {worker} worker log (tail) ---\n{plat.log(worker)[-1500:]}", file=sys.stderr)
             if failed:
                 results["error"] = f"sections failed: {', '.join(failed)}"
             status = 1 if failed else 0
         except BaseException as exc:
             results["error"] = f"{type(exc).__name__}: {exc}"
-            for name in ("api", "cpu", "gpu"):
+            for name in ("api", "cpu", "gpu", "train"):
                 tail = plat.log(name)
                 if tail:
                     print(f"--- {name} log (tail) ---\n{tail[-1500:]}", file=sys.stderr)

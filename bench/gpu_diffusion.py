@@ -101,31 +101,44 @@ def save_sd15_shaped(folder: Path, *, device: str, dtype: Any) -> Path:
     return folder
 
 
+def sd15_model(bench: Bench, section: str) -> tuple[str, Path]:
+    """The run's random-weight SD model, saved and registered in the bench's model store by the
+    first section that asks for it (diffusion, training): SD 1.5-shaped in ``save_sd15_shaped``'s
+    dtype (fp16 on CUDA), or the tests' tiny one for ``--small``. Returns its id and folder."""
+    import torch
+
+    from tests.inference.tiny_diffusion import save_tiny_sd
+
+    model_id = "bench-sd15-small" if bench.small else "bench-sd15"
+    folder = bench.models_dir / model_id
+    if model_id in bench.store:
+        return model_id, folder
+    dtype = torch.float16 if bench.device == "cuda" else torch.float32
+    started = time.monotonic()
+    if bench.small:
+        save_tiny_sd(folder)
+    else:
+        save_sd15_shaped(folder, device=bench.device, dtype=dtype)
+    # Added while the workers run: a worker finds it in the manifest on its next job.
+    bench.store.add(folder, id=model_id)
+    say(
+        f"{section}: {'tiny' if bench.small else 'SD 1.5-shaped'} random-weight model {model_id} "
+        f"({str(dtype).removeprefix('torch.')}) saved and added in {time.monotonic() - started:.1f}s"
+    )
+    return model_id, folder
+
+
 def bench_diffusion(bench: Bench) -> dict[str, Any]:
     import torch
     import transformers
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    from tests.inference.tiny_diffusion import save_tiny_sd
-
     bench.fresh_start()
     side, steps, cfg = (64, 4, 7.0) if bench.small else (512, 20, 7.0)
     dtype = torch.float16 if bench.device == "cuda" else torch.float32
-    model_id = "bench-sd15-small" if bench.small else "bench-sd15"
-    folder = bench.models_dir / model_id
-    started = time.monotonic()
-    if bench.small:
-        save_tiny_sd(folder)
-    else:
-        save_sd15_shaped(folder, device=bench.device, dtype=dtype)
-    # Added while the workers run: the gpu worker finds it in the manifest on the next job.
-    bench.store.add(folder, id=model_id)
-    say(
-        f"diffusion: {'tiny' if bench.small else 'SD 1.5-shaped'} random-weight model {model_id} "
-        f"saved and added in {time.monotonic() - started:.1f}s; {side}x{side}, {steps} steps, "
-        f"{str(dtype).removeprefix('torch.')} on {bench.device}"
-    )
+    model_id, folder = sd15_model(bench, "diffusion")
+    say(f"diffusion: {side}x{side}, {steps} steps, {str(dtype).removeprefix('torch.')} on {bench.device}")
 
     prompt = "a photo of a cat"
     payload = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_judge import ENGINE_TARGET, JOB_TARGET, Judgement, judge
+from bench.gpu_judge import ENGINE_TARGET, FEW_REPEATS, JOB_TARGET, Judgement, judge
 from bench.run import KEY, say
 from inference.model_store import ModelStore
 from tasks.storage import encode_image
@@ -34,6 +34,7 @@ class Bench:
     small: bool
     repeats: int
     fmt: str = "png"  # the output format every job asks for, and the raw side encodes to
+    training_repeats: int = FEW_REPEATS  # pairs of the training section, whose runs take minutes
     rows: list[dict[str, Any]] = field(default_factory=list)
     worker_used: bool = False  # the gpu worker has run a job since it started
 
@@ -41,13 +42,19 @@ class Bench:
     def models_dir(self) -> Path:
         return self.store.models_dir
 
-    def job(self, task: str, payload: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
-        """Submit through the API and wait for a final status; raise unless it succeeded."""
+    def job(
+        self, task: str, payload: dict[str, Any], timeout: float = 900.0, poll: float = 0.05
+    ) -> dict[str, Any]:
+        """Submit through the API and wait for a final status; raise unless it succeeded.
+
+        ``poll``: seconds between status reads. Each read costs the API and the database some CPU
+        while the worker runs; a long job is read less often (its timings are the job's own
+        timestamps, so a later read changes no number)."""
         self.worker_used = True
         response = self.plat.submit(KEY, task, {**payload, "format": self.fmt})
         if response.status_code != 202:
             raise RuntimeError(f"{task} job refused: {response.status_code} {response.text[:500]}")
-        job = self.plat.wait(KEY, response.json()["job_id"], timeout=timeout)
+        job = self.plat.wait(KEY, response.json()["job_id"], timeout=timeout, poll=poll)
         if job["status"] != "succeeded":
             raise RuntimeError(f"{task} job ended {job['status']}: {job.get('error')}")
         return job
@@ -160,14 +167,17 @@ def interleave(
     label: str,
     run_job: Callable[[int], dict[str, Any]],
     run_raw: Callable[[int], dict[str, Any]],
+    repeats: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``bench.repeats`` pairs, the job first in even pairs and the raw call first in odd ones.
+    """``repeats`` (default ``bench.repeats``) pairs, the job first in even pairs and the raw call
+    first in odd ones.
 
     ``run_job(i)`` returns at least ``job_s`` and ``engine_s`` (None when the engine reports no
     timing of its own); ``run_raw(i)`` returns ``call_s`` and ``encode_s``."""
     jobs: list[dict[str, Any]] = []
     raws: list[dict[str, Any]] = []
-    for i in range(bench.repeats):
+    count = bench.repeats if repeats is None else repeats
+    for i in range(count):
         if i % 2 == 0:
             jobs.append(run_job(i))
             raws.append(run_raw(i))
@@ -176,7 +186,7 @@ def interleave(
             jobs.append(run_job(i))
         engine_s = jobs[-1]["engine_s"]
         say(
-            f"{label} {i + 1}/{bench.repeats}: job {jobs[-1]['job_s']:.3f}s "
+            f"{label} {i + 1}/{count}: job {jobs[-1]['job_s']:.3f}s "
             f"(engine {'-' if engine_s is None else f'{engine_s:.3f}s'}), raw {raws[-1]['call_s']:.3f}s "
             f"+ encode {raws[-1]['encode_s']:.3f}s"
         )

@@ -154,3 +154,36 @@ def test_the_table_shows_both_sides_and_the_ratio_as_median_p10_p90_with_the_int
     )
     assert "95% CI 1.020..1.020   n=15   added +20.0 ms" in text
     assert text.count("PASS") == 1 and "n/a" in text
+
+
+def test_few_pairs_are_judged_on_min_to_max_at_its_own_confidence() -> None:
+    raw = [30.0, 31.0, 29.0]
+    jobs: list[float | None] = [raw[0] * 1.02, raw[1] * 1.02, raw[2] * 1.04]
+    judgement = judge(jobs, raw, JOB_TARGET, few_pairs=True)
+    assert judgement.interval == pytest.approx((1.02, 1.04))
+    assert judgement.confidence == pytest.approx(0.75)  # 1 - 2^(1-3)
+    assert judgement.verdict == PASS and judgement.as_dict()["interval_confidence"] == 0.75
+    # Without few_pairs three pairs give no interval, so no verdict.
+    assert judge([r * 1.02 for r in raw], raw, JOB_TARGET).verdict == UNSURE
+
+
+def test_few_pairs_pass_only_when_every_pair_meets_the_target() -> None:
+    raw = [30.0, 30.0, 30.0]
+    one_over = judge([30.3, 30.6, 31.8], raw, JOB_TARGET, few_pairs=True)  # 1.01, 1.02, 1.06
+    assert one_over.verdict == UNSURE
+    all_over = judge([31.8, 32.1, 33.0], raw, JOB_TARGET, few_pairs=True)
+    assert all_over.verdict == FAIL
+    assert judge([31.8], [30.0], JOB_TARGET, few_pairs=True).verdict == UNSURE  # one pair: no interval
+
+
+def test_few_pairs_leaves_six_or_more_pairs_to_the_95_percent_interval() -> None:
+    raw = noisy(2.0)
+    judgement = judge([r * 1.01 for r in raw], raw, ENGINE_TARGET, few_pairs=True)
+    assert judgement.confidence == 0.95 and judgement.verdict == PASS
+
+
+def test_the_table_prints_a_few_pairs_confidence() -> None:
+    bench = fake_bench(repeats=3)
+    judgement = judge([30.6, 30.6, 30.6], [30.0, 30.0, 30.0], JOB_TARGET, few_pairs=True)
+    bench.judged_row("training", "512x512 rank 16, 100 steps: (a) s/step", judgement, ("worker", "direct"))
+    assert "75% CI 1.020..1.020   n=3" in tables(bench.rows)

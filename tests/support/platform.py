@@ -214,15 +214,21 @@ class Platform:
         return response.json()
 
     def wait(
-        self, key: str, job_id: str, statuses: set[str] = FINAL, timeout: float = 30.0
+        self,
+        key: str,
+        job_id: str,
+        statuses: set[str] = FINAL,
+        timeout: float = 30.0,
+        poll: float = 0.05,
     ) -> dict[str, Any]:
+        """Poll the job every ``poll`` seconds until its status is one of ``statuses``."""
         deadline = time.monotonic() + timeout
         job: dict[str, Any] = {}
         while time.monotonic() < deadline:
             job = self.job(key, job_id)
             if job["status"] in statuses:
                 return job
-            time.sleep(0.05)
+            time.sleep(poll)
         raise AssertionError(
             f"job {job_id} still {job.get('status')} after {timeout}s; worker logs:\n"
             + self.log("gpu")[-1500:]
