@@ -34,7 +34,7 @@ from models.public import iso
 from tasks.catalog import TaskSpec
 from tasks.inputs import CheckedImage, Fetcher, InputProblem, TransientFetchError, check_image
 from tasks.outbound import UrlPolicy
-from tasks.payloads import InputRef
+from tasks.payloads import InputRef, input_refs, replace_input
 from tasks.payloads.base import HTTP_URL_PATTERN
 from tasks.storage import CONTENT_TYPES
 
@@ -221,11 +221,9 @@ def data_inputs_to_assets(
     items: list[tuple[CheckedImage, str | None]] = []
     for field in spec.inputs:
         value = payload.get(field)
-        refs = value if isinstance(value, list) else [value]
-        for index, ref in enumerate(refs):
+        for index, (label, ref) in enumerate(input_refs(field, value)):
             if not (isinstance(ref, str) and ref.startswith("data:")):
                 continue
-            label = f"{field}[{index}]" if isinstance(value, list) else field
             # Videos stay inline (assets are images), under their own byte limit.
             cap = settings.max_video_bytes if field in spec.videos else settings.max_input_bytes
             if _decoded_size(ref) > cap:
@@ -246,12 +244,7 @@ def data_inputs_to_assets(
     rows = store_uploads(svc, client_id, items)
     stored = dict(payload)
     for (field, position), row in zip(found, rows, strict=True):
-        ref = f"asset://{row.asset_id}"
-        if position is None:
-            stored[field] = ref
-        else:
-            stored[field] = [*stored[field]]
-            stored[field][position] = ref
+        stored[field] = replace_input(stored[field], position, f"asset://{row.asset_id}")
     return stored, rows
 
 

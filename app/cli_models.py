@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from config import Settings
+from config import Settings, limits
 
 
 @click.group()
@@ -43,14 +43,25 @@ def models_list(model_type: str | None) -> None:
     default=None,
     help="the pre-processing an ONNX background-removal model needs, when its file does not tell",
 )
+@click.option(
+    "--control-type",
+    type=click.Choice(limits.CONTROLNET_TYPES),
+    default=None,
+    help="what a ControlNet folder conditions on, when its name does not say (sd-controlnet-canny does)",
+)
 def models_add(
-    path: str, model_id: str | None, model_type: str | None, role: str | None, family: str | None
+    path: str,
+    model_id: str | None,
+    model_type: str | None,
+    role: str | None,
+    family: str | None,
+    control_type: str | None,
 ) -> None:
-    """Register a local diffusers folder, Real-ESRGAN .pth, LoRA or ONNX file."""
+    """Register a diffusers pipeline or ControlNet folder, depth annotator, Real-ESRGAN .pth, LoRA or ONNX."""
     from tasks.model_registry import add_model
 
     try:
-        entry = add_model(Settings.from_env(), path, model_id, model_type, role, family)
+        entry = add_model(Settings.from_env(), path, model_id, model_type, role, family, control_type)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"added {entry['id']} ({entry['type']}; tasks: {', '.join(entry['tasks']) or 'none'})")

@@ -53,7 +53,8 @@ from tasks.catalog import TaskSpec
 from tasks.celery_app import ask_to_fill
 from tasks.model_registry import has_model_for, model_problem
 from tasks.next_step import send_next, waits_for_slot
-from tasks.payloads.base import model_refs
+from tasks.payloads.base import model_refs, model_switches
+from tasks.remote.backend_limits import route_refusals
 
 log = logging.getLogger("aiorch.api")
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Asynchronous jobs")
@@ -223,13 +224,25 @@ def checked_spec(body: dict[str, Any], settings: Settings) -> TaskSpec:
     # for train_lora), which our store does not hold: the provider's client checks those.
     remote = settings.routes.remote_first(body["task"], spec.name)
     problems = {
-        field: [problem]
+        field: [ref.explain(problem)]
         for field, model_id, ref in ([] if remote else model_refs(schema, payload))
         if (problem := model_problem(settings, model_id, ref.types, ref.task, g.client_id)) is not None
     }
+    # Switches that need a kind of model installed (upscale's face_enhance needs a face restorer).
+    problems.update(
+        (field, [switch.missing])
+        for field, switch in ([] if remote else model_switches(schema, payload))
+        if not has_model_for(settings, switch.task, switch.types)
+    )
     if problems:
         details = {"payload": problems}
         abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)
+    # A provider's own limits (SenseTime's 640 px sides, Volcengine's 600-1500): a payload that no
+    # backend of its route can take is refused now, naming the field and each limit, not failed later.
+    refused = route_refusals(settings.routes, body["task"], spec.name, payload) if remote else {}
+    if refused:
+        message = "No backend of this task's route takes the payload."
+        abort(422, code="invalid_payload", message=message, details={"payload": refused})
     return spec
 
 

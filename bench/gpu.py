@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import infra
+from bench.gpu_controlnet import bench_controlnet
 from bench.gpu_diffusion import bench_diffusion
 from bench.gpu_faceswap import bench_faceswap
 from bench.gpu_judge import FEW_REPEATS, MIN_REPEATS, NOT_REPORTED, Judgement, Spread
@@ -67,6 +68,7 @@ from tests.support.platform import ROOT, Platform, free_port
 
 SECTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "diffusion": bench_diffusion,
+    "controlnet": bench_controlnet,
     "superres": bench_superres,
     "faceswap": bench_faceswap,
     "training": bench_training,

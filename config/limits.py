@@ -22,6 +22,11 @@ DIFFUSION_MAX_SEED = 2**32 - 1
 DIFFUSION_MIN_SIDE = 64
 # The largest generated side on any model (an engine may allow less: 3x its training size).
 DIFFUSION_MAX_SIDE = 2048
+# generate's ``controlnets``: at most three at once (the SenseTime seed's limit too), each of a
+# type that has a local preprocessor (inference/diffusion/control_images.py), weighted 0-2.
+DIFFUSION_MAX_CONTROLNETS = 3
+CONTROLNET_TYPES = ("canny", "depth", "lineart", "openpose", "tile")
+DIFFUSION_MAX_CONTROLNET_SCALE = 2.0
 
 # Where outpaint puts the original. The SenseTime seed (001) spells the edges' middles
 # topmiddle / middleleft / middleright / bottommiddle; both spellings are accepted.
@@ -36,6 +41,10 @@ OUTPAINT_ALIGNS = (
     "bottom",
     "bottomright",
 )
+# outpaint's free extension: pixels added on each side (the canvas stays within the engines'
+# largest side, 6000 px, the seeds' largest input).
+OUTPAINT_SIDES = ("left", "right", "top", "bottom")
+OUTPAINT_MAX_EXTEND = 6000
 OUTPAINT_ALIGN_ALIASES = {
     "topmiddle": "top",
     "middleleft": "left",

@@ -16,11 +16,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from config import limits
+
 # What the platform's tasks can do with each kind of model. A diffusers base model serves all
 # four diffusion tasks through one loaded pipeline (see inference/diffusion/).
-DIFFUSION_TASKS = ("generate", "inpaint", "remove_object", "outpaint")
+DIFFUSION_TASKS = ("generate", "inpaint", "remove_object", "outpaint", "stylize")
 INPAINT_TASKS = ("inpaint", "remove_object", "outpaint")
-MODEL_TYPES = ("diffusers", "lora", "realesrgan", "onnx", "detector", "builtin")
+MODEL_TYPES = (
+    "diffusers",
+    "lora",
+    "realesrgan",
+    "onnx",
+    "detector",
+    "controlnet",
+    "annotator",
+    "face_restorer",
+    "lama",
+    "builtin",
+)
+# LaMa (inference/lama.py, read by spandrel) erases the masked region in one forward pass.
+LAMA_TASKS = ("remove_object",)
+# A face restorer (GFPGAN, RestoreFormer: inference/face_restore.py) restores the faces of an
+# upscale's output and a face swap's swapped faces when the payload asks (``face_enhance``).
+FACE_RESTORE_TASKS = ("upscale", "faceswap", "faceswap_multi")
+
+# A ControlNet (a diffusers ``ControlNetModel`` folder) conditions ``generate`` on one kind of
+# control image; the entry records which in ``extra["control_type"]``, from ``--control-type`` or
+# read from the folder's, id's or repository's name (``sd-controlnet-canny``,
+# ``control_v11p_sd15_openpose``). The order matters: "lineart" names hold no other type, and
+# "pose" alone (``controlnet-pose``) means OpenPose.
+CONTROL_TYPES = limits.CONTROLNET_TYPES
+_CONTROL_TYPE_HINTS = (
+    (re.compile(r"lineart", re.I), "lineart"),
+    (re.compile(r"canny", re.I), "canny"),
+    (re.compile(r"depth", re.I), "depth"),
+    (re.compile(r"(open)?pose", re.I), "openpose"),
+    (re.compile(r"tile", re.I), "tile"),
+)
 
 # ONNX files carry no declaration of their purpose; these name hints cover the models operators
 # install for the platform's tasks. Anything else gets no tasks until the operator names them.
@@ -69,11 +101,17 @@ class Detected:
 
 
 def detect_model(path: Path, type: str | None = None) -> Detected:
-    """Work out what the files at ``path`` are: a diffusers pipeline folder, a LoRA, a Real-ESRGAN
-    ``.pth`` state dict or an ONNX model. ``type`` forces the type (the files must still fit)."""
+    """Work out what the files at ``path`` are: a diffusers pipeline folder, a diffusers
+    ControlNet folder, a transformers depth-estimation folder (the depth annotator), a LoRA, a
+    Real-ESRGAN ``.pth`` state dict or an ONNX model. ``type`` forces the type (the files must
+    still fit)."""
     if path.is_dir():
         if (path / "model_index.json").exists():
             found = _detect_diffusers(path)
+        elif (config := _folder_config(path)) is not None and _is_controlnet(config):
+            found = _detect_controlnet(path, config)
+        elif config is not None and (depth := _depth_architecture(config)) is not None:
+            found = Detected("annotator", ("generate",), None, {"annotates": "depth", "architecture": depth})
         else:
             loras = sorted(path.glob("*.safetensors"))
             if len(loras) != 1:
@@ -84,14 +122,14 @@ def detect_model(path: Path, type: str | None = None) -> Detected:
             found = detect_model(loras[0], type)
     elif path.suffix == ".onnx":
         found = detect_onnx(path)
-    elif path.suffix in (".pth", ".pt"):
+    elif path.suffix in (".pth", ".pt", ".ckpt"):
         found = _detect_torch_state_dict(path)
     elif path.suffix == ".safetensors":
         found = _detect_safetensors(path)
     else:
         raise ModelStoreError(
             f"cannot tell what {path.name} is; supported: a diffusers folder, "
-            ".safetensors LoRA, Real-ESRGAN .pth, .onnx"
+            ".safetensors LoRA, Real-ESRGAN or GFPGAN/RestoreFormer .pth, .onnx"
         )
     if type is not None and type != found.type:
         raise ModelStoreError(f"{path.name} looks like a {found.type!r} model, not {type!r}")
@@ -113,16 +151,92 @@ def _detect_diffusers(folder: Path) -> Detected:
         base = "sd2" if cross_dim == 1024 else "sd15"
     else:
         base = re.sub(r"(Inpaint|Img2Img)?Pipeline$", "", cls_name).lower() or "unknown"
-    tasks: tuple[str, ...]
-    if base in ("sd15", "sd2", "sdxl"):
-        # A 9-channel UNet is an inpainting model: it cannot denoise from text alone.
-        tasks = INPAINT_TASKS if in_channels == 9 else DIFFUSION_TASKS
-        if base in ("sd15", "sd2") and in_channels == 4:
-            tasks = (*tasks, "train_lora")  # one text encoder: what inference/training trains
-    else:
-        tasks = ("generate",)
     extra = {"pipeline_class": cls_name, "unet_in_channels": in_channels}
-    return Detected("diffusers", tasks, base, extra)
+    return Detected("diffusers", diffusers_tasks(base, in_channels), base, extra)
+
+
+def diffusers_tasks(base: str | None, in_channels: int) -> tuple[str, ...]:
+    """The tasks a diffusers model serves, from its base and its UNet's input channels. The store
+    applies it to entries it reads too, so a model added before a task existed serves it."""
+    if base not in ("sd15", "sd2", "sdxl"):
+        return ("generate",)
+    if in_channels == 9:  # an inpainting model: it cannot denoise from text alone
+        return INPAINT_TASKS
+    if base == "sdxl":
+        return DIFFUSION_TASKS
+    return (*DIFFUSION_TASKS, "train_lora")  # one text encoder: what inference/training trains
+
+
+def _folder_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``config.json`` (a single diffusers model or a transformers model), if any."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` is one model whose config is part of it (a ControlNet, a depth
+    annotator), registered as the folder rather than as its weight file."""
+    config = _folder_config(folder)
+    return config is not None and (_is_controlnet(config) or _depth_architecture(config) is not None)
+
+
+def _is_controlnet(config: dict[str, Any]) -> bool:
+    return config.get("_class_name") == "ControlNetModel"
+
+
+def _depth_architecture(config: dict[str, Any]) -> str | None:
+    """The transformers depth-estimation class a folder holds (DPT, Depth Anything, GLPN...):
+    the ``depth`` ControlNet's annotator, run through ``AutoModelForDepthEstimation``."""
+    architectures = config.get("architectures") or []
+    return next((a for a in architectures if isinstance(a, str) and a.endswith("ForDepthEstimation")), None)
+
+
+def _detect_controlnet(folder: Path, config: dict[str, Any]) -> Detected:
+    # The base model a ControlNet fits is read like a UNet's: SDXL's carries the size/crop
+    # conditioning ("text_time") and a 2048-wide text input, SD 2.x a 1024-wide one.
+    cross_dim = config.get("cross_attention_dim")
+    if config.get("addition_embed_type") == "text_time" or cross_dim == 2048:
+        base = "sdxl"
+    else:
+        base = "sd2" if cross_dim == 1024 else "sd15"
+    extra: dict[str, Any] = {"cross_attention_dim": cross_dim}
+    guessed = control_type_from_names([folder.name])
+    if guessed is not None:
+        extra["control_type"] = guessed
+    return Detected("controlnet", ("generate",), base, extra)
+
+
+def with_control_type(
+    found: Detected, control_type: str | None, names: Iterable[str | None], where: str
+) -> Detected:
+    """``found`` (a ControlNet) with its control type: ``control_type`` as the operator gives it,
+    else the one its folder, id or repository names. A ControlNet of no known type is refused:
+    a job could neither pick it by type nor be told which control image it needs."""
+    if found.type != "controlnet":
+        if control_type is not None:
+            raise ModelStoreError(f"a control type is for ControlNet models; {where} is {found.type!r}")
+        return found
+    if control_type is not None and control_type not in CONTROL_TYPES:
+        raise ModelStoreError(f"unknown control type {control_type!r}; one of {', '.join(CONTROL_TYPES)}")
+    chosen = control_type or found.extra.get("control_type") or control_type_from_names(names)
+    if chosen is None:
+        raise ModelStoreError(
+            f"{where} is a ControlNet but its name says no control type; pass one of "
+            f"{', '.join(CONTROL_TYPES)} (aiorch models add --control-type)"
+        )
+    return Detected(found.type, found.tasks, found.base_model_type, {**found.extra, "control_type": chosen})
+
+
+def control_type_from_names(names: Iterable[str | None]) -> str | None:
+    """The control type the first name that tells one says (``sd-controlnet-canny``: canny)."""
+    for name in names:
+        for pattern, control_type in _CONTROL_TYPE_HINTS:
+            if name and pattern.search(name):
+                return control_type
+    return None
 
 
 def detect_onnx(path: Path, role: str | None = None, family: str | None = None) -> Detected:
@@ -165,12 +279,17 @@ def _detect_safetensors(path: Path) -> Detected:
     keys = list(header)
     if any("lora" in k for k in keys):
         return Detected("lora", DIFFUSION_TASKS, _lora_base_model(header), {})
+    restorer = _face_restorer_arch(path, keys)
+    if restorer is not None:
+        return Detected("face_restorer", FACE_RESTORE_TASKS, None, {"arch": restorer})
+    if _looks_like_lama(keys):
+        return Detected("lama", LAMA_TASKS, None, {})
     if _looks_like_esrgan(keys):
         return Detected(
             "realesrgan", ("upscale",), None, _esrgan_facts({k: v["shape"] for k, v in header.items()})
         )
     raise ModelStoreError(
-        f"{path.name} is a safetensors file but neither a LoRA nor an ESRGAN state dict; "
+        f"{path.name} is a safetensors file but neither a LoRA, an ESRGAN nor a face restorer state dict; "
         "single-file checkpoints must be converted to a diffusers folder"
     )
 
@@ -206,6 +325,50 @@ def _detector_facts(path: Path, keys: Iterable[str]) -> dict[str, Any]:
     )
 
 
+def _face_restorer_arch(path: Path, keys: Iterable[str]) -> str | None:
+    """``GFPGAN`` or ``RestoreFormer`` for those face restorers' state dicts (spandrel's own key
+    tests), None for anything else. CodeFormer is refused: spandrel reads it only with
+    ``spandrel-extra-arches`` (a non-commercial licence), which the platform does not install."""
+    keys = set(keys)
+    if {"toRGB.0.weight", "stylegan_decoder.style_mlp.1.weight"} <= keys:
+        return "GFPGAN"
+    if "position_emb" in keys and "quantize.embedding.weight" in keys:
+        raise ModelStoreError(
+            f"{path.name} is a CodeFormer model, which is not supported: spandrel reads it only with "
+            "spandrel-extra-arches (non-commercial licence); install GFPGAN or RestoreFormer weights"
+        )
+    if {"quantize.embedding.weight", "encoder.conv_in.weight", "quant_conv.weight"} <= keys:
+        return "RestoreFormer"
+    return None
+
+
+def _looks_like_lama(keys: Iterable[str]) -> bool:
+    """LaMa's generator (spandrel's key test): the original checkpoints name it ``generator.``,
+    IOPaint's TorchScript ``big-lama.pt`` holds it as ``model.``."""
+    keys = set(keys)
+    return bool({"model.model.1.bn_l.running_mean", "generator.model.1.bn_l.running_mean"} & keys)
+
+
+def _torchscript_state_dict(path: Path) -> dict[str, Any] | None:
+    """The weights of a TorchScript archive (IOPaint ships LaMa as one), which ``torch.load`` with
+    ``weights_only`` refuses; None for any other file. Loading an archive runs none of its code."""
+    import zipfile
+
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if not any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in names):
+        return None
+    try:
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    except Exception:  # a damaged archive: the caller reports the file as unreadable
+        return None
+
+
 def _looks_like_esrgan(keys: Iterable[str]) -> bool:
     keys = set(keys)
     rrdb = "conv_first.weight" in keys and any(k.startswith("body.") for k in keys)
@@ -233,7 +396,9 @@ def _detect_torch_state_dict(path: Path) -> Detected:
         # weights_only refuses pickled code: an operator-supplied file must not run anything.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors alike for a bad file
-        raise ModelStoreError(f"cannot read {path.name} as a PyTorch state dict: {exc}") from exc
+        state = _torchscript_state_dict(path)
+        if state is None:
+            raise ModelStoreError(f"cannot read {path.name} as a PyTorch state dict: {exc}") from exc
     if isinstance(state, dict):
         # "model" is how torchvision's reference training scripts wrap a detector's weights.
         for wrapper in ("params_ema", "params", "state_dict", "model"):
@@ -242,8 +407,16 @@ def _detect_torch_state_dict(path: Path) -> Detected:
                 break
     if isinstance(state, dict) and _looks_like_detector(state):
         return Detected("detector", ("scan_objects",), None, _detector_facts(path, state))
+    if isinstance(state, dict) and _looks_like_lama(state):
+        return Detected("lama", LAMA_TASKS, None, {})
+    restorer = _face_restorer_arch(path, state) if isinstance(state, dict) else None
+    if restorer is not None:
+        return Detected("face_restorer", FACE_RESTORE_TASKS, None, {"arch": restorer})
     if not isinstance(state, dict) or not _looks_like_esrgan(state):
-        raise ModelStoreError(f"{path.name} is not a Real-ESRGAN/ESRGAN or torchvision detector state dict")
+        raise ModelStoreError(
+            f"{path.name} is not a Real-ESRGAN/ESRGAN, GFPGAN/RestoreFormer or torchvision detector "
+            "state dict"
+        )
     shapes = {k: list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
     return Detected("realesrgan", ("upscale",), None, _esrgan_facts(shapes))
 

@@ -30,7 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from inference.model_files import MODEL_TYPES, ModelStoreError, detect_model, detect_onnx
+from inference.model_files import (
+    MODEL_TYPES,
+    ModelStoreError,
+    detect_model,
+    detect_onnx,
+    diffusers_tasks,
+    is_model_folder,
+    with_control_type,
+)
 
 MANIFEST_NAME = "models.json"
 MANIFEST_VERSION = 1
@@ -95,11 +103,16 @@ class ModelEntry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelEntry:
+        tasks = tuple(data.get("tasks") or ())
+        if data["type"] == "diffusers":
+            # Derived, not trusted from the file: a model added before a task existed serves it.
+            in_channels = int((data.get("extra") or {}).get("unet_in_channels", 4))
+            tasks = diffusers_tasks(data.get("base_model_type"), in_channels)
         return cls(
             id=data["id"],
             name=data.get("name") or data["id"],
             type=data["type"],
-            tasks=tuple(data.get("tasks") or ()),
+            tasks=tasks,
             path=data.get("path"),
             base_model_type=data.get("base_model_type"),
             description=data.get("description") or "",
@@ -212,12 +225,15 @@ class ModelStore:
         role: str | None = None,
         family: str | None = None,
         owner: str | None = None,
+        control_type: str | None = None,
     ) -> ModelEntry:
         """Register the model at ``path``; its type, tasks and base model are read from its files
         unless given. Paths inside the models dir are stored relative to it, so the directory can
         be mounted elsewhere (a container) and the manifest still holds. ``role`` names the part
         an ONNX file plays in the InsightFace engine (``FACE_ROLES``) when its name does not say;
-        ``family`` the preset of an ONNX segmentation file (``SEGMENTATION_FAMILIES``)."""
+        ``family`` the preset of an ONNX segmentation file (``SEGMENTATION_FAMILIES``);
+        ``control_type`` what a ControlNet conditions on (``CONTROL_TYPES``), else read from the
+        folder's, the id's or the pulled repository's name."""
         path = Path(path).expanduser()
         if not path.is_absolute() and not path.exists() and (self.models_dir / path).exists():
             path = self.models_dir / path
@@ -245,6 +261,7 @@ class ModelStore:
             )
         if any(b.id == model_id for b in BUILTIN_MODELS):
             raise ModelStoreError(f"model id {model_id!r} is a built-in engine")
+        detected = with_control_type(detected, control_type, [path.name, id, source], path.name)
         try:
             stored_path = str(path.relative_to(self.models_dir.resolve()))
         except ValueError:
@@ -339,7 +356,9 @@ class ModelStore:
         # A repo that holds a single weight file (a LoRA, an ONNX model) registers that file.
         files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
         weights = [p for p in files if p.suffix in (".safetensors", ".onnx", ".pth", ".pt")]
-        if not (path / "model_index.json").exists() and len(weights) == 1:
+        # (A ControlNet's or depth annotator's folder is one weight file too, but its config.json
+        # is part of the model: the folder is registered.)
+        if not (path / "model_index.json").exists() and len(weights) == 1 and not is_model_folder(path):
             path = weights[0]
         model_id = id or _slug(hf_repo.split("/")[-1])
         source = f"hf:{hf_repo}" + (f"@{revision}" if revision else "")

@@ -35,6 +35,7 @@ CPU_PROVIDER = "CPUExecutionProvider"
 
 _cache: ModelCache | None = None
 _onnx_on: set[str] = set()  # the first provider of every ONNX session this process opened
+_diffusion: Any = None  # the diffusion model layer, once a diffusion engine ran here
 
 
 def torch_device() -> str:
@@ -150,6 +151,18 @@ def loaded_models() -> list[dict[str, Any]]:
 def model_store(settings: Settings) -> ModelStore:
     """The model store of ``AIORCH_MODELS_DIR``."""
     return ModelStore(settings.models_dir)
+
+
+def diffusion_models(settings: Settings) -> Any:
+    """The process's one diffusion model layer (``inference.diffusion.DiffusionModels``), built on
+    the first diffusion job: every engine that runs a diffusers pipeline shares it, and with it
+    the loaded pipelines and their LoRA adapters."""
+    global _diffusion
+    if _diffusion is None:
+        from inference.diffusion import DiffusionModels  # heavy: torch, diffusers
+
+        _diffusion = DiffusionModels(model_store(settings), model_cache())
+    return _diffusion
 
 
 def chosen_model(call: EngineCall, task: str, types: tuple[str, ...]) -> ModelEntry | None:

@@ -41,8 +41,6 @@ def job_object(job: Job, now: datetime | None = None) -> dict[str, Any]:
         "task": job.task,
         "status": job.status,
         "progress": job.progress,
-        # What a run reports beside its percentage (a training's step and loss); null for most.
-        "progress_detail": job.progress_detail,
         "ok": job.status == JobStatus.SUCCEEDED.value,
     }
     for name in ("created_at", "queued_at", "started_at", "finished_at"):
@@ -65,6 +63,8 @@ def job_object(job: Job, now: datetime | None = None) -> dict[str, Any]:
             # Last, after seed 000's fields: filled in by GET /v1/jobs/{id} while the job is queued
             # (models/dispatch.standing).
             "queue_position": None,
+            # What a run reports beside its percentage (a training's step and loss); null for most.
+            "progress_detail": job.progress_detail,
         }
     )
     return body

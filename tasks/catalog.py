@@ -255,8 +255,7 @@ def fetch_free(spec: TaskSpec, payload: dict[str, Any]) -> bool:
     if spec.videos and any(payload.get(field) is not None for field in spec.videos):
         return False
     for field in spec.inputs:
-        value = payload.get(field)
-        for ref in value if isinstance(value, list) else [value]:
+        for _, ref in payloads.input_refs(field, payload.get(field)):
             if ref is not None and not (isinstance(ref, str) and ref.startswith(LOCAL_REFS)):
                 return False
     return True

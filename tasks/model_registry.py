@@ -60,9 +60,12 @@ def add_model(
     model_type: str | None,
     role: str | None = None,
     family: str | None = None,
+    control_type: str | None = None,
 ) -> dict[str, Any]:
     store = ModelStore(settings.models_dir)
-    return store.add(path, id=model_id, type=model_type, role=role, family=family).to_dict()
+    return store.add(
+        path, id=model_id, type=model_type, role=role, family=family, control_type=control_type
+    ).to_dict()
 
 
 def pull_model(

@@ -20,7 +20,7 @@ from config.logs import bind_job
 from models.failures import JobFailure
 from models.jobs import Job
 from models.state import JobStatus, Phase
-from tasks import catalog
+from tasks import catalog, payloads
 from tasks.celery_app import PREPARE
 from tasks.failures import failure_of
 from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError
@@ -102,10 +102,9 @@ def _fetch_inputs(
         value = payload.get(field)
         if value is None:
             continue
-        refs = value if isinstance(value, list) else [value]
         paths = []
-        for index, ref in enumerate(refs):
-            label = f"{field}[{index}]" if isinstance(value, list) else field
+        # A reference, a list of them, or a list of objects holding one each (controlnets).
+        for index, (label, ref) in enumerate(payloads.input_refs(field, value)):
             is_video = field in spec.videos
             load = rt.fetcher.load_video if is_video else rt.fetcher.load
             checked = load(ref, label, should_stop, owner=client_id)

@@ -22,6 +22,9 @@ def describe_field(name: str, field: fields.Field) -> dict[str, Any]:
     if field.metadata.get("description"):
         # What a parameter means where the schema says it (the face tasks' index order, e.g.).
         entry["description"] = field.metadata["description"]
+    if field.metadata.get("x-presets"):
+        # The named values a field takes besides model ids (stylize's style presets).
+        entry["presets"] = field.metadata["x-presets"]
     default = field.load_default
     if default is not None and not callable(default) and repr(default) != "<marshmallow.missing>":
         entry["default"] = default

@@ -5,6 +5,8 @@
 - ``params``: ``SamplingParams``, the parameters every pipeline shares, and the input checks.
 - ``pipeline``: the base class of the pipelines and the steps that repaint a region.
 - ``generate``, ``inpaint`` (inpaint and remove_object), ``outpaint``: one module per task.
+- ``controlnet`` (generate's ControlNets: resolving, loading, the pipeline's keywords) and
+  ``control_images`` (the control image of each ControlNet type, and its annotators).
 
 Every pipeline validates all of its inputs before the model is loaded or the GPU touched, and
 raises ``InvalidInput`` naming the field. Samples use seed, seed+1, ... each from its own

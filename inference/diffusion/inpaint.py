@@ -97,6 +97,7 @@ class ObjectRemover(DiffusionPipeline):
         steps: int = 30,
         cfg_scale: float = 5.0,
         seed: int | None = None,
+        samples: int = 1,
         scheduler: str | None = None,
         feather: int | None = None,
         control: RunControl | None = None,
@@ -108,7 +109,7 @@ class ObjectRemover(DiffusionPipeline):
             REMOVE_NEGATIVE if negative_prompt is None else negative_prompt,
             steps,
             cfg_scale,
-            1,
+            samples,
             scheduler,
         )
         image, region = image_and_mask(image, mask, mask_mode)

@@ -233,8 +233,11 @@ class DiffusionModels:
         scheduler: str | None,
         loras: list[Lora],
         control: RunControl,
+        modules: dict[str, Any] | None = None,
     ) -> list[Image.Image]:
         """Run ``kind`` ("text2img", "img2img" or "inpaint") once per seed, in batches.
+        ``modules``: loaded modules the task's pipeline adds to the base one's (``controlnet``,
+        which makes it the ControlNet pipeline of ``kind``).
 
         ``timing()`` then tells, for this thread, how long the pipeline calls took, how many
         denoising steps ran and the device's peak memory: the engine's own numbers, which the
@@ -246,7 +249,7 @@ class DiffusionModels:
                 control.progress(5)
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
-                pipe = self._task_pipeline(loaded, kind, scheduler)
+                pipe = self._task_pipeline(loaded, kind, scheduler, modules or {})
                 self._apply_loras(loaded, loras)
                 self._set_vae_tiling(loaded, pixels)
                 return self._denoise(pipe, call, seeds, control)
@@ -260,7 +263,9 @@ class DiffusionModels:
             torch.cuda.empty_cache()
         raise EngineError(f"the device ran out of memory: {reason}", code="out_of_memory")
 
-    def _task_pipeline(self, loaded: LoadedPipeline, kind: str, scheduler: str | None) -> Any:
+    def _task_pipeline(
+        self, loaded: LoadedPipeline, kind: str, scheduler: str | None, modules: dict[str, Any]
+    ) -> Any:
         import diffusers
         from diffusers import (
             AutoPipelineForImage2Image,
@@ -281,7 +286,7 @@ class DiffusionModels:
         }[kind]
         # from_pipe shares every module of the base pipeline (no copy, no reload); only the
         # scheduler, which keeps per-run state, is new.
-        pipe = auto.from_pipe(base, scheduler=sched)
+        pipe = auto.from_pipe(base, scheduler=sched, **modules)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -34,7 +34,9 @@ class Outpainter(DiffusionPipeline):
 
     The canvas is ``ratio`` times the image (default 1.5, in (1, 5]) or ``width``/``height``;
     ``align`` places the original on it (default ``middle``), and the original's pixels are
-    pasted back unchanged at that position.
+    pasted back unchanged at that position. Or free extension: ``left``/``right``/``top``/
+    ``bottom`` pixels added on those sides (the canvas is the image plus them; the model paints
+    at a multiple of 8 and the result is scaled to the canvas).
     """
 
     task = "outpaint"
@@ -47,6 +49,10 @@ class Outpainter(DiffusionPipeline):
         width: int | None = None,
         height: int | None = None,
         align: str = "middle",
+        left: int | None = None,
+        right: int | None = None,
+        top: int | None = None,
+        bottom: int | None = None,
         prompt: str = "",
         model: str | None = None,
         negative_prompt: str | None = None,
@@ -62,12 +68,18 @@ class Outpainter(DiffusionPipeline):
         control = control or NullControl()
         params = SamplingParams.check(prompt, negative_prompt, steps, cfg_scale, samples, scheduler)
         image = input_image("image", image)
-        canvas_w, canvas_h = outpaint_size(image, ratio, width, height)
+        sides = {"left": left, "right": right, "top": top, "bottom": bottom}
         if not isinstance(align, str) or ALIGN_ALIASES.get(align, align) not in ALIGNS:
             raise InvalidInput(f"align must be one of {', '.join(ALIGNS)}, got {align!r}", field="align")
         align = ALIGN_ALIASES.get(align, align)
-        fx, fy = ALIGNS[align]
-        x, y = round((canvas_w - image.width) * fx), round((canvas_h - image.height) * fy)
+        if any(value is not None for value in sides.values()):
+            # Free extension: the canvas is the image plus the pixels asked for on each side.
+            canvas_w, canvas_h, x, y = extended_canvas(image, ratio, width, height, sides)
+            align = "free"
+        else:
+            canvas_w, canvas_h = outpaint_size(image, ratio, width, height)
+            fx, fy = ALIGNS[align]
+            x, y = round((canvas_w - image.width) * fx), round((canvas_h - image.height) * fy)
         entry, info = self.models.resolve(model, self.task, client)
         seeds = params.seeds(seed)
         lora_list = self.models.resolve_loras(loras, entry.base_model_type or info.base_model_type, client)
@@ -108,6 +120,29 @@ class Outpainter(DiffusionPipeline):
         return self._result(
             entry, images, seeds, align=align, offset=[x, y], source_size=[image.width, image.height]
         )
+
+
+def extended_canvas(
+    image: Image.Image, ratio: Any, width: Any, height: Any, sides: dict[str, Any]
+) -> tuple[int, int, int, int]:
+    """The canvas (width, height) and the image's place on it (x, y) for ``left``/``right``/
+    ``top``/``bottom`` pixels added around ``image``."""
+    for name, value in (("ratio", ratio), ("width", width), ("height", height)):
+        if value is not None:
+            raise InvalidInput("give ratio, width/height or left/right/top/bottom, not several", field=name)
+    px = {name: integer(name, value or 0, 0, MAX_INPUT_SIDE) for name, value in sides.items()}
+    if not any(px.values()):
+        raise InvalidInput("at least one side must extend the image by a pixel or more", field="left")
+    canvas = (image.width + px["left"] + px["right"], image.height + px["top"] + px["bottom"])
+    if max(canvas) > MAX_INPUT_SIDE:
+        pair = ("left", "right") if canvas[0] > MAX_INPUT_SIDE else ("top", "bottom")
+        field = max(pair, key=lambda name: px[name])
+        raise InvalidInput(
+            f"the outpainted image would be {canvas[0]}x{canvas[1]}; each side must be at most "
+            f"{MAX_INPUT_SIDE}",
+            field=field,
+        )
+    return canvas[0], canvas[1], px["left"], px["top"]
 
 
 def outpaint_size(image: Image.Image, ratio: Any, width: Any, height: Any) -> tuple[int, int]:

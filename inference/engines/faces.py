@@ -11,17 +11,18 @@ job runs, not when this declaration is read: the API reads it too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from inference.base import EngineError, EngineResult
+from inference.base import EngineError, EngineResult, InvalidInput
 from inference.model_files import FACE_ROLES
 from inference.registry import Engine, EngineCall, LocalTask
 from inference.runtime import load_cached, model_cache, model_store, torch_device
@@ -104,6 +105,82 @@ def face_upscaler(call: EngineCall) -> tuple[Callable[[Image.Image], Image.Image
     return None, None
 
 
+def face_restorer(call: EngineCall) -> Any:
+    """``face_enhance``: the best installed face restorer that loads (``inference.face_restore``);
+    None when the payload does not ask for one.
+
+    GFPGAN before RestoreFormer, and within one architecture the highest id first (``gfpganv1.4``
+    before ``gfpganv1.3``). The client asked for the restoration (the API checked that one is
+    installed), so, unlike the swap's upscaler, no usable restorer fails the job, saying why; a
+    broken file among several is passed over.
+    """
+    if not call.payload.get("face_enhance"):
+        return None
+    from inference.face_restore import FaceRestorer  # heavy: torch
+
+    store = model_store(call.settings)
+    entries = sorted(store.list(type="face_restorer", task=call.task), key=lambda e: e.id, reverse=True)
+    entries.sort(key=lambda e: e.extra.get("arch") != "GFPGAN")  # stable: ids stay in order
+    if not entries:
+        raise InvalidInput(
+            "face_enhance needs a face-restoration model (GFPGAN or RestoreFormer), and none is installed",
+            field="face_enhance",
+        )
+    device = torch_device()
+    failure: EngineError | None = None
+    for entry in entries:
+        path = store.resolve_path(entry)
+        try:
+            loader = functools.partial(FaceRestorer, path, model_id=entry.id, device=device)
+            return load_cached(f"restore:{entry.id}", path, loader)
+        except EngineError as exc:
+            log.warning("face restorer %s unusable: %s", entry.id, exc)
+            failure = exc
+    assert failure is not None
+    raise EngineError(f"no installed face restorer can be used: {failure}", code=failure.code)
+
+
+def face_detector(call: EngineCall) -> Any:
+    """What finds the faces to restore in a picture no face engine has looked at (upscale's
+    output): the installed SCRFD detector when it loads (five landmarks, and robust), else the
+    face engine's own detector (the weight-free one when the InsightFace models are not all in)."""
+    from inference.faceswap.insight import ScrfdDetector  # heavy: cv2, onnxruntime
+
+    store = model_store(call.settings)
+    for entry in store.list(type="onnx"):
+        path = store.resolve_path(entry)
+        if entry.extra.get("role") == "face_detector" and path.is_file():
+            try:
+                return load_cached(f"face:scrfd:{entry.id}", path, functools.partial(ScrfdDetector, path))
+            except EngineError as exc:
+                log.warning("face detector %s unusable, using the face engine's: %s", entry.id, exc)
+            break
+    detector = face_engine(call).detector
+    assert detector is not None  # every face engine is built with one
+    return detector
+
+
+def swap_enhancer(restorer: Any, counts: list[int]) -> Callable[[Any, Sequence[Any], Any], Any]:
+    """The face engines' ``enhancer`` hook for ``restorer``: it restores the swapped faces inside
+    the swap's region only, and appends how many it restored to ``counts`` (for the meta)."""
+
+    def enhance(rgb: Any, faces: Sequence[Any], region: Any) -> Any:
+        restored = restorer.restore(rgb, faces, within=region)
+        counts.append(restored.faces)
+        return restored.rgb
+
+    return enhance
+
+
+def _name_enhancers(
+    result: EngineResult, upscaler_id: str | None, restorer: Any, counts: list[int]
+) -> EngineResult:
+    for output in result.images:
+        output.meta["face_enhance"] = None if restorer is None else restorer.name
+        output.meta["faces_restored"] = sum(counts)
+    return _name_upscaler(result, upscaler_id)
+
+
 def _name_upscaler(result: EngineResult, model_id: str | None) -> EngineResult:
     for output in result.images:
         output.meta["upscaler"] = model_id
@@ -119,6 +196,8 @@ def run_face_detect(call: EngineCall) -> EngineResult:
 def run_faceswap(call: EngineCall) -> EngineResult:
     p = call.payload
     upscaler, upscaler_id = face_upscaler(call)
+    restorer = face_restorer(call)
+    counts: list[int] = []
     engine = face_engine(call)
     started = time.perf_counter()
     result = engine.faceswap(
@@ -129,17 +208,20 @@ def run_faceswap(call: EngineCall) -> EngineResult:
         max_faces=p["max_faces"],
         upscaler=upscaler,
         control=call.control,
+        enhancer=None if restorer is None else swap_enhancer(restorer, counts),
     )
     # The engine call alone, as the GPU bench's ratio (a) compares it with the raw call.
     for output in result.images:
         output.meta.setdefault("timing", {})["engine_s"] = round(time.perf_counter() - started, 6)
-    return _name_upscaler(result, upscaler_id)
+    return _name_enhancers(result, upscaler_id, restorer, counts)
 
 
 def run_faceswap_multi(call: EngineCall) -> EngineResult:
     p = call.payload
     sources = call.images["source_urls"]
     upscaler, upscaler_id = face_upscaler(call)
+    restorer = face_restorer(call)
+    counts: list[int] = []
     result = face_engine(call).faceswap_multi(
         sources,
         call.images["target_url"],
@@ -149,8 +231,9 @@ def run_faceswap_multi(call: EngineCall) -> EngineResult:
         sharpen=p["sharpen"],
         upscaler=upscaler,
         control=call.control,
+        enhancer=None if restorer is None else swap_enhancer(restorer, counts),
     )
-    return _name_upscaler(result, upscaler_id)
+    return _name_enhancers(result, upscaler_id, restorer, counts)
 
 
 def run_faceswap_video(call: EngineCall) -> EngineResult:

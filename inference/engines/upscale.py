@@ -1,4 +1,5 @@
-"""``upscale``: a Real-ESRGAN model from the store, or the weight-free Lanczos engine.
+"""``upscale``: a Real-ESRGAN model from the store, or the weight-free Lanczos engine; then, with
+``face_enhance``, the faces of the output restored by a face restorer (GFPGAN, RestoreFormer).
 
 The engine code (``inference.superres``: torch and spandrel; ``inference.lanczos``: numpy) is
 imported when a job runs, not when this declaration is read: the API reads it too.
@@ -11,7 +12,8 @@ from typing import Any
 
 from PIL import ImageFilter
 
-from inference.base import EngineError, EngineResult, InvalidInput, RunControl
+from inference.base import EngineError, EngineResult, RunControl
+from inference.engines.faces import face_detector, face_restorer
 from inference.registry import Engine, EngineCall, LocalTask
 from inference.runtime import chosen_model, load_cached, model_store, torch_device
 
@@ -45,10 +47,6 @@ def upscale_engine(call: EngineCall) -> Any:
                 if entry is not None:
                     raise  # the client asked for this model: say why it cannot run
     if engine is None:
-        if payload.get("face_enhance"):
-            raise InvalidInput(
-                "face_enhance needs a face-restoration model, and none is installed", field="face_enhance"
-            )
         return LanczosUpscaler(max_side=call.settings.max_output_side)
     # Set per call, not only at load: the cache may hold this model loaded by another engine
     # (the face swap's enhancer) with the default limit.
@@ -59,13 +57,28 @@ def upscale_engine(call: EngineCall) -> Any:
 def run_upscale(call: EngineCall) -> EngineResult:
     payload = call.payload
     image = call.images["image_url"]
+    # The restorer first: a picture it cannot take, or no restorer that loads, fails the job
+    # before any upscaling is spent on it.
+    restorer = face_restorer(call)
+    if restorer is not None:
+        from inference.face_restore import check_restorable  # heavy: torch
+
+        check_restorable(image)
     engine = upscale_engine(call)
     if engine.name == "lanczos":
-        return engine(image, payload["scale"], sharpen=payload.get("sharpen", 0.0), control=call.control)
-    result = engine(
-        image, payload["scale"], face_enhance=payload.get("face_enhance", False), control=call.control
-    )
-    return sharpened(result, payload.get("sharpen", 0.0))
+        result = engine(image, payload["scale"], sharpen=payload.get("sharpen", 0.0), control=call.control)
+    else:
+        result = sharpened(engine(image, payload["scale"], control=call.control), payload.get("sharpen", 0.0))
+    if restorer is None:
+        return result
+    # At the output's scale, as GFPGAN's own pipeline restores after its background upsampler.
+    detector = face_detector(call)
+    for output in result.images:
+        output.image, count = restorer.restore_image(output.image, detector, control=call.control)
+        output.meta["face_enhance"] = restorer.name
+        output.meta["faces_restored"] = count
+    result.backend = f"{result.backend}+{restorer.name}"
+    return result
 
 
 def run_upscale_batch(calls: list[EngineCall], control: RunControl) -> list[EngineResult | Exception]:

@@ -14,6 +14,9 @@ from inference.base import EngineError
 from inference.faceswap.faces import Face, expand_box
 
 Upscaler = Callable[[Image.Image], Image.Image]
+# Restores the swapped faces (a face restorer, inference/face_restore.py): the picture, the faces
+# swapped in it and the soft alpha of the swap, to a picture changed only inside that alpha.
+FaceEnhancer = Callable[[np.ndarray, Sequence[Face], np.ndarray], np.ndarray]
 
 
 def feather(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from inference.base import (
     RunControl,
     check_stop,
 )
-from inference.faceswap.blending import Upscaler, sharpen_region, upscale_faces
+from inference.faceswap.blending import FaceEnhancer, Upscaler, sharpen_region, upscale_faces
 from inference.faceswap.faces import Detector, Face, keep_largest
 
 DEFAULT_MAX_FACES = 8
@@ -208,9 +208,11 @@ class FaceSwapEngine:
         sharpen: float,
         upscaler: Upscaler | None,
         control: RunControl | None = None,
+        enhancer: FaceEnhancer | None = None,
     ) -> np.ndarray:
-        """Put each prepared source of ``pairs`` onto face ``index`` of ``rgb``, then enhance and
-        sharpen only the swapped faces. One frame's work: the image and video paths share it."""
+        """Put each prepared source of ``pairs`` onto face ``index`` of ``rgb``, then enhance
+        (``upscaler``, then ``enhancer``, a face restorer) and sharpen only the swapped faces. One
+        frame's work: the image and video paths share it."""
         control = control or NullControl()
         out = rgb.copy()
         region = np.zeros(out.shape[:2], np.float32)
@@ -222,6 +224,9 @@ class FaceSwapEngine:
         check_stop(control)
         if upscaler is not None and pairs:
             out = upscale_faces(out, [faces[index] for _, index in pairs], region, upscaler)
+        if enhancer is not None and pairs:
+            check_stop(control)
+            out = enhancer(out, [faces[index] for _, index in pairs], region)
         return sharpen_region(out, region, sharpen)
 
     def faceswap(
@@ -234,13 +239,14 @@ class FaceSwapEngine:
         max_faces: int = 0,
         upscaler: Upscaler | None = None,
         control: RunControl | None = None,
+        enhancer: FaceEnhancer | None = None,
     ) -> EngineResult:
         """Put the source's face onto faces of the target.
 
         The largest face of ``source`` (preferring one with landmarks) is used. ``max_faces``
         = 0 swaps every face found in the target (up to the engine's cap); n > 0 swaps the n
-        largest, and n above the cap is refused. ``upscaler`` (optional) restores detail on the
-        swapped faces; ``sharpen`` in [0, 1] sharpens them.
+        largest, and n above the cap is refused. ``upscaler`` and ``enhancer`` (optional) restore
+        detail on the swapped faces; ``sharpen`` in [0, 1] sharpens them.
         """
         control = control or NullControl()
         max_side = validate_max_side(max_side)
@@ -276,6 +282,7 @@ class FaceSwapEngine:
             sharpen=sharpen,
             upscaler=upscaler,
             control=control,
+            enhancer=enhancer,
         )
 
     def faceswap_multi(
@@ -289,6 +296,7 @@ class FaceSwapEngine:
         sharpen: float = 0.0,
         upscaler: Upscaler | None = None,
         control: RunControl | None = None,
+        enhancer: FaceEnhancer | None = None,
     ) -> EngineResult:
         """Face ``swap_faces_index[i]`` of ``sources[i]`` replaces target face ``target_faces_index[i]``.
 
@@ -347,7 +355,14 @@ class FaceSwapEngine:
         prepared = self.prepare_sources(sources, swap_idx, control)
         pairs = list(zip(prepared, target_idx, strict=True))
         return self._swap_all(
-            target_rgb, target_alpha, target_faces, pairs, sharpen=sharpen, upscaler=upscaler, control=control
+            target_rgb,
+            target_alpha,
+            target_faces,
+            pairs,
+            sharpen=sharpen,
+            upscaler=upscaler,
+            control=control,
+            enhancer=enhancer,
         )
 
     def _swap_all(
@@ -360,9 +375,16 @@ class FaceSwapEngine:
         sharpen: float,
         upscaler: Upscaler | None,
         control: RunControl,
+        enhancer: FaceEnhancer | None = None,
     ) -> EngineResult:
         out = self.swap_onto(
-            target_rgb, target_faces, pairs, sharpen=sharpen, upscaler=upscaler, control=control
+            target_rgb,
+            target_faces,
+            pairs,
+            sharpen=sharpen,
+            upscaler=upscaler,
+            control=control,
+            enhancer=enhancer,
         )
         image = Image.fromarray(out)
         if target_alpha is not None:

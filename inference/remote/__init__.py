@@ -13,10 +13,12 @@ See ``inference.remote.base`` for how retryable, rejected and permanent failures
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from inference.remote.base import (
     DEFAULT_MAX_OUTPUT_BYTES,
+    HttpClient,
     InvalidWebhookSignature,
     ProviderAuthError,
     ProviderError,
@@ -34,7 +36,7 @@ from inference.remote.upstream import UpstreamClient
 from inference.remote.volcengine import VolcengineClient, VolcengineSigner
 from inference.remote.zhinian import ZhinianClient, verify_webhook_signature
 
-PROVIDERS: dict[str, type] = {
+PROVIDERS: dict[str, type[HttpClient]] = {
     "sensetime": SenseTimeClient,
     "volcengine": VolcengineClient,
     "zhinian": ZhinianClient,
@@ -48,7 +50,18 @@ def build_client(kind: str, **settings: Any) -> RemoteProvider:
         cls = PROVIDERS[kind]
     except KeyError:
         raise ValueError(f"unknown remote provider {kind!r}; one of {sorted(PROVIDERS)}") from None
-    return cls(**settings)
+    # Every client is an HttpClient that adds submit (the base has none): the protocol holds.
+    return cls(**settings)  # type: ignore[return-value]
+
+
+def check_limits(kind: str, task: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """Provider ``kind``'s own limits on our payload (``inference.remote.limits``): ``InvalidInput``
+    naming our field and the provider's limit; pure, so the API asks it without a client."""
+    try:
+        cls = PROVIDERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown remote provider {kind!r}; one of {sorted(PROVIDERS)}") from None
+    cls.check_limits(task, payload, options)
 
 
 __all__ = [
@@ -70,6 +83,7 @@ __all__ = [
     "VolcengineSigner",
     "ZhinianClient",
     "build_client",
+    "check_limits",
     "idempotency_key_for_job",
     "verify_webhook_signature",
 ]

@@ -216,6 +216,10 @@ class RemoteProvider(Protocol):
 
     def close(self) -> None: ...
 
+    # The provider's own limits on our payload (``inference.remote.limits``), before any request.
+    @staticmethod
+    def check_limits(task: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> None: ...
+
 
 def idempotency_key_for_job(job_id: str, provider: str) -> str:
     """The Idempotency-Key a submit of our job ``job_id`` sends to ``provider``.
@@ -538,6 +542,11 @@ class HttpClient:
             return bytes(body)
 
     # -- defaults for providers without the feature -----------------------------------------
+
+    @staticmethod
+    def check_limits(task: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+        """Refuse (``InvalidInput`` naming our field) what the provider cannot take; a provider
+        that takes our payload as it is (an upstream aiorch) has no limits of its own."""
 
     def poll(self, remote_id: str) -> RemoteResult:  # pragma: no cover - every client overrides
         raise NotImplementedError

@@ -38,6 +38,7 @@ from inference.remote.base import (
     check_range,
     require,
 )
+from inference.remote.limits import refuse_controlnets, refuse_loras
 
 SIGNATURE_HEADER = "X-Zhinian-Signature"
 _STATUSES = {
@@ -69,6 +70,12 @@ class ZhinianClient(HttpClient):
     name = "zhinian"
     max_batch = 1  # the list endpoint filters by status and time, not by ids
     makes_video = True  # capability video.generate
+
+    @staticmethod
+    def check_limits(task: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+        # Seed 003's image.generate has no LoRA field, nor a ControlNet one.
+        refuse_loras("Zhinian", payload)
+        refuse_controlnets("Zhinian", payload)
 
     def __init__(
         self,
@@ -142,6 +149,7 @@ class ZhinianClient(HttpClient):
         if not idempotency_key:
             # Without a key a retried submit can start a second paid job; refuse rather than risk it.
             raise ValueError("Zhinian submits need an idempotency_key derived from our job id")
+        self.check_limits(task, payload, options or {})
         body = build_request(task, payload, options or {})
         answer = self._call(
             "POST", "/api/v1/jobs", json_body=body, headers={"Idempotency-Key": idempotency_key}

@@ -15,14 +15,28 @@ import pkgutil
 from tasks.payloads.base import (
     SCHEMAS,
     BasePayload,
+    InputObject,
     InputRef,
     VideoRef,
     input_fields,
+    input_refs,
     payload_for,
+    replace_input,
     schema_for,
 )
 
-__all__ = ["SCHEMAS", "BasePayload", "InputRef", "VideoRef", "input_fields", "payload_for", "schema_for"]
+__all__ = [
+    "SCHEMAS",
+    "BasePayload",
+    "InputObject",
+    "InputRef",
+    "VideoRef",
+    "input_fields",
+    "input_refs",
+    "payload_for",
+    "replace_input",
+    "schema_for",
+]
 
 for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     importlib.import_module(f"{__name__}.{_module.name}")

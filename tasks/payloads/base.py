@@ -102,17 +102,63 @@ class VideoRef(InputRef):
     """An input video, referenced like an image (fetched on the cpu queue, under the video limits)."""
 
 
+# The key of the input inside each object of a list of objects (generate's
+# ``controlnets[].image_url``): the one nested place an input may sit.
+NESTED_INPUT = "image_url"
+
+
+class InputObject(fields.Nested):
+    """An object of a list field that holds an input under ``NESTED_INPUT`` (one ControlNet of
+    ``controlnets``). Its ``InputRef`` checks hosts with the payload's ``url_policy``, which the
+    nested schema would not otherwise see."""
+
+    @property
+    def schema(self) -> Schema:
+        schema = super().schema
+        policy = getattr(self.root, "url_policy", None)
+        if isinstance(policy, UrlPolicy):
+            schema.url_policy = policy  # type: ignore[attr-defined]  # read by InputRef.url_policy
+        return schema
+
+
 def input_fields(schema: type[Schema]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The fields of ``schema`` that hold inputs (an ``InputRef``, or a list of them), and those
-    of them that hold a video, in declaration order."""
+    """The fields of ``schema`` that hold inputs (an ``InputRef``, a list of them, or a list of
+    ``InputObject``s), and those of them that hold a video, in declaration order."""
     inputs, videos = [], []
     for name, field in schema().fields.items():
         ref = field.inner if isinstance(field, fields.List) else field
+        if isinstance(ref, InputObject):
+            ref = ref.schema.fields[NESTED_INPUT]
         if isinstance(ref, InputRef):
             inputs.append(name)
             if isinstance(ref, VideoRef):
                 videos.append(name)
     return tuple(inputs), tuple(videos)
+
+
+def input_refs(field: str, value: Any) -> list[tuple[str, Any]]:
+    """``(label, reference)`` of each input the payload's ``field`` holds in ``value``: one
+    reference, a list of them, or a list of objects each holding one under ``NESTED_INPUT``. The
+    label names it for errors (``image_url``, ``source_urls[1]``, ``controlnets[0].image_url``)."""
+    if not isinstance(value, list):
+        return [(field, value)]
+    return [
+        (f"{field}[{i}].{NESTED_INPUT}", item.get(NESTED_INPUT))
+        if isinstance(item, dict)
+        else (f"{field}[{i}]", item)
+        for i, item in enumerate(value)
+    ]
+
+
+def replace_input(value: Any, index: int | None, ref: Any) -> Any:
+    """``value`` (what ``input_refs`` read) with its input at ``index`` (None: the one) replaced by
+    ``ref``; a new value, ``value`` itself is left as it was."""
+    if index is None:
+        return ref
+    items = list(value)
+    item = items[index]
+    items[index] = {**item, NESTED_INPUT: ref} if isinstance(item, dict) else ref
+    return items
 
 
 class WatermarkSchema(Schema):
@@ -163,13 +209,56 @@ class ModelRef(fields.String):
         self.types = types
         self.task = task
 
+    def names_model(self, value: str) -> bool:
+        """Whether ``value`` names a model of the store (a subclass may take other names too)."""
+        return True
+
+    def explain(self, problem: str) -> str:
+        """The 422's sentence for ``problem`` (what ``model_problem`` found wrong with the id)."""
+        return problem
+
 
 def model_refs(schema: Schema, payload: dict[str, Any]) -> list[tuple[str, str, ModelRef]]:
     """``(field, model id, its ModelRef)`` of each ``ModelRef`` the loaded ``payload`` fills."""
     return [
         (name, payload[name], field)
         for name, field in schema.fields.items()
-        if isinstance(field, ModelRef) and payload.get(name)
+        if isinstance(field, ModelRef) and payload.get(name) and field.names_model(payload[name])
+    ]
+
+
+class ModelSwitch(fields.Boolean):
+    """A switch that, when on, needs an installed model of one of ``types`` serving ``task``
+    (``face_enhance`` needs a face restorer): checked at the API against the store
+    (``app.jobs.checked_spec``), so asking for it with none installed is a 422 naming the field
+    (``missing`` says why), and again by the engine."""
+
+    def __init__(self, *args: Any, types: tuple[str, ...], task: str, missing: str, **kwargs: Any) -> None:
+        metadata = {"x-model-types": list(types), **(kwargs.pop("metadata", None) or {})}
+        super().__init__(*args, metadata=metadata, **kwargs)
+        self.types = types
+        self.task = task
+        self.missing = missing
+
+
+def face_enhance_field(task: str) -> ModelSwitch:
+    """``face_enhance`` (``upscale``, ``faceswap``, ``faceswap_multi``): restore the faces with the
+    best installed face restorer (GFPGAN, RestoreFormer); a 422 naming the field when none is."""
+    return ModelSwitch(
+        load_default=False,
+        types=("face_restorer",),
+        task=task,
+        missing="needs a face-restoration model (GFPGAN or RestoreFormer), and none is installed",
+        metadata={"description": "Restore the faces with the installed face-restoration model"},
+    )
+
+
+def model_switches(schema: Schema, payload: dict[str, Any]) -> list[tuple[str, ModelSwitch]]:
+    """``(field, its ModelSwitch)`` of each ``ModelSwitch`` the loaded ``payload`` turns on."""
+    return [
+        (name, field)
+        for name, field in schema.fields.items()
+        if isinstance(field, ModelSwitch) and payload.get(name)
     ]
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from tasks.payloads.base import BasePayload, InputRef, VideoRef, payload_for, unit
+from tasks.payloads.base import BasePayload, InputRef, VideoRef, face_enhance_field, payload_for, unit
 
 FACE_INDEX_ORDER = (
     "Face indices run left to right, then top to bottom (faces whose centres lie within half a "
@@ -42,6 +42,7 @@ class FaceswapPayload(BasePayload):
     source_url = InputRef(required=True)
     target_url = InputRef(required=True)
     upscale = _upscale()
+    face_enhance = face_enhance_field("faceswap")
     max_side = _max_side()
     sharpen = unit(load_default=0.0)
     max_faces = fields.Integer(
@@ -72,6 +73,7 @@ class FaceswapMultiPayload(BasePayload):
         metadata={"description": "Which target face each source face replaces. " + FACE_INDEX_ORDER},
     )
     upscale = _upscale()
+    face_enhance = face_enhance_field("faceswap_multi")
     sharpen = unit(load_default=0.0)
     max_side = _max_side()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from marshmallow import fields, validate
 
-from tasks.payloads.base import BasePayload, InputRef, model_field, payload_for, unit
+from tasks.payloads.base import BasePayload, InputRef, face_enhance_field, model_field, payload_for, unit
 
 
 @payload_for("upscale")
@@ -13,12 +13,5 @@ class UpscalePayload(BasePayload):
     scale = fields.Float(load_default=2.0, validate=validate.Range(min=1.0, max=4.0, min_inclusive=False))
     model = model_field()
     sharpen = unit(load_default=0.0)
-    # No face-restoration engine (GFPGAN, CodeFormer) can be installed in the model store yet, so
-    # the request is refused here with a 422 rather than queued to fail on the GPU queue. When one
-    # can, this becomes a check of the store, as tasks/model_registry.has_model_for does.
-    face_enhance = fields.Boolean(
-        load_default=False,
-        validate=validate.Equal(
-            False, error="face_enhance needs a face-restoration model (GFPGAN, CodeFormer); none is installed"
-        ),
-    )
+    face_enhance = face_enhance_field("upscale")
+

@@ -54,9 +54,6 @@ from tasks.runtime import JobTask, Runtime
 
 log = logging.getLogger("aiorch.remote")
 
-# Providers that draw the payload's ``watermark`` themselves (SenseTime's watermark_config,
-# Volcengine's logo_info, an upstream aiorch); for the others it is drawn here, as for local jobs.
-PROVIDER_DRAWS_WATERMARK = {"sensetime", "volcengine", "upstream"}
 # Output meta worth keeping from a provider (the rest, e.g. its URLs, is not ours to publish),
 # under the name the result shows: a provider's asset id is not ours (``result.asset_id``).
 KEPT_OUTPUT_META = {"index": "index", "seed": "seed", "asset_id": "provider_asset_id"}
@@ -248,10 +245,9 @@ def _settle(
     except Exception as exc:
         _settle_error(rt, job, claim, provider.name, exc)
         return "final"
-    payload = dict(job.payload)
-    if provider.kind in PROVIDER_DRAWS_WATERMARK:
-        payload.pop("watermark", None)
-    result_doc, files = store_outputs(rt, job.id, job.client_id, outcome, payload, job.inputs or {})
+    # The payload's watermark is drawn here, by the code that draws a local job's (no provider was
+    # sent it: ``provider_inputs.provider_payload``).
+    result_doc, files = store_outputs(rt, job.id, job.client_id, outcome, dict(job.payload), job.inputs or {})
     finish_remote(rt, claim, None, result=result_doc, files=files, backend=job.backend)
     return "final"
 

@@ -20,6 +20,7 @@ from models.assets import OUTPUT
 from models.db import utcnow
 from models.jobs import Job, StoredFile
 from models.jobstore import Claim, ClaimRefused
+from tasks.payloads import replace_input
 from tasks.runtime import Runtime
 from tasks.storage import encode_image
 
@@ -35,21 +36,40 @@ PUBLIC_COPY_GRACE = 3600.0
 
 def provider_payload(rt: Runtime, job: Job, claim: Claim, kind: str, route: Route | None) -> dict[str, Any]:
     """The job's payload as a provider of ``kind`` gets it: every input replaced by our own
-    checked copy, inline or as a public URL (see the module's docstring)."""
+    checked copy, inline or as a public URL (see the module's docstring), and no ``watermark``.
+
+    The visible label is drawn by us on the downloaded outputs (``tasks.outputs``), as on a local
+    job's: no provider's own watermark can say our text, position and opacity alike (Volcengine's
+    two fixed labels in four corners, SenseTime's fixed "图片由 AI 生成"), so the same job shows
+    the same label wherever it ran, drawn once.
+    """
     payload = dict(job.payload)
+    payload.pop("watermark", None)
     inputs = job.inputs or {}
     if not inputs:
         return payload
     if kind in INLINE_INPUTS:
         for field, entry in inputs.items():
             refs = [_data_uri(e) for e in (entry if isinstance(entry, list) else [entry])]
-            payload[field] = refs if isinstance(entry, list) else refs[0]
+            payload[field] = _with_refs(payload.get(field), entry, refs)
         return payload
     names = _public_copies(rt, job, claim, route)
     for field, entry in inputs.items():
         refs = [rt.storage.url_for(names[e["path"]]) for e in (entry if isinstance(entry, list) else [entry])]
-        payload[field] = refs if isinstance(entry, list) else refs[0]
+        payload[field] = _with_refs(payload.get(field), entry, refs)
     return payload
+
+
+def _with_refs(value: Any, entry: Any, refs: list[str]) -> Any:
+    """The payload's ``value`` with its references (a list field's in order; an object's in a
+    list of objects, such as ``controlnets[].image_url``) replaced by ``refs``."""
+    if not isinstance(entry, list):
+        return refs[0]
+    if not isinstance(value, list):
+        return refs
+    for index, ref in enumerate(refs):
+        value = replace_input(value, index, ref)
+    return value
 
 
 def _data_uri(entry: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from config.logs import bind_job
 from config.routes import DEFAULT_POLL_INTERVAL, LOCAL, Route, RouteStep
 from inference.base import ContentRejected, EngineError
 from inference.remote import ProviderRetryableError, idempotency_key_for_job
+from inference.safety import check_prompt
 from models.db import utcnow
 from models.failures import JobFailure
 from models.jobs import Job
@@ -34,6 +35,7 @@ from tasks.celery_app import RUN, SUBMIT_REMOTE, publish
 from tasks.failures import failure_of
 from tasks.inputs import InputProblem
 from tasks.outputs import note_refusal_end
+from tasks.remote.backend_limits import backend_refusal
 from tasks.remote.common import (
     ERROR_GROWTH,
     SUBMIT_SOFT_LIMIT,
@@ -124,6 +126,13 @@ def submit_to_route(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, f
         message = f"No provider accepted the job within {route.timeout:g} s."
         finish_remote(rt, claim, JobFailure("provider_timeout", message))
         return
+    try:
+        # The blocklist a local engine applies (AIORCH_PROMPT_BLOCKLIST), before any provider sees
+        # the prompt: the job ends rejected, prompt_blocked, wherever its route would send it.
+        check_prompt([job.payload.get("prompt")], rt.settings.prompt_blocklist)
+    except ContentRejected as exc:
+        finish_remote(rt, claim, failure_of(exc))
+        return
     video = catalog.TASKS[job.engine_task].output == "video"
     if video and not any(_makes_video(rt, step) for step in route.steps):
         names = ", ".join(step.backend for step in route.steps)
@@ -131,6 +140,10 @@ def submit_to_route(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, f
         finish_remote(rt, claim, JobFailure("no_video_provider", message))
         return
     unavailable: list[str] = []
+    # Backends whose own limits refuse the payload (the API refuses a payload no backend takes,
+    # but the routes may have changed since): skipped, and the first refusal fails the job when
+    # no other backend is left to try.
+    refused: list[EngineError] = []
     wait: float | None = None
     index = first_step
     try:
@@ -150,9 +163,14 @@ def submit_to_route(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, f
                 log.info("%s cannot generate video; skipping it", step.backend)
                 continue
             if step.is_local:
-                log.info("every provider of the route is unavailable; running locally")
+                log.info("no provider of the route took the job; running locally")
                 _run_locally(app, rt, job, claim)
                 return
+            refusal = backend_refusal(rt.settings.routes, step, job.engine_task, job.payload)
+            if refusal is not None:
+                log.info("%s cannot take the job (%s); skipping it", step.backend, refusal)
+                refused.append(refusal)
+                continue
             left = budget_ends - time.monotonic()
             if left < MIN_ATTEMPT_SECONDS:
                 log.warning("no time left in this submit for %s; going on in a fresh task", step.backend)
@@ -210,6 +228,10 @@ def submit_to_route(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, f
             submit_later(app, job, claim, retry, index + 1, 0.0)
         else:
             submit_later(app, job, claim, retry + 1, 0, _backoff(route, retry, None))
+        return
+    if refused and not unavailable:
+        # Every backend refused the payload for its own limits: no later try can change that.
+        finish_remote(rt, claim, failure_of(refused[0]))
         return
     # Every backend is remote and unavailable now: try the route again later, until the deadline.
     countdown = _backoff(route, retry, wait)

@@ -22,6 +22,11 @@ LoRA training (section 10: ``/v1/lora/train``, ``/v1/lora/result/<id>``, ``/v1/l
   its first RUNNING poll with the seed's own message about images without a person;
 - ``/v1/lora/cancel`` cancels a training only while it waits (PENDING), as the seed says; a running
   one answers ``success: false``. ``cancels`` records every cancel asked for.
+
+``controlnet_configs`` on ``/v1/imgenstd/imgen`` are checked as the seed's table says (at most
+three; ``type`` of its enum; ``img_url`` required; ``weight`` (0, 2]; ``guidance_start`` and
+``guidance_end`` in [0, 1]; ``pre_processor`` one the type lists, ``pass`` for all): anything else
+is code 3. Their ``img_url``s are fetched like the other inputs under ``fetch_inputs``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,21 @@ NO_HUMAN_MESSAGE = (
     "Images were not avaliable for main object 'Human', pleases update your images or choose another "
     "main object"
 )
+# Seed 001's controlnet_configs: the types and each type's pre_processor values ("pass" for all).
+CONTROLNET_TYPES = frozenset(
+    {
+        "canny", "depth", "ip2p", "lineart", "lineart_anime", "mlsd", "normal", "openpose", "scribble",
+        "shuffle", "softedge", "tile", "seg", "brightness", "reference_only", "ip_adapter_faceid",
+    }
+)  # fmt: skip
+CONTROLNET_PRE_PROCESSORS = {
+    "canny": ("canny", "invert"),
+    "openpose": ("openpose", "openpose_face", "openpose_faceonly", "openpose_full", "openpose_hand"),
+    "lineart": ("lineart_coarse", "lineart_realistic", "lineart_standard"),
+    "lineart_anime": ("lineart_anime", "lineart_anime_denoise"),
+    "tile": ("tile_colorfix", "tile_colorfix_sharp", "tile_resample"),
+    "ip_adapter_faceid": ("face_id_plus", "plus_vith"),
+}
 _IMAGE_FAMILIES = {"imgenstd", "erase", "outpaint", "inpaint", "sup_res", "split", "stylization"}
 # What each submit endpoint requires, per the seed's parameter tables.
 _REQUIRED = {
@@ -175,6 +195,7 @@ class SenseTimeFake(FakeProvider):
     def _input_urls(self, body: dict[str, Any]) -> list[str]:
         urls = [body.get("img_url"), body.get("mask_img_url"), (body.get("base_img") or {}).get("url")]
         urls += [face.get("url") for face in body.get("faces") or [] if isinstance(face, dict)]
+        urls += [cn.get("img_url") for cn in body.get("controlnet_configs") or [] if isinstance(cn, dict)]
         return [url for url in urls if isinstance(url, str) and url]
 
     def _fetch(self, url: str) -> str | None:
@@ -247,6 +268,31 @@ class SenseTimeFake(FakeProvider):
             "task_id": task_id,
             "images": state["images"],
         }
+
+    @staticmethod
+    def _controlnet_problem(configs: Any) -> str | None:
+        """What the seed's controlnet_configs table refuses in ``configs``, or None."""
+        if configs is None:
+            return None
+        if not isinstance(configs, list) or len(configs) > 3:
+            return "must be a list of at most 3"
+        for config in configs:
+            if not isinstance(config, dict) or config.get("type") not in CONTROLNET_TYPES:
+                return "type must be one of the seed's"
+            if not isinstance(config.get("img_url"), str) or not config["img_url"]:
+                return "img_url is required"
+            weight = config.get("weight", 1)
+            if not isinstance(weight, (int, float)) or not 0 < weight <= 2:
+                return "weight must be in (0, 2]"
+            for name in ("guidance_start", "guidance_end"):
+                value = config.get(name, 0)
+                if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                    return f"{name} must be in [0, 1]"
+            pre = config.get("pre_processor")
+            allowed = ("pass", *CONTROLNET_PRE_PROCESSORS.get(config["type"], ()))
+            if pre is not None and pre not in allowed:
+                return f"pre_processor {pre!r} is not one of {config['type']}'s"
+        return None
 
     # -- LoRA training ----------------------------------------------------------------------
 
@@ -355,6 +401,9 @@ class SenseTimeFake(FakeProvider):
             samples = body.get("samples", 1)
             if not isinstance(samples, int) or not 1 <= samples <= 8:
                 return self.error(3, "Invalid Params: samples must be in [1, 8]", 400)
+            problem = self._controlnet_problem(body.get("controlnet_configs"))
+            if family == "imgenstd" and problem:
+                return self.error(3, f"Invalid Params: controlnet_configs {problem}", 400)
             key = f"face.{action}" if family == "face" else family
             return self._new_task(key, body)
 

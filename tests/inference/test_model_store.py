@@ -80,11 +80,24 @@ def test_a_diffusers_folder_is_detected_with_its_base_model_and_tasks(tmp_path, 
     store = ModelStore(tmp_path)
     entry = store.add(weights["sd"])
     assert (entry.id, entry.name, entry.type) == ("tiny-sd", "tiny-sd", "diffusers")
-    assert entry.base_model_type == "sd15" and entry.tasks == DIFFUSION_TASKS
+    # An SD 1.5 model also trains LoRAs (one text encoder); SDXL and inpainting models do not.
+    assert entry.base_model_type == "sd15" and entry.tasks == (*DIFFUSION_TASKS, "train_lora")
     assert entry.size_bytes > 0 and entry.added_at
     inpainting = store.add(weights["sd-inpaint"], id="inpainter")
     assert inpainting.tasks == INPAINT_TASKS  # a 9-channel UNet cannot generate from text
     assert inpainting.extra["unet_in_channels"] == 9
+    # A manifest written before stylize and train_lora existed: its diffusers entries serve them
+    # (what a diffusers model serves is derived when the manifest is read, never trusted from it).
+    import json
+
+    manifest = json.loads(store.manifest_path.read_text())
+    for item in manifest["models"]:
+        item["tasks"] = ["generate", "inpaint", "remove_object", "outpaint"]
+    store.manifest_path.write_text(json.dumps(manifest))
+    reread = ModelStore(tmp_path)
+    assert reread.get("tiny-sd").tasks == (*DIFFUSION_TASKS, "train_lora")
+    assert reread.get("inpainter").tasks == INPAINT_TASKS
+    assert {e.id for e in reread.list(task="stylize")} == {"tiny-sd"}
 
 
 def test_lora_esrgan_and_onnx_files_are_detected(tmp_path, weights):

@@ -12,6 +12,9 @@ from typing import Any
 
 from inference.base import InvalidInput
 from inference.remote.base import check_range, require
+from inference.remote.limits import mapped_model
+from inference.remote.sensetime.controlnet import controlnet_configs
+from inference.remote.sensetime.limits import stylization_model
 from inference.remote.sensetime.training import build_train_lora
 
 _ALIGN = {
@@ -48,7 +51,11 @@ def build_request(task: str, payload: Mapping[str, Any], options: Mapping[str, A
 
 
 def _model_id(payload: Mapping[str, Any], options: Mapping[str, Any]) -> str:
-    model = payload.get("model") or options.get("model_id")
+    # The payload's ``model`` is ours where the route maps our ids (option ``models``), so a route
+    # [SenseTime, local] serves the same payload on both; else it is SenseTime's id as it is.
+    if payload.get("model"):
+        return mapped_model("SenseTime", str(payload["model"]), options, "model")
+    model = options.get("model_id")
     if not model:
         raise InvalidInput("SenseTime needs a model_id (route option or payload 'model')", field="model")
     return str(model)
@@ -70,9 +77,11 @@ def _common(body: dict, payload: Mapping[str, Any], options: Mapping[str, Any], 
         body["format"] = "PNG"
     elif fmt in ("jpg", "jpeg"):
         body["format"] = "JPG"
-    if payload.get("watermark") or options.get("watermark_type"):
-        # "Default" is SenseTime's own "图片由 AI 生成" label, the closest to our visible label.
-        body["watermark_config"] = {"type": options.get("watermark_type", "Default")}
+    if options.get("watermark_type"):
+        # SenseTime's own label ("Default": "图片由 AI 生成", "MakaLogo"), only where the route asks
+        # for it. The payload's ``watermark`` (text, position, opacity) is not SenseTime's to draw:
+        # its fixed labels cannot say it, so we draw it on the downloaded output, as locally.
+        body["watermark_config"] = {"type": options["watermark_type"]}
     return body
 
 
@@ -106,27 +115,31 @@ def _build_generate(payload: Mapping[str, Any], options: Mapping[str, Any]) -> t
         _put(body, payload, "image_strength")
     loras = payload.get("loras") or []
     if loras:
-        body["lora_configs"] = [_lora(item) for item in loras]
+        body["lora_configs"] = [_lora(item, options, index) for index, item in enumerate(loras)]
     for name in ("force_translation", "add_prompt", "controlnet_configs"):
         if name in options:
             body[name] = options[name]
+    if payload.get("controlnets"):
+        # The job's own ControlNets replace a route's default controlnet_configs.
+        body["controlnet_configs"] = controlnet_configs(payload["controlnets"])
     return "imgenstd", _common(body, payload, options)
 
 
-def _lora(item: Any) -> dict[str, Any]:
+def _lora(item: Any, options: Mapping[str, Any], index: int) -> dict[str, Any]:
     if isinstance(item, str):
-        return {"model_id": item}
+        return {"model_id": mapped_model("SenseTime", item, options, f"loras[{index}].model")}
     # The contract's form is {"model", "weight"} (a LoRA trained at SenseTime is named by its
     # provider_model_id); SenseTime's own key names are taken too.
     found: Mapping[str, Any] = item if isinstance(item, Mapping) else {}
     model_id = found.get("model") or found.get("model_id") or found.get("id")
     if not model_id:
         raise InvalidInput("each LoRA is a model id or {'model', 'weight'}", field="loras")
-    lora: dict[str, Any] = {"model_id": str(model_id)}
+    where = f"loras[{index}]"
+    lora: dict[str, Any] = {"model_id": mapped_model("SenseTime", str(model_id), options, f"{where}.model")}
     weight = found.get("merge_weight", found.get("weight"))
     if weight is not None:
         if not 0 < float(weight) < 2:
-            raise InvalidInput("a LoRA weight must be in (0, 2)", field="loras")
+            raise InvalidInput("a LoRA weight must be in (0, 2)", field=f"{where}.weight")
         lora["merge_weight"] = float(weight)
     return lora
 
@@ -247,8 +260,10 @@ def _build_remove_background(payload: Mapping[str, Any], options: Mapping[str, A
 
 
 def _build_stylize(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[str, dict]:
+    # Our ``style`` picks the stylization model (route option ``styles``); our ``model`` is a
+    # local base model, which SenseTime's stylization has no use for.
     body: dict[str, Any] = {
-        "model_id": _model_id(payload, options),
+        "model_id": stylization_model(payload, options),
         "img_url": _public_url(payload, "image_url"),
     }
     check_range(payload, "samples", 1, 8)

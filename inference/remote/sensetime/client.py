@@ -30,6 +30,7 @@ from inference.remote.base import (
     chunked,
 )
 from inference.remote.sensetime.bodies import build_request
+from inference.remote.sensetime.limits import check_limits
 from inference.remote.sensetime.results import as_int, not_found, to_result
 
 DEFAULT_BASE_URL = "https://mhapi.sensetime.com"
@@ -113,6 +114,7 @@ class SenseTimeClient(HttpClient):
 
     name = "sensetime"
     max_batch = MAX_BATCH
+    check_limits = staticmethod(check_limits)
 
     def __init__(
         self,
@@ -228,6 +230,7 @@ class SenseTimeClient(HttpClient):
         ``options`` is the route's parameter mapping: ``model_id`` (required unless the payload
         names ``model``), and provider-only fields such as ``dino_scale`` or ``mask_type``.
         """
+        check_limits(task, payload, options or {})
         family, body = build_request(task, payload, options or {})
         answer = self._call("POST", _FAMILIES[family].submit, json=body)
         task_id = answer.get("task_id") if isinstance(answer, dict) else None

@@ -194,12 +194,32 @@ def test_not_found_after_twelve_hours_is_expired_but_earlier_it_is_a_failure(cli
     assert (result.status, result.error_code) == (RemoteStatus.FAILED, "remote_not_found")
 
 
-def test_watermark_is_passed_as_logo_info_in_req_json(client, fake):
-    watermark = {"position": "top_left", "opacity": 0.5, "text": "AI generated"}
+@pytest.mark.parametrize("position", ["topleft", "bottomright", "middle", "top_left"])
+def test_the_payloads_watermark_never_becomes_volcengines_logo(client, fake, position):
+    # Our label (any of our positions, text and opacity) is drawn by us on the output; asking
+    # Volcengine for its fixed one too would print two labels.
+    watermark = {"position": position, "opacity": 0.5, "text": "AI generated"}
     remote_id = client.submit("generate", {"prompt": "x", "watermark": watermark}, options=ROUTE)
+    client.poll(remote_id)
+    assert "req_json" not in fake.result_bodies[-1]
+
+
+def test_a_routes_logo_info_option_is_passed_as_seed_002s_req_json(client, fake):
+    logo = {"position": 2, "language": 1, "opacity": 0.5}
+    remote_id = client.submit("generate", {"prompt": "x"}, options={**ROUTE, "logo_info": logo})
     client.poll(remote_id)
     req_json = json.loads(fake.result_bodies[-1]["req_json"])
     assert req_json == {"logo_info": {"add_logo": True, "position": 2, "language": 1, "opacity": 0.5}}
+
+
+@pytest.mark.parametrize(
+    "logo", [{"position": "top_left"}, {"position": 4}, {"opacity": 2}, {"size": 1}, "yes"]
+)
+def test_a_logo_info_option_outside_seed_002_is_a_misconfigured_route(client, fake, logo):
+    with pytest.raises(ProviderError) as info:
+        client.submit("generate", {"prompt": "x"}, options={**ROUTE, "logo_info": logo})
+    assert info.value.code == "provider_misconfigured"
+    assert fake.requests == []
 
 
 def test_rate_limit_server_error_timeout_and_malformed_are_retryable(client, fake, clock):
@@ -247,7 +267,7 @@ def test_data_uri_inputs_go_inline_as_binary_data_base64(client, fake):
             "image_url",
         ),
         ({"prompt": "x", "image_url": "asset://abc"}, "image_url"),
-        ({"prompt": "x", "watermark": {"position": "middle"}}, "watermark"),
+        ({"prompt": "x", "loras": [{"model": "style", "weight": 1.0}]}, "loras"),
     ],
 )
 def test_inputs_outside_the_seed_limits_fail_before_any_request(client, fake, payload, field):

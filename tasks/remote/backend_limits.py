@@ -1,0 +1,51 @@
+"""Which backends of a route can take a payload: each provider's own limits, asked before any request.
+
+Our payload schemas hold the local engines' limits; a provider may document narrower ones (see
+``inference.remote.limits``). The submit step skips a backend whose limits refuse the job and goes
+on to the next (``local`` takes whatever our schema took), and the API refuses at ``POST`` (422 naming
+the field and each provider's limit) a payload that no backend of its route can take.
+
+Pure: no client, no request, no database, so the API process asks it as the submit step does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from config.routes import Routes, RouteStep
+from inference.base import InvalidInput
+from inference.remote import check_limits
+
+
+def backend_refusal(
+    routes: Routes, step: RouteStep, engine_task: str, payload: Mapping[str, Any]
+) -> InvalidInput | None:
+    """Why the route's ``step`` cannot take ``payload`` (its provider's limits), or None when it can."""
+    if step.is_local:
+        return None
+    provider = routes.providers[step.backend]
+    try:
+        check_limits(provider.kind, step.task or engine_task, payload, step.options)
+    except InvalidInput as refusal:
+        return refusal
+    return None
+
+
+def route_refusals(
+    routes: Routes, task: str, engine_task: str, payload: Mapping[str, Any]
+) -> dict[str, list[str]]:
+    """``{field: [why, ...]}`` when no backend of the route of ``task`` can take ``payload``; empty
+    when one can, or when the task has no route that starts at a provider (it runs locally)."""
+    route = routes.for_task(task, engine_task)
+    if route is None or not route.remote_first:
+        return {}
+    found: dict[str, list[str]] = {}
+    for step in route.steps:
+        refusal = backend_refusal(routes, step, engine_task, payload)
+        if refusal is None:
+            return {}
+        reasons = found.setdefault(refusal.field or "payload", [])
+        if str(refusal) not in reasons:
+            reasons.append(str(refusal))
+    return found
