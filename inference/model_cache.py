@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -310,6 +311,19 @@ def measure_bytes(obj: Any) -> int:
 
     visit(obj)
     return total
+
+
+def file_identity(path: Path) -> str:
+    """A short tag of the files behind a model (where they are, when they last changed, their size):
+    part of its cache key, so a model replaced under the same id (``aiorch models add --replace``,
+    or removed and added again) is loaded afresh by running workers, never served stale. A hash:
+    cache keys are shown by ``/diag/backends``, which shows no filesystem path."""
+    try:
+        stat = path.stat()
+        facts = f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    except OSError:
+        facts = str(path)
+    return hashlib.sha1(facts.encode(), usedforsecurity=False).hexdigest()[:8]
 
 
 def _mb(nbytes: int) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 from config import Settings
 from inference import devices
 from inference.base import EngineError, InvalidInput
-from inference.model_cache import ModelCache, estimate_checkpoint_bytes
+from inference.model_cache import ModelCache, estimate_checkpoint_bytes, file_identity
 from inference.model_store import ModelEntry, ModelNotFound, ModelStore
 from inference.registry import EngineCall
 
@@ -180,5 +180,6 @@ def chosen_model(call: EngineCall, task: str, types: tuple[str, ...]) -> ModelEn
 
 
 def load_cached(key: str, path: Path, loader: Callable[[], Any]) -> Any:
-    """``loader()``'s model from the process cache, loaded (and budgeted by its files' size) once."""
-    return model_cache().get_or_load(key, loader, estimate_checkpoint_bytes(path))
+    """``loader()``'s model from the process cache, loaded (and budgeted by its files' size) once
+    for these files (``key#<file_identity>``)."""
+    return model_cache().get_or_load(f"{key}#{file_identity(path)}", loader, estimate_checkpoint_bytes(path))

@@ -266,9 +266,11 @@ class JobStore:
         backend: str | None = None,
         files: Sequence[StoredFile] = (),
         retention: float | None = None,
+        progress_detail: dict[str, Any] | None = None,
     ) -> Moved | None:
-        """Write the final status of a claimed run (with its ``error`` unless it succeeded) and its
-        output files; None when the claim was fenced off."""
+        """Write the final status of a claimed run (with its ``error`` unless it succeeded), its
+        output files and its last progress detail (None keeps the stored one); None when the claim
+        was fenced off."""
         now = utcnow()
         expires = now + timedelta(seconds=retention) if retention and files else None
         succeeded = status is JobStatus.SUCCEEDED
@@ -301,6 +303,7 @@ class JobStore:
                 error=None if error is None else error.as_error(),
                 backend=backend or None,
                 expires_at=expires if succeeded else None,
+                progress_detail=progress_detail,
             )
         if moved is not None:
             for stored in files:

@@ -154,7 +154,9 @@ def _finish(status: JobStatus) -> Move:
         Event.FINISHED,
         fenced=True,
         writes=("result", "error", "expires_at"),
-        keeps=("backend",),
+        # The run's last word beside its percentage (a training's final step and loss), which the
+        # throttled progress writes may not have stored yet.
+        keeps=("backend", "progress_detail"),
         effects=frozenset(effects),
     )
 

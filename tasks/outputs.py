@@ -89,6 +89,7 @@ def record_outcome(
     result: dict[str, Any] | None,
     files: list[StoredFile],
     backend: str | None,
+    progress_detail: dict[str, Any] | None = None,
 ) -> bool:
     """Write a claimed run's final status with its output files (local engine or provider alike);
     False when the claim was fenced off meanwhile (cancelled, re-claimed, or a provider's webhook
@@ -102,6 +103,7 @@ def record_outcome(
         backend=backend,
         files=files,
         retention=rt.settings.result_retention,
+        progress_detail=progress_detail,
     ):
         note_ended(claim.job_id, failure)
         return True

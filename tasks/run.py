@@ -75,6 +75,11 @@ class JobControl:
     def should_stop(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def detail(self) -> dict[str, Any] | None:
+        """The last detail the engine reported (stored with the final write)."""
+        return None if self._report is None else self._report[1]
+
     def __enter__(self) -> JobControl:
         self._watcher = threading.Thread(
             target=self._watch, name=f"aiorch-watch-{self.claim.job_id}", daemon=True
@@ -180,13 +185,17 @@ def _run_claimed(
         failure: JobFailure | None = None
         files: list[StoredFile] = []
         gpu_fault = oom = False
+        detail: dict[str, Any] | None = None
         try:
             if prepared is None:
                 payload = validate_payload(spec, job.payload, rt.settings)
                 images = _open_inputs(job.inputs or {})
                 with JobControl(rt.store, claim) as control:
                     call = engine_call(job, payload, images, control, claim.attempt, rt)
-                    outcome = ENGINES[spec.engine or ""](call)
+                    try:
+                        outcome = ENGINES[spec.engine or ""](call)
+                    finally:
+                        detail = control.detail
             else:
                 payload, outcome = prepared[0].payload, _batched_outcome(rt, job_id, prepared[1])
             backend = outcome.backend
@@ -201,7 +210,9 @@ def _run_claimed(
             runtime.release_memory()
         if gpu_fault:
             note_device_fault(job_id)  # its process is replaced once the task is done
-        if record_outcome(rt, claim, failure, result=result, files=files, backend=backend):
+        if record_outcome(
+            rt, claim, failure, result=result, files=files, backend=backend, progress_detail=detail
+        ):
             rt.storage.remove_inputs(job_id)
         elif _ended_elsewhere(rt, job_id):
             # Fenced off because the job ended without this run (an operator's revoke): nobody

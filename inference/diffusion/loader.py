@@ -25,7 +25,7 @@ from PIL import Image
 from config import limits
 from inference.base import Cancelled, ContentRejected, EngineError, InvalidInput, RunControl, check_stop
 from inference.diffusion.params import MAX_LORAS, SCHEDULERS, number, round8
-from inference.model_cache import ModelCache, estimate_checkpoint_bytes
+from inference.model_cache import ModelCache, estimate_checkpoint_bytes, file_identity
 from inference.model_store import ModelEntry, ModelNotFound, ModelStore
 
 BACKEND = "diffusers"
@@ -188,7 +188,9 @@ class DiffusionModels:
     # -- loading -----------------------------------------------------------------------------
 
     def cache_key(self, entry: ModelEntry) -> str:
-        return f"{BACKEND}:{entry.id}:{self.device}:{str(self.dtype).removeprefix('torch.')}"
+        # With the files' identity: a model replaced under the same id is loaded afresh.
+        identity = file_identity(self.store.resolve_path(entry))
+        return f"{BACKEND}:{entry.id}#{identity}:{self.device}:{str(self.dtype).removeprefix('torch.')}"
 
     @contextlib.contextmanager
     def hold(self, entry: ModelEntry, info: ModelInfo) -> Iterator[LoadedPipeline]:

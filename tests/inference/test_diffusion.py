@@ -228,7 +228,8 @@ def test_one_loaded_pipeline_serves_all_four_tasks(store, photo, box_mask):
     Outpainter(models)(photo, ratio=1.25, **FAST)
     assert models.cache.stats()["loads"] == 1
     [entry] = models.cache.loaded()
-    assert entry["id"].startswith("diffusers:tiny-sd:cpu") and entry["hits"] == 4
+    assert entry["id"].startswith("diffusers:tiny-sd#") and entry["id"].endswith(":cpu:float32")
+    assert entry["hits"] == 4
 
 
 def test_inpainting_model_serves_mask_tasks_but_not_generate(models, photo, box_mask):
@@ -248,7 +249,7 @@ def test_least_recently_used_pipeline_is_evicted_under_a_small_budget(store, pho
     models = DiffusionModels(store, ModelCache(int(one * 1.5)), device="cpu")
     ImageGenerator(models)("a cat", model="tiny-sd", width=64, height=64, **FAST)
     Inpainter(models)(photo, box_mask, "a dog", model="tiny-inpaint", **FAST)
-    assert [e["id"].split(":")[1] for e in models.cache.loaded()] == ["tiny-inpaint"]
+    assert [e["id"].split(":")[1].split("#")[0] for e in models.cache.loaded()] == ["tiny-inpaint"]
     assert models.cache.stats()["evictions"] == 1
     assert models.cache.used_bytes <= models.cache.budget_bytes
 

@@ -205,3 +205,30 @@ def test_evicting_a_cuda_model_returns_its_memory():
     assert cache.loaded()[0]["device"] == "cuda"
     cache.evict("a")
     assert torch.cuda.memory_reserved() < held  # empty_cache gave the blocks back
+
+
+def test_a_model_replaced_under_the_same_id_is_loaded_afresh(tmp_path, monkeypatch) -> None:
+    """A worker's cache keys carry the files' identity: an operator who replaces a model's files
+    (``aiorch models add --replace``, or remove and add again) gets the new weights in running
+    workers, never the cached old ones; the key shows no path (``/diag/backends`` lists keys)."""
+    import os
+
+    from inference import runtime
+
+    monkeypatch.setattr(runtime, "_cache", ModelCache(2**30))
+    weights = tmp_path / "det.pth"
+    weights.write_bytes(b"old weights")
+    loads = []
+
+    def loader() -> object:
+        loads.append(weights.read_bytes())
+        return object()
+
+    first = runtime.load_cached("det:det", weights, loader)
+    assert runtime.load_cached("det:det", weights, loader) is first and len(loads) == 1
+    weights.write_bytes(b"new weights, another size")
+    os.utime(weights, ns=(1, 2))
+    assert runtime.load_cached("det:det", weights, loader) is not first
+    assert loads == [b"old weights", b"new weights, another size"]
+    keys = [entry["id"] for entry in runtime.model_cache().loaded()]
+    assert all(key.startswith("det:det#") and str(tmp_path) not in key for key in keys), keys

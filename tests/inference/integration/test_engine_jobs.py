@@ -242,7 +242,7 @@ def test_blocking_faceswap_and_diag_shows_the_loaded_model(platform: Platform, f
     assert response.status_code == 200 and response.json()["status"] == "succeeded"
     diag = requests.get(f"{platform.base_url}/diag/backends", headers={"X-API-Key": ALICE}, timeout=10).json()
     gpu = next(w for w in diag["workers"] if w["name"] == "gpu@test")
-    assert any(m["id"] == "sr:realesrgan_x4plus" for m in gpu["loaded_models"]), gpu
+    assert any(m["id"].startswith("sr:realesrgan_x4plus#") for m in gpu["loaded_models"]), gpu
     assert all(d["device"] == "cpu" and d["rss_bytes"] > 0 for d in gpu["devices"])
 
 
