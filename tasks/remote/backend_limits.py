@@ -15,7 +15,6 @@ from typing import Any
 
 from config.routes import Routes, RouteStep
 from inference.base import InvalidInput
-from inference.remote import check_limits
 
 
 def backend_refusal(
@@ -24,6 +23,10 @@ def backend_refusal(
     """Why the route's ``step`` cannot take ``payload`` (its provider's limits), or None when it can."""
     if step.is_local:
         return None
+    # The provider clients (requests, cryptography, jwt: about 16 MB in every API process) load only
+    # where a route names a provider, never in an API whose tasks all run locally.
+    from inference.remote import check_limits
+
     provider = routes.providers[step.backend]
     try:
         check_limits(provider.kind, step.task or engine_task, payload, step.options)
