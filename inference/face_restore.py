@@ -28,6 +28,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,6 +39,7 @@ from inference.base import EngineError, InvalidInput, NullControl, RunControl, c
 from inference.faceswap.blending import alpha_blend, feather
 from inference.faceswap.engine import fit_max_side
 from inference.faceswap.faces import Detector, Face, similarity_transform
+from inference.spandrel_files import load_descriptor
 
 log = logging.getLogger(__name__)
 
@@ -244,27 +246,7 @@ def _paste(
     np.maximum(region[y0:y1, x0:x1], alpha, out=region[y0:y1, x0:x1])
 
 
-def _load_descriptor(path: Path):
-    # Imported here so that importing this module (a worker's warm-up list) stays cheap.
-    from spandrel import ImageModelDescriptor, ModelLoader
+def _load_descriptor(path: Path) -> Any:
+    return load_descriptor(path, what="face restoration", archs=ARCHS)
 
-    if not path.is_file():
-        raise EngineError(f"face restoration model file not found: {path.name}", code="model_not_found")
-    try:
-        descriptor = ModelLoader("cpu").load_from_file(path)
-    except Exception as exc:
-        # Not a zip, a pickle spandrel's allow-list refuses, unknown keys, wrong shapes: all the
-        # same to the job.
-        raise EngineError(
-            f"{path.name} is not a readable face restoration model file: {type(exc).__name__}: {exc}",
-            code="invalid_model",
-        ) from exc
-    arch_id = descriptor.architecture.id
-    if not isinstance(descriptor, ImageModelDescriptor) or arch_id not in ARCHS:
-        raise EngineError(
-            f"{path.name} holds a {arch_id} model, not a face restorer ({', '.join(ARCHS)})",
-            code="invalid_model",
-        )
-    if descriptor.input_channels != 3 or descriptor.output_channels != 3:
-        raise EngineError(f"{path.name} is not an RGB face restorer", code="invalid_model")
-    return descriptor
+

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from inference.base import EngineError, EngineResult, NullControl, OutputImage, RunControl, check_stop
+from inference.base import EngineResult, NullControl, OutputImage, RunControl, check_stop
 from inference.diffusion.params import feather_width, image_and_mask
 from inference.diffusion.pipeline import composite, inner_feather, resize_mask_covering
+from inference.spandrel_files import load_descriptor
 
 BACKEND = "lama"
 
@@ -130,25 +131,14 @@ class LamaEraser:
 
 
 def _load_descriptor(path: Path) -> Any:
-    from spandrel import MaskedImageModelDescriptor, ModelLoader
+    # The original checkpoints hold the discriminator and the loss networks beside the generator;
+    # only the generator erases.
+    return load_descriptor(path, what="LaMa", archs=("LaMa",), masked=True, keep=_generator_only)
 
-    if not path.is_file():
-        raise EngineError(f"LaMa weights not found: {path.name}", code="model_not_found")
-    loader = ModelLoader("cpu")
-    try:
-        state = loader.load_state_dict_from_file(path)
-        # The original checkpoints hold the discriminator and the loss networks beside the
-        # generator; only the generator erases.
-        if any(key.startswith("generator.") for key in state):
-            state = {key: value for key, value in state.items() if key.startswith("generator.")}
-        descriptor = loader.load_from_state_dict(state)
-    except Exception as exc:  # not a zip, a pickle spandrel refuses, unknown keys, wrong shapes
-        raise EngineError(
-            f"{path.name} is not a readable LaMa model file: {type(exc).__name__}: {exc}",
-            code="invalid_model",
-        ) from exc
-    if not isinstance(descriptor, MaskedImageModelDescriptor) or descriptor.architecture.id != "LaMa":
-        raise EngineError(
-            f"{path.name} holds a {descriptor.architecture.id} model, not LaMa", code="invalid_model"
-        )
-    return descriptor
+
+def _generator_only(state: dict[str, Any]) -> dict[str, Any]:
+    if any(key.startswith("generator.") for key in state):
+        return {key: value for key, value in state.items() if key.startswith("generator.")}
+    return state
+
+

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from inference.base import (
     check_stop,
 )
 from inference.lanczos import LanczosUpscaler, capped_size
+from inference.spandrel_files import load_descriptor
 from inference.superres_tensors import DevicePass
 
 log = logging.getLogger(__name__)
@@ -424,33 +425,8 @@ class Upscaler:
                 tile_size = smaller
 
 
-def _load_descriptor(path: Path):
-    # Imported here so that importing this module (e.g. to list capabilities) stays cheap.
-    from spandrel import ImageModelDescriptor, ModelLoader
-
-    if not path.is_file():
-        raise EngineError(f"super-resolution model file not found: {path}", code="model_not_found")
-    try:
-        descriptor = ModelLoader("cpu").load_from_file(path)
-    except Exception as exc:
-        # A model file can fail in many ways (not a zip, pickle refused by spandrel's allow-list,
-        # unknown keys, wrong shapes); all of them mean the same thing to the job.
-        raise EngineError(
-            f"{path.name} is not a readable Real-ESRGAN model file: {type(exc).__name__}: {exc}",
-            code="invalid_model",
-        ) from exc
-    arch_id = descriptor.architecture.id
-    if not isinstance(descriptor, ImageModelDescriptor) or arch_id not in _FAMILY_ARCHS:
-        raise EngineError(
-            f"{path.name} holds a {arch_id} model, not a Real-ESRGAN (RRDB or compact) model",
-            code="invalid_model",
-        )
-    if descriptor.input_channels != 3 or descriptor.output_channels != 3:
-        raise EngineError(
-            f"{path.name} maps {descriptor.input_channels} to {descriptor.output_channels} channels; "
-            "only RGB models are supported",
-            code="invalid_model",
-        )
+def _load_descriptor(path: Path) -> Any:
+    descriptor = load_descriptor(path, what="Real-ESRGAN", archs=_FAMILY_ARCHS)
     if descriptor.scale < 1:
         raise EngineError(f"{path.name} has no upscaling factor", code="invalid_model")
     return descriptor
