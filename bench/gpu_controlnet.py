@@ -16,13 +16,12 @@ steps for ``--small``. The control image comes from a real photo (skimage's astr
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_diffusion import sd15_model
-from bench.gpu_session import Bench, data_uri, interleave, job_seconds, judge_case, ratio
+from bench.gpu_diffusion import generate_case, sd15_model
+from bench.gpu_session import Bench, data_uri
 from bench.run import say
 
 
@@ -139,43 +138,12 @@ def bench_controlnet(bench: Bench) -> dict[str, Any]:
             "peak_device_bytes": peak,
         }
 
-    def job_call(i: int) -> dict[str, Any]:
-        job = bench.job("generate", {**payload, "seed": 100 + i})
-        meta = job["result"]["meta"]
+    def ran_its_controlnet(meta: dict[str, Any]) -> None:
         if [c["model"] for c in meta.get("controlnets", [])] != [controlnet_id]:
             raise RuntimeError(f"the job ran without its ControlNet: {meta}")
-        timing = meta["timing"]
-        return {
-            **timing,
-            "engine_s": timing["pipeline_s"],
-            "job_s": job_seconds(job),
-            "job_id": job["job_id"],
-        }
-
-    # Warm-up, not measured: the worker imports torch and loads both models; both sides pick
-    # their kernels.
-    t0 = time.monotonic()
-    first = bench.job("generate", {**payload, "seed": 1})
-    say(
-        f"controlnet: first job (cold worker: import, load) {time.monotonic() - t0:.1f}s, "
-        f"backend {first['result']['meta']['backend']}, controlnets {first['result']['meta']['controlnets']}"
-    )
-    raw_call(-99)
 
     label = f"{side}x{side} {steps} steps, 1 ControlNet"
-    jobs, raws = interleave(bench, f"controlnet {label}", job_call, raw_call)
-    judged = judge_case(bench, "controlnet", label, jobs, raws)
-    engine_ips = [j["it_per_s"] for j in jobs if j.get("it_per_s")]
-    median_engine_ips = statistics.median(engine_ips) if engine_ips else None
-    median_raw_ips = statistics.median(r["it_per_s"] for r in raws)
-    bench.row(
-        "controlnet",
-        f"{label}: iterations per second, median",
-        None if median_engine_ips is None else round(median_engine_ips, 2),
-        round(median_raw_ips, 2),
-        ratio(median_engine_ips, median_raw_ips),
-        unit=" it/s",
-    )
+    jobs, raws, judged = generate_case(bench, "controlnet", label, payload, raw_call, ran_its_controlnet)
     return {
         "model": base_id,
         "controlnet": controlnet_id,

@@ -189,40 +189,8 @@ def bench_diffusion(bench: Bench) -> dict[str, Any]:
             "peak_device_bytes": peak,
         }
 
-    def job_call(i: int) -> dict[str, Any]:
-        job = bench.job("generate", {**payload, "seed": 100 + i})
-        timing = job["result"]["meta"]["timing"]
-        return {
-            **timing,
-            "engine_s": timing["pipeline_s"],
-            "job_s": job_seconds(job),
-            "job_id": job["job_id"],
-        }
-
-    # Warm-up, not measured: the worker imports torch and loads the model; both sides pick
-    # their kernels.
-    t0 = time.monotonic()
-    first = bench.job("generate", {**payload, "seed": 1})
-    say(
-        f"diffusion: first job (cold worker: import, load) {time.monotonic() - t0:.1f}s, "
-        f"backend {first['result']['meta']['backend']}"
-    )
-    raw_call(-99)
-
     label = f"{side}x{side} {steps} steps"
-    jobs, raws = interleave(bench, f"diffusion {label}", job_call, raw_call)
-    judged = judge_case(bench, "diffusion", label, jobs, raws)
-    engine_ips = [j["it_per_s"] for j in jobs if j.get("it_per_s")]
-    median_engine_ips = statistics.median(engine_ips) if engine_ips else None
-    median_raw_ips = statistics.median(r["it_per_s"] for r in raws)
-    bench.row(
-        "diffusion",
-        f"{label}: iterations per second, median",
-        None if median_engine_ips is None else round(median_engine_ips, 2),
-        round(median_raw_ips, 2),
-        ratio(median_engine_ips, median_raw_ips),
-        unit=" it/s",
-    )
+    jobs, raws, judged = generate_case(bench, "diffusion", label, payload, raw_call)
     return {
         "model": model_id,
         "shape": "tiny (tests/inference/tiny_diffusion.py)" if bench.small else "SD 1.5 (random weights)",
@@ -238,3 +206,50 @@ def bench_diffusion(bench: Bench) -> dict[str, Any]:
         "raw": raws,
         **judged,
     }
+
+
+def generate_case(
+    bench: Bench,
+    section: str,
+    label: str,
+    payload: dict[str, Any],
+    raw_call: Any,
+    check: Any = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """One ``generate`` case of a section: a warm-up of each side (not measured: the worker imports
+    torch and loads its models, both sides pick their kernels), then the jobs (seeds 100+i) and
+    ``raw_call`` interleaved, judged, and their iterations per second in a row. ``check(meta)``
+    raises when a job did not run what the case measures."""
+
+    def job_call(i: int) -> dict[str, Any]:
+        job = bench.job("generate", {**payload, "seed": 100 + i})
+        meta = job["result"]["meta"]
+        if check is not None:
+            check(meta)
+        timing = meta["timing"]
+        return {
+            **timing,
+            "engine_s": timing["pipeline_s"],
+            "job_s": job_seconds(job),
+            "job_id": job["job_id"],
+        }
+
+    t0 = time.monotonic()
+    first = bench.job("generate", {**payload, "seed": 1})["result"]["meta"]
+    cold = time.monotonic() - t0
+    say(f"{section}: first job (cold worker: import, load) {cold:.1f}s, backend {first['backend']}")
+    raw_call(-99)
+    jobs, raws = interleave(bench, f"{section} {label}", job_call, raw_call)
+    judged = judge_case(bench, section, label, jobs, raws)
+    engine_ips = [j["it_per_s"] for j in jobs if j.get("it_per_s")]
+    median_engine_ips = statistics.median(engine_ips) if engine_ips else None
+    median_raw_ips = statistics.median(r["it_per_s"] for r in raws)
+    bench.row(
+        section,
+        f"{label}: iterations per second, median",
+        None if median_engine_ips is None else round(median_engine_ips, 2),
+        round(median_raw_ips, 2),
+        ratio(median_engine_ips, median_raw_ips),
+        unit=" it/s",
+    )
+    return jobs, raws, judged
