@@ -8,8 +8,6 @@ registry, so no second list can drift from it.
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 
 import pytest
@@ -26,14 +24,9 @@ from tasks.engines import ENGINES
 from tests.conftest import KEYS
 from tests.support.demo_task import engine as demo_engine
 from tests.support.demo_task.payload import DemoInvertPayload
+from tests.support.images import data_uri
 
 ALICE = {"X-API-Key": KEYS[0][1]}
-
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture

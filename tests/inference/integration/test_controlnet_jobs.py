@@ -3,7 +3,6 @@ ControlNets in the model store, control images made on the worker from a real ph
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Iterator
 
@@ -15,18 +14,13 @@ from skimage import data
 
 from config import Settings
 from tests.conftest import KEYS
+from tests.support.images import data_uri
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 
 ALICE = KEYS[0][1]
 # Four steps, so a ControlNet's start-end span (fractions of the steps) covers some and not others.
 BASE = {"prompt": "a cat", "width": 64, "height": 64, "steps": 4, "seed": 5, "format": "png"}
-
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Iterator
 
@@ -13,17 +12,12 @@ from PIL import Image
 
 from config import Settings
 from tests.conftest import KEYS
+from tests.support.images import data_uri
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 
 ALICE = KEYS[0][1]
 H = {"X-API-Key": ALICE}
-
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ RabbitMQ, the SSRF guard on.
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from skimage import data
 from config import Settings
 from inference.styles import BUILTIN_STYLES
 from tests.conftest import KEYS
+from tests.support.images import data_uri
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 
@@ -30,12 +30,6 @@ ALICE, BOB = KEYS[0][1], KEYS[1][1]
 PHOTO = Image.fromarray(data.astronaut()).resize((96, 64), Image.Resampling.LANCZOS)
 # Where the detector finds its dog, as fractions of the image: (24, 16)-(48, 48) in PHOTO.
 DOG_BOX = (0.25, 0.25, 0.5, 0.75)
-
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ registered; a SIGKILLed trainer resumes from its last checkpoint on the next att
 
 from __future__ import annotations
 
-import base64
 import io
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from config import Settings
 from inference.model_store import ModelStore
 from tests.conftest import KEYS
 from tests.inference.tiny_diffusion import save_tiny_sd
+from tests.support.images import data_uri
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 
@@ -36,10 +36,7 @@ def photo_uri(index: int, side: int = RESOLUTION) -> str:
     from skimage import data
 
     picture = [data.astronaut, data.chelsea, data.coffee, data.rocket, data.immunohistochemistry][index % 5]()
-    image = Image.fromarray(picture).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return data_uri(Image.fromarray(picture).convert("RGB").resize((side, side), Image.Resampling.LANCZOS))
 
 
 @pytest.fixture(scope="module")
