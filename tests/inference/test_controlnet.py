@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 from skimage import data
@@ -27,13 +26,7 @@ from tests.inference.tiny_diffusion import save_tiny_sd
 FAST: dict[str, Any] = {"steps": 2, "width": 64, "height": 64, "seed": 11}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from threads; on a shared 2-core machine they only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

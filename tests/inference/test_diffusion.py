@@ -29,14 +29,7 @@ from tests.inference.tiny_diffusion import save_tiny_lora, save_tiny_sd, save_ti
 FAST = {"steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning
-    # workers make every step several times slower (70 s for this file instead of 15 s).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

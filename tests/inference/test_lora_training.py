@@ -9,7 +9,6 @@ up-front memory refusal and the pieces (image preparation, batch order, checkpoi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,14 +61,7 @@ class Recorder:
         return [detail["step"] for _, detail in self.calls if detail]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning
-    # workers make every step several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data
 
@@ -24,13 +23,7 @@ FAST = {"steps": 4}
 PHOTO = Image.fromarray(data.astronaut()).resize((80, 64), Image.Resampling.LANCZOS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from threads; on a shared machine OpenMP's spinning slows them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
