@@ -411,8 +411,7 @@ def build_request(req_key: str, payload: Mapping[str, Any], options: Mapping[str
     if payload.get("cfg_scale") is not None:
         body["cfg"] = float(payload["cfg_scale"])
     for side in ("width", "height"):
-        # "取值范围[600-1500]"
-        check_range(payload, side, 600, 1500)
+        # "取值范围[600-1500]": refused before this by ``check_limits`` (``SIDES``).
         if payload.get(side) is not None:
             body[side] = int(payload[side])
     images = [(name, payload[name]) for name in IMAGE_FIELDS if payload.get(name)]

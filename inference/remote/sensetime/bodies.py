@@ -1,8 +1,10 @@
 """SenseTime request bodies: our task and payload (names from the seeds) as a SenseTime
 capability ("family") and the JSON it takes (seed 001).
 
-Every limit the seed documents is checked here, raising ``InvalidInput`` naming the field, before
-any request is sent.
+The seed's ranges are checked before a body is built, by ``inference.remote.sensetime.limits``
+(``check_limits``, which ``SenseTimeClient.submit`` calls first and the route's fall-through asks too);
+what only the body's shape can tell (a required field, a URL the provider can fetch) is refused
+here, ``InvalidInput`` naming the field, before any request is sent.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from inference.base import InvalidInput
-from inference.remote.base import check_range, require
+from inference.remote.base import require
 from inference.remote.limits import mapped_model
 from inference.remote.sensetime.controlnet import controlnet_configs
 from inference.remote.sensetime.limits import stylization_model
@@ -90,11 +92,7 @@ def _put(body: dict, payload: Mapping[str, Any], ours: str, theirs: str | None =
         body[theirs or ours] = payload[ours]
 
 
-def _diffusion_params(body: dict, payload: Mapping[str, Any], *, seed_max: int) -> None:
-    check_range(payload, "cfg_scale", 1, 20)
-    check_range(payload, "steps", 0, 70, low_open=True)
-    check_range(payload, "samples", 1, 8)
-    check_range(payload, "seed", 0, seed_max - 1)
+def _diffusion_params(body: dict, payload: Mapping[str, Any]) -> None:
     _put(body, payload, "negative_prompt", "neg_prompt")
     for name in ("cfg_scale", "steps", "samples", "seed"):
         _put(body, payload, name)
@@ -105,13 +103,11 @@ def _build_generate(payload: Mapping[str, Any], options: Mapping[str, Any]) -> t
     if len(prompt) > 2000:
         raise InvalidInput("'prompt' must be at most 2000 characters", field="prompt")
     body: dict[str, Any] = {"model_id": _model_id(payload, options), "prompt": prompt}
-    _diffusion_params(body, payload, seed_max=99999999)
+    _diffusion_params(body, payload)
     for side in ("width", "height"):
-        check_range(payload, side, 640, 6000)
         _put(body, payload, side)
     if payload.get("image_url"):
         body["img_url"] = _public_url(payload, "image_url")
-        check_range(payload, "image_strength", 0, 1)
         _put(body, payload, "image_strength")
     loras = payload.get("loras") or []
     if loras:
@@ -198,7 +194,6 @@ def _build_remove_object(payload: Mapping[str, Any], options: Mapping[str, Any])
         "img_url": _public_url(payload, "image_url"),
         "mask_img_url": _public_url(payload, "mask_url"),
     }
-    check_range(payload, "samples", 1, 8)
     _put(body, payload, "samples")
     if "mask_type" in options:
         body["mask_type"] = options["mask_type"]
@@ -210,12 +205,9 @@ def _build_outpaint(payload: Mapping[str, Any], options: Mapping[str, Any]) -> t
         "model_id": _model_id(payload, options),
         "img_url": _public_url(payload, "image_url"),
     }
-    check_range(payload, "ratio", 1.0, 5.0, low_open=True)
-    check_range(payload, "samples", 1, 8)
     _put(body, payload, "ratio", "outpaint_ratio")
     _put(body, payload, "samples")
     for side in ("width", "height"):
-        check_range(payload, side, 640, 6000)
         _put(body, payload, side)
     align = payload.get("align")
     if align is not None:
@@ -233,9 +225,8 @@ def _build_inpaint(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tu
         "mask_img_url": _public_url(payload, "mask_url"),
         "prompt": require(payload, "prompt"),
     }
-    check_range(payload, "strength", 0.1, 1)
     _put(body, payload, "strength", "repaint_strength")
-    _diffusion_params(body, payload, seed_max=9999999)
+    _diffusion_params(body, payload)
     return "inpaint", _common(body, payload, options)
 
 
@@ -245,7 +236,6 @@ def _build_upscale(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tu
         "img_url": _public_url(payload, "image_url"),
     }
     # hd_ratio is (1.0, 3.0]; our scale goes to 4, so a route must send larger scales elsewhere.
-    check_range(payload, "scale", 1.0, 3.0, low_open=True)
     _put(body, payload, "scale", "hd_ratio")
     return "sup_res", _common(body, payload, options)
 
@@ -266,12 +256,10 @@ def _build_stylize(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tu
         "model_id": stylization_model(payload, options),
         "img_url": _public_url(payload, "image_url"),
     }
-    check_range(payload, "samples", 1, 8)
     _put(body, payload, "samples")
     if (payload.get("width") is None) != (payload.get("height") is None):
         raise InvalidInput("'width' and 'height' go together for stylization", field="width")
     for side in ("width", "height"):
-        check_range(payload, side, 640, 6000)
         _put(body, payload, side)
     return "stylization", _common(body, payload, options)
 
