@@ -6,7 +6,7 @@ ONNXRUNTIME_GPU_VERSION := 1.31.1
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint bench bench-gpu flower migrate clean
+.PHONY: help install run test test-fast test-scale lint bench bench-soak bench-gpu flower migrate clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ test: $(STAMP) ## run the whole test suite against this machine's Postgres and R
 test-fast: $(STAMP) ## unit tests only (no worker processes)
 	$(PY) -m pytest -q -m "not integration"
 
+test-scale: $(STAMP) ## worker hosts in network namespaces (root): host-loss tests, then 1/2/4-host speed-up
+	$(PY) -m pytest -q tests/scale
+	$(PY) -m bench.scale
+
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
@@ -48,6 +52,9 @@ bench: $(STAMP) ## throughput and latency (Postgres+RabbitMQ, embedded), reads a
 	$(PY) -m bench.run --embedded
 	$(PY) -m bench.reads
 	$(PY) -m bench.fairness
+
+bench-soak: $(STAMP) ## 30-minute soak at a steady mixed load: RSS, open fds, queue depths and p99 latencies over time
+	$(PY) -m bench.soak
 
 bench-gpu: $(STAMP) ## output encode costs, then GPU engines via a real worker vs the raw library call (CPU smoke run without CUDA)
 	$(PY) -m bench.encode

@@ -21,13 +21,14 @@ from pathlib import PurePosixPath
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
-from flask import Response, current_app, g, request, send_file
+from flask import Response, current_app, g, request
 from flask.views import MethodView
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
 from app.errors import abort
 from app.schemas import Blueprint
 from app.services import Services
+from app.stored_files import stored_file_response
 from models.assets import UPLOAD, AssetStore, QuotaExceeded, new_asset_id
 from models.jobs import StoredFile
 from models.public import iso
@@ -371,11 +372,8 @@ class AssetContent(MethodView):
     def get(self, asset_id: str) -> Response:
         """Download an asset's bytes"""
         row = owned_asset(asset_id)
-        path = services().storage.asset_path(row.kind, row.name)
-        if path is None or not path.is_file():
+        blob = services().storage.open_file(row.kind, row.name)
+        if blob is None:
             abort(404, code="asset_not_found", message=f"No asset {asset_id}.")
-        response = send_file(path, mimetype=row.content_type, conditional=True, download_name=row.filename)
         # The owner's bytes, fetched with its key: no shared cache may keep them.
-        response.headers["Cache-Control"] = "private"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        return response
+        return stored_file_response(blob, row.content_type, download_name=row.filename)

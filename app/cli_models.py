@@ -57,7 +57,8 @@ def models_add(
     family: str | None,
     control_type: str | None,
 ) -> None:
-    """Register a diffusers pipeline or ControlNet folder, depth annotator, Real-ESRGAN .pth, LoRA or ONNX."""
+    """Register a diffusers pipeline or ControlNet folder, depth or OpenPose annotator, Real-ESRGAN .pth,
+    LoRA or ONNX."""
     from tasks.model_registry import add_model
 
     try:

@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnava
 
 from app.schemas import JsonTooDeep
 from models.db import database_unreachable
+from tasks.storage_backends import StorageUnavailable
 
 log = logging.getLogger("aiorch.api")
 
@@ -170,6 +171,16 @@ def register_error_handlers(app: Flask) -> None:
                 "headers": {"Retry-After": "5"},
             }
             return error_response(unavailable)
+        if isinstance(exc, StorageUnavailable):
+            # The bucket (AIORCH_STORAGE_URL) is down or restarting: retry, as for the database.
+            log.warning("storage unavailable: %s", exc)
+            unavailable = ServiceUnavailable()
+            unavailable.data = {  # type: ignore[attr-defined]
+                "code": "storage_unavailable",
+                "message": "The file storage is unreachable; retry shortly.",
+                "headers": {"Retry-After": "5"},
+            }
+            return error_response(unavailable)
         log.exception("unhandled error")
         return error_response(InternalServerError())
 
@@ -185,7 +196,7 @@ ERROR_DESCRIPTIONS = {
     422: "the request has invalid fields (details name them)",
     429: "rate_limited or too_many_queued_jobs: retry after Retry-After seconds",
     501: "task_not_installed: no backend for this task is installed on this platform",
-    503: "broker_unavailable or database_unavailable: retry after Retry-After seconds",
+    503: "broker_unavailable, database_unavailable or storage_unavailable: retry after Retry-After seconds",
     504: "timeout: the job did not finish in time; it goes on (details.job_id)",
 }
 

@@ -51,9 +51,10 @@ from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
 from tasks.catalog import TaskSpec
 from tasks.celery_app import ask_to_fill
-from tasks.model_registry import has_model_for, model_problem
+from tasks.model_registry import annotator_kinds, has_model_for, model_problem
 from tasks.next_step import send_next, waits_for_slot
 from tasks.payloads.base import model_refs, model_switches
+from tasks.payloads.diffusion import missing_annotators
 from tasks.remote.backend_limits import route_refusals
 
 log = logging.getLogger("aiorch.api")
@@ -228,12 +229,16 @@ def checked_spec(body: dict[str, Any], settings: Settings) -> TaskSpec:
         for field, model_id, ref in ([] if remote else model_refs(schema, payload))
         if (problem := model_problem(settings, model_id, ref.types, ref.task, g.client_id)) is not None
     }
-    # Switches that need a kind of model installed (upscale's face_enhance needs a face restorer).
+    # Fields that need a kind of model installed (upscale's face_enhance needs a face restorer,
+    # remove_object's prompt an object detector).
     problems.update(
         (field, [switch.missing])
         for field, switch in ([] if remote else model_switches(schema, payload))
         if not has_model_for(settings, switch.task, switch.types)
     )
+    # ControlNets whose control image an annotator model makes (depth, openpose) need it here.
+    if not remote:
+        problems.update(missing_annotators(payload, lambda: annotator_kinds(settings)))
     if problems:
         details = {"payload": problems}
         abort(422, code="invalid_payload", message="The payload has invalid fields.", details=details)
@@ -299,11 +304,12 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     endpoints. Returns (job object, HTTP status)."""
     svc = services()
     settings = svc.settings
+    if idempotency_key is not None:  # the header's form first: a 400 whatever the body holds
+        check_idempotency_key(idempotency_key)
     spec = checked_spec(body, settings)
 
     fingerprint = request_fingerprint(body)
     if idempotency_key is not None:
-        check_idempotency_key(idempotency_key)
         existing = _idempotent_match(svc, idempotency_key, fingerprint)
         if existing is not None:
             return existing, 200
@@ -346,9 +352,17 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         return {**created, "reused": False, **capped(asked, priority)}, 202
     # Published only after COMMIT: a worker can never receive an id whose row it cannot see. The
     # prepare queue, or straight to the run queue when nothing needs downloading (one hop fewer).
+    # A job that got its slot is published just after this answer while the broker is known to
+    # answer (``tasks.after_answer``: should it refuse, the job waits for its slot again).
+    if slotted and svc.after_answer.broker_answers():
+        job.dispatched_at = now  # what its turn wrote (``withdraw`` matches it)
+        svc.after_answer.send(job)
+        return {**created, "reused": False, **capped(asked, priority)}, 202
     try:
         send_next(svc.celery, settings, job)
+        svc.after_answer.published()
     except (OperationalError, OSError):
+        svc.after_answer.refused()
         log.warning("broker unreachable; job %s withdrawn", job.id)
         svc.store.delete(job.id)
         discard_uploads(svc, uploads)

@@ -11,6 +11,7 @@ from config import Settings
 from models.db import Database
 from models.jobstore import JobStore
 from models.keys import KeyRing
+from tasks.after_answer import AfterAnswer
 from tasks.storage import Storage
 
 
@@ -22,6 +23,7 @@ class Services:
     keyring: KeyRing
     celery: Celery
     storage: Storage
+    after_answer: AfterAnswer
 
     @classmethod
     def build(cls, settings: Settings, celery: Celery | None = None) -> Services:
@@ -37,6 +39,7 @@ class Services:
             keyring=KeyRing(db, settings.api_keys, settings.admin_keys),
             celery=celery,
             storage=Storage(settings),
+            after_answer=AfterAnswer(celery, settings, db),
         )
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, send_file
+from flask import current_app
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields
 
 from app.errors import ErrorSchema, abort
 from app.schemas import Blueprint
+from app.stored_files import stored_file_response
+from models.assets import OUTPUT
 from models.reads import ping
 from tasks.storage import CONTENT_TYPES
 
@@ -24,7 +26,9 @@ class HealthSchema(Schema):
 class ReadySchema(Schema):
     ok = fields.Boolean()
     checks = fields.Dict(
-        keys=fields.String(), values=fields.String(), metadata={"description": "database, broker: ok"}
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "database, broker (and storage, when it is a bucket): ok"},
     )
 
 
@@ -64,6 +68,13 @@ def readyz() -> ResponseReturnValue:
         checks["broker"] = "ok"
     except Exception:  # any transport error: the broker is down or refuses us
         checks["broker"] = "unreachable"
+    if svc.storage.shared:
+        # A bucket (AIORCH_STORAGE_URL) is a dependency like the others; a local folder is not.
+        try:
+            svc.storage.ping()
+            checks["storage"] = "ok"
+        except Exception:  # any client error: the endpoint is down, or the bucket refuses us
+            checks["storage"] = "unreachable"
     ready = all(value == "ok" for value in checks.values())
     if not ready:
         abort(
@@ -82,13 +93,9 @@ def readyz() -> ResponseReturnValue:
 def files(name: str) -> ResponseReturnValue:
     """An output file, by the unguessable name in its job's result"""
     svc = current_app.extensions["aiorch"]
-    path = svc.storage.path_for(name)
-    if path is None or not path.is_file():
+    # Only outputs are here (local folder or bucket alike, app/stored_files.py); uploads live
+    # under a key of their own, read with the owner's key (app/assets.py).
+    blob = svc.storage.open_file(OUTPUT, name)
+    if blob is None:
         abort(404, code="file_not_found", message="No such file (it may have expired).")
-    response = send_file(path, conditional=True)
-    # Private: the name is the only protection of a tenant's output, so no shared cache (a CDN,
-    # a corporate proxy) may keep a copy to hand to whoever asks next. Only outputs are here;
-    # uploads live in a folder of their own, read with the owner's key (app/assets.py).
-    response.headers["Cache-Control"] = "private"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    return response
+    return stored_file_response(blob, CONTENT_TYPES[name.rpartition(".")[2]])

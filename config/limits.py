@@ -26,6 +26,9 @@ DIFFUSION_MAX_SIDE = 2048
 # type that has a local preprocessor (inference/diffusion/control_images.py), weighted 0-2.
 DIFFUSION_MAX_CONTROLNETS = 3
 CONTROLNET_TYPES = ("canny", "depth", "lineart", "openpose", "tile")
+# The types whose control image a model of the store makes (an ``annotator``): without one
+# installed, such a ControlNet needs ``preprocessed: true`` (a 422 naming its type otherwise).
+CONTROLNET_ANNOTATED_TYPES = ("depth", "openpose")
 DIFFUSION_MAX_CONTROLNET_SCALE = 2.0
 
 # Where outpaint puts the original. The SenseTime seed (001) spells the edges' middles

@@ -7,7 +7,7 @@ number fails at start-up with the variable's name instead of deep inside a worke
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +15,14 @@ from typing import Any
 
 from config.devices import parse_gpus
 from config.routes import NO_ROUTES, Routes, RoutesError, load_routes
+from config.storage import (
+    StorageSettingsError,
+    check_credentials,
+    check_endpoint,
+    check_s3_only,
+    parse_storage_url,
+)
+from config.styles import StylePreset, StylesError, load_styles
 
 QUEUES = ("cpu", "gpu.diffusion", "gpu.superres", "gpu.faceswap", "gpu.vision", "gpu.train")
 # The longest request line ``aiorch serve`` reads (414 past it): ``GET /v1/events?ids=`` takes up
@@ -131,6 +139,36 @@ def _admin_keys(name: str, raw: str, client_keys: tuple[tuple[str, str], ...]) -
     return pairs
 
 
+def _storage(get: Callable[[str], str]) -> dict[str, str]:
+    """The shared-storage fields (``AIORCH_STORAGE_URL`` and its S3 endpoint and credentials),
+    checked together: a half-configured bucket stops the process at start-up."""
+    names = {
+        "AIORCH_S3_ENDPOINT_URL": get("S3_ENDPOINT_URL"),
+        "AIORCH_S3_REGION": get("S3_REGION"),
+        "AIORCH_S3_ACCESS_KEY_ID": get("S3_ACCESS_KEY_ID"),
+        "AIORCH_S3_SECRET_ACCESS_KEY": get("S3_SECRET_ACCESS_KEY"),
+    }
+    try:
+        bucket, prefix = parse_storage_url("AIORCH_STORAGE_URL", get("STORAGE_URL"))
+        check_s3_only(bucket, names)
+        check_credentials(
+            "AIORCH_S3_ACCESS_KEY_ID",
+            names["AIORCH_S3_ACCESS_KEY_ID"],
+            "AIORCH_S3_SECRET_ACCESS_KEY",
+            names["AIORCH_S3_SECRET_ACCESS_KEY"],
+        )
+        endpoint = check_endpoint("AIORCH_S3_ENDPOINT_URL", names["AIORCH_S3_ENDPOINT_URL"])
+    except StorageSettingsError as exc:
+        raise SettingsError(str(exc)) from None
+    return {
+        "storage_url": f"s3://{bucket}/{prefix}".rstrip("/") if bucket else "",
+        "s3_endpoint_url": endpoint,
+        "s3_region": names["AIORCH_S3_REGION"].strip(),
+        "s3_access_key_id": names["AIORCH_S3_ACCESS_KEY_ID"],
+        "s3_secret_access_key": names["AIORCH_S3_SECRET_ACCESS_KEY"],
+    }
+
+
 def _blocklist(raw: str) -> tuple[str, ...]:
     """Comma-separated terms, or ``@/path/file`` with one term per line (``#`` comments)."""
     if raw.startswith("@"):
@@ -160,6 +198,14 @@ class Settings:
     # /metrics answers without a key (as before roles existed); otherwise only to an admin key.
     metrics_public: bool = False
     storage_dir: Path = Path("var/storage")
+    # Shared storage for several hosts (config/storage.py, tasks/storage_s3.py): s3://bucket/prefix
+    # keeps outputs, uploads and checked inputs in an S3-compatible bucket; empty: storage_dir.
+    # storage_dir then holds only local scratch copies (a video input an engine reads as a file).
+    storage_url: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = field(default="", repr=False)
+    s3_secret_access_key: str = field(default="", repr=False)
     public_url: str = ""
     webhook_secret: str | None = None
     models_dir: Path = Path("var/models")
@@ -239,6 +285,8 @@ class Settings:
     flower_broker_api: str = ""
     # Remote providers and which backend serves which task (config/routes.py); None: all local.
     routes_file: Path | None = None
+    # The operator's stylize presets (config/styles.py), merged over the built-in ones; None: none.
+    styles_file: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @cached_property
@@ -250,6 +298,16 @@ class Settings:
             return load_routes(self.routes_file)
         except RoutesError as exc:
             raise SettingsError(f"AIORCH_ROUTES_FILE: {exc}") from None
+
+    @cached_property
+    def styles(self) -> tuple[StylePreset, ...]:
+        """The styles file's presets (read once per settings object; ``from_env`` reads it eagerly)."""
+        if self.styles_file is None:
+            return ()
+        try:
+            return load_styles(self.styles_file)
+        except StylesError as exc:
+            raise SettingsError(f"AIORCH_STYLES_FILE: {exc}") from None
 
     @property
     def embedded(self) -> bool:
@@ -266,6 +324,14 @@ class Settings:
     @property
     def inputs_dir(self) -> Path:
         return self.storage_dir / "inputs"
+
+    @property
+    def s3_bucket(self) -> str:
+        return parse_storage_url("AIORCH_STORAGE_URL", self.storage_url)[0]
+
+    @property
+    def s3_prefix(self) -> str:
+        return parse_storage_url("AIORCH_STORAGE_URL", self.storage_url)[1]
 
     @property
     def broker_management_api(self) -> str | None:
@@ -297,6 +363,7 @@ class Settings:
         port = _int("AIORCH_PORT", get("PORT", "8000"), low=1, high=65535)
         host = get("HOST", "127.0.0.1")
         storage = Path(get("STORAGE_DIR") or var_dir / "storage").resolve()
+        shared = _storage(get)
         routes_file = get("ROUTES_FILE")
         api_keys = _api_keys("AIORCH_API_KEYS", get("API_KEYS"))
         settings = cls(
@@ -309,6 +376,11 @@ class Settings:
             admin_keys=_admin_keys("AIORCH_ADMIN_KEYS", get("ADMIN_KEYS"), api_keys),
             metrics_public=_bool("AIORCH_METRICS_PUBLIC", get("METRICS_PUBLIC", "0")),
             storage_dir=storage,
+            storage_url=shared["storage_url"],
+            s3_endpoint_url=shared["s3_endpoint_url"],
+            s3_region=shared["s3_region"],
+            s3_access_key_id=shared["s3_access_key_id"],
+            s3_secret_access_key=shared["s3_secret_access_key"],
             public_url=(get("PUBLIC_URL") or f"http://{host}:{port}").rstrip("/"),
             webhook_secret=_webhook_secret("AIORCH_WEBHOOK_SECRET", get("WEBHOOK_SECRET")),
             models_dir=Path(get("MODELS_DIR") or var_dir / "models").resolve(),
@@ -376,7 +448,9 @@ class Settings:
             flower_port=_int("AIORCH_FLOWER_PORT", get("FLOWER_PORT", "5555"), low=1, high=65535),
             flower_broker_api=get("FLOWER_BROKER_API"),
             routes_file=Path(routes_file).resolve() if routes_file else None,
+            styles_file=_existing_file("AIORCH_STYLES_FILE", get("STYLES_FILE")),
         )
         # Read now, so a bad routes file stops the process at start-up with the entry's name.
         settings.routes  # noqa: B018
+        settings.styles  # noqa: B018  (the same for the styles file, naming the preset and field)
         return settings

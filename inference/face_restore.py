@@ -1,4 +1,4 @@
-"""Face restoration: GFPGAN and RestoreFormer weight files, read by spandrel, applied to the faces
+"""Face restoration: GFPGAN, RestoreFormer and CodeFormer weight files, read by spandrel, applied to the faces
 of a picture (``upscale``'s output, a face swap's swapped faces) when a payload asks
 ``face_enhance``.
 
@@ -14,16 +14,24 @@ platform's own face records:
 4. the square is warped back and blended in through its own mask, eroded and blurred, so only the
    face's neighbourhood changes and pixels outside the square keep their values exactly.
 
-spandrel reads both architectures' ``.pth``/``.safetensors`` files with its allow-listed
+spandrel reads the architectures' ``.pth``/``.safetensors`` files with its allow-listed
 unpickler. GFPGAN is called on its bare network, not through spandrel's descriptor: the descriptor
 feeds the [0, 1] image straight in, while GFPGAN was trained on [-1, 1] and answers in [-1, 1]
 (with [0, 1] input it paints grey noise over the face); StyleGAN's noise inputs are the ones
 stored with the weights (``randomize_noise=False``), so a restoration is repeatable. RestoreFormer's
-descriptor normalises for itself. CodeFormer is not supported (``inference/model_files.py``).
+descriptor normalises for itself.
+
+CodeFormer is read only where the optional ``spandrel_extra_arches`` is installed (CodeFormer's
+licence is non-commercial: the operator chooses the ``faces-noncommercial`` extra); the loader
+registers its architectures once (``inference.spandrel_files``). Like GFPGAN it works in [-1, 1]
+and is called on its bare network, with its fidelity weight ``w`` (``face_fidelity``: 0 favours
+the codebook's clean face, 1 the input's identity; CodeFormer's own default 0.5), which the
+descriptor has no way to pass. The other architectures have no such knob and ignore it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,8 +52,10 @@ from inference.spandrel_files import load_descriptor
 log = logging.getLogger(__name__)
 
 # spandrel architecture id -> the name results carry (``gfpgan:<model id>``).
-ARCHS = {"GFPGAN": "gfpgan", "RestoreFormer": "restoreformer"}
+ARCHS = {"GFPGAN": "gfpgan", "RestoreFormer": "restoreformer", "CodeFormer": "codeformer"}
 CROP = 512
+# CodeFormer's fidelity weight w when the payload gives none: its own inference script's default.
+DEFAULT_FIDELITY = 0.5
 # FFHQ's five points (eyes, nose tip, mouth corners, the viewer's left first) in the 512 px
 # aligned square both networks were trained on: the template facexlib aligns GFPGAN's input to.
 FFHQ_TEMPLATE_512 = np.array(
@@ -74,12 +84,16 @@ class Restored:
 
 
 class FaceRestorer:
-    """A GFPGAN or RestoreFormer network, loaded once; ``restore`` puts restored faces into a picture.
+    """A GFPGAN, RestoreFormer or CodeFormer network, loaded once; ``restore`` puts restored faces
+    into a picture.
 
     ``dtype`` defaults to float16 on CUDA where the architecture supports it, else bfloat16 where
-    the device does (spandrel marks both GFPGAN and RestoreFormer as not float16-safe), else
-    float32; on the CPU always float32. ``max_batch`` bounds the faces one forward pass takes.
+    the device does (spandrel marks all three as not float16-safe), else float32; on the CPU
+    always float32. ``max_batch`` bounds the faces one forward pass takes. ``fidelity`` is
+    CodeFormer's ``w`` in [0, 1] (``at_fidelity`` gives a view of a loaded restorer with another).
     """
+
+    fidelity: float = DEFAULT_FIDELITY
 
     def __init__(
         self,
@@ -116,6 +130,18 @@ class FaceRestorer:
     def name(self) -> str:
         return f"{ARCHS[self.arch]}:{self.model_id}"
 
+    def at_fidelity(self, fidelity: float | None) -> FaceRestorer:
+        """This restorer (the same loaded network) restoring at CodeFormer fidelity ``fidelity``
+        (None: the default): a job's own setting, which never changes the cached restorer."""
+        fidelity = DEFAULT_FIDELITY if fidelity is None else float(fidelity)
+        if not 0.0 <= fidelity <= 1.0:
+            raise InvalidInput(f"face_fidelity must be in [0, 1], got {fidelity}", field="face_fidelity")
+        if fidelity == self.fidelity:
+            return self
+        view = copy.copy(self)
+        view.fidelity = fidelity
+        return view
+
     @property
     def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.network.parameters())
@@ -130,6 +156,9 @@ class FaceRestorer:
             with torch.inference_mode():
                 if self.arch == "GFPGAN":
                     y = self.network(x * 2 - 1, return_rgb=False, randomize_noise=False)[0]
+                    y = (y + 1) / 2
+                elif self.arch == "CodeFormer":
+                    y = self.network(x * 2 - 1, weight=self.fidelity)[0]
                     y = (y + 1) / 2
                 else:
                     y = self._descriptor(x)
@@ -248,5 +277,3 @@ def _paste(
 
 def _load_descriptor(path: Path) -> Any:
     return load_descriptor(path, what="face restoration", archs=ARCHS)
-
-

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from config import limits
+from inference.spandrel_files import EXTRA_ARCHES, extra_arches_available
 
 # What the platform's tasks can do with each kind of model. A diffusers base model serves all
 # four diffusion tasks through one loaded pipeline (see inference/diffusion/).
@@ -36,7 +37,7 @@ MODEL_TYPES = (
 )
 # LaMa (inference/lama.py, read by spandrel) erases the masked region in one forward pass.
 LAMA_TASKS = ("remove_object",)
-# A face restorer (GFPGAN, RestoreFormer: inference/face_restore.py) restores the faces of an
+# A face restorer (GFPGAN, RestoreFormer, CodeFormer: inference/face_restore.py) restores the faces of an
 # upscale's output and a face swap's swapped faces when the payload asks (``face_enhance``).
 FACE_RESTORE_TASKS = ("upscale", "faceswap", "faceswap_multi")
 
@@ -103,7 +104,8 @@ class Detected:
 def detect_model(path: Path, type: str | None = None) -> Detected:
     """Work out what the files at ``path`` are: a diffusers pipeline folder, a diffusers
     ControlNet folder, a transformers depth-estimation folder (the depth annotator), a LoRA, a
-    Real-ESRGAN ``.pth`` state dict or an ONNX model. ``type`` forces the type (the files must
+    Real-ESRGAN ``.pth`` state dict, OpenPose's ``body_pose_model.pth`` (the openpose annotator)
+    or an ONNX model. ``type`` forces the type (the files must
     still fit)."""
     if path.is_dir():
         if (path / "model_index.json").exists():
@@ -326,16 +328,20 @@ def _detector_facts(path: Path, keys: Iterable[str]) -> dict[str, Any]:
 
 
 def _face_restorer_arch(path: Path, keys: Iterable[str]) -> str | None:
-    """``GFPGAN`` or ``RestoreFormer`` for those face restorers' state dicts (spandrel's own key
-    tests), None for anything else. CodeFormer is refused: spandrel reads it only with
-    ``spandrel-extra-arches`` (a non-commercial licence), which the platform does not install."""
+    """``GFPGAN``, ``RestoreFormer`` or ``CodeFormer`` for those face restorers' state dicts
+    (spandrel's own key tests), None for anything else. CodeFormer is read by spandrel only with
+    ``spandrel_extra_arches`` installed (the ``faces-noncommercial`` extra: CodeFormer's licence
+    is non-commercial); without it, a CodeFormer file is refused saying so."""
     keys = set(keys)
     if {"toRGB.0.weight", "stylegan_decoder.style_mlp.1.weight"} <= keys:
         return "GFPGAN"
     if "position_emb" in keys and "quantize.embedding.weight" in keys:
+        if extra_arches_available():
+            return "CodeFormer"
         raise ModelStoreError(
-            f"{path.name} is a CodeFormer model, which is not supported: spandrel reads it only with "
-            "spandrel-extra-arches (non-commercial licence); install GFPGAN or RestoreFormer weights"
+            f"{path.name} is a CodeFormer model, which spandrel reads only with {EXTRA_ARCHES} "
+            "installed (pip install 'aiorch[faces-noncommercial]'; CodeFormer's licence is "
+            "non-commercial); install it, or GFPGAN or RestoreFormer weights"
         )
     if {"quantize.embedding.weight", "encoder.conv_in.weight", "quant_conv.weight"} <= keys:
         return "RestoreFormer"
@@ -347,6 +353,12 @@ def _looks_like_lama(keys: Iterable[str]) -> bool:
     IOPaint's TorchScript ``big-lama.pt`` holds it as ``model.``."""
     keys = set(keys)
     return bool({"model.model.1.bn_l.running_mean", "generator.model.1.bn_l.running_mean"} & keys)
+
+
+def _looks_like_openpose_body(keys: Iterable[str]) -> bool:
+    """OpenPose's COCO body network (``body_pose_model.pth``, the openpose ControlNets' annotator:
+    inference/pose), by its Caffe layer names: the VGG front, stage 1's heatmap branch, stage 6."""
+    return {"conv1_1.weight", "conv5_5_CPM_L2.weight", "Mconv7_stage6_L1.weight"} <= set(keys)
 
 
 def _torchscript_state_dict(path: Path) -> dict[str, Any] | None:
@@ -409,13 +421,16 @@ def _detect_torch_state_dict(path: Path) -> Detected:
         return Detected("detector", ("scan_objects",), None, _detector_facts(path, state))
     if isinstance(state, dict) and _looks_like_lama(state):
         return Detected("lama", LAMA_TASKS, None, {})
+    if isinstance(state, dict) and _looks_like_openpose_body(state):
+        extra = {"annotates": "openpose", "architecture": "OpenPoseBody"}
+        return Detected("annotator", ("generate",), None, extra)
     restorer = _face_restorer_arch(path, state) if isinstance(state, dict) else None
     if restorer is not None:
         return Detected("face_restorer", FACE_RESTORE_TASKS, None, {"arch": restorer})
     if not isinstance(state, dict) or not _looks_like_esrgan(state):
         raise ModelStoreError(
-            f"{path.name} is not a Real-ESRGAN/ESRGAN, GFPGAN/RestoreFormer or torchvision detector "
-            "state dict"
+            f"{path.name} is not a Real-ESRGAN/ESRGAN, GFPGAN/RestoreFormer/CodeFormer, OpenPose body "
+            "or torchvision detector state dict"
         )
     shapes = {k: list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
     return Detected("realesrgan", ("upscale",), None, _esrgan_facts(shapes))

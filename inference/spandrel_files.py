@@ -9,6 +9,8 @@ expected to be; a file that is not there is ``model_not_found``.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,28 @@ from typing import Any
 from inference.base import EngineError
 
 StateFilter = Callable[[dict[str, Any]], dict[str, Any]]
+# The optional package that teaches spandrel more architectures (CodeFormer among them): MIT code,
+# but CodeFormer's own licence is non-commercial, so it is an extra the operator chooses
+# (``pip install 'aiorch[faces-noncommercial]'``), never a dependency.
+EXTRA_ARCHES = "spandrel_extra_arches"
+
+
+def extra_arches_available() -> bool:
+    """Whether ``spandrel_extra_arches`` is installed (found, not imported: the API asks too)."""
+    return importlib.util.find_spec(EXTRA_ARCHES) is not None
+
+
+@functools.cache
+def install_extra_arches() -> bool:
+    """Add ``spandrel_extra_arches``' architectures to spandrel's registry, once per process;
+    False when the package is not installed."""
+    if not extra_arches_available():
+        return False
+    import spandrel_extra_arches
+
+    # ignore_duplicates: another library of the process may have installed them already.
+    spandrel_extra_arches.install(ignore_duplicates=True)
+    return True
 
 
 def load_descriptor(
@@ -31,6 +55,7 @@ def load_descriptor(
 
     if not path.is_file():
         raise EngineError(f"{what} model file not found: {path}", code="model_not_found")
+    install_extra_arches()
     loader = ModelLoader("cpu")
     try:
         state = loader.load_state_dict_from_file(path)

@@ -1,5 +1,7 @@
 """The style presets of ``stylize``: each a prompt template, a negative prompt, a default
-strength and optionally a LoRA.
+strength and optionally a LoRA. The built-in ones are here; an operator adds more, or replaces
+one of the same name, in the file ``AIORCH_STYLES_FILE`` (read and checked by ``config.styles``,
+which also defines a preset, so the settings can hold the file's).
 
 Stdlib only: the API lists the presets (``GET /v1/capabilities``) and checks a payload's ``style``
 against them without loading any engine; the remote providers compose their prompts from them.
@@ -7,37 +9,15 @@ against them without loading any engine; the remote providers compose their prom
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-# What ``{prompt}`` becomes when the payload gives no prompt: img2img keeps the picture's
-# content, so a neutral subject lets the style words do the work.
-DEFAULT_SUBJECT = "the scene"
+from config.styles import DEFAULT_SUBJECT, StylePreset
+
+__all__ = ["BUILTIN_STYLES", "DEFAULT_SUBJECT", "LORA_STYLE_STRENGTH", "StylePreset", "style_presets"]
+
 # The strength of a style given as a LoRA id: enough denoising for the LoRA to show, little
 # enough that the picture's composition survives.
 LORA_STYLE_STRENGTH = 0.6
-
-
-@dataclass(frozen=True)
-class StylePreset:
-    """One named style: ``prompt`` holds ``{prompt}`` where the payload's prompt goes."""
-
-    name: str
-    description: str
-    prompt: str
-    negative_prompt: str
-    strength: float
-    # A LoRA model id applied with the preset (an operator's preset; the built-ins need none).
-    lora: str | None = None
-    lora_weight: float = 1.0
-
-    def compose(self, prompt: str | None) -> str:
-        """The preset's prompt around the payload's (or around ``DEFAULT_SUBJECT``)."""
-        subject = (prompt or "").strip() or DEFAULT_SUBJECT
-        return self.prompt.replace("{prompt}", subject)
-
-    def describe(self) -> dict[str, object]:
-        """What ``GET /v1/capabilities`` shows of it."""
-        return {"name": self.name, "description": self.description, "strength": self.strength}
 
 
 _PHOTO = "photo, photorealistic, 3d render"
@@ -86,3 +66,12 @@ BUILTIN_STYLES: dict[str, StylePreset] = {
         ),
     )
 }
+
+
+def style_presets(operators: Iterable[StylePreset] = ()) -> dict[str, StylePreset]:
+    """The presets a platform offers: the built-in ones, then the operator's (``Settings.styles``,
+    from ``AIORCH_STYLES_FILE``) in their file's order; an operator's preset replaces a built-in
+    one of the same name in place."""
+    presets = dict(BUILTIN_STYLES)
+    presets.update((preset.name, preset) for preset in operators)
+    return presets

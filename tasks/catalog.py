@@ -19,6 +19,7 @@ from marshmallow import Schema
 
 from config import Settings
 from config.routes import Routes
+from config.styles import StylePreset
 from inference.engines import REGISTRY
 from inference.registry import Engine, LocalTask
 from tasks import payloads
@@ -227,16 +228,16 @@ def time_limits(spec: TaskSpec) -> TimeLimits:
 
 
 def payload_schema(spec: TaskSpec, settings: Settings) -> Any:
-    """The payload schema of ``spec`` under these settings (the SSRF guard's policy and
-    AIORCH_MAX_FACES), for the API and the workers alike."""
-    return _schema(spec, UrlPolicy.from_settings(settings), settings.max_faces)
+    """The payload schema of ``spec`` under these settings (the SSRF guard's policy,
+    AIORCH_MAX_FACES and AIORCH_STYLES_FILE's presets), for the API and the workers alike."""
+    return _schema(spec, UrlPolicy.from_settings(settings), settings.max_faces, settings.styles)
 
 
 @functools.lru_cache(maxsize=256)
-def _schema(spec: TaskSpec, url_policy: UrlPolicy, max_faces: int) -> Any:
+def _schema(spec: TaskSpec, url_policy: UrlPolicy, max_faces: int, styles: tuple[StylePreset, ...]) -> Any:
     # One instance per task and policy: building one costs more than loading with it, and
     # ``load`` keeps no state on the instance.
-    return spec.schema(url_policy=url_policy, max_faces=max_faces)  # type: ignore[call-arg]
+    return spec.schema(url_policy=url_policy, max_faces=max_faces, styles=styles)  # type: ignore[call-arg]
 
 
 def known_names(debug_tasks: bool = False) -> list[str]:

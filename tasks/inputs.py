@@ -16,7 +16,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
@@ -70,8 +69,17 @@ class FetchCancelled(Exception):
     pass
 
 
-# ``asset://<id>`` of a client -> its file, or None (missing, expired, or another client's).
-ResolveAsset = Callable[[str, str], Path | None]
+@dataclass(frozen=True)
+class StoredAsset:
+    """An ``asset://`` input as storage holds it: its recorded size (checked before any byte is
+    read) and how to read it (None when the file is gone)."""
+
+    size: int
+    read: Callable[[], bytes | None]
+
+
+# ``asset://<id>`` of a client -> its stored file, or None (missing, expired, or another client's).
+ResolveAsset = Callable[[str, str], StoredAsset | None]
 
 
 @dataclass(frozen=True)
@@ -146,14 +154,17 @@ class Fetcher:
     def _asset(self, ref: str, field: str, owner: str | None) -> bytes:
         asset_id = ref[len("asset://") :]
         # Only the owner's assets resolve; another client's is "not found", word for word.
-        path = self.resolve_asset(asset_id, owner) if self.resolve_asset and owner else None
-        if path is None or not path.is_file():
+        found = self.resolve_asset(asset_id, owner) if self.resolve_asset and owner else None
+        if found is None:
             raise InputProblem("input_not_found", f"asset {asset_id!r} does not exist", field)
-        if path.stat().st_size > self.settings.max_input_bytes:
+        if found.size > self.settings.max_input_bytes:
             raise InputProblem(
                 "input_too_large", f"the input is over {self.settings.max_input_bytes} bytes", field
             )
-        return path.read_bytes()
+        data = found.read()
+        if data is None:
+            raise InputProblem("input_not_found", f"asset {asset_id!r} does not exist", field)
+        return data
 
     def _http(self, url: str, field: str, should_stop: Callable[[], bool]) -> bytes:
         deadline = time.monotonic() + self.settings.fetch_timeout * 2

@@ -53,6 +53,12 @@ def has_model_for(settings: Settings, task: str, types: tuple[str, ...]) -> bool
     return any(entry.type in types for entry in store.list(task=task))
 
 
+def annotator_kinds(settings: Settings) -> set[str]:
+    """What the installed annotators make (``extra["annotates"]``: ``depth``, ``openpose``)."""
+    store = ModelStore(settings.models_dir, include_builtin=False)
+    return {str(entry.extra.get("annotates")) for entry in store.list(type="annotator")}
+
+
 def add_model(
     settings: Settings,
     path: str,

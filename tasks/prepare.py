@@ -27,7 +27,6 @@ from tasks.inputs import FetchCancelled, InputProblem, TransientFetchError
 from tasks.next_step import send_next
 from tasks.runtime import JobTask, Runtime, note_ended
 from tasks.scheduling import fill_slots
-from tasks.storage import write_private
 
 log = logging.getLogger("aiorch.tasks")
 
@@ -92,7 +91,6 @@ def load_inputs(rt: Runtime, job: Job) -> dict[str, Any]:
 def _fetch_inputs(
     rt: Runtime, job_id: str, client_id: str, spec: catalog.TaskSpec, payload: dict[str, Any]
 ) -> dict[str, Any]:
-    folder = rt.storage.input_dir(job_id)
     stored: dict[str, Any] = {}
 
     def should_stop() -> bool:
@@ -108,13 +106,9 @@ def _fetch_inputs(
             is_video = field in spec.videos
             load = rt.fetcher.load_video if is_video else rt.fetcher.load
             checked = load(ref, label, should_stop, owner=client_id)
-            path = folder / f"{field}_{index}.{checked.ext}"
-            # Written aside and renamed: two workers may prepare the same job at once (its own
-            # run message and a batching neighbour), and neither may read half a file.
-            write_private(path, checked.data)
-            paths.append(
-                {"path": str(path), "ext": checked.ext, "width": checked.width, "height": checked.height}
-            )
+            # Into storage (a bucket, with several hosts): the run step may be on another host.
+            saved = rt.storage.save_input(job_id, f"{field}_{index}.{checked.ext}", checked.data)
+            paths.append({**saved, "ext": checked.ext, "width": checked.width, "height": checked.height})
             if is_video:
                 paths[-1]["kind"] = "video"  # the engine reads the file itself, frame by frame
         stored[field] = paths if isinstance(value, list) else paths[0]

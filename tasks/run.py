@@ -189,7 +189,7 @@ def _run_claimed(
         try:
             if prepared is None:
                 payload = validate_payload(spec, job.payload, rt.settings)
-                images = _open_inputs(job.inputs or {})
+                images = _open_inputs(rt, job_id, job.inputs or {})
                 with JobControl(rt.store, claim) as control:
                     call = engine_call(job, payload, images, control, claim.attempt, rt)
                     try:
@@ -242,7 +242,7 @@ def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list
     for claim, job in members:
         try:
             payload = validate_payload(spec, job.payload, rt.settings)
-            images = _open_inputs(job.inputs or {})
+            images = _open_inputs(rt, job.id, job.inputs or {})
         except Exception:
             # Bad payload or unreadable input: the single path fails it with its usual error.
             _run_claimed(task, rt, spec, claim, job)
@@ -280,12 +280,14 @@ def _batched_outcome(rt: Runtime, job_id: str, outcome: EngineResult | Exception
     return outcome
 
 
-def _open_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+def _open_inputs(rt: Runtime, job_id: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The checked inputs from storage (prepared on whichever host): images decoded, a video as a
+    local file the engine reads itself."""
+
     def open_one(entry: dict[str, Any]) -> Image.Image | Path:
         if entry.get("kind") == "video":
-            return Path(entry["path"])
-        with open(entry["path"], "rb") as handle:
-            return decode_image(handle.read())
+            return rt.storage.local_input(job_id, entry)
+        return decode_image(rt.storage.read_input(job_id, entry))
 
     return {
         field: [open_one(e) for e in value] if isinstance(value, list) else open_one(value)

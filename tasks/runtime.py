@@ -18,7 +18,6 @@ import os
 import signal
 import time
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Any
 
 from billiard.process import current_process
@@ -34,7 +33,7 @@ from models.failures import JobFailure
 from models.jobstore import JobStore, Moved
 from models.state import JobStatus
 from tasks.celery_app import kick_dispatcher
-from tasks.inputs import Fetcher
+from tasks.inputs import Fetcher, StoredAsset
 from tasks.storage import Storage
 
 log = logging.getLogger("aiorch.tasks")
@@ -53,13 +52,16 @@ class Runtime:
         self.store = JobStore(self.db, settings.max_attempts, self._kick if app is not None else None)
         self.storage = Storage(settings)
         self.assets = AssetStore(self.db)
-        self.fetcher = Fetcher(settings, resolve_asset=self._asset_path)
+        self.fetcher = Fetcher(settings, resolve_asset=self._asset_file)
 
-    def _asset_path(self, asset_id: str, client_id: str) -> Path | None:
-        """The file of ``asset://<asset_id>`` for a job of ``client_id``: looked up by id AND
-        owner, so another client's asset is missing exactly like a deleted one."""
+    def _asset_file(self, asset_id: str, client_id: str) -> StoredAsset | None:
+        """The stored file of ``asset://<asset_id>`` for a job of ``client_id``: looked up by id
+        AND owner, so another client's asset is missing exactly like a deleted one."""
         row = self.assets.get(client_id, asset_id)
-        return None if row is None else self.storage.asset_path(row.kind, row.name)
+        if row is None:
+            return None
+        kind, name = row.kind, row.name
+        return StoredAsset(row.size, lambda: self.storage.read_file(kind, name))
 
     def _kick(self, moved: Moved) -> None:
         crash = self.settings.debug_crash_before_dispatch

@@ -1,81 +1,76 @@
-"""Local file storage for inputs, outputs and uploads (an S3-compatible backend can take this
-shape later).
+"""Storage of inputs, outputs and uploads, on a local folder or an S3-compatible bucket.
 
-Every name carries 128 random bits, because ``/files/<name>`` serves outputs without a key.
-Uploads (``POST /v1/assets``, large ``data:`` inputs) live in a folder of their own that
-``/files`` never serves: their bytes are the client's alone, read through
-``/v1/assets/{id}/content`` with its key. Folders are created ``0700`` and files ``0600``, so no
-other local user reads a tenant's images.
+``Storage`` is the one way in: every reader and writer (the API's ``/files`` and asset content,
+the prepare and run steps, provider copies, the sweeps, deletions) goes through it, never
+through a path of its own, so nothing assumes the API and the workers share a disk. The backend
+(``tasks.storage_backends``) is the local folder ``AIORCH_STORAGE_DIR`` by default, or the bucket
+of ``AIORCH_STORAGE_URL=s3://bucket/prefix`` (``tasks.storage_s3``, imported only then). Keys:
+
+- ``files/<name>``: outputs (and public copies of inputs for a provider), served at
+  ``/files/<name>`` without a key, so every name carries 128 random bits;
+- ``uploads/<name>``: uploads (``POST /v1/assets``, large ``data:`` inputs), never served by
+  ``/files``: their bytes are the client's alone, read through ``/v1/assets/{id}/content``;
+- ``inputs/<job id>/<field>_<index>.<ext>``: a job's checked inputs, written by the prepare step
+  (on any host) and read by the run step (on any other), removed when the job ends.
+
+On a local folder, folders are ``0700`` and files ``0600``, so no other local user reads a
+tenant's images. An engine that reads a file itself (a video input) gets a local copy in the
+job's local folder (``input_dir``), removed with its inputs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import re
 import secrets
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from config import Settings
-from models.assets import UPLOAD
+from models.assets import OUTPUT, UPLOAD
+from tasks.storage_backends import (
+    CONTENT_TYPES,
+    NAME_RE,
+    Backend,
+    Blob,
+    LocalBackend,
+    private_dir,
+)
 
-CONTENT_TYPES = {
-    "jpg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "json": "application/json",
-    "mp4": "video/mp4",  # faceswap_video's output
-    "safetensors": "application/octet-stream",  # train_lora's LoRA
-    # Uploads keep the format they came in (every format an input may have).
-    "bmp": "image/bmp",
-    "tiff": "image/tiff",
-    "gif": "image/gif",
-}
-NAME_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp|json|mp4|safetensors|bmp|tiff|gif)$")
-DIR_MODE = 0o700
-FILE_MODE = 0o600
+__all__ = ["CONTENT_TYPES", "Blob", "SavedFile", "Storage", "default_format", "encode_image", "input_name"]
 
-
-def private_dir(path: Path) -> Path:
-    """``mkdir -p`` with every folder it creates ``0700`` (``Path.mkdir`` gives the parents it
-    creates the default mode, so each level is made here)."""
-    missing = []
-    for folder in (path, *path.parents):
-        if folder.is_dir():
-            break
-        missing.append(folder)
-    for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
-            folder.mkdir(mode=DIR_MODE)
-    return path
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` as a ``0600`` file, aside and then renamed: readers (and two
-    workers writing the same input) never see half a file."""
-    part = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+# Key folders (see the module's docstring).
+FILES = "files"
+UPLOADS = "uploads"
+INPUTS = "inputs"
 
 
 @dataclass(frozen=True)
 class SavedFile:
     name: str
-    path: Path
     size: int
     content_type: str
+    path: Path | None = None  # its file on this host, with local storage only
+
+
+def open_backend(settings: Settings) -> Backend:
+    """The bucket of ``AIORCH_STORAGE_URL`` when one is set, else the local storage folder."""
+    if settings.storage_url:
+        # Imported here: boto3 costs an API or a worker on local storage ~25 MB it never uses.
+        from tasks.storage_s3 import S3Backend
+
+        return S3Backend(settings)
+    return LocalBackend(settings.storage_dir)
+
+
+def input_name(entry: dict[str, Any]) -> str:
+    """The stored name of one checked input (an entry of ``jobs.inputs``). Entries recorded
+    before shared storage carried only their local ``path``; its last part is the same name."""
+    name = entry.get("name") or Path(entry["path"]).name
+    return str(name)
 
 
 # Output encoder settings, chosen with ``python -m bench.encode`` (numbers in README.md, under
@@ -132,53 +127,104 @@ def default_format(image: Image.Image, input_ext: str | None) -> str:
 
 class Storage:
     def __init__(self, settings: Settings):
-        self.files_dir = settings.files_dir
-        self.inputs_dir = settings.inputs_dir
-        self.uploads_dir = settings.storage_dir / "uploads"
         self.public_url = settings.public_url
+        self.backend = open_backend(settings)
+        self.shared = bool(settings.storage_url)
+        # This host's folder of a job's local files: its inputs with local storage, only the copies
+        # an engine reads as files (and scratch outputs) with a bucket.
+        self.inputs_dir = settings.inputs_dir
 
     def url_for(self, name: str) -> str:
         return f"{self.public_url}/files/{name}"
 
-    def path_for(self, name: str) -> Path | None:
-        """An output's path (what ``/files/<name>`` may serve); None for a name we never make."""
-        if not NAME_RE.match(name):
-            return None
-        return self.files_dir / name
+    # -- outputs and uploads ------------------------------------------------------------------------
 
-    def asset_path(self, kind: str, name: str) -> Path | None:
-        """The path of a stored file of either kind (``StoredFile.kind``)."""
+    @staticmethod
+    def _file_key(kind: str, name: str) -> str | None:
+        """The key of a stored file of either kind (``StoredFile.kind``); None for a name we never
+        make, so a request's name can never reach another key."""
         if not NAME_RE.match(name):
             return None
-        return (self.uploads_dir if kind == UPLOAD else self.files_dir) / name
+        return f"{UPLOADS if kind == UPLOAD else FILES}/{name}"
 
     def save_output(self, data: bytes, ext: str) -> SavedFile:
-        return self._save(self.files_dir, data, ext)
+        return self._save(FILES, data, ext)
 
     def save_upload(self, data: bytes, ext: str) -> SavedFile:
-        return self._save(self.uploads_dir, data, ext)
+        return self._save(UPLOADS, data, ext)
 
-    def _save(self, folder: Path, data: bytes, ext: str) -> SavedFile:
+    def _save(self, folder: str, data: bytes, ext: str) -> SavedFile:
         name = f"{secrets.token_hex(16)}.{ext}"
-        path = private_dir(folder) / name
-        write_private(path, data)
-        return SavedFile(name, path, len(data), CONTENT_TYPES[ext])
+        key = f"{folder}/{name}"
+        self.backend.put(key, data)
+        return SavedFile(name, len(data), CONTENT_TYPES[ext], self.backend.local_path(key))
+
+    def open_file(self, kind: str, name: str) -> Blob | None:
+        """A stored file opened to be served (``/files/<name>``, asset content); None when missing."""
+        key = self._file_key(kind, name)
+        return None if key is None else self.backend.open(key)
+
+    def read_file(self, kind: str, name: str) -> bytes | None:
+        key = self._file_key(kind, name)
+        return None if key is None else self.backend.get(key)
+
+    def has_file(self, kind: str, name: str) -> bool:
+        key = self._file_key(kind, name)
+        return key is not None and self.backend.exists(key)
+
+    def asset_path(self, kind: str, name: str) -> Path | None:
+        """A stored file's path on this host: local storage only (None with a bucket)."""
+        key = self._file_key(kind, name)
+        return None if key is None else self.backend.local_path(key)
 
     def delete_outputs(self, names: list[str]) -> None:
-        for name in names:
-            path = self.path_for(name)
-            if path is not None:
-                path.unlink(missing_ok=True)
+        self.delete_files([(OUTPUT, name) for name in names])
 
     def delete_files(self, files: list[tuple[str, str]]) -> None:
-        """Unlink stored files of either kind, given as ``(kind, name)``."""
-        for kind, name in files:
-            path = self.asset_path(kind, name)
-            if path is not None:
-                path.unlink(missing_ok=True)
+        """Delete stored files of either kind, given as ``(kind, name)``."""
+        self.backend.delete(key for key in (self._file_key(k, n) for k, n in files) if key is not None)
+
+    # -- a job's checked inputs -----------------------------------------------------------------------
+
+    def save_input(self, job_id: str, name: str, data: bytes) -> dict[str, Any]:
+        """Store one checked input of a job; returns what its ``jobs.inputs`` entry records of it.
+
+        Written aside and renamed (or in one PUT): two workers may prepare the same job at once
+        (its own run message and a batching neighbour), and neither may read half a file."""
+        key = f"{INPUTS}/{job_id}/{name}"
+        self.backend.put(key, data)
+        path = self.backend.local_path(key)
+        # Local storage records the path too, as before (entries are read through ``read_input``).
+        return {"name": name} if path is None else {"name": name, "path": str(path)}
+
+    def read_input(self, job_id: str, entry: dict[str, Any]) -> bytes:
+        name = input_name(entry)
+        data = self.backend.get(f"{INPUTS}/{job_id}/{name}")
+        if data is None:
+            raise FileNotFoundError(f"input {name} of job {job_id} is not in storage")
+        return data
+
+    def local_input(self, job_id: str, entry: dict[str, Any]) -> Path:
+        """A local file of one checked input, for an engine that reads files itself (a video):
+        the stored file on local storage, else a copy in the job's local folder."""
+        name = input_name(entry)
+        key = f"{INPUTS}/{job_id}/{name}"
+        path = self.backend.local_path(key)
+        if path is not None:
+            return path
+        copy = self.input_dir(job_id) / name
+        if not copy.is_file() and not self.backend.download(key, copy):
+            raise FileNotFoundError(f"input {name} of job {job_id} is not in storage")
+        return copy
 
     def input_dir(self, job_id: str) -> Path:
+        """The job's folder on this host (created ``0700``): local copies and scratch files."""
         return private_dir(self.inputs_dir / job_id)
 
     def remove_inputs(self, job_id: str) -> None:
+        self.backend.delete_prefix(f"{INPUTS}/{job_id}/")
         shutil.rmtree(self.inputs_dir / job_id, ignore_errors=True)
+
+    def ping(self) -> None:
+        """Raise when the storage cannot be reached (``/readyz``)."""
+        self.backend.ping()

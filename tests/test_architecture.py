@@ -52,6 +52,8 @@ HEAVY = frozenset(
         "celery", "kombu", "billiard",
         # The remote providers' clients: about 16 MB in an API process that routes nothing remote.
         "requests", "cryptography", "jwt",
+        # The S3 client: only where AIORCH_STORAGE_URL names a bucket (tasks/storage_s3.py).
+        "boto3", "botocore",
     }
 )  # fmt: skip
 
@@ -63,7 +65,8 @@ HEAVY = frozenset(
 LAZY_SCOPE = ("tasks",)
 LAZY_HEAVY_IMPORTS: dict[str, frozenset[str]] = {
     # The API builds a Storage to serve and delete files; only workers encode outputs with numpy.
-    "tasks.storage": frozenset({"numpy"}),
+    # The S3 backend (boto3) only where AIORCH_STORAGE_URL names a bucket.
+    "tasks.storage": frozenset({"numpy", "boto3", "botocore"}),
     # The API checks a payload against a route's providers only where a route names one; the
     # provider clients (requests, jwt, cryptography) stay out of an API that routes nothing.
     "tasks.remote.backend_limits": frozenset({"requests", "jwt", "cryptography"}),

@@ -70,7 +70,7 @@ def capability_list(settings: Settings) -> list[dict[str, Any]]:
                 "installed": runs_now(settings, spec.name),
                 "aliases": sorted(alias for alias, target in catalog.ALIASES.items() if target == spec.name),
                 "inputs": list(spec.inputs),
-                "parameters": _parameters(spec.schema()),
+                "parameters": _parameters(catalog.payload_schema(spec, settings)),
             }
         )
     for name, summary in catalog.REMOTE_ONLY.items():
@@ -84,7 +84,7 @@ def capability_list(settings: Settings) -> list[dict[str, Any]]:
                 "installed": runs_now(settings, name),
                 "aliases": [],
                 "inputs": list(target.inputs) if target else [],
-                "parameters": _parameters(target.schema()) if target else [],
+                "parameters": _parameters(catalog.payload_schema(target, settings)) if target else [],
             }
         )
     return tasks

@@ -15,7 +15,6 @@ weight is loaded, and raises ``InvalidInput`` naming the field (``controlnets[1]
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,11 +32,17 @@ from inference.diffusion.loader import DiffusionModels
 from inference.diffusion.params import input_image, number
 from inference.model_cache import estimate_checkpoint_bytes
 from inference.model_store import ModelEntry, ModelNotFound
+from inference.pose import body_pose_map, load_body_pose_annotator
 
 MAX_CONTROLNETS = limits.DIFFUSION_MAX_CONTROLNETS
 CONTROL_TYPES = limits.CONTROLNET_TYPES
-# MediaPipe's graphs hold no torch tensors for the cache to measure: its pose models' size.
-POSE_ANNOTATOR_BYTES = 32 * 2**20
+# The control types whose image a model of the store makes (an ``annotator`` entry whose
+# ``extra["annotates"]`` is the type), and what to install when none is: the API refuses the same
+# ones (config/limits.py CONTROLNET_ANNOTATED_TYPES) when none is installed.
+ANNOTATED_TYPES = {
+    "depth": "add a transformers depth-estimation model folder, DPT or Depth Anything",
+    "openpose": "add OpenPose's body_pose_model.pth",
+}
 
 
 @dataclass(frozen=True)
@@ -181,32 +186,22 @@ class ControlNets:
         return entry
 
     def _annotator_for(self, request: ControlRequest, client: str | None) -> ModelEntry | None:
-        if request.preprocessed:
+        if request.preprocessed or request.type not in ANNOTATED_TYPES:
             return None
-        where = f"{request.field}.type"
-        if request.type == "depth":
-            found = [
-                e
-                for e in self.models.store.list(type="annotator", client=client)
-                if e.extra.get("annotates") == "depth"
-            ]
-            if not found:
-                raise InvalidInput(
-                    "the depth annotator is not installed (add a transformers depth-estimation model "
-                    "folder, DPT or Depth Anything, with aiorch models add); or send a depth map "
-                    "with preprocessed: true",
-                    field=where,
-                    code="annotator_missing",
-                )
-            return found[0]
-        if request.type == "openpose" and importlib.util.find_spec("mediapipe") is None:
+        found = [
+            e
+            for e in self.models.store.list(type="annotator", client=client)
+            if e.extra.get("annotates") == request.type
+        ]
+        if not found:
             raise InvalidInput(
-                "the openpose annotator (MediaPipe's pose model, in the mediapipe package) is not "
-                "installed; or send a pose image with preprocessed: true",
-                field=where,
+                f"the {request.type} annotator is not installed ({ANNOTATED_TYPES[request.type]} "
+                f"with aiorch models add); or send a {request.type} image with preprocessed: true",
+                field=f"{request.field}.type",
                 code="annotator_missing",
             )
-        return None
+        found.sort(key=lambda e: (e.owner is None, e.id))
+        return found[0]
 
     # -- control images ----------------------------------------------------------------------
 
@@ -229,8 +224,9 @@ class ControlNets:
                 with self._hold_depth(control.annotator) as annotator:
                     images.append(control_images.depth_map(annotator, request.image, size))
             else:
-                with self._hold_pose() as pose:
-                    images.append(control_images.pose_map(pose, request.image, size))
+                assert control.annotator is not None  # resolve() found one
+                with self._hold_pose(control.annotator) as annotator:
+                    images.append(body_pose_map(annotator, request.image, size))
         return images
 
     def _hold_depth(self, entry: ModelEntry) -> contextlib.AbstractContextManager[Any]:
@@ -244,10 +240,15 @@ class ControlNets:
             device=str(models.device),
         )
 
-    def _hold_pose(self) -> contextlib.AbstractContextManager[Any]:
-        # MediaPipe runs on the CPU whatever the worker's device.
-        return self.models.cache.hold(
-            "annotator:mediapipe-pose", control_images.load_pose_annotator, POSE_ANNOTATOR_BYTES, device="cpu"
+    def _hold_pose(self, entry: ModelEntry) -> contextlib.AbstractContextManager[Any]:
+        # float32 whatever the worker's dtype (inference/pose/annotator.py): the file's own size.
+        models = self.models
+        path = models.store.resolve_path(entry)
+        return models.cache.hold(
+            f"annotator:{entry.id}:{models.device}:float32",
+            lambda: load_body_pose_annotator(path, models.device),
+            estimate_checkpoint_bytes(path, itemsize=4),
+            device=str(models.device),
         )
 
     # -- loading -----------------------------------------------------------------------------

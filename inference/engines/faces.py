@@ -123,7 +123,8 @@ def face_restorer(call: EngineCall) -> Any:
     entries.sort(key=lambda e: e.extra.get("arch") != "GFPGAN")  # stable: ids stay in order
     if not entries:
         raise InvalidInput(
-            "face_enhance needs a face-restoration model (GFPGAN or RestoreFormer), and none is installed",
+            "face_enhance needs a face-restoration model (GFPGAN, RestoreFormer or CodeFormer), and none "
+            "is installed",
             field="face_enhance",
         )
     device = torch_device()
@@ -132,7 +133,9 @@ def face_restorer(call: EngineCall) -> Any:
         path = store.resolve_path(entry)
         try:
             loader = functools.partial(FaceRestorer, path, model_id=entry.id, device=device)
-            return load_cached(f"restore:{entry.id}", path, loader)
+            # The job's CodeFormer fidelity on a view of the cached network (others ignore it).
+            restorer = load_cached(f"restore:{entry.id}", path, loader)
+            return restorer.at_fidelity(call.payload.get("face_fidelity"))
         except EngineError as exc:
             log.warning("face restorer %s unusable: %s", entry.id, exc)
             failure = exc

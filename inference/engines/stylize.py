@@ -10,6 +10,7 @@ from inference.base import EngineResult
 from inference.registry import Engine, EngineCall, LocalTask
 from inference.runtime import diffusion_models
 from inference.safety import check_prompt
+from inference.styles import style_presets
 
 # The payload fields the pipeline takes (format and watermark are the task layer's).
 _ARGS = (
@@ -33,7 +34,14 @@ def run_stylize(call: EngineCall) -> EngineResult:
 
     kwargs = {name: call.payload[name] for name in _ARGS if call.payload.get(name) is not None}
     stylizer = Stylizer(diffusion_models(call.settings))
-    return stylizer(call.images["image_url"], **kwargs, control=call.control, client=call.owner or None)
+    return stylizer(
+        call.images["image_url"],
+        **kwargs,
+        # The built-in presets with the operator's (AIORCH_STYLES_FILE) over them.
+        presets=style_presets(call.settings.styles),
+        control=call.control,
+        client=call.owner or None,
+    )
 
 
 ENGINE = Engine(

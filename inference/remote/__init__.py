@@ -31,6 +31,7 @@ from inference.remote.base import (
     RemoteStatus,
     idempotency_key_for_job,
 )
+from inference.remote.limits import INPUT_SIZES
 from inference.remote.sensetime import SenseTimeClient
 from inference.remote.upstream import UpstreamClient
 from inference.remote.volcengine import VolcengineClient, VolcengineSigner
@@ -66,6 +67,7 @@ def check_limits(kind: str, task: str, payload: Mapping[str, Any], options: Mapp
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT_BYTES",
+    "INPUT_SIZES",
     "PROVIDERS",
     "InvalidWebhookSignature",
     "ProviderAuthError",

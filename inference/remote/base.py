@@ -309,21 +309,6 @@ def require(payload: Mapping[str, Any], name: str) -> Any:
     return value
 
 
-def check_range(
-    payload: Mapping[str, Any], name: str, low: float, high: float, *, low_open: bool = False
-) -> None:
-    """Refuse a present-but-out-of-range number with the provider's documented bounds."""
-    value = payload.get(name)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"'{name}' must be a number", field=name)
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise InvalidInput(f"'{name}' must be in {bracket}{low}, {high}]", field=name)
-
-
 class _TlsContextAdapter(HTTPAdapter):
     """An adapter whose https connections use a given TLS context (extra CA certificates).
 

@@ -2,8 +2,10 @@
 
 Our payload schemas hold the local engines' limits; a provider documents narrower ones (SenseTime's
 sides of 640-6000 px and ``hd_ratio`` up to 3, Volcengine's sides of 600-1500 px), or cannot take a
-field at all (LoRAs at Volcengine). Each client declares them in one ``check_limits(task, payload,
-options)`` that raises ``InvalidInput`` naming our field and the provider's limit, so:
+field at all (LoRAs or a negative prompt at Volcengine: ``refuse_not_taken``; a field is refused, never
+dropped, so the picture is the one asked for wherever it is made). Each client declares them in one
+``check_limits(task, payload, options)`` that raises ``InvalidInput`` naming our field and the
+provider's limit, so:
 
 - the submit step skips a backend whose limits refuse the payload and goes on to the next one of
   the route (``local`` included) instead of failing the job;
@@ -20,10 +22,20 @@ from typing import Any
 
 from inference.base import InvalidInput
 
+# The route option the submit step fills with the pixel sizes of the job's checked inputs
+# (``{"image_url": [width, height]}``): what a limit needs the input for (the output size of a free
+# outpaint) is checked where they are known. At ``POST`` the inputs are not fetched yet, so such a
+# limit is checked at submit only, and refuses there (the route goes on to its next backend).
+INPUT_SIZES = "input_sizes"
+# Values of our fields that ask for nothing a provider must do (our defaults): a provider without
+# the field makes the same picture. One image is what a provider without ``samples`` returns.
+NEUTRAL: dict[str, Any] = {"samples": 1, "sharpen": 0, "face_enhance": False}
+
 
 @dataclass(frozen=True)
 class Bound:
-    """A provider's documented range for one numeric field of our payload."""
+    """A provider's documented range for one numeric field of our payload; the one range check of
+    every client (``check_bounds``), whose refusal names the field, the range and the value."""
 
     field: str
     low: float
@@ -60,6 +72,29 @@ def check_bounds(provider: str, payload: Mapping[str, Any], bounds: Iterable[Bou
     """Every bound whose field the payload gives, in order; the first one broken is raised."""
     for bound in bounds:
         bound.check(provider, payload.get(bound.field))
+
+
+def refuse_not_taken(
+    provider: str, task: str, payload: Mapping[str, Any], not_taken: Mapping[str, str]
+) -> None:
+    """Refuse a field the provider has no counterpart for (``{field: why}``) where the payload asks
+    for something with it, rather than drop it and return a picture other than the one asked for."""
+    for name, why in not_taken.items():
+        value = payload.get(name)
+        if value is None or (name in NEUTRAL and value == NEUTRAL[name]):
+            continue
+        raise InvalidInput(f"{provider} cannot take {task}'s {name!r}: {why}", field=name)
+
+
+def input_size(options: Mapping[str, Any], field: str) -> tuple[int, int] | None:
+    """The pixel size of the job's checked input ``field`` (``INPUT_SIZES``), or None where it is
+    not known (at ``POST``, or a client called without it)."""
+    sizes = options.get(INPUT_SIZES)
+    found = sizes.get(field) if isinstance(sizes, Mapping) else None
+    if not isinstance(found, list | tuple) or len(found) != 2:
+        return None
+    width, height = found
+    return int(width), int(height)
 
 
 def refuse_loras(provider: str, payload: Mapping[str, Any]) -> None:

@@ -40,11 +40,17 @@ from inference.remote.base import (
     RemoteResult,
     RemoteStatus,
     Secret,
-    check_range,
 )
-from inference.remote.limits import Bound, check_bounds, refuse_controlnets, refuse_loras
+from inference.remote.limits import (
+    Bound,
+    check_bounds,
+    refuse_controlnets,
+    refuse_loras,
+    refuse_not_taken,
+)
 from inference.styles import BUILTIN_STYLES
 
+PROVIDER = "Volcengine"
 DEFAULT_BASE_URL = "https://visual.volcengineapi.com"
 VERSION = "2022-08-31"
 SUBMIT_ACTION = "CVSync2AsyncSubmitTask"
@@ -84,8 +90,24 @@ _RETRY_GATEWAY_CODES = {"FlowLimitExceeded", "RequestLimitExceeded", "InternalEr
 # Our payload's image inputs, in the order they become image_urls / binary_data_base64 entries;
 # a route's ``params`` may point at them as "uri://binary_data?index=N".
 IMAGE_FIELDS = ("image_url", "source_url", "target_url", "mask_url")
-# Seed 002's limits on our payload: "取值范围[600-1500]" for both generated sides.
+# Seed 002's limits on our payload: "取值范围[600-1500]" for both generated sides; ``step`` (our
+# ``steps``) has only a default (18) there, and this client has always taken 1-200.
 SIDES = (Bound("width", 600, 1500), Bound("height", 600, 1500))
+BOUNDS = (*SIDES, Bound("steps", 1, 200))
+# Fields of ours that seed 002's body has no counterpart for, whatever the route's req_key: the body
+# carries a prompt, seed, step, cfg, the sides and the images, and nothing else of the payload.
+NOT_TAKEN = {
+    "negative_prompt": "its body has only a positive_prompt",
+    "samples": "it makes one image per task",
+    "model": "the route's req_key is the model",
+    "scheduler": "it has no sampler choice",
+    "image_strength": "its img2img takes no strength",
+    "strength": "its img2img takes no strength",
+    **{name: "it has no outpaint geometry" for name in ("ratio", "left", "right", "top", "bottom")},
+    "scale": "it has no upscale factor",
+    "sharpen": "it has no sharpening",
+    "face_enhance": "it has no face restoration",
+}
 
 
 # ------------------------------------------------------------------------------------ signer
@@ -405,7 +427,7 @@ def build_request(req_key: str, payload: Mapping[str, Any], options: Mapping[str
         body["positive_prompt"] = str(payload["prompt"])
     # Volcengine's "no fixed seed" is -1; our payload leaves seed out for the same meaning.
     body["seed"] = int(payload["seed"]) if payload.get("seed") is not None else -1
-    check_range(payload, "steps", 1, 200)
+    # ``steps`` is in range by here: ``check_limits`` (``BOUNDS``), which submit calls first.
     if payload.get("steps") is not None:
         body["step"] = int(payload["steps"])
     if payload.get("cfg_scale") is not None:
@@ -433,15 +455,14 @@ def build_request(req_key: str, payload: Mapping[str, Any], options: Mapping[str
 
 
 def check_limits(task: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    """What seed 002 cannot take, refused naming our field before any request (any ``req_key``)."""
-    check_bounds("Volcengine", payload, SIDES)
-    refuse_loras("Volcengine", payload)
-    refuse_controlnets("Volcengine", payload)
+    """What seed 002 cannot take, refused naming our field before any request (any ``req_key``):
+    values outside its ranges, and fields its body cannot express (``NOT_TAKEN``)."""
+    check_bounds(PROVIDER, payload, BOUNDS)
+    refuse_loras(PROVIDER, payload)
+    refuse_controlnets(PROVIDER, payload)
     if task == "stylize":
         stylized(payload)
-        if payload.get("strength") is not None:
-            message = "Volcengine's img2img takes no strength: the style is its prompt"
-            raise InvalidInput(message, field="strength")
+    refuse_not_taken(PROVIDER, task, payload, NOT_TAKEN)
 
 
 def stylized(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,11 +35,17 @@ from inference.remote.base import (
     RemoteResult,
     RemoteStatus,
     Secret,
-    check_range,
     require,
 )
-from inference.remote.limits import refuse_controlnets, refuse_loras
+from inference.remote.limits import (
+    Bound,
+    check_bounds,
+    refuse_controlnets,
+    refuse_loras,
+    refuse_not_taken,
+)
 
+PROVIDER = "Zhinian"
 SIGNATURE_HEADER = "X-Zhinian-Signature"
 _STATUSES = {
     "queued": RemoteStatus.QUEUED,
@@ -62,6 +68,36 @@ _VIDEO_RATIOS = {"16:9", "4:3", "1:1", "3:4", "9:16", "21:9", "adaptive"}
 _VIDEO_RESOLUTIONS = {"480p", "720p", "1080p"}
 # Fields a route may pass through unchanged for image.generate (engine-specific knobs in the seed).
 _GENERATE_OPTIONS = ("scale", "quality", "force_single")
+# Our payload's ranges per capability: sides up to 8192 px, seed 003's video "duration 4~15".
+BOUNDS: dict[str, tuple[Bound, ...]] = {
+    "image.generate": (Bound("width", 1, 8192), Bound("height", 1, 8192)),
+    "video.generate": (Bound("duration", 4, 15),),
+}
+# Fields of ours that seed 003's capabilities have no counterpart for (its image bodies are a
+# prompt, the sides and image URLs; its video settings ratio, duration and resolution), and why.
+_KNOBS = {
+    "negative_prompt": "its jobs take a prompt only",
+    "steps": "its engines pick their own steps",
+    "cfg_scale": "its engines take the route's 'scale'/'quality', not a cfg_scale",
+    "seed": "its jobs take no seed",
+    "samples": "it makes one image per job",
+    "scheduler": "it has no sampler choice",
+    "model": "the route's capability is the model",
+}
+NOT_TAKEN: dict[str, dict[str, str]] = {
+    "image.generate": {**_KNOBS, "image_strength": "its reference images take no strength"},
+    "image.inpaint": {**_KNOBS, "strength": "its inpaint takes no strength"},
+    "image.upscale": {
+        "scale": "its upscale makes the route's 'resolution' (seed 003: \"4k\"), not a scale factor",
+        "model": "the route's capability is the model",
+        "sharpen": "it has no sharpening",
+        "face_enhance": "it has no face restoration",
+    },
+    "video.generate": {
+        "negative_prompt": "its videos take a prompt only",
+        "seed": "its videos take no seed",
+    },
+}
 
 
 class ZhinianClient(HttpClient):
@@ -73,9 +109,7 @@ class ZhinianClient(HttpClient):
 
     @staticmethod
     def check_limits(task: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-        # Seed 003's image.generate has no LoRA field, nor a ControlNet one.
-        refuse_loras("Zhinian", payload)
-        refuse_controlnets("Zhinian", payload)
+        check_limits(task, payload, options)
 
     def __init__(
         self,
@@ -149,7 +183,7 @@ class ZhinianClient(HttpClient):
         if not idempotency_key:
             # Without a key a retried submit can start a second paid job; refuse rather than risk it.
             raise ValueError("Zhinian submits need an idempotency_key derived from our job id")
-        self.check_limits(task, payload, options or {})
+        check_limits(task, payload, options or {})
         body = build_request(task, payload, options or {})
         answer = self._call(
             "POST", "/api/v1/jobs", json_body=body, headers={"Idempotency-Key": idempotency_key}
@@ -270,14 +304,11 @@ def verify_webhook_signature(secret: str, raw_body: bytes, signature: str | None
 
 def build_request(task: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     """Our task and payload as a Zhinian create body (camelCase names per seed 003)."""
-    capability = options.get("capability") or CAPABILITIES.get(task)
-    if capability is None:
-        raise InvalidInput(f"Zhinian serves no task {task!r}", field="task")
+    capability = _capability(task, options)
     body: dict[str, Any] = {"capability": capability}
     if capability == "image.generate":
         body["prompt"] = require(payload, "prompt")
         for side in ("width", "height"):
-            check_range(payload, side, 1, 8192)
             if payload.get(side) is not None:
                 body[side] = int(payload[side])
         if payload.get("image_url"):
@@ -306,25 +337,46 @@ def build_request(task: str, payload: Mapping[str, Any], options: Mapping[str, A
     return body
 
 
+def check_limits(task: str, payload: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """What seed 003 cannot take, refused naming our field before any request: a task it has no
+    capability for, values outside its ranges, and fields its capability cannot express."""
+    capability = _capability(task, options)
+    # Seed 003's image.generate has no LoRA field, nor a ControlNet one.
+    refuse_loras(PROVIDER, payload)
+    refuse_controlnets(PROVIDER, payload)
+    check_bounds(PROVIDER, payload, BOUNDS.get(capability, ()))
+    if capability == "video.generate":
+        ratio = payload.get("aspect_ratio", payload.get("ratio"))
+        if ratio is not None and str(ratio) not in _VIDEO_RATIOS:
+            field = "aspect_ratio" if "aspect_ratio" in payload else "ratio"
+            raise InvalidInput(f"{PROVIDER} takes '{field}' in {sorted(_VIDEO_RATIOS)}", field=field)
+        resolution = payload.get("resolution")
+        if resolution is not None and str(resolution) not in _VIDEO_RESOLUTIONS:
+            message = f"{PROVIDER} takes 'resolution' in {sorted(_VIDEO_RESOLUTIONS)}"
+            raise InvalidInput(message, field="resolution")
+    refuse_not_taken(PROVIDER, task, payload, NOT_TAKEN.get(capability, {}))
+
+
+def _capability(task: str, options: Mapping[str, Any]) -> str:
+    capability = options.get("capability") or CAPABILITIES.get(task)
+    if capability is None:
+        raise InvalidInput(f"{PROVIDER} serves no task {task!r}", field="task")
+    if capability not in NOT_TAKEN:
+        raise InvalidInput(f"unknown {PROVIDER} capability {capability!r}", field="task")
+    return str(capability)
+
+
 def _video_settings(payload: Mapping[str, Any]) -> dict[str, Any]:
+    # Every value is in range by here: ``check_limits``, which submit calls first.
     settings: dict[str, Any] = {}
-    check_range(payload, "duration", 4, 15)
     if payload.get("duration") is not None:
         settings["duration"] = int(payload["duration"])
     # ``aspect_ratio`` is ahv_video's name for the seed's ``ratio``.
     ratio = payload.get("aspect_ratio", payload.get("ratio"))
     if ratio is not None:
-        if str(ratio) not in _VIDEO_RATIOS:
-            field = "aspect_ratio" if "aspect_ratio" in payload else "ratio"
-            raise InvalidInput(f"'{field}' must be one of {sorted(_VIDEO_RATIOS)}", field=field)
         settings["ratio"] = str(ratio)
-    resolution = payload.get("resolution")
-    if resolution is not None:
-        if str(resolution) not in _VIDEO_RESOLUTIONS:
-            raise InvalidInput(
-                f"'resolution' must be one of {sorted(_VIDEO_RESOLUTIONS)}", field="resolution"
-            )
-        settings["resolution"] = str(resolution)
+    if payload.get("resolution") is not None:
+        settings["resolution"] = str(payload["resolution"])
     return settings
 
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
+from config.styles import StylePreset
 from tasks.outbound import UrlPolicy, refused_host_reason
 
 DEFAULT_MAX_FACES = 8  # AIORCH_MAX_FACES when no settings are given (config.Settings.max_faces)
@@ -184,8 +185,12 @@ class BasePayload(Schema):
         *args: Any,
         url_policy: UrlPolicy = UrlPolicy(),
         max_faces: int = DEFAULT_MAX_FACES,
+        styles: tuple[StylePreset, ...] = (),
         **kwargs: Any,
     ):
+        # AIORCH_STYLES_FILE's presets, which stylize's ``style`` takes besides the built-in ones:
+        # set before the fields bind, since they read it then.
+        self.styles = styles
         super().__init__(*args, **kwargs)
         # Which URL hosts InputRef fields accept: the settings' SSRF guard (tasks/outbound.py).
         self.url_policy = url_policy
@@ -241,6 +246,19 @@ class ModelSwitch(fields.Boolean):
         self.missing = missing
 
 
+class ModelText(fields.String):
+    """A text field that, when given, needs an installed model of one of ``types`` serving
+    ``task`` (``remove_object``'s ``prompt`` needs an object detector): checked at the API like a
+    ``ModelSwitch``, so giving it with none installed is a 422 naming the field (``missing``)."""
+
+    def __init__(self, *args: Any, types: tuple[str, ...], task: str, missing: str, **kwargs: Any) -> None:
+        metadata = {"x-model-types": list(types), **(kwargs.pop("metadata", None) or {})}
+        super().__init__(*args, metadata=metadata, **kwargs)
+        self.types = types
+        self.task = task
+        self.missing = missing
+
+
 def face_enhance_field(task: str) -> ModelSwitch:
     """``face_enhance`` (``upscale``, ``faceswap``, ``faceswap_multi``): restore the faces with the
     best installed face restorer (GFPGAN, RestoreFormer); a 422 naming the field when none is."""
@@ -248,17 +266,30 @@ def face_enhance_field(task: str) -> ModelSwitch:
         load_default=False,
         types=("face_restorer",),
         task=task,
-        missing="needs a face-restoration model (GFPGAN or RestoreFormer), and none is installed",
+        missing="needs a face-restoration model (GFPGAN, RestoreFormer or CodeFormer), and none is installed",
         metadata={"description": "Restore the faces with the installed face-restoration model"},
     )
 
 
-def model_switches(schema: Schema, payload: dict[str, Any]) -> list[tuple[str, ModelSwitch]]:
-    """``(field, its ModelSwitch)`` of each ``ModelSwitch`` the loaded ``payload`` turns on."""
+def face_fidelity_field() -> fields.Float:
+    """``face_fidelity``: CodeFormer's fidelity weight w for ``face_enhance`` (GFPGAN and
+    RestoreFormer have none and ignore it)."""
+    return fields.Float(
+        validate=validate.Range(min=0.0, max=1.0),
+        metadata={
+            "description": "CodeFormer's fidelity weight: 0 favours a clean face, 1 the input's "
+            "identity (default 0.5); other face restorers ignore it"
+        },
+    )
+
+
+def model_switches(schema: Schema, payload: dict[str, Any]) -> list[tuple[str, ModelSwitch | ModelText]]:
+    """``(field, the field)`` of each ``ModelSwitch`` the loaded ``payload`` turns on and each
+    ``ModelText`` it fills."""
     return [
         (name, field)
         for name, field in schema.fields.items()
-        if isinstance(field, ModelSwitch) and payload.get(name)
+        if isinstance(field, ModelSwitch | ModelText) and payload.get(name)
     ]
 
 

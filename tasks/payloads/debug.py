@@ -24,5 +24,12 @@ class DebugSleepPayload(Schema):
         load_default="never", validate=validate.OneOf(("never", "always", "first", "raise", "oom", "device"))
     )
 
-    def __init__(self, *args: Any, url_policy: UrlPolicy = UrlPolicy(), max_faces: int = 0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        url_policy: UrlPolicy = UrlPolicy(),
+        max_faces: int = 0,
+        styles: Any = (),
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)

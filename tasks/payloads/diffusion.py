@@ -6,6 +6,7 @@ The limits are the engines' own (config/limits.py), so the API refuses what they
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
@@ -80,6 +81,25 @@ class ControlNetSchema(Schema):
     def _start_before_end(self, data: dict[str, Any], **_: Any) -> None:
         if "start" in data and "end" in data and data["start"] >= data["end"]:
             raise ValidationError(f"must be below end ({data['end']:g})", field_name="start")
+
+
+def missing_annotators(payload: dict[str, Any], installed: Callable[[], set[str]]) -> dict[str, Any]:
+    """The 422 details (nested as marshmallow nests them) of each ControlNet whose control image
+    an annotator model must make (``depth``, ``openpose`` unless ``preprocessed``) when
+    ``installed()`` (what the installed annotators make; read only when one is needed) lacks it."""
+    needed = {
+        index: item["type"]
+        for index, item in enumerate(payload.get("controlnets") or ())
+        if item["type"] in limits.CONTROLNET_ANNOTATED_TYPES and not item.get("preprocessed")
+    }
+    if not needed:
+        return {}
+    kinds = installed()
+    message = "the {} annotator is not installed; send a {} image with preprocessed: true"
+    missing = {
+        index: {"type": [message.format(kind, kind)]} for index, kind in needed.items() if kind not in kinds
+    }
+    return {"controlnets": missing} if missing else {}
 
 
 @payload_for("generate")

@@ -6,7 +6,15 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from tasks.payloads.base import BasePayload, InputRef, VideoRef, face_enhance_field, payload_for, unit
+from tasks.payloads.base import (
+    BasePayload,
+    InputRef,
+    VideoRef,
+    face_enhance_field,
+    face_fidelity_field,
+    payload_for,
+    unit,
+)
 
 FACE_INDEX_ORDER = (
     "Face indices run left to right, then top to bottom (faces whose centres lie within half a "
@@ -43,6 +51,7 @@ class FaceswapPayload(BasePayload):
     target_url = InputRef(required=True)
     upscale = _upscale()
     face_enhance = face_enhance_field("faceswap")
+    face_fidelity = face_fidelity_field()
     max_side = _max_side()
     sharpen = unit(load_default=0.0)
     max_faces = fields.Integer(
@@ -74,6 +83,7 @@ class FaceswapMultiPayload(BasePayload):
     )
     upscale = _upscale()
     face_enhance = face_enhance_field("faceswap_multi")
+    face_fidelity = face_fidelity_field()
     sharpen = unit(load_default=0.0)
     max_side = _max_side()
 

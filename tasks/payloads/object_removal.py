@@ -7,7 +7,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from config import limits
-from tasks.payloads.base import BasePayload, InputRef, model_field, payload_for, unit
+from tasks.payloads.base import BasePayload, InputRef, ModelText, model_field, payload_for, unit
 
 
 @payload_for("remove_object")
@@ -24,7 +24,11 @@ class RemoveObjectPayload(BasePayload):
     image_url = InputRef(required=True)
     mask_url = InputRef()
     mask_mode = fields.String(load_default="white", validate=validate.OneOf(("white", "black")))
-    prompt = fields.String(
+    # Refused at the API when no detector is installed (the engine says the same, later).
+    prompt = ModelText(
+        types=("detector",),
+        task="scan_objects",
+        missing="removing by prompt needs an object detector, and none is installed; send mask_url instead",
         validate=validate.Length(min=1, max=200),
         metadata={"description": "what to remove (e.g. 'the dog'), instead of mask_url"},
     )

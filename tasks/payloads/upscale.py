@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from marshmallow import fields, validate
 
-from tasks.payloads.base import BasePayload, InputRef, face_enhance_field, model_field, payload_for, unit
+from tasks.payloads.base import (
+    BasePayload,
+    InputRef,
+    face_enhance_field,
+    face_fidelity_field,
+    model_field,
+    payload_for,
+    unit,
+)
 
 
 @payload_for("upscale")
@@ -14,4 +22,5 @@ class UpscalePayload(BasePayload):
     model = model_field()
     sharpen = unit(load_default=0.0)
     face_enhance = face_enhance_field("upscale")
+    face_fidelity = face_fidelity_field()
 

@@ -18,21 +18,39 @@ from inference.base import InvalidInput
 
 
 def backend_refusal(
-    routes: Routes, step: RouteStep, engine_task: str, payload: Mapping[str, Any]
+    routes: Routes,
+    step: RouteStep,
+    engine_task: str,
+    payload: Mapping[str, Any],
+    sizes: Mapping[str, list[int]] | None = None,
 ) -> InvalidInput | None:
-    """Why the route's ``step`` cannot take ``payload`` (its provider's limits), or None when it can."""
+    """Why the route's ``step`` cannot take ``payload`` (its provider's limits), or None when it can.
+
+    ``sizes``: the job's checked inputs' pixel sizes (``input_sizes``), known from the submit step
+    on; a limit that needs them (a free outpaint's output size) is checked only where they are.
+    """
     if step.is_local:
         return None
     # The provider clients (requests, cryptography, jwt: about 16 MB in every API process) load only
     # where a route names a provider, never in an API whose tasks all run locally.
-    from inference.remote import check_limits
+    from inference.remote import INPUT_SIZES, check_limits
 
     provider = routes.providers[step.backend]
+    options = {**step.options, INPUT_SIZES: dict(sizes)} if sizes else step.options
     try:
-        check_limits(provider.kind, step.task or engine_task, payload, step.options)
+        check_limits(provider.kind, step.task or engine_task, payload, options)
     except InvalidInput as refusal:
         return refusal
     return None
+
+
+def input_sizes(inputs: Mapping[str, Any] | None) -> dict[str, list[int]]:
+    """``{field: [width, height]}`` of a prepared job's single image inputs (``jobs.inputs``)."""
+    return {
+        field: [int(entry["width"]), int(entry["height"])]
+        for field, entry in (inputs or {}).items()
+        if isinstance(entry, Mapping) and entry.get("width") and entry.get("height")
+    }
 
 
 def route_refusals(

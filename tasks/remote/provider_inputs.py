@@ -22,7 +22,7 @@ from models.jobs import Job, StoredFile
 from models.jobstore import Claim, ClaimRefused
 from tasks.payloads import replace_input
 from tasks.runtime import Runtime
-from tasks.storage import encode_image
+from tasks.storage import encode_image, input_name
 
 # Providers that take input images inline as base64 (Volcengine's binary_data_base64); the others
 # fetch a public URL of ours.
@@ -50,12 +50,13 @@ def provider_payload(rt: Runtime, job: Job, claim: Claim, kind: str, route: Rout
         return payload
     if kind in INLINE_INPUTS:
         for field, entry in inputs.items():
-            refs = [_data_uri(e) for e in (entry if isinstance(entry, list) else [entry])]
+            refs = [_data_uri(rt, job.id, e) for e in (entry if isinstance(entry, list) else [entry])]
             payload[field] = _with_refs(payload.get(field), entry, refs)
         return payload
     names = _public_copies(rt, job, claim, route)
     for field, entry in inputs.items():
-        refs = [rt.storage.url_for(names[e["path"]]) for e in (entry if isinstance(entry, list) else [entry])]
+        entries = entry if isinstance(entry, list) else [entry]
+        refs = [rt.storage.url_for(names[input_name(e)]) for e in entries]
         payload[field] = _with_refs(payload.get(field), entry, refs)
     return payload
 
@@ -72,15 +73,14 @@ def _with_refs(value: Any, entry: Any, refs: list[str]) -> Any:
     return value
 
 
-def _data_uri(entry: dict[str, Any]) -> str:
-    with open(entry["path"], "rb") as handle:
-        data = handle.read()
+def _data_uri(rt: Runtime, job_id: str, entry: dict[str, Any]) -> str:
+    data = rt.storage.read_input(job_id, entry)
     mime = {"jpg": "jpeg"}.get(entry["ext"], entry["ext"])
     return f"data:image/{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _public_copies(rt: Runtime, job: Job, claim: Claim, route: Route | None) -> dict[str, str]:
-    """Public copies (``/files/<name>``, 128 random bits) of the job's inputs: stored path -> name.
+    """Public copies (``/files/<name>``, 128 random bits) of the job's inputs: input name -> name.
 
     Made once per job: the names are kept in ``jobs.inputs``, so a submit retried later (or at the
     next backend) sends the same URLs. Each copy is a stored file of the job, so deleting the job
@@ -92,9 +92,8 @@ def _public_copies(rt: Runtime, job: Job, claim: Claim, route: Route | None) -> 
     missing = []
     for entry in entries:
         name = entry.get("public_name")
-        path = rt.storage.path_for(name) if name else None
-        if path is not None and path.is_file():
-            names[entry["path"]] = name
+        if name and rt.storage.has_file(OUTPUT, name):
+            names[input_name(entry)] = name
         else:
             missing.append(entry)
     if not missing:
@@ -103,8 +102,7 @@ def _public_copies(rt: Runtime, job: Job, claim: Claim, route: Route | None) -> 
     expires = utcnow() + timedelta(seconds=timeout + PUBLIC_COPY_GRACE)
     rows = []
     for entry in missing:
-        with open(entry["path"], "rb") as handle:
-            data = handle.read()
+        data = rt.storage.read_input(job.id, entry)
         ext = entry["ext"]
         if ext not in PUBLIC_FORMATS:
             with Image.open(io.BytesIO(data)) as image:
@@ -114,7 +112,7 @@ def _public_copies(rt: Runtime, job: Job, claim: Claim, route: Route | None) -> 
                 )
         saved = rt.storage.save_output(data, ext)
         entry["public_name"] = saved.name
-        names[entry["path"]] = saved.name
+        names[input_name(entry)] = saved.name
         rows.append(
             # Served at /files like an output, but no asset of the client (no asset_id): a copy
             # of its input for the provider's eyes only, deleted when the job finishes.

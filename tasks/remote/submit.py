@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from config.logs import bind_job
 from config.routes import DEFAULT_POLL_INTERVAL, LOCAL, Route, RouteStep
 from inference.base import ContentRejected, EngineError
-from inference.remote import ProviderRetryableError, idempotency_key_for_job
+from inference.remote import INPUT_SIZES, ProviderRetryableError, idempotency_key_for_job
 from inference.safety import check_prompt
 from models.db import utcnow
 from models.failures import JobFailure
@@ -35,7 +35,7 @@ from tasks.celery_app import RUN, SUBMIT_REMOTE, publish
 from tasks.failures import failure_of
 from tasks.inputs import InputProblem
 from tasks.outputs import note_refusal_end
-from tasks.remote.backend_limits import backend_refusal
+from tasks.remote.backend_limits import backend_refusal, input_sizes
 from tasks.remote.common import (
     ERROR_GROWTH,
     SUBMIT_SOFT_LIMIT,
@@ -144,6 +144,8 @@ def submit_to_route(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, f
     # but the routes may have changed since): skipped, and the first refusal fails the job when
     # no other backend is left to try.
     refused: list[EngineError] = []
+    # What some limits need besides the payload (a free outpaint's output size): known from here on.
+    sizes = input_sizes(job.inputs)
     wait: float | None = None
     index = first_step
     try:
@@ -166,7 +168,7 @@ def submit_to_route(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, f
                 log.info("no provider of the route took the job; running locally")
                 _run_locally(app, rt, job, claim)
                 return
-            refusal = backend_refusal(rt.settings.routes, step, job.engine_task, job.payload)
+            refusal = backend_refusal(rt.settings.routes, step, job.engine_task, job.payload, sizes)
             if refusal is not None:
                 log.info("%s cannot take the job (%s); skipping it", step.backend, refusal)
                 refused.append(refusal)
@@ -178,6 +180,8 @@ def submit_to_route(app: Any, rt: Runtime, job: Job, claim: Claim, retry: int, f
                 return
             provider = providers[step.backend]
             options = dict(step.options)
+            if sizes:
+                options[INPUT_SIZES] = sizes
             if provider.kind == "zhinian" and "webhook_secret" in provider.credentials:
                 options.setdefault("webhook_url", rt.settings.public_url + ZHINIAN_WEBHOOK_PATH)
             client = client_for(rt.settings, step.backend)

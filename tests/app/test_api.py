@@ -281,6 +281,8 @@ def test_an_api_process_loads_neither_numpy_nor_the_engines_and_the_cli_not_even
         "assert not {'numpy', 'torch', 'cv2', 'onnxruntime'} & loaded, loaded; "
         # The provider clients (requests, cryptography, jwt: ~16 MB) only where a route names one.
         "assert not {'requests', 'cryptography', 'jwt'} & loaded, loaded; "
+        # The S3 client (boto3, ~25 MB) only where AIORCH_STORAGE_URL names a bucket.
+        "assert not {'boto3', 'botocore'} & loaded, loaded; "
         "engines = {'inference.diffusion', 'inference.superres', 'inference.lanczos', "
         "'inference.background', 'inference.detection', 'inference.faceswap', 'inference.watermark'}; "
         "assert 'inference.engines' in sys.modules and not engines & set(sys.modules), sorted(sys.modules)"

@@ -23,6 +23,13 @@ LoRA training (section 10: ``/v1/lora/train``, ``/v1/lora/result/<id>``, ``/v1/l
 - ``/v1/lora/cancel`` cancels a training only while it waits (PENDING), as the seed says; a running
   one answers ``success: false``. ``cancels`` records every cancel asked for.
 
+Free outpaint (``/v1/outpaint/imgen_free``, section 2.2): ``width``/``height`` in [640, 6000] and
+multiples of 64 (code 3 otherwise), ``free_x``/``free_y`` in [0, 6000] with their remainder past a
+multiple of 8 ignored, as the seed says; under ``fetch_inputs`` the input must be 256 px or more and
+under 6000 a side and fit the output at ``free_x``/``free_y``. Its images are ``width`` x ``height``,
+the fetched input pasted at the place the seed's rules give (``placed`` on the task), so a test can
+see where the picture went.
+
 ``controlnet_configs`` on ``/v1/imgenstd/imgen`` are checked as the seed's table says (at most
 three; ``type`` of its enum; ``img_url`` required; ``weight`` (0, 2]; ``guidance_start`` and
 ``guidance_end`` in [0, 1]; ``pre_processor`` one the type lists, ``pass`` for all): anything else
@@ -34,15 +41,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import io
 import json
 from typing import Any
 
 import requests
 from flask import Response, jsonify, request
+from PIL import Image
 
-from tests.fakes.common import FakeClock, FakeProvider, slow
+from tests.fakes.common import FakeClock, FakeProvider, image_bytes, slow
 
 BATCH_LIMIT = 50
+# Seed 001's imgen_free: output sides, their step, the placement's step, the input's sides.
+FREE_SIDES = (640, 6000)
+FREE_SIDE_STEP = 64
+FREE_OFFSET_STEP = 8
+FREE_INPUT = (256, 6000)
 # Seed 001 section 10's limits on a training request.
 LORA_MAX_IMAGES = 1000
 LORA_TEXT_LIMITS = {"model_name": 64, "description": 1024, "trigger_word": 256}
@@ -215,6 +229,12 @@ class SenseTimeFake(FakeProvider):
                 problem = self._fetch(url)
                 if problem:
                     return self.error(3, f"Invalid Params: {problem}", 400)
+        canvas: dict[str, Any] = {}
+        if family == "outpaint.free":
+            found = self._free_canvas(body)
+            if isinstance(found, Response):
+                return found
+            canvas = found
         prompt = str(body.get("prompt") or "")
         if "BLOCKED" in prompt:
             return self.error(18, "触发敏感词", 400)
@@ -227,8 +247,46 @@ class SenseTimeFake(FakeProvider):
                 "samples": int(body.get("samples") or 1),
                 "fmt": "PNG" if body.get("format") == "PNG" else "JPEG",
                 "sensitive": "NSFW-OUTPUT" in prompt,
+                **canvas,
             }
         return jsonify({"task_id": task_id})
+
+    def _free_canvas(self, body: dict[str, Any]) -> dict[str, Any] | Response:
+        """imgen_free's checks (seed 001 section 2.2): the output's size, where the input goes in it
+        and, when the input was fetched, the input itself; an error answer, or the task's fields."""
+        for name in ("width", "height"):
+            value = body[name]
+            low, high = FREE_SIDES
+            if not isinstance(value, int) or not low <= value <= high or value % FREE_SIDE_STEP:
+                message = f"{name} must be in [{low}, {high}] and a multiple of {FREE_SIDE_STEP}"
+                return self.error(3, f"Invalid Params: {message}", 400)
+        placed = []
+        for name in ("free_x", "free_y"):
+            value = body.get(name, 0)
+            if not isinstance(value, int) or not 0 <= value <= FREE_SIDES[1]:
+                return self.error(3, f"Invalid Params: {name} must be in [0, {FREE_SIDES[1]}]", 400)
+            # "free_x需要是8的倍数(如不是8的倍数,则忽略余数)"
+            placed.append(value - value % FREE_OFFSET_STEP)
+        source = None
+        fetched = [item for item in self.fetched if item["url"] == body["img_url"]]
+        if fetched:
+            source = Image.open(io.BytesIO(fetched[-1]["body"])).convert("RGB")
+            if not all(FREE_INPUT[0] <= side < FREE_INPUT[1] for side in source.size):
+                return self.error(3, "Invalid Params: the image must be 256*256 to 6000*6000 px", 400)
+            if source.width + placed[0] > body["width"] or source.height + placed[1] > body["height"]:
+                return self.error(3, "Invalid Params: the image does not fit at free_x, free_y", 400)
+        return {"canvas": (body["width"], body["height"]), "placed": tuple(placed), "source": source}
+
+    def _canvas_image(self, task: dict[str, Any], index: int) -> str:
+        """A free outpaint's output: ``width`` x ``height``, the input (when fetched) at ``placed``."""
+        image = Image.open(io.BytesIO(image_bytes(size=task["canvas"], seed=index))).convert("RGB")
+        if task["source"] is not None:
+            image.paste(task["source"], task["placed"])
+        buffer = io.BytesIO()
+        image.save(buffer, format=task["fmt"])
+        name = f"out{self.next_id()}.{'jpg' if task['fmt'] == 'JPEG' else 'png'}"
+        self.files[name] = (buffer.getvalue(), f"image/{task['fmt'].lower()}")
+        return name
 
     def _advance(self, task_id: str) -> dict[str, Any]:
         """One poll of a task: count it and produce the state the seed's result body shows."""
@@ -248,7 +306,10 @@ class SenseTimeFake(FakeProvider):
     def _image(self, task: dict[str, Any], index: int) -> dict[str, Any]:
         if task["sensitive"]:
             return {"index": index, "seed": 1000 + index, "small": "", "raw": "", "error_code": "Sensitive"}
-        name = self.store_image(fmt=task["fmt"], seed=index)
+        if "canvas" in task:
+            name = self._canvas_image(task, index)
+        else:
+            name = self.store_image(fmt=task["fmt"], seed=index)
         small = self.store_image(fmt=task["fmt"], size=(16, 12), seed=index)
         base = request.host_url
         return {
@@ -405,7 +466,7 @@ class SenseTimeFake(FakeProvider):
             if family == "imgenstd" and problem:
                 return self.error(3, f"Invalid Params: controlnet_configs {problem}", 400)
             key = f"face.{action}" if family == "face" else family
-            return self._new_task(key, body)
+            return self._new_task(f"{key}.free" if action == "imgen_free" else key, body)
 
         @app.get("/v1/<family>/result/<task_id>")
         def result(family: str, task_id: str):

@@ -3,7 +3,8 @@
 GFPGAN's hyper-parameters are fixed by spandrel's loader (512 px, StyleGAN2 with channel
 multiplier 2), so the GFPGAN file is full size: 86 M parameters, saved in float16 (174 MB) to
 spare the disk; the loader copies them into float32 weights like a release's. RestoreFormer's
-sizes are read from the state dict, so that one is tiny.
+sizes are read from the state dict, so that one is tiny. CodeFormer's VQ autoencoder is fixed
+(74 M parameters even with the narrowest transformer the loader reads back), saved in float16 too.
 """
 
 from __future__ import annotations
@@ -57,4 +58,24 @@ def save_restoreformer(path: Path, seed: int = 0) -> Path:
         head_size=8,
     )
     torch.save({"params_ema": network.state_dict()}, path)
+    return path
+
+
+def save_codeformer(path: Path, seed: int = 0) -> Path:
+    """A CodeFormer with random weights, under ``params_ema`` as its release ``codeformer.pth``.
+    spandrel_extra_arches' own class; the transformer (which the loader sizes from the state
+    dict) is one narrow layer with 32 codes, so only the fixed autoencoder is full size."""
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+    torch.manual_seed(seed)
+    network = CodeFormer(
+        dim_embd=64,
+        n_head=8,
+        n_layers=1,
+        codebook_size=32,
+        latent_size=256,
+        connect_list=["32", "64", "128", "256"],
+        fix_modules=["quantize", "generator"],
+    )
+    torch.save({"params_ema": {k: v.half() for k, v in network.state_dict().items()}}, path)
     return path

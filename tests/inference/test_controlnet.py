@@ -144,20 +144,6 @@ def test_tile_is_the_picture_at_the_output_size(astronaut) -> None:
     assert tile.size == (128, 96) and tile.mode == "RGB"
 
 
-def test_openpose_draws_the_skeleton_of_the_person_in_the_photo(models, astronaut) -> None:
-    pytest.importorskip("mediapipe")
-    (request,) = check_controlnets([{"type": "openpose", "image": astronaut}])
-    pose = np.asarray(ControlNets(models).control_images([_control(request)], (256, 256))[0])
-    drawn = pose.max(axis=2) > 0
-    assert 0.005 < drawn.mean() < 0.3
-    # The joints are in OpenPose's colours: the nose red, the neck orange.
-    colours = {tuple(c) for c in pose.reshape(-1, 3)}
-    assert (255, 0, 0) in colours and (255, 85, 0) in colours
-    # The astronaut's head is in the upper half of the photo.
-    rows = np.nonzero(drawn.any(axis=1))[0]
-    assert rows.min() < 128
-
-
 def test_depth_comes_from_the_installed_annotator_at_the_output_size(tmp_path: Path, astronaut) -> None:
     store = ModelStore(tmp_path)
     store.add(save_tiny_depth_annotator(tmp_path / "dpt"), id="dpt")

@@ -1,9 +1,11 @@
-"""Face restoration (issue 16): GFPGAN and RestoreFormer files read by spandrel, restoring the faces
-of the astronaut photo, of an upscale and of a face swap.
+"""Face restoration (issue 16): GFPGAN, RestoreFormer and CodeFormer files read by spandrel,
+restoring the faces of the astronaut photo, of an upscale and of a face swap.
 
 The GFPGAN file is the real architecture (spandrel's own class) with random weights, saved as
 GFPGAN's releases are (``params_ema``), and loaded through the store and the real loading code. Its
 restored faces mean nothing; what is checked is where the pixels change and what the results say.
+CodeFormer's file is built the same way from spandrel_extra_arches' class (the dev extra installs
+it; without it, a CodeFormer file is refused at ``aiorch models add``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from inference.model_files import ModelStoreError
 from inference.model_store import ModelStore
 from inference.registry import EngineCall
 from tests.inference.face_images import GREEN, astronaut, marked_source
-from tests.inference.face_restorers import save_gfpgan, save_restoreformer
+from tests.inference.face_restorers import save_codeformer, save_gfpgan, save_restoreformer
 
 MEDIAPIPE = importlib.util.find_spec("mediapipe") is not None
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +71,52 @@ def test_a_restoreformer_file_is_detected_and_loads(tmp_path: Path) -> None:
     assert FaceRestorer(path, model_id=entry.id).name == "restoreformer:restoreformer"
 
 
-def test_codeformer_is_refused_at_add_naming_what_it_would_need(tmp_path: Path) -> None:
+def test_codeformer_without_spandrel_extra_arches_is_refused_at_add_naming_what_it_would_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
+    import inference.model_files
+
+    monkeypatch.setattr(inference.model_files, "extra_arches_available", lambda: False)
     path = tmp_path / "codeformer.pth"
-    keys = ("position_emb", "quantize.embedding.weight", "encoder.conv_in.weight", "quant_conv.weight")
+    keys = ("position_emb", "quantize.embedding.weight", "encoder.blocks.0.weight", "idx_pred_layer.1.weight")
     torch.save({"params_ema": {k: torch.zeros(2, 2) for k in keys}}, path)
-    with pytest.raises(ModelStoreError, match="CodeFormer.*spandrel-extra-arches"):
+    with pytest.raises(ModelStoreError, match="CodeFormer.*spandrel_extra_arches.*faces-noncommercial"):
         ModelStore(tmp_path).add(path)
+
+
+def test_a_codeformer_file_is_a_face_restorer_that_restores_at_the_jobs_fidelity(tmp_path: Path) -> None:
+    from inference.engines.faces import face_restorer
+    from inference.face_restore import DEFAULT_FIDELITY
+
+    ModelStore(tmp_path).add(save_codeformer(tmp_path / "codeformer.pth"), id="codeformer")
+    entry = ModelStore(tmp_path).get("codeformer")
+    assert (entry.type, entry.extra) == ("face_restorer", {"arch": "CodeFormer"})
+    assert entry.tasks == ("upscale", "faceswap", "faceswap_multi")
+    restorer = face_restorer(call("upscale", {"face_enhance": True}, {}, tmp_path))
+    assert restorer.name == "codeformer:codeformer" and restorer.fidelity == DEFAULT_FIDELITY
+    # The job's fidelity on a view of the same (cached) network, which keeps its own.
+    chosen = face_restorer(call("upscale", {"face_enhance": True, "face_fidelity": 0.8}, {}, tmp_path))
+    assert chosen.fidelity == 0.8 and chosen.network is restorer.network
+    assert restorer.fidelity == DEFAULT_FIDELITY
+    # The weight reaches CodeFormer's forward as its ``weight`` (w), with the [-1, 1] input it
+    # was trained on.
+    seen: list[dict] = []
+    hook = chosen.network.register_forward_pre_hook(
+        lambda _module, args, kwargs: seen.append({"weight": kwargs["weight"], "low": float(args[0].min())}),
+        with_kwargs=True,
+    )
+    try:
+        crop = np.asarray(Image.fromarray(astronaut()).resize((512, 512)))
+        (restored,) = chosen.restore_crops([crop])
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and seen[0]["weight"] == 0.8 and seen[0]["low"] < -0.5
+    assert restored.shape == (512, 512, 3) and restored.dtype == np.uint8
+    with pytest.raises(InvalidInput) as caught:
+        restorer.at_fidelity(1.5)
+    assert caught.value.field == "face_fidelity"
 
 
 def test_restoring_the_astronaut_changes_her_face_and_nothing_far_from_it(restorer, detector) -> None:
@@ -163,6 +204,30 @@ def test_faceswap_with_face_enhance_restores_only_inside_the_swapped_face(models
     x0, y0, x1, y1 = expand_box(face, 1.3, *plain.image.size)
     assert not changed[:y0].any() and not changed[y1:].any()
     assert not changed[:, :x0].any() and not changed[:, x1:].any()
+
+
+def test_face_fidelity_outside_zero_to_one_is_a_422_naming_the_field(
+    settings: Settings, models: Path
+) -> None:
+    from app import create_app
+    from tests.conftest import KEYS
+
+    app = create_app(settings.with_overrides(models_dir=models))
+    try:
+        for fidelity, status in ((1.5, 422), (-0.1, 422), (0.7, 202)):
+            payload = {
+                "image_url": "https://example.com/a.png",
+                "face_enhance": True,
+                "face_fidelity": fidelity,
+            }
+            response = app.test_client().post(
+                "/v1/jobs", json={"task": "upscale", "payload": payload}, headers={"X-API-Key": KEYS[0][1]}
+            )
+            assert response.status_code == status, response.get_json()
+            if status == 422:
+                assert "face_fidelity" in response.get_json()["error"]["details"]["payload"]
+    finally:
+        app.extensions["aiorch"].db.dispose()
 
 
 def test_face_enhance_is_a_422_on_faceswap_without_a_restorer_and_accepted_with_one(

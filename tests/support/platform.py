@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env["AIORCH_WEBHOOK_SECRET"] = settings.webhook_secret
     if settings.routes_file is not None:
         env["AIORCH_ROUTES_FILE"] = str(settings.routes_file)
+    if settings.styles_file is not None:
+        env["AIORCH_STYLES_FILE"] = str(settings.styles_file)
     if settings.ca_bundle is not None:
         env["AIORCH_CA_BUNDLE"] = str(settings.ca_bundle)
     if settings.debug_crash_before_dispatch:
         env["AIORCH_DEBUG_CRASH_BEFORE_DISPATCH"] = settings.debug_crash_before_dispatch
+    if settings.storage_url:
+        env["AIORCH_STORAGE_URL"] = settings.storage_url
+        env["AIORCH_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
+        env["AIORCH_S3_REGION"] = settings.s3_region
+        env["AIORCH_S3_ACCESS_KEY_ID"] = settings.s3_access_key_id
+        env["AIORCH_S3_SECRET_ACCESS_KEY"] = settings.s3_secret_access_key
     return env
 
 
@@ -134,13 +143,22 @@ class Platform:
         raise RuntimeError("API did not start:\n" + self.log("api"))
 
     def start_worker(
-        self, name: str, queues: str, concurrency: int = 1, env: dict[str, str] | None = None
+        self,
+        name: str,
+        queues: str,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+        node: str | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """A Celery worker named ``node`` (default ``<name>@test``); ``wrap`` goes before its
+        command line (the multi-host harness's ``nsenter`` into a host's namespaces)."""
         log = self.logs / f"{name}.log"
         before = log.stat().st_size if log.exists() else 0
         self._spawn(
             name,
             [
+                *wrap,
                 sys.executable,
                 "-m",
                 "celery",
@@ -152,7 +170,7 @@ class Platform:
                 "-c",
                 str(concurrency),
                 "-n",
-                f"{name}@test",
+                node or f"{name}@test",
                 "--pool",
                 "prefork",
                 "--without-mingle",
@@ -171,6 +189,10 @@ class Platform:
                 break
             time.sleep(0.2)
         raise RuntimeError(f"worker {name} did not start:\n" + self.log(name))
+
+    def start_beat(self) -> None:
+        """``aiorch beat``, the periodic sweeps, as ``aiorch up`` runs it."""
+        self._spawn("beat", [sys.executable, "-m", "app.cli", "beat"])
 
     def start_workers(self) -> None:
         self.start_worker("cpu", "cpu", 2)

@@ -95,7 +95,8 @@ class PrivateRabbit:
 
 
 @contextlib.contextmanager
-def private_rabbitmq() -> Iterator[PrivateRabbit]:
+def private_rabbitmq(config: str = "") -> Iterator[PrivateRabbit]:
+    """A node of its own; ``config`` adds lines to its ``rabbitmq.conf`` (e.g. ``heartbeat = 5``)."""
     if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
         pytest.skip("no rabbitmq-server on this machine")
     root = Path(tempfile.mkdtemp(prefix="aiorch-rmq-"))
@@ -107,7 +108,7 @@ def private_rabbitmq() -> Iterator[PrivateRabbit]:
             pytest.skip("running as root without a rabbitmq user: cannot start a private node")
         as_user = ["runuser", "-p", "-u", "rabbitmq", "--"]  # -p: HOME stays the node's folder
     (root / "enabled_plugins").write_text("[].\n")
-    (root / "rabbitmq.conf").write_text("loopback_users = none\n")
+    (root / "rabbitmq.conf").write_text("loopback_users = none\n" + config)
     if as_user:
         for path in (root, root / "enabled_plugins", root / "rabbitmq.conf"):
             shutil.chown(path, "rabbitmq", "rabbitmq")

@@ -96,9 +96,45 @@ def test_three_controlnets_at_their_limits_are_accepted(client) -> None:
             "scale": limits.DIFFUSION_MAX_CONTROLNET_SCALE,
             "preprocessed": True,
         },
-        {"type": "openpose", "image_url": IMG, "start": 0.99, "end": 1},
+        {"type": "openpose", "image_url": IMG, "start": 0.99, "end": 1, "preprocessed": True},
     ]
     assert submit(client, three).status_code == 202
+
+
+@pytest.mark.parametrize("kind", ["depth", "openpose"])
+def test_a_control_image_needing_an_uninstalled_annotator_is_a_422_naming_its_type(client, kind) -> None:
+    details = refused(submit(client, [{"type": "canny", "image_url": IMG}, {"type": kind, "image_url": IMG}]))
+    assert list(details["controlnets"]) == ["1"]
+    (message,) = details["controlnets"]["1"]["type"]
+    assert f"{kind} annotator is not installed" in message and "preprocessed" in message
+    # Sent ready-made, it needs no annotator.
+    ready = {"type": kind, "image_url": IMG, "preprocessed": True}
+    assert submit(client, [ready]).status_code == 202
+
+
+@pytest.fixture(scope="module")
+def models_dir_with_openpose(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    from inference.model_store import ModelStore
+    from tests.inference.tiny_openpose import save_random_body_pose_model
+
+    root = tmp_path_factory.mktemp("models-openpose")
+    store = ModelStore(root)
+    store.add(models_dir / "tiny-sd", id="tiny-sd")
+    store.add(save_random_body_pose_model(root / "body_pose_model.pth"), id="body-pose")
+    return root
+
+
+def test_openpose_is_accepted_once_its_annotator_is_installed_and_depth_still_is_not(
+    settings: Settings, models_dir_with_openpose: Path
+) -> None:
+    app = create_app(settings.with_overrides(models_dir=models_dir_with_openpose))
+    try:
+        client = app.test_client()
+        assert submit(client, [{"type": "openpose", "image_url": IMG}]).status_code == 202
+        details = refused(submit(client, [{"type": "depth", "image_url": IMG}]))
+        assert list(details["controlnets"]) == ["0"]
+    finally:
+        app.extensions["aiorch"].db.dispose()
 
 
 def test_a_large_data_image_in_a_controlnet_is_stored_as_an_asset(client, settings: Settings) -> None:

@@ -16,7 +16,7 @@ from inference.base import InvalidInput
 from inference.remote.base import require
 from inference.remote.limits import mapped_model
 from inference.remote.sensetime.controlnet import controlnet_configs
-from inference.remote.sensetime.limits import stylization_model
+from inference.remote.sensetime.limits import free_outpaint, free_outpaint_size, stylization_model
 from inference.remote.sensetime.training import build_train_lora
 
 _ALIGN = {
@@ -205,6 +205,8 @@ def _build_outpaint(payload: Mapping[str, Any], options: Mapping[str, Any]) -> t
         "model_id": _model_id(payload, options),
         "img_url": _public_url(payload, "image_url"),
     }
+    if free_outpaint(payload):
+        return _build_free_outpaint(body, payload, options)
     _put(body, payload, "ratio", "outpaint_ratio")
     _put(body, payload, "samples")
     for side in ("width", "height"):
@@ -216,6 +218,25 @@ def _build_outpaint(payload: Mapping[str, Any], options: Mapping[str, Any]) -> t
             raise InvalidInput(f"'align' must be one of {sorted(_ALIGN)}", field="align")
         body["align_position"] = align
     return "outpaint", _common(body, payload, options)
+
+
+def _build_free_outpaint(
+    body: dict, payload: Mapping[str, Any], options: Mapping[str, Any]
+) -> tuple[str, dict]:
+    # imgen_free: the output's size and where the input sits in it (its top-left corner at
+    # free_x, free_y), so the output is exactly the input plus our margins.
+    size = free_outpaint_size(payload, options)
+    if size is None:
+        raise InvalidInput(
+            "SenseTime's free outpaint needs the input's size (route option 'input_sizes', which "
+            "the submit step fills)",
+            field="image_url",
+        )
+    body["width"], body["height"] = size
+    body["free_x"] = int(payload.get("left") or 0)
+    body["free_y"] = int(payload.get("top") or 0)
+    _put(body, payload, "samples")
+    return "outpaint.free", _common(body, payload, options)
 
 
 def _build_inpaint(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[str, dict]:

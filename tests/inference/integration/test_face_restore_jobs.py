@@ -3,7 +3,9 @@ and RabbitMQ, and a GFPGAN file with random weights in the model store.
 
 The store starts without a restorer (``face_enhance`` is then a 422 naming the field); the
 GFPGAN file is added while the platform runs, as an operator would with ``aiorch models add``,
-beside a broken one that ranks first, so every restoring job also proves it is passed over.
+beside a broken one that ranks first, so every restoring job also proves it is passed over. Last,
+the GFPGAN files make way for a CodeFormer file (spandrel_extra_arches, the dev extra), which
+restores at the payload's ``face_fidelity``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from config import Settings
 from inference.model_store import ModelStore
 from tests.conftest import KEYS
 from tests.inference.face_images import GREEN, astronaut, marked_source
-from tests.inference.face_restorers import save_gfpgan
+from tests.inference.face_restorers import save_codeformer, save_gfpgan
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 from tests.support.servers import ImageServer
@@ -140,4 +142,31 @@ def test_a_broken_restorer_alone_fails_the_job_clearly(
         plain = platform.submit(ALICE, "upscale", {"image_url": portraits.url("img/half.png")}).json()
         assert platform.wait(ALICE, plain["job_id"], timeout=60)["status"] == "succeeded"
     finally:
+        restorers.add(models_dir / "GFPGANv1.4.pth", id="gfpganv1.4")
+
+
+def test_upscale_with_codeformer_restores_the_face_at_the_payloads_fidelity(
+    platform: Platform, portraits: ImageServer, restorers: ModelStore, models_dir: Path
+) -> None:
+    # GFPGAN ranks first: with it gone, the CodeFormer file is the one installed restorer.
+    for model_id in ("gfpganv1.4", "gfpganv1.5"):
+        restorers.remove(model_id)
+    restorers.add(save_codeformer(models_dir / "codeformer.pth"), id="codeformer")
+    try:
+        url = portraits.url("img/half.png")
+        plain = platform.wait(
+            ALICE, platform.submit(ALICE, "upscale", {"image_url": url}).json()["job_id"], timeout=60
+        )
+        payload = {"image_url": url, "face_enhance": True, "face_fidelity": 0.7}
+        job = platform.wait(ALICE, platform.submit(ALICE, "upscale", payload).json()["job_id"], timeout=240)
+        assert job["status"] == "succeeded", job
+        meta = job["result"]["meta"]
+        assert meta["backend"] == "lanczos+codeformer:codeformer"
+        assert meta["face_enhance"] == "codeformer:codeformer" and meta["faces_restored"] == 1
+        before, after = fetch(plain["result"]["url"]).astype(int), fetch(job["result"]["url"]).astype(int)
+        changed = np.abs(after - before).max(axis=2) > 0
+        assert changed[70:175, 180:270].mean() > 0.5
+        assert not changed[:60, :60].any() and not changed[-60:, -60:].any()
+    finally:
+        restorers.remove("codeformer")
         restorers.add(models_dir / "GFPGANv1.4.pth", id="gfpganv1.4")

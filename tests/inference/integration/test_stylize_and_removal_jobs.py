@@ -1,7 +1,8 @@
 """stylize, remove_object by prompt and with LaMa, samples on remove_object and inpaint, and free
 outpaint, through the real API and workers, on tiny random-weight models installed in the model
-store (a diffusers SD pipeline, a client's LoRA, a random LaMa, a detector set to find one dog)
-and a real photo.
+store (a diffusers SD pipeline, a client's LoRA, an operator's LoRA, a random LaMa, a detector set
+to find one dog) and a real photo. The operator's styles file (``AIORCH_STYLES_FILE``) adds a
+preset with that LoRA and replaces the built-in ``sketch``.
 
 The platform runs as production does: its own database on the run's Postgres, its own vhost on
 RabbitMQ, the SSRF guard on.
@@ -10,6 +11,7 @@ RabbitMQ, the SSRF guard on.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +32,16 @@ ALICE, BOB = KEYS[0][1], KEYS[1][1]
 PHOTO = Image.fromarray(data.astronaut()).resize((96, 64), Image.Resampling.LANCZOS)
 # Where the detector finds its dog, as fractions of the image: (24, 16)-(48, 48) in PHOTO.
 DOG_BOX = (0.25, 0.25, 0.5, 0.75)
+STYLES = {
+    "noir": {
+        "prompt": "film noir photograph of {prompt}",
+        "description": "Film noir",
+        "strength": 0.5,
+        "lora": "house-style",
+        "lora_weight": 0.8,
+    },
+    "sketch": {"prompt": "charcoal sketch of {prompt}", "description": "Charcoal"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +58,16 @@ def platform(
     store.add(save_tiny_sd(models / "tiny-sd"), id="tiny-sd")
     lora = save_tiny_lora(models / "loras" / "alice-style")
     store.add(lora, id="alice-style", base_model_type="sd15", owner="alice")
+    store.add(
+        save_tiny_lora(models / "loras" / "house-style", seed=2), id="house-style", base_model_type="sd15"
+    )
     store.add(save_random_lama(models / "big-lama.ckpt"), id="big-lama")
     store.add(save_firing_detector(models / "det.pth", ["person", "dog"], "dog", DOG_BOX), id="det")
-    settings = platform_settings(base_settings, tmp, broker_url=worker_amqp_url, models_dir=models)
+    styles = tmp / "styles.json"
+    styles.write_text(json.dumps(STYLES))
+    settings = platform_settings(
+        base_settings, tmp, broker_url=worker_amqp_url, models_dir=models, styles_file=styles
+    )
     with running_platform(settings, tmp) as plat:
         yield plat
 
@@ -78,7 +97,16 @@ def test_capabilities_list_stylize_with_its_presets_and_the_new_parameters(platf
     stylize = by_name["stylize"]
     assert stylize["installed"] and stylize["queue"] == "gpu.diffusion"
     style = next(p for p in stylize["parameters"] if p["name"] == "style")
-    assert style["required"] and [p["name"] for p in style["presets"]] == list(BUILTIN_STYLES)
+    # The operator's presets after the built-ins; a same-named one replaces its built-in in place.
+    assert style["required"] and [p["name"] for p in style["presets"]] == [*BUILTIN_STYLES, "noir"]
+    described = {p["name"]: p for p in style["presets"]}
+    assert described["sketch"]["description"] == "Charcoal"
+    assert described["noir"] == {
+        "name": "noir",
+        "description": "Film noir",
+        "strength": 0.5,
+        "lora": "house-style",
+    }
     assert {"prompt", "fill_prompt", "samples", "mask_url"} <= {
         p["name"] for p in by_name["remove_object"]["parameters"]
     }
@@ -95,6 +123,22 @@ def test_stylize_with_a_preset_keeps_the_pictures_size(platform: Platform) -> No
     meta = job["result"]["meta"]
     assert meta["backend"] == "diffusers:tiny-sd" and meta["style"] == "anime" and meta["seed"] == 5
     assert fetch(job["result"]["url"]).shape == (64, 96, 3)
+
+
+def test_stylize_with_an_operators_file_preset_applies_its_lora_for_any_client(platform: Platform) -> None:
+    job = run(
+        platform,
+        "stylize",
+        {"image_url": data_uri(PHOTO), "style": "noir", "prompt": "an astronaut", "steps": 4, "seed": 3},
+        key=BOB,
+    )
+    assert job["status"] == "succeeded", job
+    meta = job["result"]["meta"]
+    assert meta["style"] == "noir" and meta["strength"] == 0.5
+    assert meta["loras"] == [{"model": "house-style", "weight": 0.8}]
+    assert fetch(job["result"]["url"]).shape == (64, 96, 3)
+    # A name that is neither a preset of the file nor of the built-ins, nor a LoRA: a 422.
+    assert "style" in refused(platform, "stylize", {"image_url": data_uri(PHOTO), "style": "noire"})
 
 
 def test_stylize_with_a_lora_id_is_for_the_loras_owner_only(platform: Platform) -> None:

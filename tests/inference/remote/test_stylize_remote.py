@@ -70,7 +70,9 @@ def test_sensetime_stylizes_with_the_stylization_model_the_route_maps_the_style_
         ("stylize", {"image_url": IMAGE, "style": "anime", "strength": 0.5}, "strength"),
         ("remove_object", {"image_url": IMAGE, "prompt": "the dog"}, "prompt"),
         ("remove_object", {"image_url": IMAGE, "mask_url": IMAGE, "fill_prompt": "grass"}, "fill_prompt"),
-        ("outpaint", {"image_url": IMAGE, "left": 64}, "left"),
+        # imgen_free places the image at multiples of 8 px (free outpaint itself is taken).
+        ("outpaint", {"image_url": IMAGE, "left": 60}, "left"),
+        ("outpaint", {"image_url": IMAGE, "ratio": 1.5, "prompt": "sea"}, "prompt"),
     ],
 )
 def test_what_sensetime_cannot_take_is_refused_naming_the_field(task: str, payload: dict, field: str) -> None:

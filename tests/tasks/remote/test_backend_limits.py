@@ -29,6 +29,7 @@ PROVIDERS = {
         "secret_key": "s",
     },
     "up": {"kind": "upstream", "base_url": "https://up.example.com", "api_key": "k"},
+    "zn": {"kind": "zhinian", "base_url": "https://zn.example.com", "api_key": "k"},
 }
 ST = {"backend": "st", "task": "generate", "options": {"model_id": "model001"}}
 VOLC = {"backend": "volc", "task": "generate", "options": {"req_key": "rk"}}
@@ -38,6 +39,9 @@ ROUTES = {
     "ahv_image": [VOLC, {"backend": "up", "task": "generate"}],
     "upscale": [{"backend": "st", "options": {"model_id": "sr"}}, {"backend": "local"}],
     "remove_object": [{"backend": "st", "options": {"model_id": "erase"}}, VOLC],
+    "generate": [{"backend": "zn"}],
+    "ahv_video": [{"backend": "zn"}],
+    "outpaint": [{"backend": "st", "options": {"model_id": "op"}}],
 }
 
 
@@ -70,7 +74,7 @@ def test_a_route_refuses_only_when_no_backend_can_take_the_payload() -> None:
         "loras": ["Volcengine takes no LoRAs"],
     }
     # No route, or one that starts locally: the local engine's limits are the schema's.
-    assert route_refusals(found, "outpaint", "outpaint", {"width": 64}) == {}
+    assert route_refusals(found, "inpaint", "inpaint", {"samples": 64}) == {}
 
 
 @pytest.fixture
@@ -116,6 +120,69 @@ def refused(response: Any) -> dict[str, Any]:
             "Volcengine takes 'width' in [600, 1500], got 2000",
         ),
         ("cx_image", {"prompt": "x", "loras": [{"model": "l1"}]}, "loras", "Volcengine takes no LoRAs"),
+        # Fields a provider cannot express are refused like its ranges, never dropped.
+        (
+            "cx_image",
+            {"prompt": "x", "negative_prompt": "blur"},
+            "negative_prompt",
+            "Volcengine cannot take generate's 'negative_prompt': its body has only a positive_prompt",
+        ),
+        (
+            "cx_image",
+            {"prompt": "x", "samples": 2},
+            "samples",
+            "Volcengine cannot take generate's 'samples': it makes one image per task",
+        ),
+        (
+            "cx_image",
+            {"prompt": "x", "model": "sd15"},
+            "model",
+            "Volcengine cannot take generate's 'model': the route's req_key is the model",
+        ),
+        (
+            "generate",
+            {"prompt": "x", "negative_prompt": "blur"},
+            "negative_prompt",
+            "Zhinian cannot take generate's 'negative_prompt': its jobs take a prompt only",
+        ),
+        (
+            "generate",
+            {"prompt": "x", "samples": 4},
+            "samples",
+            "Zhinian cannot take generate's 'samples': it makes one image per job",
+        ),
+        (
+            "generate",
+            {"prompt": "x", "seed": 7},
+            "seed",
+            "Zhinian cannot take generate's 'seed': its jobs take no seed",
+        ),
+        # Zhinian's duration: a limit now (it failed the job at submit before).
+        (
+            "ahv_video",
+            {"prompt": "x", "duration": 20},
+            "duration",
+            "Zhinian takes 'duration' in [4, 15], got 20",
+        ),
+        (
+            "ahv_video",
+            {"prompt": "x", "duration": 2},
+            "duration",
+            "Zhinian takes 'duration' in [4, 15], got 2",
+        ),
+        # A free outpaint's placement is known at POST (its output size only once the input is).
+        (
+            "outpaint",
+            {"image_url": "http://images.example.com/a.png", "left": 60, "right": 68},
+            "left",
+            "SenseTime's free outpaint places the image by multiples of 8 px ('left' is its free_x), got 60",
+        ),
+        (
+            "outpaint",
+            {"image_url": "http://images.example.com/a.png", "ratio": 2, "prompt": "the sea"},
+            "prompt",
+            "SenseTime cannot take outpaint's 'prompt': its outpaint fills from the image alone",
+        ),
     ],
 )
 def test_a_payload_no_backend_of_its_route_takes_is_a_422_naming_the_field_and_the_limit(
@@ -143,6 +210,14 @@ def test_loras_items_are_checked_at_the_api_naming_the_item_and_its_field(
     index, name = path
     assert list(details) == ["loras"] and list(details["loras"]) == [index]
     assert words.lower() in " ".join(details["loras"][index][name]).lower()
+
+
+def test_a_payload_inside_every_promise_is_accepted_at_provider_only_routes(client: FlaskClient) -> None:
+    assert submit(client, "cx_image", {"prompt": "x", "samples": 1, "steps": 100}).status_code == 202
+    assert submit(client, "generate", {"prompt": "x", "width": 1024, "height": 1024}).status_code == 202
+    assert submit(client, "ahv_video", {"prompt": "x", "duration": 15}).status_code == 202
+    free = {"image_url": "http://images.example.com/a.png", "left": 120, "right": 7, "top": 8}
+    assert submit(client, "outpaint", free).status_code == 202
 
 
 def test_a_payload_one_backend_of_the_route_takes_is_accepted(client: FlaskClient) -> None:
