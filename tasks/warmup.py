@@ -27,6 +27,7 @@ from celery.signals import celeryd_after_setup, worker_process_init
 
 from inference import devices
 from inference.engines import REGISTRY
+from tasks.memory import settle
 
 log = logging.getLogger("aiorch.warmup")
 
@@ -73,3 +74,4 @@ def import_engines(names: list[str]) -> None:
         except Exception as exc:  # an engine with a broken install must not stop the child
             log.warning("could not pre-import %s: %s", name, exc)
     log.info("engines imported in %.1f s: %s", time.monotonic() - started, ", ".join(names))
+    settle()  # what the imports made lives as long as the child: out of the collector's way
