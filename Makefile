@@ -6,7 +6,7 @@ ONNXRUNTIME_GPU_VERSION := 1.31.1
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast test-scale lint bench bench-soak bench-gpu flower migrate clean
+.PHONY: help install run test test-fast test-scale lint bench bench-soak bench-faults bench-gpu flower migrate clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ bench: $(STAMP) ## throughput and latency (Postgres+RabbitMQ, embedded), reads a
 
 bench-soak: $(STAMP) ## 30-minute soak at a steady mixed load: RSS, open fds, queue depths and p99 latencies over time
 	$(PY) -m bench.soak
+
+bench-faults: $(STAMP) ## broker and database restarts under 1,000 jobs (private RabbitMQ node and Postgres cluster): lost, twice, recovery
+	$(PY) -m bench.faults
 
 bench-gpu: $(STAMP) ## output encode costs, then GPU engines via a real worker vs the raw library call (CPU smoke run without CUDA)
 	$(PY) -m bench.encode

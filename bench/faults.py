@@ -41,6 +41,7 @@ from bench import infra
 from config import Settings
 from models.db import Database
 from models.migrate import upgrade
+from tests.support.outages import finished_events
 from tests.support.platform import FINAL, ROOT, Platform, free_port
 from tests.support.private_postgres import private_postgres
 from tests.support.private_rabbitmq import private_rabbitmq
@@ -178,20 +179,6 @@ def finals_of(plat: Platform, ids: list[str]) -> dict[str, dict[str, Any]]:
             if answer.status_code == 200:
                 jobs.update((job["job_id"], job) for job in answer.json()["jobs"])
     return jobs
-
-
-def finished_events(database_url: str, ids: list[str]) -> dict[str, int]:
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT job_id, count(*) FROM job_events WHERE type = 'job.finished' AND job_id = ANY(%s) "
-                "GROUP BY job_id",
-                (ids,),
-            )
-            return dict(cur.fetchall())
-    finally:
-        conn.close()
 
 
 def run_fault(plat: Platform, args: argparse.Namespace, stop: Any, start: Any) -> dict[str, Any]:

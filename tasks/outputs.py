@@ -8,17 +8,23 @@ alike, so clients always get our own URLs.
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from typing import Any
 
 from inference.base import EngineResult
 from inference.watermark import add_label
 from models.assets import output_asset
+from models.db import database_unreachable
 from models.failures import JobFailure
 from models.jobs import StoredFile
 from models.jobstore import Claim
 from models.state import JobStatus
-from tasks.runtime import Runtime, note_ended
+from tasks.runtime import DATABASE_WAIT, Runtime, note_ended, wait_for_database
 from tasks.storage import SavedFile, default_format, encode_image
+
+log = logging.getLogger("aiorch.tasks")
 
 
 def store_outputs(
@@ -94,21 +100,55 @@ def record_outcome(
     """Write a claimed run's final status with its output files (local engine or provider alike);
     False when the claim was fenced off meanwhile (cancelled, re-claimed, or a provider's webhook
     got there first), and then the outputs, which are not the job's, are deleted. A failed or
-    rejected end fails the task that wrote it, if the job is its own (``runtime.note_ended``)."""
-    if rt.store.finish(
-        claim,
-        JobStatus.SUCCEEDED if failure is None else failure.status,
-        result=result,
-        error=failure,
-        backend=backend,
-        files=files,
-        retention=rt.settings.result_retention,
-        progress_detail=progress_detail,
-    ):
+    rejected end fails the task that wrote it, if the job is its own (``runtime.note_ended``).
+
+    A run that ended while the database was unreachable (a restart) waits for it and writes then,
+    up to ``DATABASE_WAIT``: its work is not redone and no attempt is counted for an interruption
+    of the platform's own (after that the task gives its message back, ``JobTask``)."""
+
+    def write() -> bool:
+        return bool(
+            rt.store.finish(
+                claim,
+                JobStatus.SUCCEEDED if failure is None else failure.status,
+                result=result,
+                error=failure,
+                backend=backend,
+                files=files,
+                retention=rt.settings.result_retention,
+                progress_detail=progress_detail,
+            )
+        )
+
+    deadline = time.monotonic() + DATABASE_WAIT
+    retried = False
+    while True:
+        try:
+            finished = write()
+            break
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not database_unreachable(exc) or left <= 0:
+                raise
+            log.warning("job %s: database unreachable at its final write; waiting for it", claim.job_id)
+            if not wait_for_database(rt.db, left):
+                raise
+            retried = True
+    if not finished and retried and _ours(rt, claim.job_id, files):
+        finished = True  # the write before the outage had committed; only its answer was lost
+    if finished:
         note_ended(claim.job_id, failure)
         return True
     rt.storage.delete_outputs([f.name for f in files])
     return False
+
+
+def _ours(rt: Runtime, job_id: str, files: list[StoredFile]) -> bool:
+    """Whether the job's stored result already names these outputs (a write that committed)."""
+    job = rt.store.get(job_id)
+    if job is None or not files or job.result is None:
+        return False
+    return files[0].name in json.dumps(job.result)
 
 
 def note_refusal_end(rt: Runtime, job_id: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import psycopg2
 import requests
 
 from tests.support.platform import FINAL, Platform
@@ -46,3 +47,18 @@ def all_final(platform: Platform, key: str, ids: list[str], within: float) -> di
                     jobs[job_id] = job
         time.sleep(0.2)
     return jobs
+
+
+def finished_events(database_url: str, job_ids: list[str]) -> dict[str, int]:
+    """How many ``job.finished`` events each job logged (one each: it ended exactly once)."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT job_id, count(*) FROM job_events WHERE type = 'job.finished' AND job_id = ANY(%s) "
+                "GROUP BY job_id",
+                (job_ids,),
+            )
+            return dict(cur.fetchall())
+    finally:
+        conn.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-import psycopg2
 import requests
 from flower.events import EventsState
 from PIL import Image
@@ -23,7 +22,7 @@ from tests.conftest import KEYS
 from tests.scale.integration.conftest import HEARTBEAT
 from tests.support.hosts import Host, Hosts
 from tests.support.images import data_uri
-from tests.support.outages import all_final
+from tests.support.outages import all_final, finished_events
 from tests.support.platform import Platform
 from tests.support.worker_events import worker_events
 
@@ -43,20 +42,6 @@ def received(platform: Platform, host: Host, since: int = 0) -> str:
     """What the host's GPU worker logged (after byte ``since``): task ids start with job ids."""
     path = platform.logs / f"h{host.index}-gpu.log"
     return path.read_bytes()[since:].decode(errors="replace") if path.exists() else ""
-
-
-def finished_events(database_url: str, job_ids: list[str]) -> dict[str, int]:
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT job_id, count(*) FROM job_events WHERE type = 'job.finished' AND job_id = ANY(%s) "
-                "GROUP BY job_id",
-                (job_ids,),
-            )
-            return dict(cur.fetchall())
-    finally:
-        conn.close()
 
 
 def test_every_host_registers_and_takes_jobs_and_diag_and_flower_list_all_of_them(

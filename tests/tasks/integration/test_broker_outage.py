@@ -8,12 +8,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import psycopg2
 import pytest
 
 from config import Settings
 from tests.conftest import KEYS
-from tests.support.outages import all_final, sleepers_running
+from tests.support.outages import all_final, finished_events, sleepers_running
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings, running_platform
 from tests.support.private_rabbitmq import PrivateRabbit, private_rabbitmq
@@ -37,20 +36,6 @@ def platform(
     tmp = tmp_path_factory.mktemp("broker-outage")
     with running_platform(platform_settings(base_settings, tmp, broker_url=node.url), tmp) as plat:
         yield plat
-
-
-def finished_events(database_url: str, job_ids: list[str]) -> dict[str, int]:
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT job_id, count(*) FROM job_events WHERE type = 'job.finished' AND job_id = ANY(%s) "
-                "GROUP BY job_id",
-                (job_ids,),
-            )
-            return dict(cur.fetchall())
-    finally:
-        conn.close()
 
 
 def test_every_job_accepted_before_a_broker_restart_ends_exactly_once(
