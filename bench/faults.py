@@ -7,7 +7,7 @@ long the platform took to recover.
 
 Each fault gets a service of its own that the benchmark starts (a RabbitMQ node or a Postgres
 cluster on another port, in a temp dir: never the machine's shared ones) and a platform on it: the
-API, a GPU worker with ``--slots`` processes and a cpu worker. ``--jobs`` ``debug_sleep`` jobs go in
+API, a GPU worker with ``--slots`` processes, a cpu worker and beat. ``--jobs`` ``debug_sleep`` jobs go in
 through ``POST /v1/jobs/batch``; once a quarter of them have ended the service is stopped for
 ``--outage`` seconds while a prober keeps submitting single jobs and reading the batch, then started
 again. Every job accepted (before or during the outage) is then waited for.
@@ -15,8 +15,9 @@ again. Every job accepted (before or during the outage) is then waited for.
 Reported per fault: accepted, lost (not final at the deadline), ended twice (more than one
 ``job.finished`` event), attempts > 1, the answers during the outage (202 / 503 with
 ``Retry-After`` / anything else), seconds from the restart to the API's first good answer and to
-the first job ending, and the time every job took to end after the restart against the work left
-at the restart (jobs left x sleep / slots).
+the first job ending, the time every job took to end after the restart against the work left at
+the restart (jobs left x sleep / slots), and whether beat sent its next sweep after the restart (it
+reconnected by itself).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def platform_on(settings: Settings, tmp: Path, slots: int) -> Iterator[Platform]
         plat.start_api()
         plat.start_worker("gpu", "gpu.diffusion", slots)
         plat.start_worker("cpu", "cpu", 1)
+        plat.start_beat()
         yield plat
     finally:
         plat.stop()
@@ -135,6 +137,24 @@ class Prober:
                     f"{self.plat.base_url}/v1/batches/{self.batch_ids[0]}", headers=HEADERS, timeout=10
                 )
             self.note("GET /v1/batches/{id}", read)
+
+
+SWEEP_EVERY = 30.0  # seconds between beat's sweeps (tasks/celery_app.py)
+BEAT_SENT = "Sending due task"
+
+
+def beat_log(plat: Platform) -> str:
+    path = plat.logs / "beat.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def beat_sends_after(plat: Platform, mark: int, deadline: float) -> int:
+    """How many tasks beat sent since ``mark`` of them, waiting for one until ``deadline``."""
+    while True:
+        sent = beat_log(plat).count(BEAT_SENT) - mark
+        if sent > 0 or time.monotonic() >= deadline:
+            return sent
+        time.sleep(0.5)
 
 
 def submit_batches(plat: Platform, jobs: int, sleep: float) -> tuple[list[str], list[str]]:
@@ -191,6 +211,7 @@ def run_fault(plat: Platform, args: argparse.Namespace, stop: Any, start: Any) -
     down_at = time.monotonic()
     prober.thread.start()
     time.sleep(args.outage)
+    beat_mark = beat_log(plat).count(BEAT_SENT)
     start()
     back_at = time.monotonic()
     prober.stop.set()
@@ -218,6 +239,7 @@ def run_fault(plat: Platform, args: argparse.Namespace, stop: Any, start: Any) -
                 break
         time.sleep(0.2)
     all_done_after = time.monotonic() - back_at
+    beat_sent = beat_sends_after(plat, beat_mark, back_at + SWEEP_EVERY + 15)
     jobs = finals_of(plat, all_ids)
     events = finished_events(plat.settings.database_url, all_ids)
     statuses: dict[str, int] = {}
@@ -237,6 +259,8 @@ def run_fault(plat: Platform, args: argparse.Namespace, stop: Any, start: Any) -
         "first_job_end_after_restart_s": None if first_end is None else round(first_end, 2),
         "all_final_after_restart_s": round(all_done_after, 2) if done else None,
         "work_left_at_fault_s": round(work_left, 2),
+        # Beat's sweep sent after the restart (it runs every SWEEP_EVERY s): beat reconnected by itself.
+        "beat_sent_after_restart": beat_sent,
     }
 
 

@@ -27,7 +27,7 @@ from celery.signals import celeryd_after_setup, worker_process_init
 
 from inference import devices
 from inference.engines import REGISTRY
-from tasks.memory import settle
+from tasks.memory import settle  # its failed-task collection hooks every worker that loads warmup
 
 log = logging.getLogger("aiorch.warmup")
 

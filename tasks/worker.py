@@ -9,7 +9,6 @@ import os
 
 import tasks.diag  # noqa: F401  (the worker's inspect command and status files)
 import tasks.events  # noqa: F401
-import tasks.memory  # noqa: F401  (a failed task's garbage collected at once)
 import tasks.prepare  # noqa: F401
 import tasks.remote.poll  # noqa: F401
 import tasks.remote.submit  # noqa: F401
