@@ -35,7 +35,7 @@ from app.services import Services
 from config import Settings
 from models.client_limits import Limits, LimitsCache
 from models.db import utcnow
-from models.dispatch import insert_in_turn, live_object
+from models.dispatch import insert_in_turn, read_live
 from models.jobs import Job, WebhookDelivery
 from models.jobstore import ClaimRefused, insert_job, new_id, predict_seconds
 from models.public import iso, job_object
@@ -72,7 +72,23 @@ def owned_job(job_id: str) -> Job:
     """The caller's job (any client's, for an admin key), or 404 (another client's job is not
     found, never forbidden)."""
     # Not a job id, not looked up: a NUL byte in the path would make psycopg2 raise (a 500).
-    job = services().store.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None
+    return owned(job_id, services().store.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None)
+
+
+def owned_live_job(job_id: str) -> dict[str, Any]:
+    """``owned_job``'s job as its live object (place in its queue and ETA while queued), read
+    in one transaction: the poll's path."""
+    svc, found = services(), None
+    if JOB_ID_RE.fullmatch(job_id):
+        with svc.db.session() as session:
+            found = read_live(session, job_id, utcnow(), svc.settings.dispatch_ahead)
+    owned(job_id, None if found is None else found[0])
+    assert found is not None
+    return found[1]
+
+
+def owned(job_id: str, job: Job | None) -> Job:
+    """``job`` when the caller may see it, else 404."""
     scope = job_scope()
     if job is None or (scope is not None and job.client_id != scope):
         abort(404, code="job_not_found", message=f"No job {job_id}.")
@@ -375,15 +391,6 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     return {**created, "reused": False, **capped(asked, priority)}, 202
 
 
-def live_job_object(job: Job) -> dict[str, Any]:
-    """The job object with, while it is queued, its place in its queue and an ETA that counts the
-    jobs ahead of it (``models.dispatch.live_object``)."""
-    if job.status != JobStatus.QUEUED.value:
-        return job_object(job)
-    with services().db.session() as session:
-        return live_object(session, job, utcnow(), services().settings.dispatch_ahead)
-
-
 def capped(asked: int, priority: int) -> dict[str, int]:
     """``requested_priority`` for the answer that accepted a job whose priority was lowered to
     its client's ``max_priority``; nothing otherwise."""
@@ -500,7 +507,7 @@ class JobById(MethodView):
     @blp.response(200, JobSchema)
     def get(self, job_id: str) -> Response:
         """Get a job"""
-        return job_response(live_job_object(owned_job(job_id)))
+        return job_response(owned_live_job(job_id))
 
     @blp.response(204)
     def delete(self, job_id: str) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, String, Table, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy import Integer, String, Table, and_, bindparam, case, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from config import Settings
@@ -78,6 +78,41 @@ _SENT_STANDING = select(
     .scalar_subquery()
     .label("ahead"),
 )
+# A poll's read (``read_live``): the job's row and, while it is queued and sent, its place as
+# ``_SENT_STANDING`` counts it, in one round trip; the subqueries run only for such a job (CASE).
+_peer = _jobs.alias("peer")
+_IS_SENT = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.isnot(None))
+_LIVE_JOB = select(
+    _jobs,
+    case(
+        (
+            _IS_SENT,
+            select(func.coalesce(func.sum(_slots.c.slots), 0))
+            .where(_slots.c.queue == _c.queue, _slots.c.seen_at > _ALIVE)
+            .scalar_subquery(),
+        ),
+        else_=None,
+    ).label("standing_slots"),
+    case(
+        (
+            _IS_SENT,
+            select(func.count())
+            .select_from(_peer)
+            .where(
+                _peer.c.status == JobStatus.QUEUED.value,
+                _peer.c.dispatched_at.isnot(None),
+                _peer.c.queue == _c.queue,
+                _peer.c.id != _c.id,
+                or_(
+                    _peer.c.priority > _c.priority,
+                    and_(_peer.c.priority == _c.priority, _peer.c.dispatched_at < _c.dispatched_at),
+                ),
+            )
+            .scalar_subquery(),
+        ),
+        else_=None,
+    ).label("standing_ahead"),
+).where(_c.id == bindparam("job_id", type_=String()))
 _FLYING_BY_CLIENT = select(_c.client_id, func.count()).where(_IN_FLIGHT).group_by(_c.client_id)
 _WAITING_BY_CLIENT = select(_c.client_id, func.count()).where(_WAITING).group_by(_c.client_id)
 # The clients of the jobs holding a slot, in the order they will free it: running ones by start,
@@ -360,6 +395,25 @@ def live_object(session: Session, job: Job, now: datetime, ahead: int = 1) -> di
         body["queue_position"] = place.position
         body["eta_utc"] = iso(place.eta(now, job.predict_time))
     return body
+
+
+def read_live(
+    session: Session, job_id: str, now: datetime, ahead: int = 1
+) -> tuple[Job, dict[str, Any]] | None:
+    """A job and its ``live_object``, or None: a poll's read. A queued job that was sent (the common
+    case of a poll) gets its row and its place from one statement; one still waiting for a slot
+    has its place played out by ``standing``."""
+    row = session.execute(_LIVE_JOB, {"job_id": job_id, "alive": _alive(now)}).first()
+    if row is None:
+        return None
+    job = job_from(row)
+    if row.standing_slots is None:  # not queued and sent
+        return job, live_object(session, job, now, ahead)
+    body = job_object(job, now)
+    place = Standing(int(row.standing_ahead or 0), int(row.standing_slots))
+    body["queue_position"] = place.position
+    body["eta_utc"] = iso(place.eta(now, job.predict_time))
+    return job, body
 
 
 @dataclass(frozen=True)

@@ -81,15 +81,26 @@ def validate_payload(spec: catalog.TaskSpec, payload: dict[str, Any], settings: 
     return catalog.payload_schema(spec, settings).load(payload)
 
 
-def load_inputs(rt: Runtime, job: Job) -> dict[str, Any]:
-    """Validate the stored payload, then fetch and check its inputs into storage."""
+def load_inputs(rt: Runtime, job: Job, kept: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """Validate the stored payload, then fetch and check its inputs into storage.
+
+    ``kept``: the run that checks them is the one that uses them (a job claimed straight from
+    PREPARING, ``tasks.run``): its images stay in this dict, by stored name, instead of going
+    to storage and back (a PUT, a GET and a DELETE per input on a bucket). Nothing else reads
+    them: such a run records no ``inputs``, and a run of it after a crash checks them again. A
+    video still goes to storage (its engine reads a file)."""
     spec = catalog.TASKS[job.engine_task]
     payload = validate_payload(spec, job.payload, rt.settings)
-    return _fetch_inputs(rt, job.id, job.client_id, spec, payload)
+    return _fetch_inputs(rt, job.id, job.client_id, spec, payload, kept)
 
 
 def _fetch_inputs(
-    rt: Runtime, job_id: str, client_id: str, spec: catalog.TaskSpec, payload: dict[str, Any]
+    rt: Runtime,
+    job_id: str,
+    client_id: str,
+    spec: catalog.TaskSpec,
+    payload: dict[str, Any],
+    kept: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
     stored: dict[str, Any] = {}
 
@@ -106,8 +117,13 @@ def _fetch_inputs(
             is_video = field in spec.videos
             load = rt.fetcher.load_video if is_video else rt.fetcher.load
             checked = load(ref, label, should_stop, owner=client_id)
-            # Into storage (a bucket, with several hosts): the run step may be on another host.
-            saved = rt.storage.save_input(job_id, f"{field}_{index}.{checked.ext}", checked.data)
+            name = f"{field}_{index}.{checked.ext}"
+            if kept is not None and not is_video:
+                kept[name] = checked.data
+                saved: dict[str, Any] = {"name": name}
+            else:
+                # Into storage (a bucket, with several hosts): the run step may be on another host.
+                saved = rt.storage.save_input(job_id, name, checked.data)
             paths.append({**saved, "ext": checked.ext, "width": checked.width, "height": checked.height})
             if is_video:
                 paths[-1]["kind"] = "video"  # the engine reads the file itself, frame by frame

@@ -39,6 +39,7 @@ from tasks.outputs import note_refusal_end, record_outcome, store_outputs
 from tasks.prepare import load_inputs, validate_payload
 from tasks.runtime import JobTask, Runtime, note_device_fault
 from tasks.scheduling import fill_slots
+from tasks.storage import input_name
 
 log = logging.getLogger("aiorch.tasks")
 
@@ -147,12 +148,13 @@ def _run_job(self: JobTask, job_id: str, recovered: bool, prepare: bool) -> None
             note_refusal_end(rt, job_id)
         return
     spec = catalog.TASKS[job.engine_task]
+    kept: dict[str, bytes] = {}  # inputs checked here, for this run only (``load_inputs``)
     if job.inputs is None and spec.inputs:
         # Claimed straight from PREPARING (or re-claimed after its worker died before the inputs
         # were recorded): check them now.
         with bind_job(job_id=job_id, task=job.task, worker=self.request.hostname or ""):
             try:
-                job.inputs = load_inputs(rt, job)
+                job.inputs = load_inputs(rt, job, kept)
             except (ValidationError, InputProblem, TransientFetchError, FetchCancelled) as exc:
                 rt.storage.remove_inputs(claim.job_id)
                 record_outcome(rt, claim, failure_of(exc), result=None, files=[], backend=None)
@@ -160,9 +162,9 @@ def _run_job(self: JobTask, job_id: str, recovered: bool, prepare: bool) -> None
     if spec.engine in BATCH_ENGINES and claim.neighbours:
         partners = claim_partners(rt, job)
         if partners:
-            _run_batch(self, rt, spec, [(claim, job), *partners])
+            _run_batch(self, rt, spec, [(claim, job), *partners], kept)
             return
-    _run_claimed(self, rt, spec, claim, job)
+    _run_claimed(self, rt, spec, claim, job, kept=kept)
 
 
 def _run_claimed(
@@ -172,11 +174,13 @@ def _run_claimed(
     claim: Claim,
     job: Job,
     prepared: tuple[EngineCall, EngineResult | Exception] | None = None,
+    kept: dict[str, bytes] | None = None,
 ) -> None:
     """Run one claimed job to its final status and store its outputs.
 
     ``prepared``: the job's call and outcome from a batched engine run (``_run_batch``), which
-    then only needs storing and finishing here, through the same failure mapping.
+    then only needs storing and finishing here, through the same failure mapping. ``kept``: the
+    inputs this run checked itself, in memory (``load_inputs``).
     """
     job_id = job.id
     with bind_job(job_id=job_id, task=job.task, worker=task.request.hostname or ""):
@@ -189,7 +193,7 @@ def _run_claimed(
         try:
             if prepared is None:
                 payload = validate_payload(spec, job.payload, rt.settings)
-                images = _open_inputs(rt, job_id, job.inputs or {})
+                images = _open_inputs(rt, job_id, job.inputs or {}, kept)
                 with JobControl(rt.store, claim) as control:
                     call = engine_call(job, payload, images, control, claim.attempt, rt)
                     try:
@@ -233,19 +237,26 @@ def _ended_elsewhere(rt: Runtime, job_id: str) -> bool:
     return job is None or is_final(job.status)
 
 
-def _run_batch(task: JobTask, rt: Runtime, spec: catalog.TaskSpec, members: list[tuple[Claim, Job]]) -> None:
+def _run_batch(
+    task: JobTask,
+    rt: Runtime,
+    spec: catalog.TaskSpec,
+    members: list[tuple[Claim, Job]],
+    kept: dict[str, bytes],
+) -> None:
     """Run claimed jobs that share a batch key (tasks/batching.py) in one engine call, then store
-    and finish each one on its own."""
+    and finish each one on its own. ``kept``: the first member's inputs, if its run checked them."""
     calls: list[EngineCall] = []
     controls: list[JobControl] = []
     batched: list[tuple[Claim, Job]] = []
-    for claim, job in members:
+    for index, (claim, job) in enumerate(members):
+        own = kept if index == 0 else None
         try:
             payload = validate_payload(spec, job.payload, rt.settings)
-            images = _open_inputs(rt, job.id, job.inputs or {})
+            images = _open_inputs(rt, job.id, job.inputs or {}, own)
         except Exception:
             # Bad payload or unreadable input: the single path fails it with its usual error.
-            _run_claimed(task, rt, spec, claim, job)
+            _run_claimed(task, rt, spec, claim, job, kept=own)
             continue
         control = JobControl(rt.store, claim)
         controls.append(control)
@@ -280,14 +291,17 @@ def _batched_outcome(rt: Runtime, job_id: str, outcome: EngineResult | Exception
     return outcome
 
 
-def _open_inputs(rt: Runtime, job_id: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The checked inputs from storage (prepared on whichever host): images decoded, a video as a
-    local file the engine reads itself."""
+def _open_inputs(
+    rt: Runtime, job_id: str, inputs: dict[str, Any], kept: dict[str, bytes] | None = None
+) -> dict[str, Any]:
+    """The checked inputs from storage (prepared on whichever host), or from ``kept`` when this
+    run checked them itself: images decoded, a video as a local file the engine reads itself."""
 
     def open_one(entry: dict[str, Any]) -> Image.Image | Path:
         if entry.get("kind") == "video":
             return rt.storage.local_input(job_id, entry)
-        return decode_image(rt.storage.read_input(job_id, entry))
+        data = (kept or {}).get(input_name(entry))
+        return decode_image(rt.storage.read_input(job_id, entry) if data is None else data)
 
     return {
         field: [open_one(e) for e in value] if isinstance(value, list) else open_one(value)

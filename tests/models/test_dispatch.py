@@ -19,6 +19,7 @@ from models.dispatch import Head
 from models.jobs import Job, JobEvent
 from models.jobstore import JobStore
 from models.migrate import upgrade
+from models.public import iso
 from models.state import JobStatus
 from tests.support.factories import make_job, new_job
 
@@ -212,3 +213,39 @@ def test_a_place_deep_in_a_backlog_is_computed_without_playing_it_out(db: Databa
     # alice's first three and his own first two.
     assert deep.position == len(alice) - 1 + len(bob)
     assert shallow.position == 5
+
+
+def test_a_polls_read_places_each_job_as_standing_does(db: Database) -> None:
+    """``read_live`` (GET /v1/jobs/{id}: the row and, for a sent job, its place in one statement)
+    gives every job the place and slots ``standing`` gives it: sent jobs of mixed priorities and
+    send times, jobs still waiting for a slot, a running job (no place)."""
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    sent = [
+        make_job(
+            db, queue=queue, client_id=client, priority=priority, dispatched_at=T0 + timedelta(seconds=n)
+        )
+        for n, (client, priority) in enumerate(
+            [("alice", 0), ("bob", 5), ("alice", 5), ("bob", 0), ("carol", 0)]
+        )
+    ]
+    waiting = [waiting_job(db, queue, "alice", 30 + n) for n in range(2)]
+    running = make_job(db, queue=queue, client_id="bob", status="running", stage="local", started_at=T0)
+    now = utcnow()
+    with db.session() as session:
+        dispatch.register(session, "w5@test", {queue: 2}, now)
+        for job_id in [*sent, *waiting, running]:
+            read = dispatch.read_live(session, job_id, now, ahead=1)
+            assert read is not None
+            job, body = read
+            expected = dispatch.standing(session, job, now, ahead=1)
+            if expected is None:
+                assert job_id == running and body["queue_position"] is None
+            else:
+                assert body["queue_position"] == expected.position, job_id
+                assert body["eta_utc"] == iso(expected.eta(now, job.predict_time))
+        assert dispatch.read_live(session, uuid.uuid4().hex, now) is None
+        dispatch.forget(session, "w5@test")
+    # The sent jobs by priority, then the time they were sent: bob's and alice's 5s, then the 0s.
+    with db.session() as session:
+        places = {job_id: dispatch.read_live(session, job_id, now)[1]["queue_position"] for job_id in sent}  # type: ignore[index]
+    assert sorted(sent, key=places.__getitem__) == [sent[1], sent[2], sent[0], sent[3], sent[4]]

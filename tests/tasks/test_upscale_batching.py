@@ -8,12 +8,14 @@ import uuid
 
 import pytest
 
+import tasks.run  # noqa: F401  (registers the run task)
 from config import Settings
 from config.settings import SettingsError
-from models.db import Database
+from models.db import Database, utcnow
 from models.jobs import Job
 from models.jobstore import ClaimRefused
 from tasks.batching import batch_key, claim_partners
+from tasks.celery_app import RUN, create_celery
 from tasks.runtime import Runtime
 from tests.models.test_state_machine import make_job
 
@@ -213,3 +215,31 @@ def test_a_long_stuck_preparing_job_does_not_make_the_batch_wait(
     started = time.monotonic()
     assert claim_partners(rt, get(db, leader)) == []
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("waiting", [0, 2], ids=["alone", "leading a batch"])
+def test_a_run_that_checks_its_own_inputs_keeps_them_in_memory(
+    settings: Settings, db: Database, queue: str, waiting: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job the API sent straight to the run queue (stage ``prepare``) runs from the inputs its
+    run checked, held in memory: nothing goes to storage and back for it, alone or at the head of
+    a batch (whose other members were checked for the batch and so are stored, as before)."""
+    app = create_celery(settings.with_overrides(upscale_max_batch=4, upscale_batch_wait_ms=0))
+    task = app.tasks[RUN]
+    stored: list[str] = []
+    save_input = task.runtime.storage.save_input
+    monkeypatch.setattr(
+        task.runtime.storage, "save_input", lambda job_id, *a: stored.append(job_id) or save_input(job_id, *a)
+    )
+    payload = {"image_url": png_uri(24), "scale": 2}
+    lead = make_job(db, queue=queue, stage="prepare", payload=payload, dispatched_at=utcnow())
+    others = [make_job(db, queue=queue, stage="prepare", payload=payload) for _ in range(waiting)]
+
+    task.apply(args=(lead,), kwargs={"prepare": True})
+
+    for job_id in [lead, *others]:
+        job = get(db, job_id)
+        assert (job.status, job.result["meta"]["width"]) == ("succeeded", 48), job.error
+        assert job.result["meta"].get("batch_id") == (lead if waiting else None)  # one batch, led by it
+    assert lead not in stored and sorted(stored) == sorted(others)
+    assert not (task.runtime.storage.inputs_dir / lead).exists()
