@@ -32,13 +32,11 @@ def controlnet_model(bench: Bench, base_folder: Path) -> tuple[str, Path]:
     from tests.inference.tiny_controlnet import save_tiny_controlnet
 
     model_id = "bench-controlnet-canny-small" if bench.small else "bench-controlnet-canny"
-    folder = bench.models_dir / model_id
-    if model_id in bench.store:
-        return model_id, folder
-    started = time.monotonic()
-    if bench.small:
-        save_tiny_controlnet(folder)  # fits save_tiny_sd's UNet (seed 0), as sd15_model saves it
-    else:
+
+    def save(folder: Path) -> None:
+        if bench.small:
+            save_tiny_controlnet(folder)  # fits save_tiny_sd's UNet (seed 0), as sd15_model saves it
+            return
         from diffusers import ControlNetModel, UNet2DConditionModel
 
         dtype = torch.float16 if bench.device == "cuda" else torch.float32
@@ -48,10 +46,9 @@ def controlnet_model(bench: Bench, base_folder: Path) -> tuple[str, Path]:
         del unet, controlnet
         if bench.device == "cuda":
             torch.cuda.empty_cache()
-    bench.store.add(folder, id=model_id, control_type="canny")
-    seconds = time.monotonic() - started
-    say(f"controlnet: random-weight ControlNet {model_id} saved and added in {seconds:.1f}s")
-    return model_id, folder
+
+    described = f"random-weight ControlNet {model_id}"
+    return bench.saved_model(model_id, save, "controlnet", described, control_type="canny")
 
 
 def bench_controlnet(bench: Bench) -> dict[str, Any]:

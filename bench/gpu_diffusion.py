@@ -110,22 +110,17 @@ def sd15_model(bench: Bench, section: str) -> tuple[str, Path]:
     from tests.inference.tiny_diffusion import save_tiny_sd
 
     model_id = "bench-sd15-small" if bench.small else "bench-sd15"
-    folder = bench.models_dir / model_id
-    if model_id in bench.store:
-        return model_id, folder
     dtype = torch.float16 if bench.device == "cuda" else torch.float32
-    started = time.monotonic()
-    if bench.small:
-        save_tiny_sd(folder)
-    else:
-        save_sd15_shaped(folder, device=bench.device, dtype=dtype)
-    # Added while the workers run: a worker finds it in the manifest on its next job.
-    bench.store.add(folder, id=model_id)
-    say(
-        f"{section}: {'tiny' if bench.small else 'SD 1.5-shaped'} random-weight model {model_id} "
-        f"({str(dtype).removeprefix('torch.')}) saved and added in {time.monotonic() - started:.1f}s"
-    )
-    return model_id, folder
+
+    def save(folder: Path) -> None:
+        if bench.small:
+            save_tiny_sd(folder)
+        else:
+            save_sd15_shaped(folder, device=bench.device, dtype=dtype)
+
+    shape = "tiny" if bench.small else "SD 1.5-shaped"
+    described = f"{shape} random-weight model {model_id} ({str(dtype).removeprefix('torch.')})"
+    return bench.saved_model(model_id, save, section, described)
 
 
 def bench_diffusion(bench: Bench) -> dict[str, Any]:

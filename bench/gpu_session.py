@@ -42,6 +42,22 @@ class Bench:
     def models_dir(self) -> Path:
         return self.store.models_dir
 
+    def saved_model(
+        self, model_id: str, save: Callable[[Path], object], section: str, described: str, **manifest: Any
+    ) -> tuple[str, Path]:
+        """The random-weight model ``model_id``, saved into its folder by ``save`` and registered in
+        the store (``manifest``: its other fields there) by the first section that asks for it;
+        returns its id and folder. ``described`` names it in the line that says how long it took."""
+        folder = self.models_dir / model_id
+        if model_id in self.store:
+            return model_id, folder
+        started = time.monotonic()
+        save(folder)
+        # Added while the workers run: a worker finds it in the manifest on its next job.
+        self.store.add(folder, id=model_id, **manifest)
+        say(f"{section}: {described} saved and added in {time.monotonic() - started:.1f}s")
+        return model_id, folder
+
     def job(
         self, task: str, payload: dict[str, Any], timeout: float = 900.0, poll: float = 0.05
     ) -> dict[str, Any]:

@@ -8,7 +8,6 @@ alike, so clients always get our own URLs.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -134,21 +133,15 @@ def record_outcome(
             if not wait_for_database(rt.db, left):
                 raise
             retried = True
-    if not finished and retried and _ours(rt, claim.job_id, files):
-        finished = True  # the write before the outage had committed; only its answer was lost
+    if not finished and retried and files and rt.store.has_file(claim.job_id, files[0].name):
+        # The write before the outage had committed (its file rows are the job's); only its
+        # answer was lost. Without outputs there is nothing of ours to tell it by.
+        finished = True
     if finished:
         note_ended(claim.job_id, failure)
         return True
     rt.storage.delete_outputs([f.name for f in files])
     return False
-
-
-def _ours(rt: Runtime, job_id: str, files: list[StoredFile]) -> bool:
-    """Whether the job's stored result already names these outputs (a write that committed)."""
-    job = rt.store.get(job_id)
-    if job is None or not files or job.result is None:
-        return False
-    return files[0].name in json.dumps(job.result)
 
 
 def note_refusal_end(rt: Runtime, job_id: str) -> None:

@@ -7,7 +7,8 @@ The tests are laid out like the packages they test (``tests/app/``, ``tests/clie
 ``aiorch/``, ``tests/models/``, ``tests/tasks/``, ``tests/inference/``, ``tests/config/``): unit test
 modules directly in each folder, tests against the real API and workers in its ``integration/``
 subfolder. Those share one ``platform`` fixture (``tests/support/platform_fixtures.py``, loaded
-below as a plugin) and are all marked ``integration`` here, by where they live.
+below as a plugin) and are all marked ``integration`` here, by where they live. The shared-storage
+tests share ``s3`` and ``bucket`` (``tests/support/s3.py``, a plugin too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from models.db import Database
 from models.migrate import upgrade
 from tests.support.services import PG_ADMIN, RUN_ID, drop_created, pg_admin, vhost
 
-pytest_plugins = ["tests.support.platform_fixtures"]
+pytest_plugins = ["tests.support.platform_fixtures", "tests.support.s3"]
 
 KEYS = (("alice", "alice-key-0123456789"), ("bob", "bob-key-0123456789"))
 # Re-exported: test modules import them from here.

@@ -232,31 +232,30 @@ def model_refs(schema: Schema, payload: dict[str, Any]) -> list[tuple[str, str, 
     ]
 
 
-class ModelSwitch(fields.Boolean):
+class NeedsModel(fields.Field):
+    """What ``ModelSwitch`` and ``ModelText`` share: set, the field needs an installed model of one
+    of ``types`` serving ``task``, and ``missing`` is the 422's reason when there is none. Listed
+    before the marshmallow field it extends, so that field's constructor takes the rest."""
+
+    def __init__(self, *args: Any, types: tuple[str, ...], task: str, missing: str, **kwargs: Any) -> None:
+        metadata = {"x-model-types": list(types), **(kwargs.pop("metadata", None) or {})}
+        super().__init__(*args, metadata=metadata, **kwargs)
+        self.types = types
+        self.task = task
+        self.missing = missing
+
+
+class ModelSwitch(NeedsModel, fields.Boolean):
     """A switch that, when on, needs an installed model of one of ``types`` serving ``task``
     (``face_enhance`` needs a face restorer): checked at the API against the store
     (``app.jobs.checked_spec``), so asking for it with none installed is a 422 naming the field
     (``missing`` says why), and again by the engine."""
 
-    def __init__(self, *args: Any, types: tuple[str, ...], task: str, missing: str, **kwargs: Any) -> None:
-        metadata = {"x-model-types": list(types), **(kwargs.pop("metadata", None) or {})}
-        super().__init__(*args, metadata=metadata, **kwargs)
-        self.types = types
-        self.task = task
-        self.missing = missing
 
-
-class ModelText(fields.String):
+class ModelText(NeedsModel, fields.String):
     """A text field that, when given, needs an installed model of one of ``types`` serving
     ``task`` (``remove_object``'s ``prompt`` needs an object detector): checked at the API like a
     ``ModelSwitch``, so giving it with none installed is a 422 naming the field (``missing``)."""
-
-    def __init__(self, *args: Any, types: tuple[str, ...], task: str, missing: str, **kwargs: Any) -> None:
-        metadata = {"x-model-types": list(types), **(kwargs.pop("metadata", None) or {})}
-        super().__init__(*args, metadata=metadata, **kwargs)
-        self.types = types
-        self.task = task
-        self.missing = missing
 
 
 def face_enhance_field(task: str) -> ModelSwitch:

@@ -17,7 +17,7 @@ from PIL import Image
 from app import create_app
 from config import Settings
 from tests.conftest import KEYS
-from tests.support.s3 import S3Server, s3_server
+from tests.support.s3 import S3Server
 
 ALICE = {"X-API-Key": KEYS[0][1]}
 BOB = {"X-API-Key": KEYS[1][1]}
@@ -27,17 +27,6 @@ def png(side: int = 32) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (side, side), (10, 200, 30)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(s3: S3Server) -> str:
-    return s3.new_bucket()
 
 
 @pytest.fixture

@@ -1,6 +1,11 @@
 """A local S3-compatible server for the shared-storage tests: moto's stand-alone server, in a
 thread of the test process on 127.0.0.1 and a free port, reached over HTTP by the API and the
-workers exactly as MinIO or Ceph RGW would be. Started within a bound, stopped on exit."""
+workers exactly as MinIO or Ceph RGW would be. Started within a bound, stopped on exit.
+
+``tests/conftest.py`` loads this module as a pytest plugin, so ``s3`` (one server per test module)
+and ``bucket`` (a new bucket per test) are fixtures of every test; a module whose platform lives
+as long as the module overrides ``bucket`` with a module-scoped one.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
+import pytest
 import requests
 from moto.server import ThreadedMotoServer
 
@@ -89,3 +95,14 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> str:
+    return s3.new_bucket()

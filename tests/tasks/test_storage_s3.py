@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,7 @@ from tasks.storage import Storage
 from tasks.storage_backends import Backend, LocalBackend
 from tasks.storage_s3 import S3Backend
 from tests.support.platform import ROOT
-from tests.support.s3 import S3Server, s3_server
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(s3: S3Server) -> str:
-    return s3.new_bucket()
+from tests.support.s3 import S3Server
 
 
 @pytest.fixture

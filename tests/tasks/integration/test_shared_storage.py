@@ -24,7 +24,7 @@ from tasks.sweeps import sweep
 from tests.conftest import KEYS
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import platform_settings
-from tests.support.s3 import S3Server, s3_server
+from tests.support.s3 import S3Server
 from tests.support.servers import ImageServer
 from tests.support.services import purge_queues
 
@@ -33,13 +33,8 @@ GPU_QUEUES = "gpu.diffusion,gpu.superres,gpu.faceswap,gpu.vision"
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def bucket(s3: S3Server) -> str:
+    # Module-scoped, as the platform that keeps its files there is.
     return s3.new_bucket()
 
 

@@ -25,6 +25,7 @@ from tests.fakes.common import all_running
 from tests.fakes.sensetime_fake import SenseTimeFake
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import routed_platform
+from tests.support.remote_providers import providers
 
 BOB = KEYS[1][1]
 ST_AK, ST_SK = "st-ak", "st-sk-0123456789abcdef0123456789abcdef"
@@ -48,9 +49,7 @@ def remote_platform(
     routes = {
         "poll_interval": 0.3,
         "max_poll_interval": 1,
-        "providers": {
-            "st": {"kind": "sensetime", "base_url": sensetime.url, "access_key": ST_AK, "secret_key": ST_SK}
-        },
+        "providers": providers({"st": sensetime}),
         "routes": {"upscale": [{"backend": "st", "options": {"model_id": "sr"}}]},
     }
     tmp = tmp_path_factory.mktemp("assets-remote")

@@ -19,6 +19,7 @@ from tests.conftest import KEYS
 from tests.fakes.sensetime_fake import SenseTimeFake
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import routed_platform
+from tests.support.remote_providers import providers
 
 ALICE = KEYS[0][1]
 AK, SK = "st-ak", "st-sk-0123456789abcdef0123456789abcdef"
@@ -38,7 +39,7 @@ def platform(
     routes = {
         "poll_interval": 0.3,
         "max_poll_interval": 1,
-        "providers": {"st": {"kind": "sensetime", "base_url": st.url, "access_key": AK, "secret_key": SK}},
+        "providers": providers({"st": st}),
         "routes": {"gg_image": [{"backend": "st", "task": "generate", "options": {"model_id": "model040"}}]},
     }
     tmp = tmp_path_factory.mktemp("remote-controlnet")

@@ -39,6 +39,7 @@ from tests.fakes.volcengine_fake import VolcengineFake
 from tests.fakes.zhinian_fake import ZhinianFake, sign_webhook
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import routed_platform
+from tests.support.remote_providers import providers
 from tests.support.servers import ImageServer
 
 ALICE = KEYS[0][1]
@@ -68,40 +69,16 @@ def fakes() -> Iterator[dict[str, Any]]:
 
 
 def routes_document(fakes: dict[str, Any]) -> dict[str, Any]:
+    found = providers(fakes)  # "zn" with its webhook secret
     return {
         "poll_interval": 0.3,
         "max_poll_interval": 1,
         "providers": {
-            "st": {
-                "kind": "sensetime",
-                "base_url": fakes["st"].url,
-                "access_key": ST_AK,
-                "secret_key": ST_SK,
-            },
-            "volc": {
-                "kind": "volcengine",
-                "base_url": fakes["volc"].url,
-                "access_key": VOLC_AK,
-                "secret_key": VOLC_SK,
-            },
-            "zn": {
-                "kind": "zhinian",
-                "base_url": fakes["zn"].url,
-                "api_key": ZN_KEY,
-                "webhook_secret": ZN_SECRET,
-            },
+            **found,
             # The same fakes under a second name: a short read timeout, and Zhinian with no
             # webhook secret (so only polling can finish its jobs).
-            "st_quick": {
-                "kind": "sensetime",
-                "base_url": fakes["st"].url,
-                "access_key": ST_AK,
-                "secret_key": ST_SK,
-                "read_timeout": 1,
-            },
+            "st_quick": {**found["st"], "read_timeout": 1},
             "zn_poll": {"kind": "zhinian", "base_url": fakes["zn"].url, "api_key": ZN_KEY},
-            "up": {"kind": "upstream", "base_url": fakes["up"].url, "api_key": UP_KEY},
-            "slow": {"kind": "upstream", "base_url": fakes["slow"].url, "api_key": UP_KEY},
         },
         "routes": {
             "gg_image": [{"backend": "st", "task": "generate", "options": {"model_id": "model001"}}],

@@ -37,6 +37,7 @@ from tests.fakes.zhinian_fake import ZhinianFake
 from tests.support.factories import make_job
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import routed_platform
+from tests.support.remote_providers import providers
 from tests.support.servers import ImageServer
 
 ALICE = KEYS[0][1]
@@ -74,22 +75,7 @@ def platform(
     routes = {
         "poll_interval": 0.3,
         "max_poll_interval": 1,
-        "providers": {
-            "st": {
-                "kind": "sensetime",
-                "base_url": fakes["st"].url,
-                "access_key": ST_AK,
-                "secret_key": ST_SK,
-            },
-            "volc": {
-                "kind": "volcengine",
-                "base_url": fakes["volc"].url,
-                "access_key": VOLC_AK,
-                "secret_key": VOLC_SK,
-            },
-            "zn": {"kind": "zhinian", "base_url": fakes["zn"].url, "api_key": ZN_KEY},
-            "up": {"kind": "upstream", "base_url": fakes["up"].url, "api_key": UP_KEY},
-        },
+        "providers": providers(fakes),
         "routes": {
             "ahv_image": [VOLC, UP],
             "cx_image": [VOLC],

@@ -26,6 +26,7 @@ from tests.fakes.common import all_running, image_bytes
 from tests.fakes.sensetime_fake import NO_HUMAN_MESSAGE, SenseTimeFake
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import routed_platform
+from tests.support.remote_providers import providers
 from tests.tasks.remote.integration.test_remote_jobs import submits, wait_for_remote_id
 
 ALICE = KEYS[0][1]
@@ -61,9 +62,7 @@ def platform(
     routes = {
         "poll_interval": 0.3,
         "max_poll_interval": 1,
-        "providers": {
-            "st": {"kind": "sensetime", "base_url": sensetime.url, "access_key": ST_AK, "secret_key": ST_SK}
-        },
+        "providers": providers({"st": sensetime}),
         "routes": {"train_lora": [{"backend": "st", "options": {"main_object": "Human"}}]},
     }
     with routed_platform(base_settings, worker_amqp_url, tmp_path_factory.mktemp("training"), routes) as plat:

@@ -30,6 +30,7 @@ from tests.fakes.sensetime_fake import SenseTimeFake
 from tests.fakes.zhinian_fake import ZhinianFake
 from tests.support.platform import Platform
 from tests.support.platform_fixtures import routed_platform
+from tests.support.remote_providers import providers
 from tests.support.servers import ImageServer
 from tests.tasks.remote.integration.test_remote_jobs import (
     ALICE,
@@ -55,14 +56,6 @@ def fakes() -> Iterator[dict[str, Any]]:
     }
     with all_running(found):
         yield found
-
-
-def providers(fakes: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "st": {"kind": "sensetime", "base_url": fakes["st"].url, "access_key": ST_AK, "secret_key": ST_SK},
-        "zn": {"kind": "zhinian", "base_url": fakes["zn"].url, "api_key": ZN_KEY},
-        "up": {"kind": "upstream", "base_url": fakes["up"].url, "api_key": UP_KEY},
-    }
 
 
 @pytest.fixture(scope="module")
