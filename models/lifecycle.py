@@ -190,9 +190,11 @@ class Moved:
 
 
 def job_from(row: Any) -> Job:
-    """A detached ``Job`` from a row of all the jobs table's columns (SELECT or RETURNING)."""
+    """A detached ``Job`` from a row of all the jobs table's columns (SELECT or RETURNING), built
+    without the ORM's per-attribute bookkeeping (``Job.transient``): every poll and every move
+    reads one, and none is ever added to a session."""
     mapping = row._mapping
-    return Job(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
+    return Job.transient(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
 
 
 def wanted_by_webhook(event: Event, job: Job) -> bool:
