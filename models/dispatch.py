@@ -61,6 +61,9 @@ _ALIVE = bindparam("alive", type_=UTCDateTime())
 _SLOTS = select(func.coalesce(func.sum(_slots.c.slots), 0)).where(
     _slots.c.queue == _QUEUE, _slots.c.seen_at > _ALIVE
 )
+_SLOTS_BY_QUEUE = (
+    select(_slots.c.queue, func.sum(_slots.c.slots)).where(_slots.c.seen_at > _ALIVE).group_by(_slots.c.queue)
+)
 _PRIORITY = bindparam("priority", type_=Integer())
 # A sent job's place: the sent jobs the broker hands out before it (priority, then the time they
 # were sent), and the slots serving its queue.
@@ -546,4 +549,5 @@ def scheduler_state(session: Session, queues: list[str], now: datetime, ahead: i
         if queue in flying:
             target = waiting if waits else flying
             target[queue][client] = target[queue].get(client, 0) + int(count)
-    return [QueueState(q, slots_of(session, q, now), ahead, flying[q], waiting[q]) for q in queues]
+    slots = dict(session.execute(_SLOTS_BY_QUEUE, {"alive": _alive(now)}).all())
+    return [QueueState(q, int(slots.get(q) or 0), ahead, flying[q], waiting[q]) for q in queues]
