@@ -4,6 +4,7 @@ gunicorn's own errors keep the JSON error shape."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
@@ -181,3 +182,42 @@ def test_a_seed_001_token_authenticates_through_the_server(api: Platform) -> Non
     stale = jwt.encode({"iss": row.access_key, "exp": now - 60}, row.secret_key, algorithm="HS256")
     refused = requests.get(url, headers={"Authorization": f"Bearer {stale}"}, timeout=10)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_token"
+
+
+def test_kept_alive_clients_share_the_request_threads_fairly(base_settings: Settings, tmp_path: Path) -> None:
+    """A request thread serves its kept-alive client's next request itself (``JsonErrorWorker``'s
+    linger) only while no other connection waits for a thread: four clients asking back to back
+    on an API of two threads all make progress, and a client that pauses past the linger is
+    answered on the same connection (handed back to gthread's poller meanwhile)."""
+    plat = Platform(platform_settings(base_settings, tmp_path), tmp_path / "logs")
+    try:
+        plat.start_api(threads=2)
+        stop = time.monotonic() + 2.0
+        served = [0] * 4
+
+        def ask(index: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", plat.settings.port, timeout=10)
+            try:
+                while time.monotonic() < stop:
+                    conn.request("GET", "/healthz")
+                    response = conn.getresponse()
+                    assert response.status == 200 and response.read()
+                    served[index] += 1
+            finally:
+                conn.close()
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(ask, range(4)))
+        assert min(served) >= 20, served
+
+        conn = http.client.HTTPConnection("127.0.0.1", plat.settings.port, timeout=10)
+        try:
+            for pause in (0.0, 0.1, 0.0):
+                time.sleep(pause)
+                conn.request("GET", "/healthz")
+                response = conn.getresponse()
+                assert response.status == 200 and response.read()
+        finally:
+            conn.close()
+    finally:
+        plat.stop()
