@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from sqlalchemy import func, select
 
 from bench import infra
 from config import Settings
 from models.db import Database
+from models.jobs import Job
 from models.migrate import upgrade
 from tests.support.platform import ROOT, Platform, free_port
 
@@ -176,7 +178,13 @@ def part_three_backlogs(bench: Bench, each: int) -> dict[str, Any]:
     }
 
 
-def part_priority(bench: Bench, waiting: int) -> dict[str, Any]:
+def part_priority(bench: Bench, waiting: int, db: Database) -> dict[str, Any]:
+    """A's priority-9 job behind ``waiting`` of A's jobs. Jobs already sent when it was submitted
+    (a slot each and the one sent ahead) start first by right: the broker has them. What the target
+    counts is a waiting job the dispatcher sent *before* the urgent one although the urgent one
+    existed; a job sent in the same fill (two slots freed at once) is not picked before it. Read
+    from the database (``dispatched_at`` against the urgent job's ``created_at`` and its own
+    ``dispatched_at``), not assumed."""
     backlog = bench.submit("a", waiting)
     time.sleep(bench.job_seconds)
     [urgent] = bench.submit("a", 1, priority=9)
@@ -188,13 +196,19 @@ def part_priority(bench: Bench, waiting: int) -> dict[str, Any]:
             before += 1
         if job["started_at_ms"] is None:
             break  # the backlog starts in order: nothing after this one started before it
+    with db.session() as session:
+        mark = session.execute(select(Job.created_at, Job.dispatched_at).where(Job.id == urgent)).one()
+        later = (Job.id.in_(backlog), Job.dispatched_at > mark.created_at)
+        sent = Job.dispatched_at
+        overtook = session.scalar(select(func.count()).where(*later, sent < mark.dispatched_at))
+        alongside = session.scalar(select(func.count()).where(*later, sent == mark.dispatched_at))
     bench.cancel_all("a", backlog)
     bench.drain()
-    in_flight = 3  # a slot each (2) and the one sent ahead, when it came: they started before it
     return {
         "waiting": waiting,
         "started_before": before,
-        "waiting_started_before": max(0, before - in_flight),
+        "sent_in_its_fill": int(alongside or 0),
+        "waiting_started_before": int(overtook or 0),
     }
 
 
@@ -253,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         db = Database(settings)
         upgrade(db)
-        db.dispose()
+        stack.callback(db.dispose)
         plat = Platform(settings, tmp / "logs")
         stack.callback(plat.stop)
         plat.start_api()
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(plat, args.job_seconds)
         results["one_against_backlog"] = part_one_against_backlog(bench, args.backlog)
         results["three_backlogs"] = part_three_backlogs(bench, args.each)
-        results["priority"] = part_priority(bench, args.waiting)
+        results["priority"] = part_priority(bench, args.waiting, db)
         results["eta"] = part_eta(bench, args.waiting, args.probes)
     rows = [
         (
