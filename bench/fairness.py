@@ -124,19 +124,27 @@ class Bench:
             time.sleep(0.1)
 
 
-def part_one_against_backlog(bench: Bench, backlog: int) -> dict[str, Any]:
+def part_one_against_backlog(bench: Bench, backlog: int, trials: int = 5) -> dict[str, Any]:
+    """A's backlog, then B's single job ``trials`` times in a row (each at another moment of the
+    slots' cycle: a pause of a varying fraction of a job time between them): how long after its
+    submit each of B's jobs starts, in job times. The verdict is on the worst of them."""
     a_ids = bench.submit("a", backlog)
     time.sleep(bench.job_seconds * 2)  # A's first jobs hold the slots
-    submitted = time.time() * 1000
-    [b_id] = bench.submit("b", 1)
-    started = bench.wait_started("b", b_id)["started_at_ms"]
+    delays_ms = []
+    for trial in range(trials):
+        submitted = time.time() * 1000
+        [b_id] = bench.submit("b", 1)
+        started = bench.wait_started("b", b_id)["started_at_ms"]
+        delays_ms.append(started - submitted)
+        time.sleep(bench.job_seconds * (0.5 + trial / trials))
     bench.cancel_all("a", a_ids)
     bench.drain()
-    delay_jobs = (started - submitted) / 1000 / bench.job_seconds
+    in_jobs = [ms / 1000 / bench.job_seconds for ms in delays_ms]
     return {
         "backlog": backlog,
-        "b_start_after_ms": round(started - submitted, 1),
-        "b_start_after_jobs": round(delay_jobs, 2),
+        "b_start_after_ms": [round(ms, 1) for ms in delays_ms],
+        "b_start_after_jobs_median": round(statistics.median(in_jobs), 2),
+        "b_start_after_jobs": round(max(in_jobs), 2),  # the worst: what the target holds
     }
 
 
@@ -280,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         results["eta"] = part_eta(bench, args.waiting, args.probes)
     rows = [
         (
-            "B's single job starts after A's backlog of " + str(args.backlog),
+            f"B's single job starts after A's backlog of {args.backlog}, worst of 5 "
+            f"(median {results['one_against_backlog']['b_start_after_jobs_median']})",
             results["one_against_backlog"]["b_start_after_jobs"],
             "job times",
             "<= 2",
