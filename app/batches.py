@@ -189,7 +189,7 @@ class Item:
     body: dict[str, Any]
     spec: TaskSpec
     key: str | None
-    fingerprint: str
+    fingerprint: str | None  # kept for a keyed item only: only it can be replayed
 
 
 ITEM_SCHEMA = BatchJobSchema()
@@ -216,7 +216,7 @@ def checked_item(index: int, raw: Any) -> Item:
     key = body.pop("idempotency_key", None)
     spec = checked_spec(body, services().settings)
     # The fingerprint of the job body alone, as POST /v1/jobs takes it: a key replays either way.
-    return Item(index, body, spec, key, request_fingerprint(body))
+    return Item(index, body, spec, key, None if key is None else request_fingerprint(body))
 
 
 @dataclass

@@ -283,7 +283,7 @@ def new_job(
     spec: TaskSpec,
     payload: dict[str, Any],
     idempotency_key: str | None,
-    fingerprint: str,
+    fingerprint: str | None,
     now: datetime,
     batch_id: str | None = None,
 ) -> Job:
@@ -324,7 +324,8 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         check_idempotency_key(idempotency_key)
     spec = checked_spec(body, settings)
 
-    fingerprint = request_fingerprint(body)
+    # Only a keyed submit can be replayed, so only it keeps its body's fingerprint to compare.
+    fingerprint = None if idempotency_key is None else request_fingerprint(body)
     if idempotency_key is not None:
         existing = _idempotent_match(svc, idempotency_key, fingerprint)
         if existing is not None:
@@ -406,12 +407,12 @@ def job_response(body: dict[str, Any], status: int = 200) -> Response:
     return response
 
 
-def _idempotent_match(svc: Services, key: str, fingerprint: str) -> dict[str, Any] | None:
+def _idempotent_match(svc: Services, key: str, fingerprint: str | None) -> dict[str, Any] | None:
     job = job_by_idempotency_key(svc.db, g.client_id, key)
     return None if job is None else replayed(job, fingerprint)
 
 
-def replayed(job: Job, fingerprint: str) -> dict[str, Any]:
+def replayed(job: Job, fingerprint: str | None) -> dict[str, Any]:
     """The answer to a replay: the earlier job of the idempotency key, or 409 when the key came
     with another body."""
     if job.request_hash != fingerprint:
