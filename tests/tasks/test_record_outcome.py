@@ -52,12 +52,16 @@ def answer_lost_once(rt: Runtime, monkeypatch: pytest.MonkeyPatch, before: Any =
     monkeypatch.setattr(rt.store, "finish", once)
 
 
+def claimed_with_output(rt: Runtime, db: Database) -> tuple[str, Any, list[StoredFile]]:
+    """A running job's id, its claim and the output its run stored."""
+    job_id = make_job(db, **DEBUG)
+    return job_id, rt.store.claim(job_id, redelivered=False), [output(rt, job_id)]
+
+
 def test_a_committed_final_write_whose_answer_was_lost_is_the_runs_own_and_keeps_its_outputs(
     rt: Runtime, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job_id = make_job(db, **DEBUG)
-    claim = rt.store.claim(job_id, redelivered=False)
-    files = [output(rt, job_id)]
+    job_id, claim, files = claimed_with_output(rt, db)
     answer_lost_once(rt, monkeypatch)
     assert record_outcome(rt, claim, None, result=result_of(files), files=files, backend="debug")
     job = JobStore(db).get(job_id)
@@ -68,9 +72,7 @@ def test_a_committed_final_write_whose_answer_was_lost_is_the_runs_own_and_keeps
 def test_a_write_fenced_off_by_another_runs_finish_is_not_the_runs_own_and_deletes_its_outputs(
     rt: Runtime, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job_id = make_job(db, **DEBUG)
-    claim = rt.store.claim(job_id, redelivered=False)
-    files = [output(rt, job_id)]
+    job_id, claim, files = claimed_with_output(rt, db)
 
     def revoked() -> None:
         rt.store.revoke(job_id)  # the job ends without this run: its own write is then fenced off
