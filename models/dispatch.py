@@ -58,61 +58,58 @@ _WAITING = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None),
 _IN_FLIGHT = and_(_c.queue == _QUEUE, text(f"({IN_FLIGHT_SQL})"))
 _SENT = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.isnot(None), _c.queue == _QUEUE)
 _ALIVE = bindparam("alive", type_=UTCDateTime())
-_SLOTS = select(func.coalesce(func.sum(_slots.c.slots), 0)).where(
-    _slots.c.queue == _QUEUE, _slots.c.seen_at > _ALIVE
-)
+_peer = _jobs.alias("peer")
+
+
+def _slots_serving(queue: Any) -> Any:
+    """The pool processes of the workers seen lately that consume ``queue`` (a value or a column)."""
+    return select(func.coalesce(func.sum(_slots.c.slots), 0)).where(
+        _slots.c.queue == queue, _slots.c.seen_at > _ALIVE
+    )
+
+
+def _sent_ahead_of(queue: Any, job_id: Any, priority: Any, dispatched: Any) -> Any:
+    """How many sent jobs of ``queue`` the broker hands out before a sent job (``job_id``, of
+    ``priority``, sent at ``dispatched``): the higher priorities, then the ones sent earlier.
+    Values for a job known here (``standing``), or the columns of the row being read (``read_live``)."""
+    return (
+        select(func.count())
+        .select_from(_peer)
+        .where(
+            _peer.c.status == JobStatus.QUEUED.value,
+            _peer.c.dispatched_at.isnot(None),
+            _peer.c.queue == queue,
+            _peer.c.id != job_id,
+            or_(
+                _peer.c.priority > priority,
+                and_(_peer.c.priority == priority, _peer.c.dispatched_at < dispatched),
+            ),
+        )
+    )
+
+
+_SLOTS = _slots_serving(_QUEUE)
 _SLOTS_BY_QUEUE = (
     select(_slots.c.queue, func.sum(_slots.c.slots)).where(_slots.c.seen_at > _ALIVE).group_by(_slots.c.queue)
 )
 _PRIORITY = bindparam("priority", type_=Integer())
-# A sent job's place: the sent jobs the broker hands out before it (priority, then the time they
-# were sent), and the slots serving its queue.
+# A sent job's place: the sent jobs the broker hands out before it, and the slots serving its queue.
 _SENT_STANDING = select(
     _SLOTS.scalar_subquery().label("slots"),
-    select(func.count())
-    .where(
-        _SENT,
-        _c.id != bindparam("id", type_=String()),
-        or_(
-            _c.priority > _PRIORITY,
-            and_(_c.priority == _PRIORITY, _c.dispatched_at < bindparam("dispatched", type_=UTCDateTime())),
-        ),
+    _sent_ahead_of(
+        _QUEUE, bindparam("id", type_=String()), _PRIORITY, bindparam("dispatched", type_=UTCDateTime())
     )
     .scalar_subquery()
     .label("ahead"),
 )
-# A poll's read (``read_live``): the job's row and, while it is queued and sent, its place as
-# ``_SENT_STANDING`` counts it, in one round trip; the subqueries run only for such a job (CASE).
-_peer = _jobs.alias("peer")
+# A poll's read (``read_live``): the job's row and, while it is queued and sent, the same place,
+# in one round trip; the subqueries run only for such a job (CASE).
 _IS_SENT = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.isnot(None))
 _LIVE_JOB = select(
     _jobs,
+    case((_IS_SENT, _slots_serving(_c.queue).scalar_subquery()), else_=None).label("standing_slots"),
     case(
-        (
-            _IS_SENT,
-            select(func.coalesce(func.sum(_slots.c.slots), 0))
-            .where(_slots.c.queue == _c.queue, _slots.c.seen_at > _ALIVE)
-            .scalar_subquery(),
-        ),
-        else_=None,
-    ).label("standing_slots"),
-    case(
-        (
-            _IS_SENT,
-            select(func.count())
-            .select_from(_peer)
-            .where(
-                _peer.c.status == JobStatus.QUEUED.value,
-                _peer.c.dispatched_at.isnot(None),
-                _peer.c.queue == _c.queue,
-                _peer.c.id != _c.id,
-                or_(
-                    _peer.c.priority > _c.priority,
-                    and_(_peer.c.priority == _c.priority, _peer.c.dispatched_at < _c.dispatched_at),
-                ),
-            )
-            .scalar_subquery(),
-        ),
+        (_IS_SENT, _sent_ahead_of(_c.queue, _c.id, _c.priority, _c.dispatched_at).scalar_subquery()),
         else_=None,
     ).label("standing_ahead"),
 ).where(_c.id == bindparam("job_id", type_=String()))
