@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         plat.start_api()
         plat.start_worker("gpu", "gpu.diffusion", args.slots)
         plat.start_worker("cpu", "cpu", 1)
+        infra.wait_warm(plat, "gpu", children=args.slots)
         bench = Bench(plat, args.job_seconds)
         results["one_against_backlog"] = part_one_against_backlog(bench, args.backlog)
         results["three_backlogs"] = part_three_backlogs(bench, args.each)

@@ -1,16 +1,18 @@
 """What the benchmark sets up around the platform: a private database and vhost (as the tests do),
-queue depths and purges, and process memory from /proc."""
+workers warmed up before anything is timed, queue depths and purges, and process memory from /proc."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
+from tests.support.platform import Platform
 from tests.support.services import pg_admin
 from tests.support.services import private_vhost as private_vhost  # the benchmarks' vhost is the tests'
 
@@ -23,6 +25,22 @@ def private_database(name: str) -> Iterator[str]:
         yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     finally:
         pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def wait_warm(plat: Platform, name: str, children: int = 1, timeout: float = 120.0) -> None:
+    """Wait until the ``children`` pool processes of a GPU worker have imported their engines
+    (``tasks.warmup``): each child's background import of torch, onnxruntime and the rest holds a
+    core for seconds after the worker says ready, and a latency measured meanwhile is the
+    warm-up's, not the platform's (the fairness bench's first probe measured 2.5 job times so)."""
+    log = plat.logs / f"{name}.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_bytes().count(b"engines imported in") >= children:
+            return
+        if plat.procs[name].poll() is not None:
+            raise RuntimeError(f"worker {name} exited while warming up:\n" + plat.log(name))
+        time.sleep(0.1)
+    raise RuntimeError(f"worker {name} did not finish warming up in {timeout:g} s:\n" + plat.log(name))
 
 
 def queue_depths(app: Celery, names: list[str]) -> dict[str, int | None]:

@@ -185,21 +185,6 @@ def wait_ready(plat: Platform, name: str, offset: int = 0, timeout: float = 60.0
     raise RuntimeError(f"worker {name} did not start:\n" + plat.log(name))
 
 
-def wait_warm(plat: Platform, name: str, timeout: float = 120.0) -> None:
-    """Wait until the pool child of a GPU worker has imported its engines (``tasks.warmup``): its
-    background import of torch, onnxruntime and the rest holds a core for seconds after the
-    worker says ready, and a latency measured meanwhile is the warm-up's, not the platform's."""
-    log = plat.logs / f"{name}.log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and b"engines imported in" in log.read_bytes():
-            return
-        if plat.procs[name].poll() is not None:
-            raise RuntimeError(f"worker {name} exited while warming up:\n" + plat.log(name))
-        time.sleep(0.1)
-    raise RuntimeError(f"worker {name} did not finish warming up in {timeout:g} s:\n" + plat.log(name))
-
-
 class Supervisor:
     """Notices a worker process that exited, records why (the last error in its log) and starts
     it again with the same flags, so one crash costs one job, not the rest of the run."""
@@ -817,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
             start_raw_worker(plat)
             plat.start_workers()
             wait_ready(plat, "raw")
-            wait_warm(plat, "gpu")
+            infra.wait_warm(plat, "gpu")
             sup = Supervisor(plat)
             results["worker_crashes"] = sup.crashes
             raw = RawRoundTrip(settings, args.poll)
