@@ -190,12 +190,16 @@ def part_priority(bench: Bench, waiting: int, db: Database) -> dict[str, Any]:
     """A's priority-9 job behind ``waiting`` of A's jobs. Jobs already sent when it was submitted
     (a slot each and the one sent ahead) start first by right: the broker has them. What the target
     counts is a waiting job the dispatcher sent *before* the urgent one although the urgent one
-    existed; a job sent in the same fill (two slots freed at once) is not picked before it. Read
-    from the database (``dispatched_at`` against the urgent job's ``created_at`` and its own
-    ``dispatched_at``), not assumed."""
+    existed, that is after its submit was answered (committed, visible to every dispatcher); a job
+    sent in the same fill (two slots freed at once) is not picked before it. A fill that ran while
+    the submit's own transaction was still open could not see it (its row is stamped ``created_at``
+    before the INSERT): such jobs are reported apart, as jobs sent before it existed. Read from the
+    database (``dispatched_at`` against those moments and the urgent job's own ``dispatched_at``),
+    not assumed."""
     backlog = bench.submit("a", waiting)
     time.sleep(bench.job_seconds)
     [urgent] = bench.submit("a", 1, priority=9)
+    answered = datetime.now(UTC)
     started = bench.wait_started("a", urgent)["started_at_ms"]
     before = 0
     for job_id in backlog:
@@ -206,16 +210,19 @@ def part_priority(bench: Bench, waiting: int, db: Database) -> dict[str, Any]:
             break  # the backlog starts in order: nothing after this one started before it
     with db.session() as session:
         mark = session.execute(select(Job.created_at, Job.dispatched_at).where(Job.id == urgent)).one()
-        later = (Job.id.in_(backlog), Job.dispatched_at > mark.created_at)
         sent = Job.dispatched_at
+        later = (Job.id.in_(backlog), sent > answered)
         overtook = session.scalar(select(func.count()).where(*later, sent < mark.dispatched_at))
         alongside = session.scalar(select(func.count()).where(*later, sent == mark.dispatched_at))
+        unseen = (Job.id.in_(backlog), sent > mark.created_at, sent <= answered, sent < mark.dispatched_at)
+        during_submit = session.scalar(select(func.count()).where(*unseen))
     bench.cancel_all("a", backlog)
     bench.drain()
     return {
         "waiting": waiting,
         "started_before": before,
         "sent_in_its_fill": int(alongside or 0),
+        "sent_while_its_submit_was_open": int(during_submit or 0),
         "waiting_started_before": int(overtook or 0),
     }
 
