@@ -80,7 +80,7 @@ def owned_live_job(job_id: str) -> dict[str, Any]:
     in one transaction: the poll's path."""
     svc, found = services(), None
     if JOB_ID_RE.fullmatch(job_id):
-        with svc.db.session() as session:
+        with svc.db.reading() as session:
             found = read_live(session, job_id, utcnow(), svc.settings.dispatch_ahead)
     owned(job_id, None if found is None else found[0])
     assert found is not None
@@ -347,9 +347,10 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
         job.dispatched_at = None
     granted = due = False
     try:
-        with svc.db.writing() as session:
+        # INSERT, first event and turn are one statement on Postgres: no BEGIN/COMMIT of its own.
+        with svc.db.writing(one_statement=slotted) as session:
             job.predict_time = predicted(session, spec.name, spec.predict_seconds)
-            if slotted:  # the INSERT, its first event and its own turn (one statement on Postgres)
+            if slotted:
                 limits = client_limits(svc, g.client_id)
                 created, granted, due = insert_in_turn(
                     session, job, now, settings.dispatch_ahead, limits.max_running

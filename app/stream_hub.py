@@ -241,7 +241,7 @@ class StreamHub:
 
     # -- the hub thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        with self.db.session() as session:
+        with self.db.reading() as session:
             self._tail_after = feed.last_id(session)
         while True:
             try:
@@ -328,7 +328,7 @@ class StreamHub:
         return jobs
 
     def _tail(self) -> set[str]:
-        with self.db.session() as session:
+        with self.db.reading() as session:
             rows = feed.tail(session, self._tail_after)
         if rows:
             self._tail_after = rows[-1][0]
@@ -337,7 +337,7 @@ class StreamHub:
     def _start(self, stream: Stream) -> None:
         """Register the stream and send what it has not seen: each job's current object, or on
         resume the events after Last-Event-ID."""
-        with self.db.session() as session:
+        with self.db.reading() as session:
             if stream.resume_after is None:
                 rows = feed.latest(session, stream.job_ids)
             else:
@@ -355,7 +355,7 @@ class StreamHub:
         self._send(stream, rows)
         if stream.resume_after is not None:
             # A resumed stream whose jobs all ended before it came back has nothing more to say.
-            with self.db.session() as session:
+            with self.db.reading() as session:
                 for event_id, job_id, job in feed.latest(session, stream.job_ids):
                     if is_final(job) and stream.last[job_id] >= event_id:
                         stream.final.add(job_id)
@@ -400,7 +400,7 @@ class StreamHub:
         if not watched:
             return
         after = min(s.last[job_id] for job_id in watched for s in self._streams[job_id])
-        with self.db.session() as session:
+        with self.db.reading() as session:
             rows = feed.events_after(session, watched, after)
             quiet = set(watched) - {job_id for _, job_id, _ in rows}
             gone = quiet - feed.visible_jobs(session, sorted(quiet), None) if quiet else set()
@@ -439,7 +439,7 @@ class StreamHub:
         if not watched:
             return
         now = utcnow()
-        with self.db.session() as session:
+        with self.db.reading() as session:
             moved = feed.queues_of(session, woken)
             jobs = [job for job in feed.queued_rows(session, watched) if job.queue in moved]
             places = {job.id: self._live(session, job, now) for job in jobs}

@@ -137,7 +137,7 @@ class Events(MethodView):
             )
         job_ids: list[str] = []
         svc = services()
-        with svc.db.session() as session:
+        with svc.db.reading() as session:
             if "batch_id" in args:
                 job_ids = feed.batch_jobs(session, job_scope(), args["batch_id"])
                 if not job_ids:

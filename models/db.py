@@ -173,9 +173,15 @@ class Database:
         )
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
-        """A unit of work: commit on success, roll back on any exception."""
+    def session(self, autocommit: bool = False) -> Iterator[Session]:
+        """A unit of work: commit on success, roll back on any exception.
+
+        ``autocommit`` (Postgres; see ``reading``): each statement is its own transaction on the
+        server, so the unit costs no ``BEGIN`` and no ``COMMIT`` round trip, two of the three a
+        one-statement unit otherwise waits for."""
         session = self.sessionmaker()
+        if autocommit and self.is_postgres:
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         try:
             yield session
             session.commit()
@@ -186,13 +192,28 @@ class Database:
             session.close()
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[Session]:
+    def reading(self) -> Iterator[Session]:
+        """``session`` for a unit of work that only reads. Postgres reads at READ COMMITTED, where
+        every statement takes its own snapshot whether or not a transaction holds them together,
+        so such a unit runs in autocommit and sees exactly what it would in a transaction, one
+        round trip per statement and none for ``BEGIN`` or its end. (A read that locks rows, or
+        needs one snapshot for several statements, takes ``session``.)"""
+        with self.session(autocommit=True) as session:
+            yield session
+
+    @contextlib.contextmanager
+    def writing(self, one_statement: bool = False) -> Iterator[Session]:
         """``session`` for a unit of work that writes. On SQLite (one writer at a time) the threads
         of this process take turns on a lock first: waiting on SQLite's own busy handler means
         sleeping in steps of up to 100 ms, and a thread holding the database lock while it waits
         for the GIL makes every other writer sleep its way up those steps (32 submitting threads
-        ran at half the rate). Postgres needs no such turn."""
-        with self._write_turn, self.session() as session:
+        ran at half the rate). Postgres needs no such turn.
+
+        ``one_statement``: the unit writes with a single statement (reads before it may be
+        several), which Postgres runs as one transaction of its own, in autocommit: no ``BEGIN``
+        and no ``COMMIT`` round trip (the single submit, ``models.dispatch.insert_in_turn``). A unit
+        with two writes must not ask for it: each would commit alone."""
+        with self._write_turn, self.session(autocommit=one_statement) as session:
             yield session
 
     @property

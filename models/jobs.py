@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    desc,
     inspect,
     text,
 )
@@ -48,12 +49,13 @@ class Job(Base):
         # Every client's jobs newest first (an admin's listing and /stats' latest jobs).
         Index("ix_jobs_created", "created_at", "id"),
         # The fair-share dispatcher's two sets (models/dispatch.py): jobs waiting for a slot on their
-        # queue, in each client's order; and jobs holding one (sent, or running on a local engine).
+        # queue, in each client's order (higher priority first, then the older: a client's head is
+        # the start of its range); and jobs holding one (sent, or running on a local engine).
         Index(
             "ix_jobs_waiting",
             "queue",
             "client_id",
-            "priority",
+            desc("priority"),
             "created_at",
             "id",
             postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),

@@ -146,21 +146,21 @@ class JobStore:
     # -- reads ----------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
         """The job as a detached ``Job``, or None (a prebuilt SELECT: polls and every task read it)."""
-        with self.db.session() as session:
+        with self.db.reading() as session:
             row = session.execute(_GET_JOB, {"job_id": job_id}).first()
             return None if row is None else job_from(row)
 
     def has_file(self, job_id: str, name: str) -> bool:
         """Whether the job has a stored file of this name: its final write, which inserts the
         output file rows in its own transaction, committed (one look-up on the primary key)."""
-        with self.db.session() as session:
+        with self.db.reading() as session:
             found = session.scalar(
                 select(StoredFile.name).where(StoredFile.name == name, StoredFile.job_id == job_id)
             )
         return found is not None
 
     def cancel_requested(self, job_id: str) -> bool:
-        with self.db.session() as session:
+        with self.db.reading() as session:
             row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
             return row is None or bool(row.cancel_requested) or row.status in FINAL_STATUSES
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import text
 
 from config import Settings
@@ -37,3 +39,32 @@ def test_an_operators_own_server_options_are_kept(settings: Settings) -> None:
             assert conn.execute(text("SHOW statement_timeout")).scalar() == "12345ms"
     finally:
         db.dispose()
+
+
+def transactions_of_two_statements(session: Any) -> set[int]:
+    """The server's transaction ids of two statements of one unit: one id inside a transaction,
+    two in autocommit."""
+    return {session.execute(text("SELECT txid_current()")).scalar() for _ in range(2)}
+
+
+def test_reads_and_one_statement_writes_run_in_autocommit_and_the_connection_comes_back_transactional(
+    settings: Settings,
+) -> None:
+    db = Database(settings)
+    try:
+        with db.reading() as session:
+            read = transactions_of_two_statements(session)
+            connection = session.connection().connection.dbapi_connection
+        with db.writing(one_statement=True) as session:
+            one_statement = transactions_of_two_statements(session)
+        # The same pooled connection, checked out again for an ordinary unit of work: a
+        # transaction again, so a unit with several writes still commits them together.
+        with db.writing() as session:
+            assert session.connection().connection.dbapi_connection is connection
+            ordinary = transactions_of_two_statements(session)
+        with db.session() as session:
+            also_ordinary = transactions_of_two_statements(session)
+    finally:
+        db.dispose()
+    assert len(read) == 2 and len(one_statement) == 2
+    assert len(ordinary) == 1 and len(also_ordinary) == 1

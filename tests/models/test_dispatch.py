@@ -8,9 +8,10 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from config import Settings
 from models import dispatch
@@ -204,15 +205,79 @@ def test_a_place_deep_in_a_backlog_is_computed_without_playing_it_out(db: Databa
     queue = f"q.{uuid.uuid4().hex[:8]}"
     alice = [waiting_job(db, queue, "alice", i) for i in range(dispatch.PLAY_OUT_DEPTH + 50)]
     bob = [waiting_job(db, queue, "bob", 10_000 + i) for i in range(5)]
+    urgent = waiting_job(db, queue, "alice", 20_000, priority=9)  # alice's newest, and her first
     with db.session() as session:
-        rows = {job.id: job for job in session.query(Job).filter(Job.id.in_([alice[-1], bob[2]]))}
+        rows = {job.id: job for job in session.query(Job).filter(Job.id.in_([alice[-1], bob[2], urgent]))}
         deep = dispatch.standing(session, rows[alice[-1]], utcnow())
         shallow = dispatch.standing(session, rows[bob[2]], utcnow())
-    assert deep is not None and shallow is not None
-    # All of alice's earlier jobs and bob's five go before her last one; bob's third goes after
-    # alice's first three and his own first two.
-    assert deep.position == len(alice) - 1 + len(bob)
+        first = dispatch.standing(session, rows[urgent], utcnow())
+    assert deep is not None and shallow is not None and first is not None
+    # Her priority-9 job, all of her earlier jobs and bob's five go before her last one; bob's
+    # third goes after alice's first three (the urgent one among them) and his own first two.
+    assert deep.position == len(alice) + len(bob)
     assert shallow.position == 5
+    assert first.position == 0
+
+
+def test_the_dispatchers_reads_walk_index_ranges_not_the_backlog(settings: Settings) -> None:
+    """With 3,000 jobs waiting behind 30,000 of history, a fill and the place of a job near the
+    head read a few index entries per look-up: the clients that wait (one probe each), each
+    client's head (its first jobs), the jobs before the job (a range). A ``SELECT DISTINCT`` over
+    the waiting, a client's order that was not the index's (a sort of all its jobs), or a ``LIMIT 1``
+    the planner answers by reading the table from its start, read the backlog or the history."""
+    db = Database(settings)
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, client_id, task, engine_task, queue, status, stage, progress, priority,"
+            " payload, metadata, attempts, cancel_requested, created_at, queued_at, updated_at, event_seq)"
+            " SELECT md5(%(queue)s || g), CASE WHEN g <= 3 THEN 'bob' ELSE 'alice' END, 'upscale', 'upscale',"
+            " %(queue)s, CASE WHEN g > 3003 THEN 'succeeded' ELSE 'queued' END, 'prepare', 0, mod(g, 3),"
+            " '{}', '{}', 0, false, now() - interval '1 hour' + g * interval '1 millisecond', now(), now(), 1"
+            " FROM generate_series(1, 33003) AS g ORDER BY g DESC",  # the history first on disk
+            {"queue": queue},
+        )
+        conn.exec_driver_sql("ANALYZE jobs")
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            statements.append((statement, parameters))
+
+    with db.session() as session:
+        near_head = session.scalars(
+            select(Job)
+            .where(Job.queue == queue, Job.client_id == "alice")
+            .order_by(Job.priority.desc(), Job.created_at)
+            .limit(1)
+        ).one()
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        with db.session() as session:
+            place = dispatch.standing(session, near_head, utcnow(), ahead=3)
+            picked = dispatch.take_turns(session, queue, utcnow(), ahead=3)
+            session.rollback()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+    assert place is not None and len(picked) == 3
+    read = {}
+    with db.engine.connect() as conn:
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        for statement, parameters in statements:
+            cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters)
+            read[statement] = rows_read(cursor.fetchone()[0][0]["Plan"])
+        conn.rollback()
+    db.dispose()
+    assert read and max(read.values()) <= 50, {k[:300]: v for k, v in read.items() if v > 50}
+
+
+def rows_read(plan: dict[str, Any]) -> int:
+    """The rows a plan's scans of ``jobs`` returned (an index scan's entries, a sequential scan's
+    whole table), over all their loops."""
+    own = 0
+    if plan.get("Relation Name") == "jobs":
+        own = int(plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0))
+    return own + sum(rows_read(child) for child in plan.get("Plans", []))
 
 
 def test_a_polls_read_places_each_job_as_standing_does(db: Database) -> None:
