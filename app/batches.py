@@ -24,13 +24,12 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
+from app.admission import Admission, admission_headers
 from app.assets import data_inputs_to_assets, discard_uploads
 from app.auth import job_scope
 from app.errors import abort, documents, error_body
 from app.jobs import (
     RETRY_AFTER_BROKER,
-    Admission,
-    admission_headers,
     checked_spec,
     job_response,
     json_body_only,

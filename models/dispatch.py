@@ -22,25 +22,20 @@ any lost message. The claim is conditional, so no job ever runs twice.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    Integer,
     String,
     Table,
     and_,
     bindparam,
-    case,
     delete,
     func,
-    or_,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.orm import Session
@@ -50,7 +45,6 @@ from models.client_limits import running_caps
 from models.db import UTCDateTime, on_postgres, rowcount
 from models.jobs import IN_FLIGHT_SQL, DispatchTurn, Job, QueueSlot
 from models.lifecycle import create, job_from
-from models.public import iso, job_object
 from models.state import JobStatus
 from models.together import Together
 
@@ -59,84 +53,28 @@ SLOT_TTL = 90.0  # seconds a worker's slots count after it was last seen
 # one more fits, and jobs marked sent by something else than the dispatcher (rows another program
 # wrote, jobs sent before this version) must not make every submit count all of them.
 COUNT_BOUND = 1000
-# A queued job's place is played out pick by pick while it is within this many jobs of the head of
-# its queue; deeper in a backlog it is computed in closed form (``standing``).
-PLAY_OUT_DEPTH = 200
-_NEVER = datetime(1970, 1, 1, tzinfo=UTC)
+NEVER = datetime(1970, 1, 1, tzinfo=UTC)
 _jobs: Table = Job.__table__  # type: ignore[assignment]
 _slots: Table = QueueSlot.__table__  # type: ignore[assignment]
 _turns: Table = DispatchTurn.__table__  # type: ignore[assignment]
 _c = _jobs.c
-_QUEUE = bindparam("queue", type_=String())
-_WAITING = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None), _c.queue == _QUEUE)
-_IN_FLIGHT = and_(_c.queue == _QUEUE, text(f"({IN_FLIGHT_SQL})"))
-_SENT = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.isnot(None), _c.queue == _QUEUE)
+QUEUE = bindparam("queue", type_=String())
+WAITING = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None), _c.queue == QUEUE)
+IN_FLIGHT = and_(_c.queue == QUEUE, text(f"({IN_FLIGHT_SQL})"))
 _ALIVE = bindparam("alive", type_=UTCDateTime())
-_peer = _jobs.alias("peer")
 # A client's waiting jobs in the order they go (``ix_jobs_waiting``'s, from migration 0013).
-_CLIENT_ORDER = (_c.queue, _c.client_id, _c.priority.desc(), _c.created_at, _c.id)
+CLIENT_ORDER = (_c.queue, _c.client_id, _c.priority.desc(), _c.created_at, _c.id)
 
 
-def _slots_serving(queue: Any) -> Any:
+def slots_serving(queue: Any) -> Any:
     """The pool processes of the workers seen lately that consume ``queue`` (a value or a column)."""
     return select(func.coalesce(func.sum(_slots.c.slots), 0)).where(
         _slots.c.queue == queue, _slots.c.seen_at > _ALIVE
     )
 
 
-def _sent_ahead_of(queue: Any, job_id: Any, priority: Any, dispatched: Any) -> Any:
-    """How many sent jobs of ``queue`` the broker hands out before a sent job (``job_id``, of
-    ``priority``, sent at ``dispatched``): the higher priorities, then the ones sent earlier.
-    Values for a job known here (``standing``), or the columns of the row being read (``read_live``)."""
-    return (
-        select(func.count())
-        .select_from(_peer)
-        .where(
-            _peer.c.status == JobStatus.QUEUED.value,
-            _peer.c.dispatched_at.isnot(None),
-            _peer.c.queue == queue,
-            _peer.c.id != job_id,
-            or_(
-                _peer.c.priority > priority,
-                and_(_peer.c.priority == priority, _peer.c.dispatched_at < dispatched),
-            ),
-        )
-    )
-
-
-_SLOTS = _slots_serving(_QUEUE)
-_SLOTS_BY_QUEUE = (
-    select(_slots.c.queue, func.sum(_slots.c.slots)).where(_slots.c.seen_at > _ALIVE).group_by(_slots.c.queue)
-)
-_PRIORITY = bindparam("priority", type_=Integer())
-# A sent job's place: the sent jobs the broker hands out before it, and the slots serving its queue.
-_SENT_STANDING = select(
-    _SLOTS.scalar_subquery().label("slots"),
-    _sent_ahead_of(
-        _QUEUE, bindparam("id", type_=String()), _PRIORITY, bindparam("dispatched", type_=UTCDateTime())
-    )
-    .scalar_subquery()
-    .label("ahead"),
-)
-# A poll's read (``read_live``): the job's row and, while it is queued and sent, the same place,
-# in one round trip; the subqueries run only for such a job (CASE).
-_IS_SENT = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.isnot(None))
-_LIVE_JOB = select(
-    _jobs,
-    case((_IS_SENT, _slots_serving(_c.queue).scalar_subquery()), else_=None).label("standing_slots"),
-    case(
-        (_IS_SENT, _sent_ahead_of(_c.queue, _c.id, _c.priority, _c.dispatched_at).scalar_subquery()),
-        else_=None,
-    ).label("standing_ahead"),
-).where(_c.id == bindparam("job_id", type_=String()))
-_FLYING_BY_CLIENT = select(_c.client_id, func.count()).where(_IN_FLIGHT).group_by(_c.client_id)
-# The clients of the jobs holding a slot, in the order they will free it: running ones by start,
-# then the ones sent and not started by the time they were sent.
-_FLYING_IN_ORDER = (
-    select(_c.client_id)
-    .where(_IN_FLIGHT)
-    .order_by((_c.status == JobStatus.QUEUED.value), func.coalesce(_c.started_at, _c.dispatched_at), _c.id)
-)
+_SLOTS = slots_serving(QUEUE)
+_FLYING_BY_CLIENT = select(_c.client_id, func.count()).where(IN_FLIGHT).group_by(_c.client_id)
 _GRANT = (
     update(_jobs)
     .where(_c.id.in_(bindparam("ids", expanding=True)), _c.status == JobStatus.QUEUED.value)
@@ -167,7 +105,7 @@ class Head:
         return (-self.priority, self.created_at, self.id)
 
 
-def _alive(now: datetime) -> datetime:
+def alive_since(now: datetime) -> datetime:
     return now - timedelta(seconds=SLOT_TTL)
 
 
@@ -191,18 +129,18 @@ def forget(session: Session, node: str) -> None:
 
 def slots_of(session: Session, queue: str, now: datetime) -> int:
     """The pool processes of the workers seen lately that consume ``queue``."""
-    return int(session.execute(_SLOTS, {"queue": queue, "alive": _alive(now)}).scalar() or 0)
+    return int(session.execute(_SLOTS, {"queue": queue, "alive": alive_since(now)}).scalar() or 0)
 
 
 # The distinct queues, or one queue's distinct clients, that have jobs waiting: one probe of the
 # waiting index per value found (a loose index scan). ``SELECT DISTINCT`` read every waiting row, and
 # a backlog of 100,000 made each fill cost 80 ms.
-_WAITING_SQL = "{t}status = 'queued' AND {t}dispatched_at IS NULL"
+WAITING_SQL = "{t}status = 'queued' AND {t}dispatched_at IS NULL"
 _QUEUES_WAITING = text(f"""
     WITH RECURSIVE found(queue) AS (
-        SELECT (SELECT queue FROM jobs WHERE {_WAITING_SQL.format(t="")} ORDER BY queue LIMIT 1)
+        SELECT (SELECT queue FROM jobs WHERE {WAITING_SQL.format(t="")} ORDER BY queue LIMIT 1)
         UNION ALL
-        SELECT (SELECT j.queue FROM jobs j WHERE {_WAITING_SQL.format(t="j.")} AND j.queue > found.queue
+        SELECT (SELECT j.queue FROM jobs j WHERE {WAITING_SQL.format(t="j.")} AND j.queue > found.queue
                  ORDER BY j.queue LIMIT 1)
           FROM found WHERE found.queue IS NOT NULL
     )
@@ -210,10 +148,10 @@ _QUEUES_WAITING = text(f"""
 """)
 _CLIENTS_WAITING = text(f"""
     WITH RECURSIVE found(client_id) AS (
-        SELECT (SELECT client_id FROM jobs WHERE {_WAITING_SQL.format(t="")} AND queue = :queue
+        SELECT (SELECT client_id FROM jobs WHERE {WAITING_SQL.format(t="")} AND queue = :queue
                  ORDER BY queue, client_id LIMIT 1)
         UNION ALL
-        SELECT (SELECT j.client_id FROM jobs j WHERE {_WAITING_SQL.format(t="j.")} AND j.queue = :queue
+        SELECT (SELECT j.client_id FROM jobs j WHERE {WAITING_SQL.format(t="j.")} AND j.queue = :queue
                    AND j.client_id > found.client_id ORDER BY j.queue, j.client_id LIMIT 1)
           FROM found WHERE found.client_id IS NOT NULL
     )
@@ -235,7 +173,7 @@ def waiting_up_to(session: Session, queue: str, client: str, bound: int) -> int:
     """How many jobs ``client`` has waiting on ``queue``, counted no further than ``bound``."""
     if bound <= 0:
         return 0
-    first = select(_c.id).where(_WAITING, _c.client_id == client).order_by(*_CLIENT_ORDER).limit(bound)
+    first = select(_c.id).where(WAITING, _c.client_id == client).order_by(*CLIENT_ORDER).limit(bound)
     return int(
         session.execute(select(func.count()).select_from(first.subquery()), {"queue": queue}).scalar() or 0
     )
@@ -262,7 +200,7 @@ def fair_order(
     caps = caps or {}
     last_turns = last_turns or {}
     counts = dict(flying)
-    served = {client: (0, last_turns.get(client, _NEVER)) for client in heads}
+    served = {client: (0, last_turns.get(client, NEVER)) for client in heads}
     queue: list[tuple[int, int, tuple[int, datetime], tuple[int, datetime, str], str, int]] = []
 
     def push(client: str, index: int) -> None:
@@ -281,7 +219,7 @@ def fair_order(
             continue  # at its limit: its other jobs wait for one of its own to end
         picked.append(heads[client][index])
         counts[client] = count + 1
-        served[client] = (1, _NEVER + timedelta(microseconds=len(picked)))  # served now, in order
+        served[client] = (1, NEVER + timedelta(microseconds=len(picked)))  # served now, in order
         if index + 1 < len(heads[client]):
             push(client, index + 1)
     return picked
@@ -294,8 +232,8 @@ def waiting_heads(session: Session, queue: str, per_client: int) -> dict[str, li
     for client in clients_waiting(session, queue):
         rows = session.execute(
             select(_c.id, _c.client_id, _c.priority, _c.created_at)
-            .where(_WAITING, _c.client_id == client)
-            .order_by(*_CLIENT_ORDER)
+            .where(WAITING, _c.client_id == client)
+            .order_by(*CLIENT_ORDER)
             .limit(per_client),
             {"queue": queue},
         )
@@ -326,7 +264,7 @@ def take_turns(
     jobs to publish once the caller has committed (see the module's docstring). ``limits``: the
     settings whose ``max_running_per_client`` (and each client's own ``max_running``) cap how many
     jobs a client has in flight across all queues (``models.client_limits``)."""
-    first = select(_c.id).where(_WAITING).order_by(*_CLIENT_ORDER).limit(1)  # the index's walk
+    first = select(_c.id).where(WAITING).order_by(*CLIENT_ORDER).limit(1)  # the index's walk
     if session.execute(first, {"queue": queue}).first() is None:
         return []  # nobody waits: no lock taken, nothing counted
     if on_postgres(session):
@@ -388,7 +326,7 @@ def insert_in_turn(
         return (body, *grant_new(session, job, now, ahead, max_running))
     batch = Together(session, computed={"jobs": {"dispatched_at": _SENT_IF_GOES}})
     body = create(session, job, batch)
-    params = {"queue": job.queue, "alive": _alive(now), "ahead": ahead, "cap": max_running}
+    params = {"queue": job.queue, "alive": alive_since(now), "ahead": ahead, "cap": max_running}
     params.update(client=job.client_id, now=now)
     row = batch.send_within("turn", _TURN, params, _TURN_ANSWER)
     assert row is not None  # one row, always
@@ -404,15 +342,15 @@ def grant_new(
     (others waited too) needs a dispatcher to run. (A submit on Postgres decides it in its INSERT:
     ``insert_in_turn``.)"""
     job_id, queue = job.id, job.queue
-    params = {"queue": queue, "alive": _alive(now)}
-    flying = select(_c.id).where(_IN_FLIGHT).limit(COUNT_BOUND).subquery()
+    params = {"queue": queue, "alive": alive_since(now)}
+    flying = select(_c.id).where(IN_FLIGHT).limit(COUNT_BOUND).subquery()
     free = (
         slots_of(session, queue, now)
         + ahead
         - int(session.execute(select(func.count()).select_from(flying), params).scalar() or 0)
     )
     others = session.execute(
-        select(_c.id).where(_WAITING, _c.id != job_id).order_by(*_CLIENT_ORDER).limit(1), params
+        select(_c.id).where(WAITING, _c.id != job_id).order_by(*CLIENT_ORDER).limit(1), params
     ).first()
     if free <= 0 or others is not None:
         return False, free > 0 and others is not None
@@ -437,173 +375,3 @@ def withdraw(session: Session, jobs: list[Job]) -> int:
         ids = [job.id for job in jobs if job.dispatched_at == sent]
         done += rowcount(session.execute(_WITHDRAW, {"ids": ids, "sent": sent}))
     return done
-
-
-# -- where a job stands ---------------------------------------------------------------------------
-
-
-def live_object(session: Session, job: Job, now: datetime, ahead: int = 1) -> dict[str, Any]:
-    """The job object with, while it is queued, its place in its queue (``standing``) and an ETA
-    that counts the jobs ahead of it on the slots serving that queue."""
-    body = job_object(job, now)
-    place = standing(session, job, now, ahead)
-    if place is not None:
-        body["queue_position"] = place.position
-        body["eta_utc"] = iso(place.eta(now, job.predict_time))
-    return body
-
-
-def read_live(
-    session: Session, job_id: str, now: datetime, ahead: int = 1
-) -> tuple[Job, dict[str, Any]] | None:
-    """A job and its ``live_object``, or None: a poll's read. A queued job that was sent (the common
-    case of a poll) gets its row and its place from one statement; one still waiting for a slot
-    has its place played out by ``standing``."""
-    row = session.execute(_LIVE_JOB, {"job_id": job_id, "alive": _alive(now)}).first()
-    if row is None:
-        return None
-    job = job_from(row)
-    if row.standing_slots is None:  # not queued and sent
-        return job, live_object(session, job, now, ahead)
-    body = job_object(job, now)
-    place = Standing(int(row.standing_ahead or 0), int(row.standing_slots))
-    body["queue_position"] = place.position
-    body["eta_utc"] = iso(place.eta(now, job.predict_time))
-    return job, body
-
-
-@dataclass(frozen=True)
-class Standing:
-    """How many jobs will start before a queued job on its queue, and the slots serving it."""
-
-    position: int
-    slots: int
-
-    def eta(self, now: datetime, per_job: float | None) -> datetime | None:
-        """When the job should be done: the jobs ahead of it run ``slots`` at a time, each about
-        ``per_job`` seconds (the recent median run time of its task), then the job itself."""
-        if per_job is None:
-            return None
-        ahead = self.position * per_job / max(1, self.slots)
-        return now + timedelta(seconds=ahead + per_job)
-
-
-def play_out(
-    heads: Mapping[str, list[Head]],
-    in_flight: list[str],
-    capacity: int,
-    last_turns: Mapping[str, datetime],
-    until: str,
-) -> int:
-    """How many waiting jobs get a slot before job ``until``, the way the platform hands slots out:
-    the free ones at once (``take_turns``), then one each time a job in flight ends, oldest sent
-    first (``in_flight``: their clients, in that order). Each pick is ``fair_order``'s: the fewest
-    in flight, the higher priority, the client served longest ago, the older job."""
-    counts: dict[str, int] = {}
-    for client in in_flight:
-        counts[client] = counts.get(client, 0) + 1
-    flying = deque(in_flight)
-    free = max(0, capacity - len(flying))
-    served = {client: (0, last_turns.get(client, _NEVER)) for client in heads}
-    index = dict.fromkeys(heads, 0)
-    for picked in range(sum(len(jobs) for jobs in heads.values())):
-        if free > 0:
-            free -= 1
-        elif flying:
-            ended = flying.popleft()
-            counts[ended] -= 1
-        client = min(
-            (c for c in heads if index[c] < len(heads[c])),
-            key=lambda c: (
-                counts.get(c, 0),
-                -heads[c][index[c]].priority,
-                served[c],
-                heads[c][index[c]].order(),
-            ),
-        )
-        head = heads[client][index[client]]
-        if head.id == until:
-            return picked
-        index[client] += 1
-        counts[client] = counts.get(client, 0) + 1
-        flying.append(client)
-        served[client] = (1, _NEVER + timedelta(microseconds=picked + 1))
-    return sum(len(jobs) for jobs in heads.values())
-
-
-def standing(session: Session, job: Job, now: datetime, ahead: int = 1) -> Standing | None:
-    """The job's place in its queue while it is queued (None otherwise), in the order the
-    dispatcher and the broker will really use: every job already sent starts before a waiting one;
-    among the waiting, the dispatcher's choices played out from now (``play_out``: each client's
-    head of the queue, no deeper than the job's own rank makes necessary); among jobs sent, the
-    broker's (priority, then the time they were sent). ``ahead``: ``AIORCH_DISPATCH_AHEAD``.
-    Index ranges of live jobs, no table scan."""
-    if job.status != JobStatus.QUEUED.value:
-        return None
-    params = {"queue": job.queue, "alive": _alive(now)}
-    if job.dispatched_at is not None:
-        # Sent already (the common case of a poll): one prebuilt statement.
-        given = {**params, "id": job.id, "priority": job.priority, "dispatched": job.dispatched_at}
-        row = session.execute(_SENT_STANDING, given).one()
-        return Standing(int(row.ahead or 0), int(row.slots or 0))
-    slots = slots_of(session, job.queue, now)
-    sent = int(session.execute(select(func.count()).where(_SENT), params).scalar() or 0)
-    flying = [row[0] for row in session.execute(_FLYING_IN_ORDER.limit(COUNT_BOUND), params)]
-    # The client's waiting jobs before it: two ranges of the waiting index, the higher priorities,
-    # then the older ones of its own (an OR of the two would filter the client's whole range).
-    mine = (_WAITING, _c.client_id == job.client_id)
-    older = tuple_(_c.created_at, _c.id) < tuple_(bindparam("created", job.created_at, UTCDateTime()), job.id)
-    rank = sum(
-        int(session.execute(select(func.count()).where(*mine, *range_), params).scalar() or 0)
-        for range_ in ((_c.priority > job.priority,), (_c.priority == job.priority, older))
-    )
-    # No client gets more than this many slots before the job's own client has had ``rank`` more.
-    depth = rank + len(flying) + 2
-    if depth > PLAY_OUT_DEPTH:
-        # Deep in a backlog: the play-out's outcome in closed form, each other client getting as
-        # many turns as it has jobs, up to the job's own client's count at its turn (ties before).
-        counts = {client: flying.count(client) for client in set(flying)}
-        turn = counts.get(job.client_id, 0) + rank
-        others = sum(
-            waiting_up_to(session, job.queue, client, turn + 1 - counts.get(client, 0))
-            for client in clients_waiting(session, job.queue)
-            if client != job.client_id
-        )
-        return Standing(sent + rank + others, slots)
-    heads = waiting_heads(session, job.queue, depth)
-    capacity = max(1, slots + ahead)
-    place = play_out(heads, flying, capacity, last_turns(session, job.queue), job.id)
-    return Standing(sent + place, slots)
-
-
-@dataclass(frozen=True)
-class QueueState:
-    """One local engine queue as the dispatcher sees it: its slots, and per client the jobs in
-    flight (sent or running) and the jobs waiting for a slot."""
-
-    queue: str
-    slots: int
-    ahead: int
-    in_flight: dict[str, int]
-    waiting: dict[str, int]
-
-
-_WAITS = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None))
-_LIVE_BY_QUEUE = (
-    select(_c.queue, _c.client_id, _WAITS.label("waits"), func.count())
-    .where(or_(_WAITS, text(f"({IN_FLIGHT_SQL})")))
-    .group_by(_c.queue, _c.client_id, _WAITS)
-)
-
-
-def scheduler_state(session: Session, queues: list[str], now: datetime, ahead: int) -> list[QueueState]:
-    """Every queue's slots, in-flight and waiting jobs per client (live jobs only, through the
-    status index: what is queued or running now, never the history)."""
-    flying: dict[str, dict[str, int]] = {q: {} for q in queues}
-    waiting: dict[str, dict[str, int]] = {q: {} for q in queues}
-    for queue, client, waits, count in session.execute(_LIVE_BY_QUEUE):
-        if queue in flying:
-            target = waiting if waits else flying
-            target[queue][client] = target[queue].get(client, 0) + int(count)
-    slots = dict(session.execute(_SLOTS_BY_QUEUE, {"alive": _alive(now)}).all())
-    return [QueueState(q, int(slots.get(q) or 0), ahead, flying[q], waiting[q]) for q in queues]

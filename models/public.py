@@ -61,7 +61,7 @@ def job_object(job: Job, now: datetime | None = None) -> dict[str, Any]:
             "priority": job.priority,
             "expires_at": iso(job.expires_at),
             # Last, after seed 000's fields: filled in by GET /v1/jobs/{id} while the job is queued
-            # (models/dispatch.standing).
+            # (models/standing.standing).
             "queue_position": None,
             # What a run reports beside its percentage (a training's step and loss); null for most.
             "progress_detail": job.progress_detail,

@@ -20,8 +20,8 @@ from app.errors import abort
 from app.schemas import Blueprint
 from app.services import current_services
 from models.db import Database, utcnow
-from models.dispatch import scheduler_state
 from models.reads import clients_of
+from models.standing import scheduler_state
 from tasks.next_step import SLOTTED
 
 blp = Blueprint("backends", __name__, description="Operators: the workers and what they hold")

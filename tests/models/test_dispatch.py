@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import event, select
 
 from config import Settings
-from models import dispatch
+from models import dispatch, standing
 from models.db import Database, utcnow
 from models.dispatch import Head
 from models.jobs import Job, JobEvent
@@ -90,7 +90,7 @@ def test_take_turns_fills_the_free_slots_fairly_and_never_more(db: Database) -> 
     run_and_finish(db, b)
     assert turn(db, queue) == [a[1]]
     with db.session() as session:
-        assert dispatch.standing(session, Job(**{"status": "running"}), utcnow()) is None
+        assert standing.standing(session, Job(**{"status": "running"}), utcnow()) is None
         dispatch.forget(session, "w1@test")
     assert turn(db, queue, ahead=0) == []  # no worker: no slot
     assert turn(db, queue, ahead=3) == [a[2]]  # ``ahead`` beyond the workers' slots
@@ -162,7 +162,7 @@ def test_the_queue_position_is_the_order_the_dispatcher_uses(db: Database) -> No
     with db.session() as session:
         dispatch.register(session, "w3@test", {queue: 1}, utcnow())
         rows = {job.id: job for job in session.query(Job).filter(Job.id.in_(jobs))}
-        positions = {job_id: dispatch.standing(session, rows[job_id], utcnow(), ahead=0) for job_id in jobs}
+        positions = {job_id: standing.standing(session, rows[job_id], utcnow(), ahead=0) for job_id in jobs}
     order = []
     for _ in jobs:
         [sent] = turn(db, queue)
@@ -183,7 +183,7 @@ def test_the_scheduler_state_counts_live_jobs_per_queue_and_client(db: Database)
     make_job(db, queue=queue, client_id="bob", dispatched_at=utcnow())  # sent, not claimed
     with db.session() as session:
         dispatch.register(session, "w4@test", {queue: 3}, utcnow())
-        [state] = dispatch.scheduler_state(session, [queue], utcnow(), ahead=1)
+        [state] = standing.scheduler_state(session, [queue], utcnow(), ahead=1)
         dispatch.forget(session, "w4@test")
     assert (state.slots, state.ahead) == (3, 1)
     assert state.waiting == {"alice": 3, "bob": 1} and state.in_flight == {"bob": 1}
@@ -196,27 +196,49 @@ def test_playing_out_frees_the_oldest_slot_before_each_later_pick() -> None:
     heads = {"alice": [head("alice", 2), head("alice", 3)], "bob": [head("bob", 10 + i) for i in range(3)]}
     expected = ["bob10", "alice2", "bob11", "alice3", "bob12"]
     every = [h for hs in heads.values() for h in hs]
-    places = {h.id: dispatch.play_out(heads, ["alice", "alice"], 2, {"alice": T0}, h.id) for h in every}
+    places = {h.id: standing.play_out(heads, ["alice", "alice"], 2, {"alice": T0}, h.id) for h in every}
     assert sorted(places, key=places.__getitem__) == expected
     assert sorted(places.values()) == [0, 1, 2, 3, 4]
 
 
 def test_a_place_deep_in_a_backlog_is_computed_without_playing_it_out(db: Database) -> None:
     queue = f"q.{uuid.uuid4().hex[:8]}"
-    alice = [waiting_job(db, queue, "alice", i) for i in range(dispatch.PLAY_OUT_DEPTH + 50)]
+    alice = [waiting_job(db, queue, "alice", i) for i in range(standing.PLAY_OUT_DEPTH + 50)]
     bob = [waiting_job(db, queue, "bob", 10_000 + i) for i in range(5)]
     urgent = waiting_job(db, queue, "alice", 20_000, priority=9)  # alice's newest, and her first
     with db.session() as session:
         rows = {job.id: job for job in session.query(Job).filter(Job.id.in_([alice[-1], bob[2], urgent]))}
-        deep = dispatch.standing(session, rows[alice[-1]], utcnow())
-        shallow = dispatch.standing(session, rows[bob[2]], utcnow())
-        first = dispatch.standing(session, rows[urgent], utcnow())
+        deep = standing.standing(session, rows[alice[-1]], utcnow())
+        shallow = standing.standing(session, rows[bob[2]], utcnow())
+        first = standing.standing(session, rows[urgent], utcnow())
     assert deep is not None and shallow is not None and first is not None
     # Her priority-9 job, all of her earlier jobs and bob's five go before her last one; bob's
     # third goes after alice's first three (the urgent one among them) and his own first two.
     assert deep.position == len(alice) + len(bob)
     assert shallow.position == 5
     assert first.position == 0
+
+
+def test_jobs_placed_together_get_the_places_each_gets_alone(db: Database) -> None:
+    """``standings`` (a stream following a batch: each client's order read once) against
+    ``standing`` job by job: sent jobs, jobs near the head (played out) and deep in a backlog
+    (closed form), two clients of mixed priorities; and the places of the waiting jobs are the
+    next ones after the sent, each once."""
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    sent = [
+        make_job(db, queue=queue, client_id="bob", dispatched_at=T0 + timedelta(seconds=n)) for n in range(2)
+    ]
+    waiting = [waiting_job(db, queue, "alice", i, priority=1 if i % 7 == 0 else 0) for i in range(230)]
+    waiting += [waiting_job(db, queue, "bob", 1_000 + i, priority=i % 2) for i in range(6)]
+    now = utcnow()
+    with db.session() as session:
+        dispatch.register(session, f"w.{queue}", {queue: 2}, now)
+        jobs = list(session.scalars(select(Job).where(Job.queue == queue)))
+        together = standing.standings(session, jobs, now, ahead=1)
+        alone = {job.id: standing.standing(session, job, now, ahead=1) for job in jobs}
+    assert set(together) == set(alone) == {*sent, *waiting}
+    assert together == alone
+    assert sorted(together[job_id].position for job_id in waiting) == list(range(2, 2 + len(waiting)))
 
 
 def test_the_dispatchers_reads_walk_index_ranges_not_the_backlog(settings: Settings) -> None:
@@ -254,7 +276,7 @@ def test_the_dispatchers_reads_walk_index_ranges_not_the_backlog(settings: Setti
     event.listen(db.engine, "before_cursor_execute", seen)
     try:
         with db.session() as session:
-            place = dispatch.standing(session, near_head, utcnow(), ahead=3)
+            place = standing.standing(session, near_head, utcnow(), ahead=3)
             picked = dispatch.take_turns(session, queue, utcnow(), ahead=3)
             session.rollback()
     finally:
@@ -299,18 +321,18 @@ def test_a_polls_read_places_each_job_as_standing_does(db: Database) -> None:
     with db.session() as session:
         dispatch.register(session, "w5@test", {queue: 2}, now)
         for job_id in [*sent, *waiting, running]:
-            read = dispatch.read_live(session, job_id, now, ahead=1)
+            read = standing.read_live(session, job_id, now, ahead=1)
             assert read is not None
             job, body = read
-            expected = dispatch.standing(session, job, now, ahead=1)
+            expected = standing.standing(session, job, now, ahead=1)
             if expected is None:
                 assert job_id == running and body["queue_position"] is None
             else:
                 assert body["queue_position"] == expected.position, job_id
                 assert body["eta_utc"] == iso(expected.eta(now, job.predict_time))
-        assert dispatch.read_live(session, uuid.uuid4().hex, now) is None
+        assert standing.read_live(session, uuid.uuid4().hex, now) is None
         dispatch.forget(session, "w5@test")
     # The sent jobs by priority, then the time they were sent: bob's and alice's 5s, then the 0s.
     with db.session() as session:
-        places = {job_id: dispatch.read_live(session, job_id, now)[1]["queue_position"] for job_id in sent}  # type: ignore[index]
+        places = {job_id: standing.read_live(session, job_id, now)[1]["queue_position"] for job_id in sent}  # type: ignore[index]
     assert sorted(sent, key=places.__getitem__) == [sent[1], sent[2], sent[0], sent[3], sent[4]]
