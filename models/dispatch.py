@@ -27,17 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    String,
-    Table,
-    and_,
-    bindparam,
-    delete,
-    func,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import String, Table, and_, bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from config import Settings
