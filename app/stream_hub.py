@@ -43,6 +43,7 @@ log = logging.getLogger("aiorch.streams")
 
 SAFETY_NET = 5.0  # seconds between re-reads of watched jobs on Postgres
 POSITIONS_EVERY = 0.5  # seconds between recomputations of followed queued jobs' places
+POSITIONS_SHARE = 0.05  # at most this share of the hub's time goes to them (see ``next_positions``)
 LIVE_CACHE_PRUNE = 1000  # cached live objects past which the expired ones are dropped
 TAIL_INTERVAL = 0.01  # seconds between reads of the log's tail on SQLite, while anyone watches
 MAX_BUFFERED = 1 << 20  # bytes a slow reader may fall behind before its stream is closed
@@ -55,6 +56,15 @@ HEADERS = (
     b"Connection: close\r\n\r\n"
 )
 KEEPALIVE = b": keep-alive\n\n"
+
+
+def next_positions(began: float, spent: float) -> float:
+    """When the followed queued jobs' places are next recomputed, after a pass that began at
+    ``began`` and took ``spent`` seconds: ``POSITIONS_EVERY`` later, or later still so that places
+    take at most ``POSITIONS_SHARE`` of the hub's time. A place deep in a backlog is a count of the
+    jobs before it (50 ms at 100,000 deep): the events of every stream in the process wait while
+    the hub counts, and so do the API's request threads, for the GIL."""
+    return began + max(POSITIONS_EVERY, spent / POSITIONS_SHARE)
 
 
 def frame(event_id: int, job: dict[str, Any]) -> bytes:
@@ -435,10 +445,12 @@ class StreamHub:
 
     def _positions(self, woken: set[str]) -> None:
         """Send the followed queued jobs whose place in their queue changed: those on the queues of
-        the jobs that just logged events (``woken``). At most every ``POSITIONS_EVERY`` seconds.
-        Such an event has no ``id``: it is no entry of the job's log, so a resumed stream gets
-        the place afresh (its first object says it) instead of a replay."""
-        self._next_positions = time.monotonic() + POSITIONS_EVERY
+        the jobs that just logged events (``woken``). At most every ``POSITIONS_EVERY`` seconds,
+        less often when they cost more (``next_positions``). Such an event has no ``id``: it is no
+        entry of the job's log, so a resumed stream gets the place afresh (its first object says
+        it) instead of a replay."""
+        began = time.monotonic()
+        self._next_positions = began + POSITIONS_EVERY
         watched = [job_id for job_id in self._queued if job_id in self._streams]
         if not watched:
             return
@@ -447,6 +459,7 @@ class StreamHub:
             moved = feed.queues_of(session, woken)
             jobs = [job for job in feed.queued_rows(session, watched) if job.queue in moved]
             places = self._lives(session, jobs, now)
+        self._next_positions = next_positions(began, time.monotonic() - began)
         for job_id, body in places.items():
             for stream in list(self._streams.get(job_id, ())):
                 if stream.positions.get(job_id) == body["queue_position"]:

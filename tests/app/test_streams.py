@@ -13,7 +13,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app
-from app.stream_hub import QueueSink, StreamHub
+from app.stream_hub import POSITIONS_EVERY, POSITIONS_SHARE, QueueSink, StreamHub, next_positions
 from config import Settings
 from models.db import Database
 from models.jobstore import JobStore
@@ -120,3 +120,11 @@ def test_a_closed_stream_leaves_nothing_of_its_jobs_in_the_hub(settings: Setting
         deadline.wait(0.1)
     assert not set(job_ids) & (set(hub._streams) | hub._queued | set(hub._live_cache))
     db.dispose()
+
+
+def test_places_of_followed_jobs_take_a_bounded_share_of_the_hubs_time() -> None:
+    """A cheap pass is repeated every ``POSITIONS_EVERY``; one that took 0.2 s (jobs deep in a
+    backlog) waits 4 s, so places never take more than 5 % of the hub's thread."""
+    assert next_positions(100.0, 0.001) == 100.0 + POSITIONS_EVERY
+    assert next_positions(100.0, 0.2) == pytest.approx(100.0 + 0.2 / POSITIONS_SHARE)
+    assert POSITIONS_SHARE <= 0.05
