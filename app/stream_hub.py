@@ -393,13 +393,14 @@ class StreamHub:
         at = time.monotonic()
         if len(self._live_cache) > LIVE_CACHE_PRUNE:  # what is too old to be reused goes
             self._live_cache = {k: v for k, v in self._live_cache.items() if at - v[0] < POSITIONS_EVERY}
-        fresh = {job.id: self._live_cache.get(job.id) for job in jobs}
-        bodies = {
-            job_id: cached[1]
-            for job_id, cached in fresh.items()
-            if cached and at - cached[0] < POSITIONS_EVERY
-        }
-        stale = [job for job in jobs if job.id not in bodies]
+        bodies: dict[str, dict[str, Any]] = {}
+        stale = []
+        for job in jobs:
+            cached = self._live_cache.get(job.id)
+            if cached is not None and at - cached[0] < POSITIONS_EVERY:
+                bodies[job.id] = cached[1]
+            else:
+                stale.append(job)
         for job, body in zip(stale, live_objects(session, stale, now, self.ahead), strict=True):
             self._live_cache[job.id] = (at, body)
             bodies[job.id] = body

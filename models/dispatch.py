@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from config import Settings
 from models.client_limits import running_caps
 from models.db import UTCDateTime, on_postgres, rowcount
-from models.jobs import IN_FLIGHT_SQL, DispatchTurn, Job, QueueSlot
+from models.jobs import IN_FLIGHT_SQL, WAITING_SQL, DispatchTurn, Job, QueueSlot
 from models.lifecycle import create, job_from
 from models.state import JobStatus
 from models.together import Together
@@ -125,24 +125,23 @@ def slots_of(session: Session, queue: str, now: datetime) -> int:
 # The distinct queues, or one queue's distinct clients, that have jobs waiting: one probe of the
 # waiting index per value found (a loose index scan). ``SELECT DISTINCT`` read every waiting row, and
 # a backlog of 100,000 made each fill cost 80 ms.
-WAITING_SQL = "{t}status = 'queued' AND {t}dispatched_at IS NULL"
+# (Inside each subquery an unqualified column is the jobs row's; ``found.`` names the step before.)
 _QUEUES_WAITING = text(f"""
     WITH RECURSIVE found(queue) AS (
-        SELECT (SELECT queue FROM jobs WHERE {WAITING_SQL.format(t="")} ORDER BY queue LIMIT 1)
+        SELECT (SELECT queue FROM jobs WHERE {WAITING_SQL} ORDER BY queue LIMIT 1)
         UNION ALL
-        SELECT (SELECT j.queue FROM jobs j WHERE {WAITING_SQL.format(t="j.")} AND j.queue > found.queue
-                 ORDER BY j.queue LIMIT 1)
+        SELECT (SELECT queue FROM jobs WHERE {WAITING_SQL} AND queue > found.queue ORDER BY queue LIMIT 1)
           FROM found WHERE found.queue IS NOT NULL
     )
     SELECT queue FROM found WHERE queue IS NOT NULL
 """)
 _CLIENTS_WAITING = text(f"""
     WITH RECURSIVE found(client_id) AS (
-        SELECT (SELECT client_id FROM jobs WHERE {WAITING_SQL.format(t="")} AND queue = :queue
+        SELECT (SELECT client_id FROM jobs WHERE {WAITING_SQL} AND queue = :queue
                  ORDER BY queue, client_id LIMIT 1)
         UNION ALL
-        SELECT (SELECT j.client_id FROM jobs j WHERE {WAITING_SQL.format(t="j.")} AND j.queue = :queue
-                   AND j.client_id > found.client_id ORDER BY j.queue, j.client_id LIMIT 1)
+        SELECT (SELECT client_id FROM jobs WHERE {WAITING_SQL} AND queue = :queue
+                   AND client_id > found.client_id ORDER BY queue, client_id LIMIT 1)
           FROM found WHERE found.client_id IS NOT NULL
     )
     SELECT client_id FROM found WHERE client_id IS NOT NULL

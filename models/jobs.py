@@ -33,6 +33,8 @@ from models.state import JobStatus
 IN_FLIGHT_SQL = (
     "(status = 'queued' AND dispatched_at IS NOT NULL) OR (status = 'running' AND stage = 'local')"
 )
+# A job waiting for a slot: the predicate of ``ix_jobs_waiting``, which a query repeats to walk it.
+WAITING_SQL = "status = 'queued' AND dispatched_at IS NULL"
 # Each class's ORM class manager once its mappers are configured (``Job.transient``).
 _MANAGERS: dict[type, Any] = {}
 
@@ -58,8 +60,8 @@ class Job(Base):
             desc("priority"),
             "created_at",
             "id",
-            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
-            sqlite_where=text("status = 'queued' AND dispatched_at IS NULL"),
+            postgresql_where=text(WAITING_SQL),
+            sqlite_where=text(WAITING_SQL),
         ),
         Index(
             "ix_jobs_in_flight",

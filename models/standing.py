@@ -208,20 +208,6 @@ def play_order(
         served[client] = (1, NEVER + timedelta(microseconds=picked + 1))
 
 
-def play_out(
-    heads: Mapping[str, list[Head]],
-    in_flight: list[str],
-    capacity: int,
-    last_turns: Mapping[str, datetime],
-    until: str,
-) -> int:
-    """How many waiting jobs get a slot before job ``until`` (``play_order``)."""
-    for picked, job_id in enumerate(play_order(heads, in_flight, capacity, last_turns)):
-        if job_id == until:
-            return picked
-    return sum(len(jobs) for jobs in heads.values())
-
-
 def standing(session: Session, job: Job, now: datetime, ahead: int = 1) -> Standing | None:
     """The job's place in its queue while it is queued (None otherwise): ``standings`` of one."""
     return standings(session, [job], now, ahead).get(job.id)
@@ -232,6 +218,7 @@ def standings(session: Session, jobs: Sequence[Job], now: datetime, ahead: int =
     ``AIORCH_DISPATCH_AHEAD``."""
     places: dict[str, Standing] = {}
     waiting: dict[str, list[Job]] = defaultdict(list)
+    alive = alive_since(now)
     for job in jobs:
         if job.status != JobStatus.QUEUED.value:
             continue
@@ -239,7 +226,7 @@ def standings(session: Session, jobs: Sequence[Job], now: datetime, ahead: int =
             waiting[job.queue].append(job)
             continue
         # Sent already (the common case of a poll; a queue has few): one prebuilt statement each.
-        given = {"queue": job.queue, "alive": alive_since(now), "id": job.id, "priority": job.priority}
+        given = {"queue": job.queue, "alive": alive, "id": job.id, "priority": job.priority}
         row = session.execute(_SENT_STANDING, {**given, "dispatched": job.dispatched_at}).one()
         places[job.id] = Standing(int(row.ahead or 0), int(row.slots or 0))
     for queue, asked in waiting.items():
@@ -273,13 +260,15 @@ def _waiting_places(
     deep = [job for job in placed if job.id not in near]
     if deep:
         # Each other client gets as many turns as it has jobs, up to the job's own client's count
-        # at its turn (ties before): each client's jobs counted once, to the deepest turn asked.
+        # at its turn (ties before): each client's jobs counted once, to the deepest turn asked,
+        # and only where some job asked is another client's (its own are its rank).
         counts = {client: flying.count(client) for client in set(flying)}
         turns_at = {job.id: counts.get(job.client_id, 0) + ranks[job.id] for job in deep}
         last_turn = max(turns_at.values())
         has = {
             client: waiting_up_to(session, queue, client, last_turn + 1 - counts.get(client, 0))
             for client in clients_waiting(session, queue)
+            if any(job.client_id != client for job in deep)
         }
         for job in deep:
             turn = turns_at[job.id]

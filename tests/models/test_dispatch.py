@@ -196,7 +196,8 @@ def test_playing_out_frees_the_oldest_slot_before_each_later_pick() -> None:
     heads = {"alice": [head("alice", 2), head("alice", 3)], "bob": [head("bob", 10 + i) for i in range(3)]}
     expected = ["bob10", "alice2", "bob11", "alice3", "bob12"]
     every = [h for hs in heads.values() for h in hs]
-    places = {h.id: standing.play_out(heads, ["alice", "alice"], 2, {"alice": T0}, h.id) for h in every}
+    order = list(standing.play_order(heads, ["alice", "alice"], 2, {"alice": T0}))
+    places = {h.id: order.index(h.id) for h in every}
     assert sorted(places, key=places.__getitem__) == expected
     assert sorted(places.values()) == [0, 1, 2, 3, 4]
 
