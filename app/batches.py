@@ -252,9 +252,9 @@ def submit_batch(body: dict[str, Any], batch_id: str, *, race_retry: bool = True
             if job.id in slotted:
                 job.dispatched_at = None
         try:
+            for job, spec in zip(admitted.jobs, admitted.specs, strict=True):
+                job.predict_time = predicted(svc.db, spec.name, spec.predict_seconds)
             with svc.db.writing() as session:
-                for job, spec in zip(admitted.jobs, admitted.specs, strict=True):
-                    job.predict_time = predicted(session, spec.name, spec.predict_seconds)
                 created = insert_jobs(session, admitted.jobs)
                 now = utcnow()
                 queues = sorted({job.queue for job in admitted.jobs if job.id in slotted})

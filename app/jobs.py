@@ -33,7 +33,7 @@ from app.schemas import (
 )
 from app.services import Services
 from config import Settings
-from models.db import utcnow
+from models.db import Database, utcnow
 from models.dispatch import insert_in_turn
 from models.jobs import Job, WebhookDelivery
 from models.jobstore import ClaimRefused, insert_job, new_id, predict_seconds
@@ -97,14 +97,15 @@ PREDICTION_TTL = 2.0  # seconds an estimate is reused for more jobs of the same 
 _predictions: dict[str, tuple[float, float]] = {}  # engine task -> (monotonic time, seconds)
 
 
-def predicted(session: Any, engine_task: str, default: float) -> float:
+def predicted(db: Database, engine_task: str, default: float) -> float:
     """``predict_seconds`` for this task, reused for ``PREDICTION_TTL``: the estimate moves with
     jobs that finish over seconds, and recomputing it costs every POST two more queries."""
     now = time.monotonic()
     cached = _predictions.get(engine_task)
     if cached is not None and now - cached[0] < PREDICTION_TTL:
         return cached[1]
-    value = predict_seconds(session, engine_task, default)
+    with db.reading() as session:
+        value = predict_seconds(session, engine_task, default)
     _predictions[engine_task] = (now, value)
     return value
 
@@ -249,16 +250,14 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     if slotted:
         job.dispatched_at = None
     granted = due = False
+    job.predict_time = predicted(svc.db, spec.name, spec.predict_seconds)
     try:
-        # INSERT, first event and turn are one statement on Postgres: no BEGIN/COMMIT of its own.
-        with svc.db.writing(one_statement=slotted) as session:
-            job.predict_time = predicted(session, spec.name, spec.predict_seconds)
-            if slotted:
-                limits = client_limits(svc, g.client_id)
-                created, granted, due = insert_in_turn(
-                    session, job, now, settings.dispatch_ahead, limits.max_running
-                )
-            else:
+        if slotted:  # INSERT, first event and turn: one statement on Postgres, in autocommit
+            limits = client_limits(svc, g.client_id)
+            ahead = settings.dispatch_ahead
+            created, granted, due = insert_in_turn(svc.db, job, now, ahead, limits.max_running)
+        else:
+            with svc.db.writing() as session:
                 created = insert_job(session, job)  # the INSERT and its first event
     except IntegrityError:
         # Another request with the same Idempotency-Key won the race.

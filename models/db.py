@@ -202,19 +202,48 @@ class Database:
             yield session
 
     @contextlib.contextmanager
-    def writing(self, one_statement: bool = False) -> Iterator[Session]:
+    def writing(self) -> Iterator[Session]:
         """``session`` for a unit of work that writes. On SQLite (one writer at a time) the threads
         of this process take turns on a lock first: waiting on SQLite's own busy handler means
         sleeping in steps of up to 100 ms, and a thread holding the database lock while it waits
         for the GIL makes every other writer sleep its way up those steps (32 submitting threads
-        ran at half the rate). Postgres needs no such turn.
-
-        ``one_statement``: the unit writes with a single statement (reads before it may be
-        several), which Postgres runs as one transaction of its own, in autocommit: no ``BEGIN``
-        and no ``COMMIT`` round trip (the single submit, ``models.dispatch.insert_in_turn``). A unit
-        with two writes must not ask for it: each would commit alone."""
-        with self._write_turn, self.session(autocommit=one_statement) as session:
+        ran at half the rate). Postgres needs no such turn."""
+        with self._write_turn, self.session() as session:
             yield session
+
+    @contextlib.contextmanager
+    def statement(self) -> Iterator[Any]:
+        """(Postgres) A DBAPI cursor on a pooled connection in autocommit, for a unit of work that
+        is a single statement: Postgres runs it as a transaction of its own, with no ``BEGIN`` and
+        no ``COMMIT`` round trip, and no ORM session is built around it (the single submit,
+        ``models.dispatch.insert_in_turn``: the session's bookkeeping cost more of the request's
+        CPU than its statement). A unit that writes twice must not use it: each write would commit
+        alone. Errors come out as SQLAlchemy's (``IntegrityError``, ``OperationalError``), and a
+        connection the error shows to be broken is dropped from the pool."""
+        fairy = self.engine.raw_connection()
+        conn: Any = fairy.driver_connection
+        cursor = None
+        try:
+            conn.autocommit = True
+            cursor = conn.cursor()
+            yield cursor
+        except self._dbapi.Error as exc:
+            broken = bool(conn.closed) or self.engine.dialect.is_disconnect(exc, conn, cursor)
+            if broken:
+                fairy.invalidate(exc)
+            raise DBAPIError.instance(
+                None, None, exc, self._dbapi.Error, connection_invalidated=broken, dialect=self.engine.dialect
+            ) from exc
+        finally:
+            if cursor is not None and not conn.closed:
+                cursor.close()
+            if not conn.closed:
+                conn.autocommit = False  # the pool's next user gets a transactional connection
+            fairy.close()
+
+    @property
+    def _dbapi(self) -> Any:
+        return self.engine.dialect.loaded_dbapi
 
     @property
     def is_postgres(self) -> bool:

@@ -32,9 +32,9 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from models.client_limits import running_caps
-from models.db import UTCDateTime, on_postgres, rowcount
+from models.db import Database, UTCDateTime, on_postgres, rowcount
 from models.jobs import IN_FLIGHT_SQL, WAITING_SQL, DispatchTurn, Job, QueueSlot
-from models.lifecycle import create, job_from
+from models.lifecycle import create, create_in, job_from
 from models.state import JobStatus
 from models.together import Together
 
@@ -302,22 +302,27 @@ _TURN_ANSWER = f"SELECT {_GOES} AS granted, turn.free, turn.others, turn.capped 
 
 
 def insert_in_turn(
-    session: Session, job: Job, now: datetime, ahead: int, max_running: int = 0
+    db: Database, job: Job, now: datetime, ahead: int, max_running: int = 0
 ) -> tuple[dict[str, Any], bool, bool]:
     """A submit's write: INSERT the new job (``lifecycle.create``) and give it its own turn
-    (``grant_new``'s rules). Returns ``(job object, granted, a dispatch is due)``.
+    (``grant_new``'s rules), as a unit of work of its own. Returns ``(job object, granted, a
+    dispatch is due)``.
 
-    On Postgres one statement does both: the turn is decided in a common table expression and the
-    job's row is written with ``dispatched_at`` set or not by it, with its event, in one round trip.
-    Elsewhere the INSERT, then ``grant_new``."""
-    if not on_postgres(session):
-        body = create(session, job)
-        return (body, *grant_new(session, job, now, ahead, max_running))
-    batch = Together(session, computed={"jobs": {"dispatched_at": _SENT_IF_GOES}})
-    body = create(session, job, batch)
+    On Postgres one statement does both, on a bare cursor in autocommit (``Database.statement``):
+    the turn is decided in a common table expression and the job's row is written with
+    ``dispatched_at`` set or not by it, with its event, in one round trip. Elsewhere the INSERT,
+    then ``grant_new``, in one transaction."""
+    if not db.is_postgres:
+        with db.writing() as session:
+            body = create(session, job)
+            return (body, *grant_new(session, job, now, ahead, max_running))
     params = {"queue": job.queue, "alive": alive_since(now), "ahead": ahead, "cap": max_running}
     params.update(client=job.client_id, now=now)
-    row = batch.send_within("turn", _TURN, params, _TURN_ANSWER)
+    with db.statement() as cursor:
+        computed = {"jobs": {"dispatched_at": _SENT_IF_GOES}}
+        batch = Together.on_cursor(cursor, db.engine.dialect, computed)
+        body = create_in(batch, job)
+        row = batch.send_within("turn", _TURN, params, _TURN_ANSWER)
     assert row is not None  # one row, always
     return body, bool(row["granted"]), bool(row["free"] > 0 and row["others"] and not row["capped"])
 

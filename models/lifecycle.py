@@ -283,30 +283,40 @@ def apply(
     return Moved(move, job, move.event, notify, bool(row._mapping.get("neighbours", False)))
 
 
-def create(session: Session, job: Job, batch: Together | None = None) -> dict[str, Any]:
+def create(session: Session, job: Job) -> dict[str, Any]:
     """The first move: INSERT a new job at ``INITIAL`` from a transient ``Job`` (the attributes it
     was given, column defaults for the rest), without the ORM unit of work, and its ``job.queued``
-    event (at ``created_at``). Returns the job object, which the caller answers with.
-
-    On Postgres both INSERTs go in one round trip (``models.together``); with ``batch`` they are
-    only gathered there, for the caller to send with what it writes next (the submit's turn,
-    ``models.dispatch.insert_in_turn``): the single submit then waits on the database twice, for those
-    and for COMMIT."""
-    job.status, job.stage, job.event_seq = INITIAL.status.value, INITIAL.phase.value, 1
-    state = job.__dict__
-    row = {name: state[key] for name, key in _ATTRIBUTES.items() if key in state}
-    body = job_object(job, job.created_at)
-    event = _queued_event(job, body)
+    event (at ``created_at``). Returns the job object, which the caller answers with. On Postgres
+    both INSERTs go in one round trip (``models.together``)."""
+    row, event, body = _first_rows(job)
     if on_postgres(session):
-        gathered = batch or Together(session)
+        gathered = Together(session)
         gathered.insert(_jobs, [row])
         gathered.insert(_events, [event])
-        if batch is None:
-            gathered.send()
+        gathered.send()
     else:
         session.execute(_INSERT_JOB, row)
         session.execute(_INSERT_EVENT, event)
     return body
+
+
+def create_in(batch: Together, job: Job) -> dict[str, Any]:
+    """(Postgres) ``create``'s two INSERTs, only gathered in ``batch``, for the caller to send with
+    what it writes next (the submit's turn, ``models.dispatch.insert_in_turn``: the single submit
+    is then one statement). Returns the job object."""
+    row, event, body = _first_rows(job)
+    batch.insert(_jobs, [row])
+    batch.insert(_events, [event])
+    return body
+
+
+def _first_rows(job: Job) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A new job's row, its ``job.queued`` event's row and its job object."""
+    job.status, job.stage, job.event_seq = INITIAL.status.value, INITIAL.phase.value, 1
+    state = job.__dict__
+    row = {name: state[key] for name, key in _ATTRIBUTES.items() if key in state}
+    body = job_object(job, job.created_at)
+    return row, _queued_event(job, body), body
 
 
 def _queued_event(job: Job, body: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@
   server in one round trip (``send``), or the INSERTs as one statement with a common table
   expression they read and a query whose row is the answer (``send_within``). A move's
   event, its counters and its output files go with one another this way (``models.lifecycle``),
-  and a submit's INSERTs with its turn (``models.dispatch.insert_in_turn``).
+  and a submit's INSERTs with its turn (``models.dispatch.insert_in_turn``, on a bare cursor:
+  ``Together.on_cursor``).
 
 Values are bound by each column type's own processor (JSON serialized, UTC times checked), as
 SQLAlchemy binds them, then quoted by psycopg2 (``mogrify``); the joined text is executed without
@@ -16,6 +17,7 @@ SQLAlchemy's ``IntegrityError``, as ``session.execute`` would raise it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Mapping
 from datetime import datetime
@@ -35,10 +37,23 @@ class Together:
     value (for ``send_within``: the expression may read its common table expression)."""
 
     def __init__(self, session: Session, computed: Mapping[str, Mapping[str, str]] | None = None):
-        self.session = session
+        self.session: Session | None = session
+        self.cursor: Any = None
         self.dialect = session.get_bind().dialect
         self.computed = computed or {}
         self.parts: list[bytes] = []
+
+    @classmethod
+    def on_cursor(
+        cls, cursor: Any, dialect: Any, computed: Mapping[str, Mapping[str, str]] | None = None
+    ) -> Together:
+        """Writes sent on a DBAPI cursor of the caller's (``Database.statement``), not through a
+        session; the caller turns psycopg2's errors into SQLAlchemy's."""
+        together = cls.__new__(cls)
+        together.session, together.cursor, together.dialect = None, cursor, dialect
+        together.computed = computed or {}
+        together.parts = []
+        return together
 
     def insert(self, table: Table, rows: list[dict[str, Any]], on_conflict: str = "") -> None:
         """One multi-row INSERT of ``rows`` (the same keys in each), then ``on_conflict`` if any."""
@@ -77,18 +92,30 @@ class Together:
             head = f"WITH {name} AS (".encode() + cursor.mogrify(cte, params) + b")"
         writes = b"".join(b", w%d AS (%s)" % (index, part) for index, part in enumerate(self.parts))
         self.parts = []
-        result = self._execute(head + writes + b" " + query.encode())
-        row = result.mappings().first()
+        statement = head + writes + b" " + query.encode()
+        if self.cursor is not None:
+            self.cursor.execute(statement)
+            found = self.cursor.fetchone()
+            names = [column.name for column in self.cursor.description]
+            return None if found is None else dict(zip(names, found, strict=True))
+        row = self._execute(statement).mappings().first()
         return None if row is None else dict(row)
 
     def _execute(self, statement: bytes) -> Any:
-        # Through SQLAlchemy (its events see the statement, its errors wrap psycopg2's), executed
-        # without parameters: nothing in the quoted values is read as a placeholder.
+        # Executed without parameters: nothing in the quoted values is read as a placeholder. In a
+        # session, through SQLAlchemy (its events see the statement, its errors wrap psycopg2's).
+        if self.cursor is not None:
+            self.cursor.execute(statement)
+            return None
+        assert self.session is not None
         return self.session.connection().exec_driver_sql(
             statement.decode(), execution_options={"no_parameters": True}
         )
 
     def _cursor(self) -> Any:
+        if self.cursor is not None:
+            return contextlib.nullcontext(self.cursor)
+        assert self.session is not None
         return self.session.connection().connection.cursor()
 
 

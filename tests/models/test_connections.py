@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from config import Settings
-from models.db import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Database
+from models.db import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Database, database_unreachable
 
 
 def test_the_server_keeps_alive_each_session_so_a_vanished_client_loses_its_locks(settings: Settings) -> None:
@@ -47,7 +49,7 @@ def transactions_of_two_statements(session: Any) -> set[int]:
     return {session.execute(text("SELECT txid_current()")).scalar() for _ in range(2)}
 
 
-def test_reads_and_one_statement_writes_run_in_autocommit_and_the_connection_comes_back_transactional(
+def test_reads_and_single_statements_run_in_autocommit_and_the_connection_comes_back_transactional(
     settings: Settings,
 ) -> None:
     db = Database(settings)
@@ -55,8 +57,12 @@ def test_reads_and_one_statement_writes_run_in_autocommit_and_the_connection_com
         with db.reading() as session:
             read = transactions_of_two_statements(session)
             connection = session.connection().connection.dbapi_connection
-        with db.writing(one_statement=True) as session:
-            one_statement = transactions_of_two_statements(session)
+        with db.statement() as cursor:
+            assert cursor.connection is connection  # the pool's connection, not one of its own
+            single = set()
+            for _ in range(2):
+                cursor.execute("SELECT txid_current()")
+                single.add(cursor.fetchone()[0])
         # The same pooled connection, checked out again for an ordinary unit of work: a
         # transaction again, so a unit with several writes still commits them together.
         with db.writing() as session:
@@ -66,5 +72,36 @@ def test_reads_and_one_statement_writes_run_in_autocommit_and_the_connection_com
             also_ordinary = transactions_of_two_statements(session)
     finally:
         db.dispose()
-    assert len(read) == 2 and len(one_statement) == 2
+    assert len(read) == 2 and len(single) == 2
     assert len(ordinary) == 1 and len(also_ordinary) == 1
+
+
+def test_a_single_statement_s_errors_are_sqlalchemy_s_and_a_broken_connection_leaves_the_pool(
+    settings: Settings,
+) -> None:
+    """``Database.statement`` raises what a session would (the API maps a unique violation to an
+    idempotent replay and a lost connection to ``503 database_unavailable``), and a connection
+    that broke under it is not handed to the next unit of work."""
+    db = Database(settings)
+    try:
+        with pytest.raises(IntegrityError), db.statement() as cursor:
+            cursor.execute("CREATE TEMP TABLE once (id int PRIMARY KEY); INSERT INTO once VALUES (1), (1)")
+        with db.statement() as cursor:
+            broken = cursor.connection
+            backend = broken.get_backend_pid()
+        other = Database(settings)  # killed from another pool, as a server restart would
+        try:
+            with other.reading() as session:
+                assert session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend}).scalar()
+        finally:
+            other.dispose()
+        with pytest.raises(OperationalError) as raised, db.statement() as cursor:
+            assert cursor.connection is broken
+            cursor.execute("SELECT 1")
+        assert database_unreachable(raised.value)
+        with db.statement() as cursor:
+            assert cursor.connection is not broken
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
+    finally:
+        db.dispose()
