@@ -8,9 +8,13 @@ the stream's request (key, ids, ownership) and hands the connection's socket ove
 thousand others, and the request thread is free for the next request. Any other WSGI server (the
 Flask test client) gets the same events through a queue that the response generator drains.
 
-Wake-ups: on Postgres a dedicated connection LISTENs on ``models.feed.EVENT_CHANNEL`` (each
-notification names the jobs that just logged events, sent on COMMIT) and the watched jobs are
-re-read every ``SAFETY_NET`` seconds in case a notification was lost while reconnecting. On SQLite
+Wake-ups: on Postgres a dedicated connection LISTENs on the channels of the jobs watched here
+(``models.feed.channel_of``, one of 16 per job: each notification names the jobs that just logged
+events, sent on COMMIT), so submits and moves of other jobs do not wake this thread (with one
+channel for all, a thousand streams on one job cost ``POST /v1/jobs`` beside them a third of its
+rate). A job whose channel was just LISTENed is read once more, for what it logged before, and
+the watched jobs are re-read every ``SAFETY_NET`` seconds in case a notification was lost while
+reconnecting. Places of followed queued jobs are recomputed on a timer, when the log has moved. On SQLite
 (the embedded default) the log's tail is read by id every ``TAIL_INTERVAL`` seconds while anyone
 is watching. Either way one query per wake-up reads the new events of all the jobs it names.
 """
@@ -187,6 +191,8 @@ class StreamHub:
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._listener: Any = None
         self._listener_fd = -1
+        self._listening: set[str] = set()  # the channels LISTENed on the listener connection
+        self._log_seen = -1  # the log's newest id at the last pass over places
         self._tail_after = 0
         self._next_net = 0.0
         self._queued: set[str] = set()  # followed jobs last seen queued (their place may change)
@@ -270,6 +276,8 @@ class StreamHub:
             timeout = min(timeout, max(0.0, self._next_net - now))
             if self.dsn is None:
                 timeout = min(timeout, TAIL_INTERVAL)
+        if self._queued:
+            timeout = min(timeout, max(0.0, self._next_positions - now))
         return timeout
 
     def _loop_once(self) -> None:
@@ -284,6 +292,7 @@ class StreamHub:
                 self._on_socket(key.data, mask)
         while self._commands:
             self._commands.popleft()()
+        woken |= self._sync_channels()
         now = time.monotonic()
         if self.dsn is None and self._watching():
             woken |= self._tail()
@@ -292,8 +301,8 @@ class StreamHub:
             woken |= set(self._streams) | set(self._waiters)
         if woken:
             self._deliver(woken)
-            if self._queued and now >= self._next_positions:
-                self._positions(woken)
+        if self._queued and now >= self._next_positions:
+            self._positions()
         self._keep_alive(now)
 
     def _drain_wake(self) -> None:
@@ -309,33 +318,63 @@ class StreamHub:
         try:
             conn = psycopg2.connect(self.dsn)
             conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-            with conn.cursor() as cursor:
-                cursor.execute(f"LISTEN {feed.EVENT_CHANNEL}")
         except psycopg2.Error as exc:
             log.warning("stream hub: cannot LISTEN (%s); retrying", exc)
             time.sleep(1.0)
             return
         self._listener = conn
+        self._listening = set()  # a new session: each channel is LISTENed again (``_sync_channels``)
         # By descriptor: a connection object that broke can no longer say which one it had.
         self._listener_fd = conn.fileno()
         self._selector.register(self._listener_fd, selectors.EVENT_READ, "listen")
         self._next_net = 0.0  # re-read everything watched: notifications may have been missed
 
     def _notified(self) -> set[str]:
-        conn = self._listener
         try:
-            conn.poll()
+            self._listener.poll()
         except psycopg2.Error as exc:
-            log.warning("stream hub: listener lost its connection (%s); reconnecting", exc)
-            self._selector.unregister(self._listener_fd)
-            with contextlib.suppress(psycopg2.Error):
-                conn.close()
-            self._listener = None
+            self._lost_listener(exc)
             return set()
+        return self._drain_notifies()
+
+    def _drain_notifies(self) -> set[str]:
+        conn = self._listener
         jobs: set[str] = set()
         while conn.notifies:
             jobs.update(conn.notifies.pop(0).payload.split(","))
         return jobs
+
+    def _lost_listener(self, exc: Exception) -> None:
+        log.warning("stream hub: listener lost its connection (%s); reconnecting", exc)
+        self._selector.unregister(self._listener_fd)
+        with contextlib.suppress(psycopg2.Error):
+            self._listener.close()
+        self._listener = None
+
+    def _sync_channels(self) -> set[str]:
+        """LISTEN to the channels of the jobs watched now and UNLISTEN the others. Returns the
+        watched jobs on channels just LISTENed (to be read once more: what they logged before
+        the LISTEN was heard by nobody) and the jobs named by notifications that arrived meanwhile."""
+        if self._listener is None:
+            return set()
+        with self._lock:
+            watched = set(self._streams) | set(self._waiters)
+        by_channel: dict[str, list[str]] = {}
+        for job_id in watched:
+            by_channel.setdefault(feed.channel_of(job_id), []).append(job_id)
+        new = by_channel.keys() - self._listening
+        gone = self._listening - by_channel.keys()
+        if not new and not gone:
+            return set()
+        commands = [f'LISTEN "{c}"' for c in sorted(new)] + [f'UNLISTEN "{c}"' for c in sorted(gone)]
+        try:
+            with self._listener.cursor() as cursor:
+                cursor.execute("; ".join(commands))
+        except psycopg2.Error as exc:
+            self._lost_listener(exc)
+            return set()
+        self._listening = set(by_channel)
+        return self._drain_notifies() | {job_id for channel in new for job_id in by_channel[channel]}
 
     def _tail(self) -> set[str]:
         with self.db.reading() as session:
@@ -444,12 +483,12 @@ class StreamHub:
         if stream in self._open:
             self._want_writes(stream)
 
-    def _positions(self, woken: set[str]) -> None:
-        """Send the followed queued jobs whose place in their queue changed: those on the queues of
-        the jobs that just logged events (``woken``). At most every ``POSITIONS_EVERY`` seconds,
-        less often when they cost more (``next_positions``). Such an event has no ``id``: it is no
-        entry of the job's log, so a resumed stream gets the place afresh (its first object says
-        it) instead of a replay."""
+    def _positions(self) -> None:
+        """Send the followed queued jobs whose place in their queue changed, when anything was
+        logged since the last pass (a place moves only when a job is submitted, starts or ends).
+        At most every ``POSITIONS_EVERY`` seconds, less often when they cost more
+        (``next_positions``). Such an event has no ``id``: it is no entry of the job's log, so a
+        resumed stream gets the place afresh (its first object says it) instead of a replay."""
         began = time.monotonic()
         self._next_positions = began + POSITIONS_EVERY
         watched = [job_id for job_id in self._queued if job_id in self._streams]
@@ -457,9 +496,11 @@ class StreamHub:
             return
         now = utcnow()
         with self.db.reading() as session:
-            moved = feed.queues_of(session, woken)
-            jobs = [job for job in feed.queued_rows(session, watched) if job.queue in moved]
-            places = self._lives(session, jobs, now)
+            newest = feed.last_id(session)
+            if newest == self._log_seen:
+                return
+            self._log_seen = newest
+            places = self._lives(session, feed.queued_rows(session, watched), now)
         self._next_positions = next_positions(began, time.monotonic() - began)
         for job_id, body in places.items():
             for stream in list(self._streams.get(job_id, ())):

@@ -1,10 +1,11 @@
 """The job event log read by live streams (``GET /v1/jobs/{id}/events``, ``GET /v1/events``) and by
 the API's waiters, and the wake-up that tells them to read it.
 
-Wake-up: on Postgres every INSERT into ``job_events`` NOTIFYs ``EVENT_CHANNEL`` with the ids of the
-jobs it logged (a statement trigger, migration 0009: one notification per statement and per 200
-jobs, so a bulk insert of 1000 jobs sends five, a move sends one), delivered on COMMIT, so a
-listener never reads an event before it is visible. On SQLite (the embedded default) there is no
+Wake-up: on Postgres every INSERT into ``job_events`` NOTIFYs the ids of the jobs it logged, each
+on its job's channel (``channel_of``: one of 16, so a listener hears only the jobs it watches and
+a few of their neighbours; a statement trigger, migrations 0009 and 0014: one notification per
+statement, channel and 200 jobs, so a move sends one and a batch of 500 up to 16), delivered on
+COMMIT, so a listener never reads an event before it is visible. On SQLite (the embedded default) there is no
 NOTIFY: the listener reads the log's tail (``tail``) instead; SQLite has one writer at a time, so
 ids commit in order and nothing is skipped.
 
@@ -15,6 +16,7 @@ stream over many jobs can resume from one number.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,7 +26,15 @@ from sqlalchemy.orm import Session
 from models.jobs import Job, JobEvent
 from models.public import job_object
 
-EVENT_CHANNEL = "aiorch_job_event"
+EVENT_CHANNEL = "aiorch_job_event"  # the channels' common prefix
+
+
+def channel_of(job_id: str) -> str:
+    """The channel a job's events are announced on: the prefix and the first hex digit of the md5
+    of its id, as the trigger of migration 0014 chooses it."""
+    return f"{EVENT_CHANNEL}_{hashlib.md5(job_id.encode(), usedforsecurity=False).hexdigest()[0]}"
+
+
 Logged = tuple[int, str, dict[str, Any]]  # (event id, job id, the job object after the event)
 
 _events: Table = JobEvent.__table__  # type: ignore[assignment]
@@ -104,22 +114,17 @@ def batch_jobs(session: Session, client_id: str | None, batch_id: str) -> list[s
 def announce(session: Session, job_ids: Iterable[str]) -> None:
     """Wake the listeners of jobs that changed without logging an event (deleted): the trigger
     of ``job_events`` announces every other change. Delivered on COMMIT; SQLite has no NOTIFY."""
-    ids = list(job_ids)
-    if not ids or session.get_bind().dialect.name != "postgresql":
+    if session.get_bind().dialect.name != "postgresql":
         return
-    for start in range(0, len(ids), 200):
-        session.execute(
-            text("SELECT pg_notify(:channel, :ids)"),
-            {"channel": EVENT_CHANNEL, "ids": ",".join(ids[start : start + 200])},
-        )
-
-
-def queues_of(session: Session, job_ids: Iterable[str]) -> set[str]:
-    """The queues of these jobs (those that still exist)."""
-    ids = list(job_ids)
-    if not ids:
-        return set()
-    return {row[0] for row in session.execute(select(_j.queue).where(_j.id.in_(ids)).distinct())}
+    by_channel: dict[str, list[str]] = {}
+    for job_id in job_ids:
+        by_channel.setdefault(channel_of(job_id), []).append(job_id)
+    for channel, ids in by_channel.items():
+        for start in range(0, len(ids), 200):
+            session.execute(
+                text("SELECT pg_notify(:channel, :ids)"),
+                {"channel": channel, "ids": ",".join(ids[start : start + 200])},
+            )
 
 
 def queued_rows(session: Session, job_ids: Iterable[str]) -> list[Job]:

@@ -4,22 +4,27 @@ the run's Postgres, woken by the job log's NOTIFY; and the stream hub's wake-up 
 from __future__ import annotations
 
 import json
+import select
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from flask.testing import FlaskClient
 
 from app import create_app
 from app.stream_hub import POSITIONS_EVERY, POSITIONS_SHARE, QueueSink, StreamHub, next_positions
 from config import Settings
+from models import feed, lifecycle
 from models.db import Database
-from models.jobstore import JobStore
+from models.jobs import Job
+from models.jobstore import JobStore, new_id
 from models.migrate import upgrade
 from tests.conftest import KEYS
-from tests.support.factories import make_job
+from tests.support.factories import _job_values, make_job, make_job_event
 
 ALICE = {"X-API-Key": KEYS[0][1]}
 BOB = {"X-API-Key": KEYS[1][1]}
@@ -128,3 +133,111 @@ def test_places_of_followed_jobs_take_a_bounded_share_of_the_hubs_time() -> None
     assert next_positions(100.0, 0.001) == 100.0 + POSITIONS_EVERY
     assert next_positions(100.0, 0.2) == pytest.approx(100.0 + 0.2 / POSITIONS_SHARE)
     assert POSITIONS_SHARE <= 0.05
+
+
+def listen_to_every_channel(db: Database) -> Any:
+    conn = psycopg2.connect(db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute("; ".join(f'LISTEN "{feed.EVENT_CHANNEL}_{digit}"' for digit in "0123456789abcdef"))
+    return conn
+
+
+def heard_by(conn: Any, expected: int, timeout: float = 5.0) -> dict[str, list[str]]:
+    """Job id -> the channels it was announced on, once ``expected`` ids were heard (or timed out)."""
+    heard: dict[str, list[str]] = {}
+    deadline = time.monotonic() + timeout
+    while len(heard) < expected and time.monotonic() < deadline:
+        select.select([conn], [], [], 0.1)
+        conn.poll()
+        while conn.notifies:
+            note = conn.notifies.pop(0)
+            for job_id in note.payload.split(","):
+                heard.setdefault(job_id, []).append(note.channel)
+    return heard
+
+
+def test_each_jobs_events_are_announced_on_the_channel_its_id_chooses(db: Database) -> None:
+    """The trigger of ``job_events`` (a move, a batch's one statement) and ``feed.announce`` pick
+    the channel ``feed.channel_of`` picks, which is the one the hub LISTENs to for that job."""
+    conn = listen_to_every_channel(db)
+    try:
+        moved = [new_id() for _ in range(24)]
+        for job_id in moved:
+            make_job_event(db, id=job_id)
+        batch = [Job(**_job_values()) for _ in range(300)]  # one INSERT of their events
+        with db.session() as session:
+            lifecycle.create_many(session, batch)
+        deleted = [new_id() for _ in range(5)]
+        with db.session() as session:
+            feed.announce(session, deleted)
+        ids = moved + [job.id for job in batch] + deleted
+        heard = heard_by(conn, len(ids))
+    finally:
+        conn.close()
+    assert heard == {job_id: [feed.channel_of(job_id)] for job_id in ids}
+    assert len({feed.channel_of(job_id) for job_id in ids}) == 16
+
+
+def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Settings, db: Database) -> None:
+    """Jobs on other channels do not wake it; a job whose channel it has just LISTENed to is read
+    once more (what it logged before that was heard by nobody); a channel nobody watches any more
+    is let go."""
+
+    def on_channel(taken: set[str]) -> str:
+        while (job_id := new_id()) and feed.channel_of(job_id) in taken:
+            pass
+        return job_id
+
+    watched = on_channel(set())
+    waited = on_channel({feed.channel_of(watched)})
+    make_job_event(db, id=watched)
+    make_job_event(db, id=waited)
+    hub = StreamHub(db, keepalive=30)
+    heard: list[str] = []
+    drain = hub._drain_notifies
+
+    def drain_and_note() -> set[str]:
+        jobs = drain()
+        heard.extend(jobs)
+        return jobs
+
+    hub._drain_notifies = drain_and_note  # type: ignore[method-assign]
+    sink = QueueSink()
+    stream = hub.open([watched], None, sink)
+    first = sink.frames.get(timeout=5)
+    assert first is not None and b'"status":"queued"' in first
+    for _ in range(50):
+        if hub._listening == {feed.channel_of(watched)}:
+            break
+        time.sleep(0.1)
+    assert hub._listening == {feed.channel_of(watched)}
+    others = [on_channel({feed.channel_of(watched)}) for _ in range(20)]
+    for job_id in others:
+        make_job_event(db, id=job_id)
+    store = JobStore(db, 3)
+    assert store.cancel(watched) is not None
+    ended = sink.frames.get(timeout=5)
+    assert ended is not None and b'"status":"cancelled"' in ended
+    assert set(heard) == {watched}  # the others' twenty events woke nothing here
+    hub.close(stream)
+    for _ in range(50):
+        if not hub._listening:
+            break
+        time.sleep(0.1)
+    assert not hub._listening
+
+    # A waiter on a job whose move came before its channel was LISTENed: read once more. (A hub
+    # of its own whose thread never starts, so the steps are the test's.)
+    assert store.cancel(waited) is not None
+    quiet = StreamHub(db, keepalive=30)
+    quiet._ensure_listener()
+    try:
+        quiet._waiters[waited] = [threading.Event()]  # as ``wait`` registers it
+        assert quiet._sync_channels() == {waited}
+        assert quiet._listening == {feed.channel_of(waited)}
+        assert quiet._sync_channels() == set()  # nothing new
+        quiet._waiters.pop(waited)
+        assert quiet._sync_channels() == set() and not quiet._listening
+    finally:
+        quiet._listener.close()
