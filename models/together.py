@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
+import re
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
+import psycopg2.errors
 import psycopg2.extras
 from sqlalchemy import Table, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
+# An INSERT gathered on a cursor: its head, its rows' values, computed expressions, on_conflict.
+Pending = tuple[str, list[tuple[Any, ...]], list[str], str]
 
 
 class Together:
@@ -43,17 +51,22 @@ class Together:
         self.dialect = session.get_bind().dialect
         self.computed = computed or {}
         self.parts: list[bytes] = []
+        # On a cursor: the INSERTs as (head, rows' values, computed expressions, on_conflict), for
+        # ``send_within`` to send as a prepared statement.
+        self.pending: list[Pending] = []
 
     @classmethod
     def on_cursor(
         cls, cursor: Any, dialect: Any, computed: Mapping[str, Mapping[str, str]] | None = None
     ) -> Together:
         """Writes sent on a DBAPI cursor of the caller's (``Database.statement``), not through a
-        session; the caller turns psycopg2's errors into SQLAlchemy's."""
+        session; the caller turns psycopg2's errors into SQLAlchemy's. ``send_within`` sends them
+        as a prepared statement (``_Prepared``)."""
         together = cls.__new__(cls)
         together.session, together.cursor, together.dialect = None, cursor, dialect
         together.computed = computed or {}
         together.parts = []
+        together.pending = []
         return together
 
     def insert(self, table: Table, rows: list[dict[str, Any]], on_conflict: str = "") -> None:
@@ -64,13 +77,17 @@ class Together:
         given = [{k: v for k, v in row.items() if k not in computed} for row in rows] if computed else rows
         columns, values = _bound(table, given, self.dialect)
         names = [*columns, *computed]
+        quoted_names = ", ".join(f'"{name}"' for name in names)
+        if self.cursor is not None:
+            head = f'INSERT INTO "{table.name}" ({quoted_names}) VALUES '
+            self.pending.append((head, values, list(computed.values()), on_conflict))
+            return
         slots = ["%s"] * len(columns) + [expression.replace("%", "%%") for expression in computed.values()]
         row_sql = "(" + ", ".join(slots) + ")"
         with self._cursor() as cursor:
             quoted = b", ".join(cursor.mogrify(row_sql, v) for v in values)
-        quoted_names = ", ".join(f'"{name}"' for name in names)
-        head = f'INSERT INTO "{table.name}" ({quoted_names}) VALUES '.encode()
-        self.parts.append(head + quoted + (b" " + on_conflict.encode() if on_conflict else b""))
+        head_sql = f'INSERT INTO "{table.name}" ({quoted_names}) VALUES '.encode()
+        self.parts.append(head_sql + quoted + (b" " + on_conflict.encode() if on_conflict else b""))
 
     def statement(self, sql: str) -> None:
         """A statement of its own, with no parameters."""
@@ -88,17 +105,15 @@ class Together:
         """Send the gathered INSERTs as one statement: ``WITH <name> AS (<cte>), <each INSERT> <query>``,
         so their ``computed`` columns and ``query`` read the same ``cte``, evaluated once; returns
         the first row of ``query``."""
+        if self.cursor is not None:
+            pending, self.pending = self.pending, []
+            return _Prepared.within(name, cte, params, pending, query).run(self.cursor)
         assert all(part.startswith(b"INSERT") for part in self.parts), "only INSERTs go in a WITH"
         with self._cursor() as cursor:
             head = f"WITH {name} AS (".encode() + cursor.mogrify(cte, params) + b")"
         writes = b"".join(b", w%d AS (%s)" % (index, part) for index, part in enumerate(self.parts))
         self.parts = []
         statement = head + writes + b" " + query.encode()
-        if self.cursor is not None:
-            self.cursor.execute(statement)
-            found = self.cursor.fetchone()
-            names = [column.name for column in self.cursor.description]
-            return None if found is None else dict(zip(names, found, strict=True))
         row = self._execute(statement).mappings().first()
         return None if row is None else dict(row)
 
@@ -118,6 +133,96 @@ class Together:
             return contextlib.nullcontext(self.cursor)
         assert self.session is not None
         return self.session.connection().connection.cursor()
+
+
+# The statements prepared on each connection (its server session keeps them while it lives).
+_PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
+
+
+@dataclass
+class _Prepared:
+    """One statement sent as ``EXECUTE`` of a statement PREPAREd once per connection: the server
+    neither parses nor plans it again (planning the submit's statement, three look-ups of the jobs
+    table against its partial indexes and two INSERTs, took as long as running it). Where the
+    server cannot keep it (a pooler in transaction mode hands each statement to another session)
+    the plain statement is sent instead, from then on, by this process."""
+
+    name: str
+    numbered: str  # with $1, $2, ... for PREPARE
+    args: list[Any]  # for EXECUTE: $1, $2, ...
+    plain: str  # with %s, for psycopg2 to quote ``plain_args`` in
+    plain_args: list[Any]
+
+    usable: ClassVar[bool] = True
+
+    @classmethod
+    def within(
+        cls,
+        name: str,
+        cte: str,
+        params: Mapping[str, Any],
+        inserts: list[Pending],
+        query: str,
+    ) -> _Prepared:
+        """``WITH <name> AS (<cte>), w0 AS (<INSERT>), ... <query>`` with every value an argument."""
+        args: list[Any] = []
+        numbered: dict[str, int] = {}
+
+        def named(match: re.Match[str]) -> str:
+            if match.group(0) == "%%":
+                return "%"
+            key = match.group(1)
+            if key not in numbered:
+                args.append(params[key])
+                numbered[key] = len(args)
+            return f"\0{numbered[key]}\0"  # a number, written out below as $n or %s
+
+        parts = [f"WITH {name} AS ({_PLACEHOLDER.sub(named, cte)})"]
+        for index, (head, rows, expressions, on_conflict) in enumerate(inserts):
+            tuples = []
+            for values in rows:
+                slots = []
+                for value in values:
+                    args.append(value)
+                    slots.append(f"\0{len(args)}\0")
+                tuples.append("(" + ", ".join([*slots, *expressions]) + ")")
+            tail = f" {on_conflict}" if on_conflict else ""
+            parts.append(f", w{index} AS ({head}{', '.join(tuples)}{tail})")
+        template = "".join(parts) + f" {query}"
+        numbered_sql = re.sub("\0(\\d+)\0", lambda m: f"${m.group(1)}", template)
+        plain_args: list[Any] = []  # one per placeholder: a parameter used twice is quoted twice
+
+        def quoted(match: re.Match[str]) -> str:
+            plain_args.append(args[int(match.group(1)) - 1])
+            return "%s"
+
+        plain = re.sub("\0(\\d+)\0", quoted, template.replace("%", "%%"))
+        digest = hashlib.sha1(numbered_sql.encode(), usedforsecurity=False).hexdigest()[:20]
+        return cls(f"aiorch_{digest}", numbered_sql, args, plain, plain_args)
+
+    def run(self, cursor: Any) -> dict[str, Any] | None:
+        """Execute it and return its first row."""
+        if _Prepared.usable:
+            try:
+                self._execute(cursor)
+            except psycopg2.errors.InvalidSqlStatementName:  # not kept: no pooled session of our own
+                _PREPARED.pop(cursor.connection, None)
+                _Prepared.usable = False
+                cursor.execute(self.plain, self.plain_args)
+        else:
+            cursor.execute(self.plain, self.plain_args)
+        found = cursor.fetchone()
+        names = [column.name for column in cursor.description]
+        return None if found is None else dict(zip(names, found, strict=True))
+
+    def _execute(self, cursor: Any) -> None:
+        prepared = _PREPARED.setdefault(cursor.connection, set())
+        if self.name not in prepared:
+            with contextlib.suppress(psycopg2.errors.DuplicatePreparedStatement):
+                cursor.execute(f"PREPARE {self.name} AS {self.numbered}")
+            prepared.add(self.name)
+        cursor.execute(f"EXECUTE {self.name} ({', '.join(['%s'] * len(self.args))})", self.args)
 
 
 def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
