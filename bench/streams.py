@@ -124,18 +124,23 @@ def part_many_streams(api_pid: int, port: int, key: str, job_id: str, submit_op:
     with_streams = LevelResult(concurrency, 0.0, 0, 0)
     memory_before = infra.memory(api_pid)
     opened_s: list[float] = []
+    rates: dict[str, list[float]] = {"without": [], "with": []}
     memory_open: list[float] = []
     memory_after: list[float] = []
     each = duration / slices
     for turn in range(slices):
         settle = warmup if turn == 0 else min(warmup, 0.3)
-        without.add(closed_loop(concurrency, submit_op, settle, each))
+        alone = closed_loop(concurrency, submit_op, settle, each)
+        without.add(alone)
+        rates["without"].append(round(alone.throughput, 1))
         t0 = time.perf_counter()
         streams = [OpenStream(port, key, job_id) for _ in range(n)]
         opened_s.append(time.perf_counter() - t0)
         try:
             memory_open.append(infra.memory(api_pid)["rss_mb"])
-            with_streams.add(closed_loop(concurrency, submit_op, settle, each))
+            beside = closed_loop(concurrency, submit_op, settle, each)
+            with_streams.add(beside)
+            rates["with"].append(round(beside.throughput, 1))
             memory_after.append(infra.memory(api_pid)["rss_mb"])
         finally:
             for stream in streams:
@@ -152,6 +157,7 @@ def part_many_streams(api_pid: int, port: int, key: str, job_id: str, submit_op:
         "post_per_s_without": round(rate_before, 1),
         "post_per_s_with": round(rate_during, 1),
         "post_ratio": round(rate_during / rate_before, 3) if rate_before else None,
+        "post_per_s_by_slice": rates,
         "errors": without.errors + with_streams.errors,
         "error_samples": (without.error_samples + with_streams.error_samples)[:3],
     }
