@@ -4,8 +4,9 @@ the API's waiters, and the wake-up that tells them to read it.
 Wake-up: on Postgres every INSERT into ``job_events`` NOTIFYs the ids of the jobs it logged, each
 on its job's channel (``channel_of``: one of 16, so a listener hears only the jobs it watches and
 a few of their neighbours; a statement trigger, migrations 0009 and 0014: one notification per
-statement, channel and 200 jobs, so a move sends one and a batch of 500 up to 16), delivered on
-COMMIT, so a listener never reads an event before it is visible. On SQLite (the embedded default) there is no
+statement, channel and 200 jobs, so a move sends one), delivered on COMMIT, so a listener never
+reads an event before it is visible. A job's first event (``job.queued``, in the statement that
+creates it) is announced to nobody: nothing can follow a job before it exists. On SQLite (the embedded default) there is no
 NOTIFY: the listener reads the log's tail (``tail``) instead; SQLite has one writer at a time, so
 ids commit in order and nothing is skipped.
 

@@ -19,10 +19,11 @@ from app import create_app
 from app.stream_hub import POSITIONS_EVERY, POSITIONS_SHARE, QueueSink, StreamHub, next_positions
 from config import Settings
 from models import feed, lifecycle
-from models.db import Database
-from models.jobs import Job
+from models.db import Database, utcnow
+from models.jobs import Job, JobEvent
 from models.jobstore import JobStore, new_id
 from models.migrate import upgrade
+from models.together import insert_rows
 from tests.conftest import KEYS
 from tests.support.factories import _job_values, make_job, make_job_event
 
@@ -158,21 +159,40 @@ def heard_by(conn: Any, expected: int, timeout: float = 5.0) -> dict[str, list[s
 
 
 def test_each_jobs_events_are_announced_on_the_channel_its_id_chooses(db: Database) -> None:
-    """The trigger of ``job_events`` (a move, a batch's one statement) and ``feed.announce`` pick
-    the channel ``feed.channel_of`` picks, which is the one the hub LISTENs to for that job."""
+    """The trigger of ``job_events`` (a move, a statement logging 300 jobs) and ``feed.announce``
+    pick the channel ``feed.channel_of`` picks, which is the one the hub LISTENs to for that job.
+    The event that creates a job is announced to nobody (nothing can follow it yet)."""
     conn = listen_to_every_channel(db)
+    store = JobStore(db, 3)
     try:
+        created_only = [new_id() for _ in range(10)]
+        for job_id in created_only:
+            make_job_event(db, id=job_id)
         moved = [new_id() for _ in range(24)]
         for job_id in moved:
             make_job_event(db, id=job_id)
-        batch = [Job(**_job_values()) for _ in range(300)]  # one INSERT of their events
+            assert store.cancel(job_id) == "cancelled"
+        batch = [Job(**_job_values()) for _ in range(300)]
         with db.session() as session:
-            lifecycle.create_many(session, batch)
+            lifecycle.create_many(session, batch)  # their first events: one statement, unannounced
+        progress = [
+            {
+                "job_id": job.id,
+                "seq": 2,
+                "type": "job.progress",
+                "created_at": utcnow(),
+                "data": {"progress": 1},
+            }
+            for job in batch
+        ]
+        with db.session() as session:
+            insert_rows(session, JobEvent.__table__, progress)  # type: ignore[arg-type]
         deleted = [new_id() for _ in range(5)]
         with db.session() as session:
             feed.announce(session, deleted)
         ids = moved + [job.id for job in batch] + deleted
         heard = heard_by(conn, len(ids))
+        heard.update(heard_by(conn, 1, timeout=0.3))  # anything more that was on its way
     finally:
         conn.close()
     assert heard == {job_id: [feed.channel_of(job_id)] for job_id in ids}
@@ -213,9 +233,10 @@ def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Setti
         time.sleep(0.1)
     assert hub._listening == {feed.channel_of(watched)}
     others = [on_channel({feed.channel_of(watched)}) for _ in range(20)]
+    store = JobStore(db, 3)
     for job_id in others:
         make_job_event(db, id=job_id)
-    store = JobStore(db, 3)
+        assert store.cancel(job_id) == "cancelled"  # a move: announced, on another channel
     assert store.cancel(watched) is not None
     ended = sink.frames.get(timeout=5)
     assert ended is not None and b'"status":"cancelled"' in ended

@@ -1,13 +1,19 @@
-"""NOTIFY each job's events on one of 16 channels, chosen by its id, instead of one for all
+"""NOTIFY each job's events on one of 16 channels, chosen by its id, instead of one for all; none
+for the event that creates a job
 
 Revision ID: 0014
 Revises: 0013
 
 A listener (an API process's stream hub) LISTENs only to the channels of the jobs it watches
 (``models.feed.channel_of``: ``aiorch_job_event_`` and the first hex digit of the md5 of the job's
-id). With one channel, every submit anywhere woke every API process that had a stream open: a
-thousand streams on one job cost ``POST /v1/jobs`` beside them a third of its rate. One NOTIFY per
-statement, channel and 200 jobs: a move sends one, a batch of 500 up to 16.
+id). With one channel, every submit anywhere woke every API process that had a stream open. One
+NOTIFY per statement, channel and 200 jobs: a move sends one.
+
+A job's first event (``seq`` 1, ``job.queued``, written by the statement that creates the job) is
+announced to nobody: no stream and no waiter can follow a job before it exists, and each NOTIFY
+costs its commit Postgres' queue of notifications (its commits take turns through a lock held
+until they are flushed, and every listening session is signalled to read the entry). A submit,
+and a batch of 500, now send none.
 """
 
 from alembic import op
@@ -26,7 +32,8 @@ BEGIN
     FOR channel, ids IN
         SELECT 'aiorch_job_event_' || bucket, string_agg(job_id, ',')
           FROM (SELECT job_id, bucket, (row_number() OVER (PARTITION BY bucket)) / 200 AS chunk
-                  FROM (SELECT DISTINCT job_id, left(md5(job_id), 1) AS bucket FROM logged) AS jobs
+                  FROM (SELECT DISTINCT job_id, left(md5(job_id), 1) AS bucket FROM logged
+                         WHERE seq > 1) AS jobs
                ) AS numbered
          GROUP BY bucket, chunk
     LOOP
