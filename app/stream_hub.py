@@ -192,6 +192,7 @@ class StreamHub:
         self._listener: Any = None
         self._listener_fd = -1
         self._listening: set[str] = set()  # the channels LISTENed on the listener connection
+        self._watch_changed = False  # jobs were watched or let go since the channels were synced
         self._log_seen = -1  # the log's newest id at the last pass over places
         self._tail_after = 0
         self._next_net = 0.0
@@ -223,6 +224,7 @@ class StreamHub:
         event = threading.Event()
         with self._lock:
             self._waiters.setdefault(job_id, []).append(event)
+            self._watch_changed = True
         self._call(lambda: None)  # start the thread (and on SQLite, its tail reads)
         try:
             deadline = time.monotonic() + timeout
@@ -240,6 +242,7 @@ class StreamHub:
                     waiting.remove(event)
                 if not waiting:
                     self._waiters.pop(job_id, None)
+                    self._watch_changed = True
 
     def _call(self, command: Callable[[], None]) -> None:
         self._commands.append(command)
@@ -324,6 +327,7 @@ class StreamHub:
             return
         self._listener = conn
         self._listening = set()  # a new session: each channel is LISTENed again (``_sync_channels``)
+        self._watch_changed = True
         # By descriptor: a connection object that broke can no longer say which one it had.
         self._listener_fd = conn.fileno()
         self._selector.register(self._listener_fd, selectors.EVENT_READ, "listen")
@@ -355,9 +359,10 @@ class StreamHub:
         """LISTEN to the channels of the jobs watched now and UNLISTEN the others. Returns the
         watched jobs on channels just LISTENed (to be read once more: what they logged before
         the LISTEN was heard by nobody) and the jobs named by notifications that arrived meanwhile."""
-        if self._listener is None:
+        if self._listener is None or not self._watch_changed:
             return set()
         with self._lock:
+            self._watch_changed = False
             watched = set(self._streams) | set(self._waiters)
         by_channel: dict[str, list[str]] = {}
         for job_id in watched:
@@ -397,6 +402,7 @@ class StreamHub:
             stream.last[job_id] = -1 if stream.resume_after is None else stream.resume_after
             self._streams.setdefault(job_id, []).append(stream)
         self._open.add(stream)
+        self._watch_changed = True
         if isinstance(stream.sink, SocketSink):
             self._selector.register(stream.sink.sock, selectors.EVENT_READ, stream)
         stream.next_keepalive = time.monotonic() + self.keepalive - self._check
@@ -525,6 +531,7 @@ class StreamHub:
                 following.remove(stream)
             if not following:  # nobody follows it any more: nothing of it stays here
                 self._streams.pop(job_id, None)
+                self._watch_changed = True
                 self._queued.discard(job_id)
                 self._live_cache.pop(job_id, None)
         if isinstance(stream.sink, SocketSink):

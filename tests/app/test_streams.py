@@ -254,11 +254,16 @@ def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Setti
     quiet = StreamHub(db, keepalive=30)
     quiet._ensure_listener()
     try:
-        quiet._waiters[waited] = [threading.Event()]  # as ``wait`` registers it
+        assert quiet._sync_channels() == set() and not quiet._listening  # nothing watched yet
+        with quiet._lock:  # as ``wait`` registers a waiter
+            quiet._waiters[waited] = [threading.Event()]
+            quiet._watch_changed = True
         assert quiet._sync_channels() == {waited}
         assert quiet._listening == {feed.channel_of(waited)}
-        assert quiet._sync_channels() == set()  # nothing new
-        quiet._waiters.pop(waited)
+        assert quiet._sync_channels() == set()  # nothing new: not even a look at what is watched
+        with quiet._lock:
+            quiet._waiters.pop(waited)
+            quiet._watch_changed = True
         assert quiet._sync_channels() == set() and not quiet._listening
     finally:
         quiet._listener.close()
