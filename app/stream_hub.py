@@ -10,11 +10,10 @@ Flask test client) gets the same events through a queue that the response genera
 
 Wake-ups: on Postgres a dedicated connection LISTENs on the channels of the jobs watched here
 (``models.feed.channel_of``, one of 16 per job: each notification names the jobs that just logged
-events, sent on COMMIT), so submits and moves of other jobs do not wake this thread (with one
-channel for all, a thousand streams on one job cost ``POST /v1/jobs`` beside them a third of its
-rate). A job whose channel was just LISTENed is read once more, for what it logged before, and
-the watched jobs are re-read every ``SAFETY_NET`` seconds in case a notification was lost while
-reconnecting. Places of followed queued jobs are recomputed on a timer, when the log has moved. On SQLite
+events, sent on COMMIT), so moves of other jobs rarely wake this thread. A job whose channel was
+just LISTENed is read once more, for what it logged before, and the watched jobs are re-read every
+``SAFETY_NET`` seconds in case a notification was lost while reconnecting. Places of followed
+queued jobs are recomputed on a timer, when the log has moved. On SQLite
 (the embedded default) the log's tail is read by id every ``TAIL_INTERVAL`` seconds while anyone
 is watching. Either way one query per wake-up reads the new events of all the jobs it names.
 """
@@ -364,9 +363,7 @@ class StreamHub:
         with self._lock:
             self._watch_changed = False
             watched = set(self._streams) | set(self._waiters)
-        by_channel: dict[str, list[str]] = {}
-        for job_id in watched:
-            by_channel.setdefault(feed.channel_of(job_id), []).append(job_id)
+        by_channel = feed.by_channel(watched)
         new = by_channel.keys() - self._listening
         gone = self._listening - by_channel.keys()
         if not new and not gone:
@@ -491,8 +488,7 @@ class StreamHub:
 
     def _positions(self) -> None:
         """Send the followed queued jobs whose place in their queue changed, when anything was
-        logged since the last pass (a place moves only when a job is submitted, starts or ends).
-        At most every ``POSITIONS_EVERY`` seconds, less often when they cost more
+        logged since the last pass. At most every ``POSITIONS_EVERY`` seconds, less often when they cost more
         (``next_positions``). Such an event has no ``id``: it is no entry of the job's log, so a
         resumed stream gets the place afresh (its first object says it) instead of a replay."""
         began = time.monotonic()

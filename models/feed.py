@@ -6,9 +6,9 @@ on its job's channel (``channel_of``: one of 16, so a listener hears only the jo
 a few of their neighbours; a statement trigger, migrations 0009 and 0014: one notification per
 statement, channel and 200 jobs, so a move sends one), delivered on COMMIT, so a listener never
 reads an event before it is visible. A job's first event (``job.queued``, in the statement that
-creates it) is announced to nobody: nothing can follow a job before it exists. On SQLite (the embedded default) there is no
-NOTIFY: the listener reads the log's tail (``tail``) instead; SQLite has one writer at a time, so
-ids commit in order and nothing is skipped.
+creates it) is announced to nobody: nothing can follow a job before it exists. On SQLite (the
+embedded default) there is no NOTIFY: the listener reads the log's tail (``tail``) instead; SQLite
+has one writer at a time, so ids commit in order and nothing is skipped.
 
 Event ids: every event's ``id`` is the log's global, increasing id, so one job's events have
 increasing ids (a move commits before the next one starts: both take the job's row lock) and a
@@ -34,6 +34,14 @@ def channel_of(job_id: str) -> str:
     """The channel a job's events are announced on: the prefix and the first hex digit of the md5
     of its id, as the trigger of migration 0014 chooses it."""
     return f"{EVENT_CHANNEL}_{hashlib.md5(job_id.encode(), usedforsecurity=False).hexdigest()[0]}"
+
+
+def by_channel(job_ids: Iterable[str]) -> dict[str, list[str]]:
+    """Job ids grouped by the channel each is announced on (``channel_of``)."""
+    grouped: dict[str, list[str]] = {}
+    for job_id in job_ids:
+        grouped.setdefault(channel_of(job_id), []).append(job_id)
+    return grouped
 
 
 Logged = tuple[int, str, dict[str, Any]]  # (event id, job id, the job object after the event)
@@ -117,10 +125,7 @@ def announce(session: Session, job_ids: Iterable[str]) -> None:
     of ``job_events`` announces every other change. Delivered on COMMIT; SQLite has no NOTIFY."""
     if session.get_bind().dialect.name != "postgresql":
         return
-    by_channel: dict[str, list[str]] = {}
-    for job_id in job_ids:
-        by_channel.setdefault(channel_of(job_id), []).append(job_id)
-    for channel, ids in by_channel.items():
+    for channel, ids in by_channel(job_ids).items():
         for start in range(0, len(ids), 200):
             session.execute(
                 text("SELECT pg_notify(:channel, :ids)"),

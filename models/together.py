@@ -59,9 +59,9 @@ class Together:
     def on_cursor(
         cls, cursor: Any, dialect: Any, computed: Mapping[str, Mapping[str, str]] | None = None
     ) -> Together:
-        """Writes sent on a DBAPI cursor of the caller's (``Database.statement``), not through a
-        session; the caller turns psycopg2's errors into SQLAlchemy's. ``send_within`` sends them
-        as a prepared statement (``_Prepared``)."""
+        """INSERTs sent on a DBAPI cursor of the caller's (``Database.statement``), not through a
+        session, by ``send_within`` only, as a prepared statement (``_Prepared``); the caller turns
+        psycopg2's errors into SQLAlchemy's."""
         together = cls.__new__(cls)
         together.session, together.cursor, together.dialect = None, cursor, dialect
         together.computed = computed or {}
@@ -107,7 +107,12 @@ class Together:
         the first row of ``query``."""
         if self.cursor is not None:
             pending, self.pending = self.pending, []
-            return _Prepared.within(name, cte, params, pending, query).run(self.cursor)
+            shape = tuple(
+                (head, len(rows), len(rows[0]), tuple(exprs), tail) for head, rows, exprs, tail in pending
+            )
+            prepared = _Prepared.of(name, cte, query, shape)
+            values = [value for _, rows, _, _ in pending for row in rows for value in row]
+            return prepared.run(self.cursor, [*(params[key] for key in prepared.keys), *values])
         assert all(part.startswith(b"INSERT") for part in self.parts), "only INSERTs go in a WITH"
         with self._cursor() as cursor:
             head = f"WITH {name} AS (".encode() + cursor.mogrify(cte, params) + b")"
@@ -118,19 +123,14 @@ class Together:
         return None if row is None else dict(row)
 
     def _execute(self, statement: bytes) -> Any:
-        # Executed without parameters: nothing in the quoted values is read as a placeholder. In a
-        # session, through SQLAlchemy (its events see the statement, its errors wrap psycopg2's).
-        if self.cursor is not None:
-            self.cursor.execute(statement)
-            return None
+        # Through SQLAlchemy (its events see the statement, its errors wrap psycopg2's), executed
+        # without parameters: nothing in the quoted values is read as a placeholder.
         assert self.session is not None
         return self.session.connection().exec_driver_sql(
             statement.decode(), execution_options={"no_parameters": True}
         )
 
     def _cursor(self) -> Any:
-        if self.cursor is not None:
-            return contextlib.nullcontext(self.cursor)
         assert self.session is not None
         return self.session.connection().connection.cursor()
 
@@ -140,89 +140,87 @@ _PREPARED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary(
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
 
 
-@dataclass
+# An INSERT's shape: its head, its rows, values per row, computed expressions, its tail.
+Shape = tuple[tuple[str, int, int, tuple[str, ...], str], ...]
+_MARK = re.compile("\0(\\d+)\0")  # an argument's number, in a statement's template
+
+
+@dataclass(frozen=True)
 class _Prepared:
-    """One statement sent as ``EXECUTE`` of a statement PREPAREd once per connection: the server
+    """A statement sent as ``EXECUTE`` of a statement PREPAREd once per connection: the server
     neither parses nor plans it again (planning the submit's statement, three look-ups of the jobs
-    table against its partial indexes and two INSERTs, took as long as running it). Where the
-    server cannot keep it (a pooler in transaction mode hands each statement to another session)
-    the plain statement is sent instead, from then on, by this process."""
+    table against its partial indexes and two INSERTs, took as long as running it). Its text is
+    built once per shape (``of``); a call gives only the arguments. Where the server cannot keep
+    it (a pooler in transaction mode hands each statement to another session) the plain statement
+    is sent instead, from then on, by this process."""
 
     name: str
     numbered: str  # with $1, $2, ... for PREPARE
-    args: list[Any]  # for EXECUTE: $1, $2, ...
-    plain: str  # with %s, for psycopg2 to quote ``plain_args`` in
-    plain_args: list[Any]
+    template: str  # with each argument's number between NULs, for the plain statement
+    keys: tuple[str, ...]  # the common table expression's parameters: the first arguments
 
     usable: ClassVar[bool] = True
 
     @classmethod
-    def within(
-        cls,
-        name: str,
-        cte: str,
-        params: Mapping[str, Any],
-        inserts: list[Pending],
-        query: str,
-    ) -> _Prepared:
-        """``WITH <name> AS (<cte>), w0 AS (<INSERT>), ... <query>`` with every value an argument."""
-        args: list[Any] = []
-        numbered: dict[str, int] = {}
+    @functools.lru_cache(maxsize=64)
+    def of(cls, name: str, cte: str, query: str, shape: Shape) -> _Prepared:
+        """``WITH <name> AS (<cte>), w0 AS (<INSERT>), ... <query>`` with every value an argument:
+        the common table expression's parameters (``keys``), then the rows' values in order."""
+        keys: list[str] = []
 
         def named(match: re.Match[str]) -> str:
             if match.group(0) == "%%":
                 return "%"
-            key = match.group(1)
-            if key not in numbered:
-                args.append(params[key])
-                numbered[key] = len(args)
-            return f"\0{numbered[key]}\0"  # a number, written out below as $n or %s
+            if match.group(1) not in keys:
+                keys.append(match.group(1))
+            return f"\0{keys.index(match.group(1)) + 1}\0"
 
         parts = [f"WITH {name} AS ({_PLACEHOLDER.sub(named, cte)})"]
-        for index, (head, rows, expressions, on_conflict) in enumerate(inserts):
+        given = len(keys)
+        for index, (head, rows, width, expressions, on_conflict) in enumerate(shape):
             tuples = []
-            for values in rows:
-                slots = []
-                for value in values:
-                    args.append(value)
-                    slots.append(f"\0{len(args)}\0")
+            for _ in range(rows):
+                slots = [f"\0{given + column + 1}\0" for column in range(width)]
+                given += width
                 tuples.append("(" + ", ".join([*slots, *expressions]) + ")")
             tail = f" {on_conflict}" if on_conflict else ""
             parts.append(f", w{index} AS ({head}{', '.join(tuples)}{tail})")
         template = "".join(parts) + f" {query}"
-        numbered_sql = re.sub("\0(\\d+)\0", lambda m: f"${m.group(1)}", template)
-        plain_args: list[Any] = []  # one per placeholder: a parameter used twice is quoted twice
+        numbered = _MARK.sub(lambda m: f"${m.group(1)}", template)
+        digest = hashlib.sha1(numbered.encode(), usedforsecurity=False).hexdigest()[:20]
+        return cls(f"aiorch_{digest}", numbered, template, tuple(keys))
 
-        def quoted(match: re.Match[str]) -> str:
-            plain_args.append(args[int(match.group(1)) - 1])
-            return "%s"
-
-        plain = re.sub("\0(\\d+)\0", quoted, template.replace("%", "%%"))
-        digest = hashlib.sha1(numbered_sql.encode(), usedforsecurity=False).hexdigest()[:20]
-        return cls(f"aiorch_{digest}", numbered_sql, args, plain, plain_args)
-
-    def run(self, cursor: Any) -> dict[str, Any] | None:
-        """Execute it and return its first row."""
+    def run(self, cursor: Any, args: list[Any]) -> dict[str, Any] | None:
+        """Execute it with ``args`` ($1, $2, ...) and return its first row."""
         if _Prepared.usable:
             try:
-                self._execute(cursor)
+                self._execute(cursor, args)
             except psycopg2.errors.InvalidSqlStatementName:  # not kept: no pooled session of our own
                 _PREPARED.pop(cursor.connection, None)
                 _Prepared.usable = False
-                cursor.execute(self.plain, self.plain_args)
+                self._execute_plain(cursor, args)
         else:
-            cursor.execute(self.plain, self.plain_args)
+            self._execute_plain(cursor, args)
         found = cursor.fetchone()
         names = [column.name for column in cursor.description]
         return None if found is None else dict(zip(names, found, strict=True))
 
-    def _execute(self, cursor: Any) -> None:
+    def _execute(self, cursor: Any, args: list[Any]) -> None:
         prepared = _PREPARED.setdefault(cursor.connection, set())
         if self.name not in prepared:
             with contextlib.suppress(psycopg2.errors.DuplicatePreparedStatement):
                 cursor.execute(f"PREPARE {self.name} AS {self.numbered}")
             prepared.add(self.name)
-        cursor.execute(f"EXECUTE {self.name} ({', '.join(['%s'] * len(self.args))})", self.args)
+        cursor.execute(f"EXECUTE {self.name} ({', '.join(['%s'] * len(args))})", args)
+
+    def _execute_plain(self, cursor: Any, args: list[Any]) -> None:
+        quoted: list[Any] = []  # one per placeholder: a parameter used twice is quoted twice
+
+        def placeholder(match: re.Match[str]) -> str:
+            quoted.append(args[int(match.group(1)) - 1])
+            return "%s"
+
+        cursor.execute(_MARK.sub(placeholder, self.template.replace("%", "%%")), quoted)
 
 
 def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
