@@ -214,9 +214,11 @@ class Platform:
         for name in list(self.procs):
             self.kill(name, signal.SIGTERM)
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int | None = 4000) -> str:
+        """The end of process ``name``'s log (its last ``tail`` characters; all of it for None)."""
         path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text if tail is None else text[-tail:]
 
     # -- client helpers ---------------------------------------------------------------------------
     def headers(self, key: str) -> dict[str, str]:
