@@ -10,8 +10,9 @@ Flask test client) gets the same events through a queue that the response genera
 
 Wake-ups: on Postgres a dedicated connection LISTENs on the channels of the jobs watched here
 (``models.feed.channel_of``, one of 16 per job: each notification names the jobs that just logged
-events, sent on COMMIT), so moves of other jobs rarely wake this thread. A job whose channel was
-just LISTENed is read once more, for what it logged before, and the watched jobs are re-read every
+events, sent on COMMIT), so moves of other jobs rarely wake this thread; a channel stays LISTENed
+for ``CHANNEL_LINGER`` seconds after its last watched job went. A job whose channel was just
+LISTENed is read once more, for what it logged before, and the watched jobs are re-read every
 ``SAFETY_NET`` seconds in case a notification was lost while reconnecting. Places of followed
 queued jobs are recomputed on a timer, when the log has moved. On SQLite
 (the embedded default) the log's tail is read by id every ``TAIL_INTERVAL`` seconds while anyone
@@ -25,7 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import selectors
 import socket
 import threading
@@ -37,27 +37,21 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from app.stream_sinks import QueueSink, SocketSink
 from models import feed
 from models.db import Database, utcnow
-from models.standing import live_objects
+from models.standing import live_objects, read_live
 from models.state import FINAL_STATUSES
 
 log = logging.getLogger("aiorch.streams")
 
 SAFETY_NET = 5.0  # seconds between re-reads of watched jobs on Postgres
+CHANNEL_LINGER = 30.0  # seconds a channel stays LISTENed after the last job watched on it went
 POSITIONS_EVERY = 0.5  # seconds between recomputations of followed queued jobs' places
 POSITIONS_SHARE = 0.05  # at most this share of the hub's time goes to them (see ``next_positions``)
 LIVE_CACHE_PRUNE = 1000  # cached live objects past which the expired ones are dropped
+FEW = 4  # queued jobs whose places are read one statement each; more are found together
 TAIL_INTERVAL = 0.01  # seconds between reads of the log's tail on SQLite, while anyone watches
-MAX_BUFFERED = 1 << 20  # bytes a slow reader may fall behind before its stream is closed
-HEADERS = (
-    b"HTTP/1.1 200 OK\r\n"
-    b"Content-Type: text/event-stream; charset=utf-8\r\n"
-    b"Cache-Control: no-cache\r\n"
-    b"X-Accel-Buffering: no\r\n"
-    b"Transfer-Encoding: chunked\r\n"
-    b"Connection: close\r\n\r\n"
-)
 KEEPALIVE = b": keep-alive\n\n"
 
 
@@ -85,75 +79,6 @@ def is_final(job: dict[str, Any]) -> bool:
     return job.get("status") in FINAL_STATUSES
 
 
-class SocketSink:
-    """A stream's connection, written by the hub thread only: chunked HTTP/1.1, non-blocking,
-    what the kernel does not take at once kept in ``pending``."""
-
-    def __init__(self, sock: socket.socket):
-        sock.setblocking(False)
-        self.sock = sock
-        self.pending = bytearray(HEADERS)
-        self.closed = False
-
-    def send(self, data: bytes, last: bool = False) -> None:
-        if self.closed:
-            return
-        if data:
-            self.pending += b"%x\r\n%s\r\n" % (len(data), data)
-        if last:
-            self.pending += b"0\r\n\r\n"
-        self.flush()
-
-    def flush(self) -> None:
-        try:
-            while self.pending:
-                sent = self.sock.send(self.pending)
-                del self.pending[:sent]
-        except (BlockingIOError, InterruptedError):
-            if len(self.pending) > MAX_BUFFERED:
-                self.give_up()
-        except OSError:
-            self.give_up()
-
-    def give_up(self) -> None:
-        """Stop writing (the reader is gone or too slow); the hub closes the socket once it has
-        taken it out of its selector, so the descriptor is never reused under it."""
-        self.closed = True
-        self.pending.clear()
-
-    def close(self) -> None:
-        self.give_up()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-class QueueSink:
-    """A stream read by a WSGI generator (servers other than ``aiorch serve``): frames go into a
-    queue, None ends it."""
-
-    def __init__(self) -> None:
-        self.frames: queue.Queue[bytes | None] = queue.Queue()
-        self.closed = False
-        self.pending = b""
-
-    def send(self, data: bytes, last: bool = False) -> None:
-        if self.closed:
-            return
-        if data:
-            self.frames.put(data)
-        if last:
-            self.frames.put(None)
-            self.closed = True
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.frames.put(None)
-
-
 @dataclass(eq=False)  # one stream is itself: compared and hashed by identity
 class Stream:
     """One open stream: the jobs it follows and the id of the last event sent for each."""
@@ -170,8 +95,9 @@ class Stream:
 class StreamHub:
     """The thread, its listener and the streams and waiters it feeds (one per API process)."""
 
-    def __init__(self, db: Database, keepalive: float = 15.0, ahead: int = 1):
+    def __init__(self, db: Database, keepalive: float = 15.0, ahead: int = 1, linger: float = CHANNEL_LINGER):
         self.db = db
+        self.linger = linger
         self.keepalive = keepalive
         self.ahead = ahead  # AIORCH_DISPATCH_AHEAD, for the places of queued jobs
         self.dsn: str | None = None
@@ -191,6 +117,7 @@ class StreamHub:
         self._listener: Any = None
         self._listener_fd = -1
         self._listening: set[str] = set()  # the channels LISTENed on the listener connection
+        self._unlisten_at: dict[str, float] = {}  # listened channels nobody watches: when they go
         self._watch_changed = False  # jobs were watched or let go since the channels were synced
         self._log_seen = -1  # the log's newest id at the last pass over places
         self._tail_after = 0
@@ -272,6 +199,8 @@ class StreamHub:
         return bool(self._open or self._waiters)
 
     def _timeout(self) -> float:
+        if self._watch_changed and self._listener is not None:
+            return 0.0  # the channels are synced at once (a stream that ended starts its linger)
         now = time.monotonic()
         timeout = max(0.0, self._next_check - now) if self._open else 30.0
         if self._watching():
@@ -280,6 +209,8 @@ class StreamHub:
                 timeout = min(timeout, TAIL_INTERVAL)
         if self._queued:
             timeout = min(timeout, max(0.0, self._next_positions - now))
+        if self._unlisten_at:
+            timeout = min(timeout, max(0.0, min(self._unlisten_at.values()) - now))
         return timeout
 
     def _loop_once(self) -> None:
@@ -326,6 +257,7 @@ class StreamHub:
             return
         self._listener = conn
         self._listening = set()  # a new session: each channel is LISTENed again (``_sync_channels``)
+        self._unlisten_at = {}
         self._watch_changed = True
         # By descriptor: a connection object that broke can no longer say which one it had.
         self._listener_fd = conn.fileno()
@@ -355,17 +287,28 @@ class StreamHub:
         self._listener = None
 
     def _sync_channels(self) -> set[str]:
-        """LISTEN to the channels of the jobs watched now and UNLISTEN the others. Returns the
-        watched jobs on channels just LISTENed (to be read once more: what they logged before
+        """LISTEN to the channels of the jobs watched now; UNLISTEN a channel once nothing has been
+        watched on it for ``linger`` seconds (a client that follows one job after another, or
+        reconnects, finds its channels still LISTENed: no LISTEN, and no read once more). Returns
+        the watched jobs on channels just LISTENed (to be read once more: what they logged before
         the LISTEN was heard by nobody) and the jobs named by notifications that arrived meanwhile."""
-        if self._listener is None or not self._watch_changed:
+        if self._listener is None:
+            return set()
+        now = time.monotonic()
+        due = bool(self._unlisten_at) and min(self._unlisten_at.values()) <= now
+        if not self._watch_changed and not due:
             return set()
         with self._lock:
             self._watch_changed = False
             watched = set(self._streams) | set(self._waiters)
         by_channel = feed.by_channel(watched)
+        for channel in self._listening:
+            if channel in by_channel:
+                self._unlisten_at.pop(channel, None)
+            else:
+                self._unlisten_at.setdefault(channel, now + self.linger)
         new = by_channel.keys() - self._listening
-        gone = self._listening - by_channel.keys()
+        gone = {channel for channel, at in self._unlisten_at.items() if at <= now}
         if not new and not gone:
             return set()
         commands = [f'LISTEN "{c}"' for c in sorted(new)] + [f'UNLISTEN "{c}"' for c in sorted(gone)]
@@ -375,7 +318,9 @@ class StreamHub:
         except psycopg2.Error as exc:
             self._lost_listener(exc)
             return set()
-        self._listening = set(by_channel)
+        for channel in gone:
+            del self._unlisten_at[channel]
+        self._listening = (self._listening | new) - gone
         return self._drain_notifies() | {job_id for channel in new for job_id in by_channel[channel]}
 
     def _tail(self) -> set[str]:
@@ -422,30 +367,39 @@ class StreamHub:
         if not queued:
             return rows
         rows = list(rows)
-        for job_id, body in self._lives(session, feed.queued_rows(session, queued), utcnow()).items():
+        for job_id, body in self._lives(session, queued, utcnow()).items():
             event_id, _, _ = rows[last[job_id]]
             rows[last[job_id]] = (event_id, job_id, body)
             stream.positions[job_id] = body["queue_position"]
         return rows
 
-    def _lives(self, session: Any, jobs: list[Any], now: Any) -> dict[str, dict[str, Any]]:
-        """Queued jobs' live objects by id, each reused for ``POSITIONS_EVERY`` seconds (a thousand
-        streams opened on one job cost one place, not a thousand); the others' places found
-        together (``models.standing.standings``: a batch of 2,000 cost 8 s one by one)."""
+    def _lives(self, session: Any, job_ids: list[str], now: Any) -> dict[str, dict[str, Any]]:
+        """The live objects of those of ``job_ids`` still queued, by id, each reused for
+        ``POSITIONS_EVERY`` seconds (a thousand streams opened on one job cost one place, not a
+        thousand). A few are read with their places in one statement each (``read_live``, a
+        poll's read: a stream's first word on its job); more are found together
+        (``models.standing.standings``: a batch of 2,000 cost 8 s one by one)."""
         at = time.monotonic()
         if len(self._live_cache) > LIVE_CACHE_PRUNE:  # what is too old to be reused goes
             self._live_cache = {k: v for k, v in self._live_cache.items() if at - v[0] < POSITIONS_EVERY}
         bodies: dict[str, dict[str, Any]] = {}
         stale = []
-        for job in jobs:
-            cached = self._live_cache.get(job.id)
+        for job_id in job_ids:
+            cached = self._live_cache.get(job_id)
             if cached is not None and at - cached[0] < POSITIONS_EVERY:
-                bodies[job.id] = cached[1]
+                bodies[job_id] = cached[1]
             else:
-                stale.append(job)
-        for job, body in zip(stale, live_objects(session, stale, now, self.ahead), strict=True):
-            self._live_cache[job.id] = (at, body)
-            bodies[job.id] = body
+                stale.append(job_id)
+        if len(stale) <= FEW:
+            read = (read_live(session, job_id, now, self.ahead) for job_id in stale)
+            fresh = {job.id: body for job, body in filter(None, read) if job.status == "queued"}
+        else:
+            jobs = feed.queued_rows(session, stale)
+            bodies_of = live_objects(session, jobs, now, self.ahead)
+            fresh = {job.id: body for job, body in zip(jobs, bodies_of, strict=True)}
+        for job_id, body in fresh.items():
+            self._live_cache[job_id] = (at, body)
+            bodies[job_id] = body
         return bodies
 
     def _deliver(self, job_ids: set[str]) -> None:
@@ -502,7 +456,7 @@ class StreamHub:
             if newest == self._log_seen:
                 return
             self._log_seen = newest
-            places = self._lives(session, feed.queued_rows(session, watched), now)
+            places = self._lives(session, watched, now)
         self._next_positions = next_positions(began, time.monotonic() - began)
         for job_id, body in places.items():
             for stream in list(self._streams.get(job_id, ())):

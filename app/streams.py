@@ -27,7 +27,8 @@ from app.errors import abort, documents
 from app.gunicorn_json import ADOPT, STREAM
 from app.jobs import owned_job, services
 from app.schemas import Blueprint
-from app.stream_hub import QueueSink, StreamHub
+from app.stream_hub import StreamHub
+from app.stream_sinks import QueueSink
 from models import feed
 
 blp = Blueprint("streams", __name__, description="Live status: server-sent events")

@@ -205,9 +205,14 @@ class JobStore:
         first = MOVES["claim_remote" if remote else "claim_direct" if from_prepare else "claim"]
         again = MOVES["reclaim_remote" if remote else "reclaim"]
         given: dict[str, Any] = {"new_token": token, "max_attempts": self.max_attempts}
+        # A claim a database crash may lose is harmless: its job reads queued again, the lost
+        # run's fenced finish matches nothing, and the sweep publishes the job again.
+        if self.db.is_postgres:  # the usual claim in two round trips; any other case below
+            moved = lifecycle.apply_alone(self.db, first, job_id, now, None, relaxed=True, **given)
+            if moved is not None:
+                self._done(moved)
+                return Claim(job_id, token, moved.job.attempts, moved.neighbours), moved.job
         with self.db.session() as session:
-            # A claim a database crash may lose is harmless: its job reads queued again, the lost
-            # run's fenced finish matches nothing, and the sweep publishes the job again.
             moved = lifecycle.apply(session, first, job_id, now, None, relaxed=True, **given)
             if moved is None and redelivered:
                 moved = lifecycle.apply(session, again, job_id, now, None, relaxed=True, **given)
@@ -300,20 +305,20 @@ class JobStore:
             }
             for f, created in zip(files, stamps(now, len(files)), strict=True)
         ]
-        with self.db.session() as session:
-            moved = lifecycle.apply(
-                session,
-                finish_move(status),
-                claim.job_id,
-                now,
-                claim.token,
-                also=[(_files, rows)] if rows else (),
-                result=result,
-                error=None if error is None else error.as_error(),
-                backend=backend or None,
-                expires_at=expires if succeeded else None,
-                progress_detail=progress_detail,
-            )
+        values = {
+            "also": [(_files, rows)] if rows else (),
+            "result": result,
+            "error": None if error is None else error.as_error(),
+            "backend": backend or None,
+            "expires_at": expires if succeeded else None,
+            "progress_detail": progress_detail,
+        }
+        move = finish_move(status)
+        if self.db.is_postgres:  # two round trips on a bare cursor
+            moved = lifecycle.apply_alone(self.db, move, claim.job_id, now, claim.token, **values)
+        else:
+            with self.db.session() as session:
+                moved = lifecycle.apply(session, move, claim.job_id, now, claim.token, **values)
         if moved is not None:
             for stored in files:
                 stored.expires_at = expires

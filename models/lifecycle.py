@@ -29,7 +29,9 @@ writes a column that only moves write (``MOVE_COLUMNS``); a test holds it to tha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -51,7 +53,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from models import counters
-from models.db import UTCDateTime, on_postgres
+from models.db import Database, UTCDateTime, on_postgres
 from models.jobs import Job, JobEvent
 from models.public import job_object
 from models.state import (
@@ -72,6 +74,8 @@ _events: Table = JobEvent.__table__  # type: ignore[assignment]
 _c = _jobs.c
 _NOW = bindparam("now", type_=UTCDateTime())
 _ATTRIBUTES = {attr.columns[0].name: attr.key for attr in Job.__mapper__.column_attrs}
+_UTC = UTCDateTime()
+_TIMES = tuple(column.name for column in _c if isinstance(column.type, UTCDateTime))
 # The columns only a move writes; a touch never does.
 MOVE_COLUMNS = frozenset(
     {
@@ -193,8 +197,11 @@ def job_from(row: Any) -> Job:
     """A detached ``Job`` from a row of all the jobs table's columns (SELECT or RETURNING), built
     without the ORM's per-attribute bookkeeping (``Job.transient``): every poll and every move
     reads one, and none is ever added to a session."""
-    mapping = row._mapping
-    return Job.transient(**{key: mapping[name] for name, key in _ATTRIBUTES.items()})
+    return _job_of(row._mapping)
+
+
+def _job_of(row: Mapping[str, Any]) -> Job:
+    return Job.transient(**{key: row[name] for name, key in _ATTRIBUTES.items()})
 
 
 def wanted_by_webhook(event: Event, job: Job) -> bool:
@@ -247,6 +254,68 @@ def apply(
     On Postgres the UPDATE is one round trip and everything that goes with it (the event, the
     counters of a final move, ``also``) one more (``models.together``).
     """
+    row = session.execute(STATEMENTS[move.name], _params(move, job_id, now, fence, given)).first()
+    if row is None:
+        return None
+    moved, event = _made(move, row._mapping, now)
+    if on_postgres(session):
+        batch = Together(session)
+        _gather(batch, moved, event, also, relaxed)
+        batch.send()
+    else:
+        session.execute(_INSERT_EVENT, event)
+        if _is_final(move):
+            counters.count_final(session, moved.job)
+        for table, rows in also:
+            insert_rows(session, table, rows)
+    return moved
+
+
+def apply_alone(
+    db: Database,
+    move: Move,
+    job_id: str,
+    now: datetime,
+    fence: str | None = None,
+    *,
+    also: Sequence[tuple[Table, list[dict[str, Any]]]] = (),
+    relaxed: bool = False,
+    **given: Any,
+) -> Moved | None:
+    """(Postgres) ``apply`` as a unit of work of its own, on a bare pooled cursor
+    (``Database.statement``) in two round trips: ``BEGIN`` with the UPDATE, then everything that
+    goes with it and ``COMMIT``. Through a session the same unit took four (``BEGIN``, the UPDATE,
+    the event, ``COMMIT``) and the session's own bookkeeping: a job's claim and its final write
+    are on the path from its submit to the event that says it succeeded. Errors come out as
+    SQLAlchemy's; any failure rolls the transaction back before the connection goes back to the
+    pool."""
+    params = _params(move, job_id, now, fence, given)
+    begun = _Begun.of(move.name, db.engine.dialect)
+    with db.statement() as cursor:
+        try:
+            cursor.execute(begun.sql, begun.bind(params))
+            found = cursor.fetchone()
+            if found is None:
+                cursor.execute("ROLLBACK")
+                return None
+            names = [column.name for column in cursor.description]
+            moved, event = _made(move, begun.mapping(names, found), now)
+            batch = Together.gathered_on(cursor, db.engine.dialect)
+            _gather(batch, moved, event, also, relaxed)
+            batch.statement("COMMIT")
+            batch.send()
+        except BaseException:
+            if not cursor.connection.closed:
+                with contextlib.suppress(Exception):  # a broken connection is dropped by ``statement``
+                    cursor.execute("ROLLBACK")
+            raise
+    return moved
+
+
+def _params(
+    move: Move, job_id: str, now: datetime, fence: str | None, given: dict[str, Any]
+) -> dict[str, Any]:
+    """The bound values of ``move``'s statement (``apply``'s arguments, checked)."""
     params: dict[str, Any] = {"job_id": job_id, "now": now}
     if move.fenced:
         if fence is None:
@@ -257,30 +326,65 @@ def apply(
         if name not in _ACCEPTS[move.name]:
             raise TypeError(f"move {move.name} takes no {name!r}")
         params[f"v_{name}" if name in columns else name] = value
-    row = session.execute(STATEMENTS[move.name], params).first()
-    if row is None:
-        return None
-    job = job_from(row)
+    return params
+
+
+def _is_final(move: Move) -> bool:
+    return move.target is not None and move.target.final  # counted with the move or not at all
+
+
+def _made(move: Move, row: Mapping[str, Any], now: datetime) -> tuple[Moved, dict[str, Any]]:
+    """The move made, from its RETURNING row, and its event's row."""
+    job = _job_of(row)
     event = event_row(move.event, job, now)
-    final = move.target is not None and move.target.final  # counted with the move or not at all
-    if on_postgres(session):
-        batch = Together(session)
-        if relaxed:
-            batch.statement(_RELAXED)
-        batch.insert(_events, [event])
-        if final:
-            counters.count_final(batch, job)
-        for table, rows in also:
-            batch.insert(table, rows)
-        batch.send()
-    else:
-        session.execute(_INSERT_EVENT, event)
-        if final:
-            counters.count_final(session, job)
-        for table, rows in also:
-            insert_rows(session, table, rows)
     notify = event["dispatched_at"] is None
-    return Moved(move, job, move.event, notify, bool(row._mapping.get("neighbours", False)))
+    return Moved(move, job, move.event, notify, bool(row.get("neighbours", False))), event
+
+
+def _gather(
+    batch: Together,
+    moved: Moved,
+    event: dict[str, Any],
+    also: Sequence[tuple[Table, list[dict[str, Any]]]],
+    relaxed: bool,
+) -> None:
+    """(Postgres) What goes with a move, gathered to be sent in one round trip."""
+    if relaxed:
+        batch.statement(_RELAXED)
+    batch.insert(_events, [event])
+    if _is_final(moved.move):
+        counters.count_final(batch, moved.job)
+    for table, rows in also:
+        batch.insert(table, rows)
+
+
+@dataclass(frozen=True)
+class _Begun:
+    """(Postgres) A move's statement for ``apply_alone``: ``BEGIN; UPDATE ... RETURNING ...`` as
+    psycopg2 text, its values bound as SQLAlchemy binds them (each type's own processor), its row's
+    times read back as ``UTCDateTime`` reads them. Built once per move and dialect."""
+
+    sql: str
+    compiled: Any
+    processors: Mapping[str, Any]
+
+    @classmethod
+    @functools.cache
+    def of(cls, name: str, dialect: Any) -> _Begun:
+        compiled = STATEMENTS[name].compile(dialect=dialect)
+        return cls("BEGIN; " + compiled.string, compiled, dict(compiled._bind_processors))
+
+    def bind(self, params: dict[str, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = self.compiled.construct_params(params)
+        for name, process in self.processors.items():
+            values[name] = process(values[name])
+        return values
+
+    def mapping(self, names: list[str], found: Sequence[Any]) -> dict[str, Any]:
+        row = dict(zip(names, found, strict=True))
+        for name in _TIMES:
+            row[name] = _UTC.process_result_value(row[name], None)
+        return row
 
 
 def create(session: Session, job: Job) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import hashlib
 import io
 import re
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -54,6 +54,7 @@ class Together:
         # On a cursor: the INSERTs as (head, rows' values, computed expressions, on_conflict), for
         # ``send_within`` to send as a prepared statement.
         self.pending: list[Pending] = []
+        self.gathering = True  # INSERTs become text in ``parts`` (on a cursor: ``gathered_on``)
 
     @classmethod
     def on_cursor(
@@ -67,6 +68,17 @@ class Together:
         together.computed = computed or {}
         together.parts = []
         together.pending = []
+        together.gathering = False
+        return together
+
+    @classmethod
+    def gathered_on(cls, cursor: Any, dialect: Any) -> Together:
+        """Writes gathered as text and sent by ``send`` on a DBAPI cursor of the caller's, in the
+        transaction the caller opened on it (``models.lifecycle.apply_alone``: a move's event, its
+        counters and ``COMMIT`` go in one round trip); the caller turns psycopg2's errors into
+        SQLAlchemy's."""
+        together = cls.on_cursor(cursor, dialect)
+        together.gathering = True
         return together
 
     def insert(self, table: Table, rows: list[dict[str, Any]], on_conflict: str = "") -> None:
@@ -78,7 +90,7 @@ class Together:
         columns, values = _bound(table, given, self.dialect)
         names = [*columns, *computed]
         quoted_names = ", ".join(f'"{name}"' for name in names)
-        if self.cursor is not None:
+        if not self.gathering:
             head = f'INSERT INTO "{table.name}" ({quoted_names}) VALUES '
             self.pending.append((head, values, list(computed.values()), on_conflict))
             return
@@ -105,7 +117,7 @@ class Together:
         """Send the gathered INSERTs as one statement: ``WITH <name> AS (<cte>), <each INSERT> <query>``,
         so their ``computed`` columns and ``query`` read the same ``cte``, evaluated once; returns
         the first row of ``query``."""
-        if self.cursor is not None:
+        if not self.gathering:
             pending, self.pending = self.pending, []
             shape = tuple(
                 (head, len(rows), len(rows[0]), tuple(exprs), tail) for head, rows, exprs, tail in pending
@@ -125,14 +137,23 @@ class Together:
     def _execute(self, statement: bytes) -> Any:
         # Through SQLAlchemy (its events see the statement, its errors wrap psycopg2's), executed
         # without parameters: nothing in the quoted values is read as a placeholder.
-        assert self.session is not None
+        if self.session is None:
+            self.cursor.execute(statement)  # the caller's cursor (``gathered_on``)
+            return None
         return self.session.connection().exec_driver_sql(
             statement.decode(), execution_options={"no_parameters": True}
         )
 
-    def _cursor(self) -> Any:
-        assert self.session is not None
-        return self.session.connection().connection.cursor()
+    @contextlib.contextmanager
+    def _cursor(self) -> Iterator[Any]:
+        if self.session is None:
+            yield self.cursor
+            return
+        cursor = self.session.connection().connection.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
 
 
 # The statements prepared on each connection (its server session keeps them while it lives).

@@ -16,7 +16,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app
-from app.stream_hub import POSITIONS_EVERY, POSITIONS_SHARE, QueueSink, StreamHub, next_positions
+from app.stream_hub import POSITIONS_EVERY, POSITIONS_SHARE, StreamHub, next_positions
+from app.stream_sinks import QueueSink
 from config import Settings
 from models import feed, lifecycle
 from models.db import Database, utcnow
@@ -202,7 +203,7 @@ def test_each_jobs_events_are_announced_on_the_channel_its_id_chooses(db: Databa
 def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Settings, db: Database) -> None:
     """Jobs on other channels do not wake it; a job whose channel it has just LISTENed to is read
     once more (what it logged before that was heard by nobody); a channel nobody watches any more
-    is let go."""
+    is let go once it has lingered."""
 
     def on_channel(taken: set[str]) -> str:
         while (job_id := new_id()) and feed.channel_of(job_id) in taken:
@@ -213,7 +214,7 @@ def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Setti
     waited = on_channel({feed.channel_of(watched)})
     make_job_event(db, id=watched)
     make_job_event(db, id=waited)
-    hub = StreamHub(db, keepalive=30)
+    hub = StreamHub(db, keepalive=30, linger=0.5)
     heard: list[str] = []
     drain = hub._drain_notifies
 
@@ -242,16 +243,18 @@ def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Setti
     assert ended is not None and b'"status":"cancelled"' in ended
     assert set(heard) == {watched}  # the others' twenty events woke nothing here
     hub.close(stream)
+    closed = time.monotonic()
     for _ in range(50):
         if not hub._listening:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert not hub._listening
+    assert time.monotonic() - closed >= 0.4  # it lingered first
 
     # A waiter on a job whose move came before its channel was LISTENed: read once more. (A hub
     # of its own whose thread never starts, so the steps are the test's.)
     assert store.cancel(waited) is not None
-    quiet = StreamHub(db, keepalive=30)
+    quiet = StreamHub(db, keepalive=30, linger=0)
     quiet._ensure_listener()
     try:
         assert quiet._sync_channels() == set() and not quiet._listening  # nothing watched yet
@@ -267,3 +270,40 @@ def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Setti
         assert quiet._sync_channels() == set() and not quiet._listening
     finally:
         quiet._listener.close()
+
+
+def test_a_stream_on_a_lingering_channel_opens_without_a_listen_or_a_second_read(db: Database) -> None:
+    """A client that follows one job after another: the second job's channel, LISTENed for the
+    first, is still LISTENed; its stream starts with one read of the log, none after."""
+    first = new_id()
+    while (second := new_id()) and feed.channel_of(second) != feed.channel_of(first):
+        pass
+    make_job_event(db, id=first)
+    make_job_event(db, id=second)
+    hub = StreamHub(db, keepalive=30)  # the default linger
+    reads: list[set[str]] = []
+    deliver = hub._deliver
+
+    def noted(job_ids: set[str]) -> None:
+        reads.append(set(job_ids))
+        deliver(job_ids)
+
+    hub._deliver = noted  # type: ignore[method-assign]
+    store = JobStore(db, 3)
+    for job_id in (first, second):
+        sink = QueueSink()
+        hub.open([job_id], None, sink)
+        opened = sink.frames.get(timeout=5)
+        assert opened is not None and b'"status":"queued"' in opened
+        assert store.cancel(job_id) == "cancelled"
+        ended = sink.frames.get(timeout=5)
+        assert ended is not None and b'"status":"cancelled"' in ended
+        assert sink.frames.get(timeout=5) is None  # the stream ended
+    # The first stream's job was read once more after its channel's LISTEN, then on its move's
+    # notification; the second only on its move's notification.
+    assert reads == [{first}, {first}, {second}]
+    for _ in range(50):  # its end is synced on the hub's next turn: the channel lingers
+        if feed.channel_of(first) in hub._unlisten_at:
+            break
+        time.sleep(0.05)
+    assert hub._listening == {feed.channel_of(first)} and feed.channel_of(first) in hub._unlisten_at

@@ -5,6 +5,7 @@ migration 0006 back-fills the counters with what the old scrape-time aggregate s
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from tests.conftest import RUN_ID
 from tests.support.factories import HOOK_URL, make_job
 from tests.support.servers import WebhookReceiver
 from tests.support.services import pg_admin as _pg_admin
+from tests.support.statements import sent_statements
 
 Key = tuple[str, str, str]
 FAILURE = JobFailure("engine_error", "The engine failed.")
@@ -152,26 +154,21 @@ def test_the_dispatcher_running_twice_counts_the_job_and_its_webhook_attempt_onc
 
 
 def test_a_final_move_adds_one_upsert_to_its_transaction(db: Database) -> None:
-    statements: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
-        statements.append(statement)
-
     store = JobStore(db)
     claim = store.claim(make_job(db, engine_task=a_task(), predict_time=1.0), redelivered=False)
-    event.listen(db.engine, "before_cursor_execute", record)
-    try:
+    with sent_statements(db) as statements:
         store.finish(claim, JobStatus.SUCCEEDED, result={"ok": True})
-    finally:
-        event.remove(db.engine, "before_cursor_execute", record)
-    # On Postgres the writes that go with the UPDATE are one multi-statement round trip.
     parts = [
-        " ".join(part.split()[:3]).upper().replace('"', "") for s in statements for part in s.split(";\n")
+        " ".join(part.split()[:3]).upper().replace('"', "")
+        for s in statements
+        for part in re.split(r";\s+", s)
     ]
-    writes = [s for s in parts if not s.startswith(("SET", "SELECT PG_NOTIFY"))]
+    writes = [s for s in parts if not s.startswith(("SET", "SELECT PG_NOTIFY", "BEGIN", "COMMIT"))]
     assert writes == ["UPDATE JOBS SET", "INSERT INTO JOB_EVENTS", "INSERT INTO JOB_COUNTERS"]
-    if db.engine.dialect.name == "postgresql":
+    if db.is_postgres:
+        # Two round trips: BEGIN with the UPDATE, then the writes that go with it and COMMIT.
         assert len(statements) == 2
+        assert parts[0] == "BEGIN" and parts[-1] == "COMMIT"
 
 
 # Rows written at revision 0005, before later migrations added columns the models now have: only

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 
@@ -34,6 +34,7 @@ from models.state import (
     state_of,
 )
 from tests.support.factories import make_job
+from tests.support.statements import sent_statements
 
 TOKEN = "t" * 32
 MAX_ATTEMPTS = 3
@@ -286,22 +287,17 @@ def test_the_store_kicks_after_the_commit_only_for_a_pending_event(db: Database)
 
 
 def test_a_claim_is_one_update_returning_and_one_event_insert(db: Database) -> None:
-    statements: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
-        statements.append(statement)
-
     job_id = make_job(db)
-    event.listen(db.engine, "before_cursor_execute", record)
-    try:
+    with sent_statements(db) as statements:
         JobStore(db).claim(job_id, redelivered=False)
-    finally:
-        event.remove(db.engine, "before_cursor_execute", record)
-    # On Postgres what goes with the UPDATE (the relaxed commit, the event) is one more round trip.
-    words = [part.split()[0].upper() for s in statements for part in s.split(";\n")]
-    assert [w for w in words if w != "SET"] == ["UPDATE", "INSERT"]
-    if db.engine.dialect.name == "postgresql":
-        assert len(statements) == 2 and "synchronous_commit" in statements[1]
+    words = [part.split()[0].upper() for s in statements for part in re.split(r";\s+", s)]
+    assert [w for w in words if w not in ("SET", "BEGIN", "COMMIT")] == ["UPDATE", "INSERT"]
+    if db.is_postgres:
+        # Two round trips: BEGIN with the UPDATE, then the relaxed commit's setting, the event and
+        # COMMIT (through a session it was four: BEGIN and COMMIT each cost one).
+        assert len(statements) == 2
+        assert words == ["BEGIN", "UPDATE", "SET", "INSERT", "COMMIT"]
+        assert "synchronous_commit" in statements[1]
 
 
 def test_pending_events_are_taken_once_and_left_overs_only_when_old(db: Database) -> None:

@@ -463,7 +463,11 @@ def test_a_data_uri_input_reaches_a_url_fetching_provider_as_our_public_copy(
     assert fetched["status"] == 200
     sent = Image.open(io.BytesIO(fetched["body"])).convert("RGB")
     assert sent.tobytes() == Image.open(astronaut_png).convert("RGB").tobytes()
-    # The public copy is withdrawn once the job is over.
+    # The public copy is withdrawn once the job is over (just after its final write commits: a
+    # client that reads the job at once may still find it for a moment).
+    deadline = time.monotonic() + 5
+    while requests.get(fetched["url"], timeout=5).status_code != 404 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert requests.get(fetched["url"], timeout=5).status_code == 404
 
 
