@@ -305,8 +305,8 @@ class JobStore:
             }
             for f, created in zip(files, stamps(now, len(files)), strict=True)
         ]
-        values = {
-            "also": [(_files, rows)] if rows else (),
+        also: list[tuple[Table, list[dict[str, Any]]]] = [(_files, rows)] if rows else []
+        values: dict[str, Any] = {
             "result": result,
             "error": None if error is None else error.as_error(),
             "backend": backend or None,
@@ -315,10 +315,10 @@ class JobStore:
         }
         move = finish_move(status)
         if self.db.is_postgres:  # two round trips on a bare cursor
-            moved = lifecycle.apply_alone(self.db, move, claim.job_id, now, claim.token, **values)
+            moved = lifecycle.apply_alone(self.db, move, claim.job_id, now, claim.token, also=also, **values)
         else:
             with self.db.session() as session:
-                moved = lifecycle.apply(session, move, claim.job_id, now, claim.token, **values)
+                moved = lifecycle.apply(session, move, claim.job_id, now, claim.token, also=also, **values)
         if moved is not None:
             for stored in files:
                 stored.expires_at = expires

@@ -200,7 +200,7 @@ def job_from(row: Any) -> Job:
     return _job_of(row._mapping)
 
 
-def _job_of(row: Mapping[str, Any]) -> Job:
+def _job_of(row: Mapping[Any, Any]) -> Job:
     return Job.transient(**{key: row[name] for name, key in _ATTRIBUTES.items()})
 
 
@@ -333,7 +333,7 @@ def _is_final(move: Move) -> bool:
     return move.target is not None and move.target.final  # counted with the move or not at all
 
 
-def _made(move: Move, row: Mapping[str, Any], now: datetime) -> tuple[Moved, dict[str, Any]]:
+def _made(move: Move, row: Mapping[Any, Any], now: datetime) -> tuple[Moved, dict[str, Any]]:
     """The move made, from its RETURNING row, and its event's row."""
     job = _job_of(row)
     event = event_row(move.event, job, now)
