@@ -333,12 +333,10 @@ class StreamHub:
     def _start(self, stream: Stream) -> None:
         """Register the stream and send what it has not seen: each job's current object, or on
         resume the events after Last-Event-ID."""
-        with self.db.reading() as session:
-            if stream.resume_after is None:
-                rows = feed.latest(session, stream.job_ids)
-            else:
-                rows = feed.events_after(session, stream.job_ids, stream.resume_after)
-            rows = self._placed(session, stream, rows)
+        if stream.resume_after is None:
+            rows = self._placed(stream, feed.read_latest(self.db, stream.job_ids))
+        else:
+            rows = self._placed(stream, feed.read_after(self.db, stream.job_ids, stream.resume_after))
         for job_id in stream.job_ids:
             # -1: a job whose log was pruned is sent as its row, with id 0 (``feed.latest``).
             stream.last[job_id] = -1 if stream.resume_after is None else stream.resume_after
@@ -352,13 +350,12 @@ class StreamHub:
         self._send(stream, rows)
         if stream.resume_after is not None:
             # A resumed stream whose jobs all ended before it came back has nothing more to say.
-            with self.db.reading() as session:
-                for event_id, job_id, job in feed.latest(session, stream.job_ids):
-                    if is_final(job) and stream.last[job_id] >= event_id:
-                        stream.final.add(job_id)
+            for event_id, job_id, job in feed.read_latest(self.db, stream.job_ids):
+                if is_final(job) and stream.last[job_id] >= event_id:
+                    stream.final.add(job_id)
             self._end_if_done(stream)
 
-    def _placed(self, session: Any, stream: Stream, rows: list[feed.Logged]) -> list[feed.Logged]:
+    def _placed(self, stream: Stream, rows: list[feed.Logged]) -> list[feed.Logged]:
         """``rows`` with the last object of each job that is still queued replaced by its live
         one (its place in its queue, an ETA that counts it), so a stream's first word on a queued
         job says where it stands."""
@@ -367,7 +364,9 @@ class StreamHub:
         if not queued:
             return rows
         rows = list(rows)
-        for job_id, body in self._lives(session, queued, utcnow()).items():
+        with self.db.reading() as session:
+            lives = self._lives(session, queued, utcnow())
+        for job_id, body in lives.items():
             event_id, _, _ = rows[last[job_id]]
             rows[last[job_id]] = (event_id, job_id, body)
             stream.positions[job_id] = body["queue_position"]
@@ -411,10 +410,12 @@ class StreamHub:
         if not watched:
             return
         after = min(s.last[job_id] for job_id in watched for s in self._streams[job_id])
-        with self.db.reading() as session:
-            rows = feed.events_after(session, watched, after)
-            quiet = set(watched) - {job_id for _, job_id, _ in rows}
-            gone = quiet - feed.visible_jobs(session, sorted(quiet), None) if quiet else set()
+        rows = feed.read_after(self.db, watched, after)
+        quiet = set(watched) - {job_id for _, job_id, _ in rows}
+        gone: set[str] = set()
+        if quiet:
+            with self.db.reading() as session:
+                gone = quiet - feed.visible_jobs(session, sorted(quiet), None)
         streams = {id(s): s for job_id in watched for s in self._streams[job_id]}
         for stream in streams.values():
             stream.final |= gone & stream.last.keys()  # deleted: nothing more will come

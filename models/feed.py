@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Table, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
+from models.db import Database
 from models.jobs import Job, JobEvent
 from models.public import job_object
 
@@ -72,6 +73,46 @@ _ANY = select(_j.id).where(_j.id.in_(bindparam("ids", expanding=True)))
 _IN_BATCH = select(_j.id).where(_j.batch_id == bindparam("batch")).order_by(_j.created_at, _j.id)
 
 
+# The same two reads as plain SQL, for a bare cursor (``read_after``, ``read_latest``).
+_AFTER_SQL = "SELECT id, job_id, data FROM job_events WHERE job_id = ANY(%s) AND id > %s ORDER BY id"
+_LATEST_SQL = (
+    "SELECT id, job_id, data FROM job_events WHERE id IN "
+    "(SELECT max(id) FROM job_events WHERE job_id = ANY(%s) GROUP BY job_id) ORDER BY id"
+)
+
+
+def read_after(db: Database, job_ids: Iterable[str], after: int) -> list[Logged]:
+    """``events_after`` as a unit of work of its own: on Postgres one statement on a bare pooled
+    cursor (``Database.statement``: a stream hub reads the log on every wake-up, and a session
+    around the statement cost it more than the statement), elsewhere in a reading session."""
+    ids = list(job_ids)
+    if not ids:
+        return []
+    if not db.is_postgres:
+        with db.reading() as session:
+            return events_after(session, ids, after)
+    with db.statement() as cursor:
+        cursor.execute(_AFTER_SQL, (ids, after))
+        return [(row[0], row[1], row[2]) for row in cursor.fetchall()]
+
+
+def read_latest(db: Database, job_ids: Iterable[str]) -> list[Logged]:
+    """``latest`` as a unit of work of its own, as ``read_after`` reads (a job whose log was
+    pruned: its row, read in a session)."""
+    ids = list(job_ids)
+    if not ids or not db.is_postgres:
+        with db.reading() as session:
+            return latest(session, ids)
+    with db.statement() as cursor:
+        cursor.execute(_LATEST_SQL, (ids,))
+        found: list[Logged] = [(row[0], row[1], row[2]) for row in cursor.fetchall()]
+    if len(found) == len(ids):
+        return found
+    logged = {job_id for _, job_id, _ in found}
+    with db.reading() as session:
+        return _rows_of(session, [job_id for job_id in ids if job_id not in logged]) + found
+
+
 def events_after(session: Session, job_ids: Iterable[str], after: int) -> list[Logged]:
     """``(id, job_id, job object)`` of the jobs' events with an id above ``after``, in id order."""
     ids = list(job_ids)
@@ -91,8 +132,13 @@ def latest(session: Session, job_ids: Iterable[str]) -> list[Logged]:
     missing = [job_id for job_id in ids if job_id not in logged]
     if not missing:
         return found
-    jobs = session.execute(select(Job).where(_j.id.in_(missing))).scalars()
-    return [(0, job.id, job_object(job)) for job in jobs] + found
+    return _rows_of(session, missing) + found
+
+
+def _rows_of(session: Session, job_ids: list[str]) -> list[Logged]:
+    """Jobs with no event left in the log, each as its row's object with id 0."""
+    jobs = session.execute(select(Job).where(_j.id.in_(job_ids))).scalars()
+    return [(0, job.id, job_object(job)) for job in jobs]
 
 
 def tail(session: Session, after: int) -> list[tuple[int, str]]:
