@@ -16,8 +16,8 @@ from marshmallow import Schema
 
 from app.errors import abort, documents
 from app.jobs import create_job, owned_job
+from app.live import hub
 from app.schemas import Blueprint, JobSchema
-from app.streams import hub
 from models.public import job_object
 from models.state import FINAL_STATUSES
 from tasks import catalog

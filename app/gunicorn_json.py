@@ -10,7 +10,8 @@ logs the client error and writes the access log line; only the page it writes is
 page is captured instead of sent, and its status line kept, so the mapping from parse errors to
 400/414/431/... stays exactly gunicorn's, in this version and the next.
 
-It also hands live streams over (``GET .../events``): the request is handled by Flask in a request
+It also hands live streams over (``GET .../events``, and ``POST /v1/jobs`` with ``Accept:
+text/event-stream``, which answers with the new job's stream): the request is handled by Flask in a request
 thread as any other (key, ids, ownership: any error is answered as usual), and a stream that may
 start leaves a callable in ``environ["aiorch.stream"]``; the worker then writes nothing, gives the
 callable a duplicate of the connection's socket and forgets the connection, and the request thread
@@ -84,6 +85,7 @@ MESSAGES: tuple[tuple[tuple[type[Exception], ...], str], ...] = (
 ADOPT = "aiorch.can_adopt"
 STREAM = "aiorch.stream"
 STREAM_SUFFIX = "/events"
+EVENT_STREAM = "text/event-stream"
 
 # gunicorn clamps ``limit_request_line`` to 8190 (and 0 turns the check off altogether); the ceiling
 # it clamps to is raised here, in the master and every worker, to the limit ``aiorch serve`` sets
@@ -129,6 +131,14 @@ class _HandedOver:
 
     def fileno(self) -> int:
         return -1
+
+
+def may_stream(req: Any) -> bool:
+    """Whether the view may start a stream: a stream route, or a request that accepts one (a
+    submit that follows its job, ``POST /v1/jobs`` with ``Accept: text/event-stream``)."""
+    if req.path.endswith(STREAM_SUFFIX):
+        return True
+    return any(name == "ACCEPT" and EVENT_STREAM in value for name, value in req.headers)
 
 
 def json_error_response(status: int, reason: str, exc: BaseException) -> bytes:
@@ -219,7 +229,7 @@ class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no 
             self.log.debug("Failed to send error message.")
 
     def handle_request(self, req: Any, conn: Any) -> bool:
-        if not req.path.endswith(STREAM_SUFFIX) or isinstance(conn.sock, ssl.SSLSocket):
+        if not may_stream(req) or isinstance(conn.sock, ssl.SSLSocket):
             return bool(super().handle_request(req, conn))
         return self.handle_stream_request(req, conn)
 

@@ -21,6 +21,7 @@ from app.admission import Admission, admission_headers, client_limits
 from app.assets import data_inputs_to_assets, discard_uploads
 from app.auth import is_admin, job_scope
 from app.errors import ErrorSchema, abort, documents
+from app.live import stream_response, wants_stream
 from app.schemas import (
     JOB_ID_RE,
     Blueprint,
@@ -363,8 +364,15 @@ class Jobs(MethodView):
     @blp.alt_response(200, schema=JobSchema, description="An earlier job with the same Idempotency-Key")
     @documents(blp, 400, 401, 409, 413, 415, 429, 501, 503)
     def post(self, body: dict[str, Any]) -> Response:
-        """Create a job"""
-        response = job_response(*create_job(body, request.headers.get("Idempotency-Key")))
+        """Create a job
+
+        With ``Accept: text/event-stream`` the answer is the new job's event stream (``200``), as
+        ``GET /v1/jobs/{job_id}/events`` would send it from its first event: submit and follow in
+        one request. A refused submit is answered in JSON as always."""
+        job, status = create_job(body, request.headers.get("Idempotency-Key"))
+        if wants_stream():
+            return stream_response([job["job_id"]])
+        response = job_response(job, status)
         response.headers.update(admission_headers())
         return response
 

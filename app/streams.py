@@ -3,9 +3,8 @@ server-sent events, fed from the job event log.
 
 The view checks the request like any other (key, ids, ownership: a job of another client is
 ``404`` exactly like a missing one) in a request thread; the stream itself is written by the API's
-stream hub (``app.stream_hub``): under ``aiorch serve`` the connection is handed over to it, so an
-open stream holds no request thread; under any other WSGI server (the Flask test client) the
-response drains a queue that the hub fills.
+stream hub (``app.live``, ``app.stream_hub``). ``POST /v1/jobs`` with ``Accept: text/event-stream``
+answers with the new job's stream the same way (``app.jobs``).
 
 Events: the first is each job's current object (or, with ``Last-Event-ID``, the job's events after
 that id); then one per change, ``id: <event id>`` (increasing per job), ``event: job``,
@@ -15,20 +14,17 @@ the stream ends after every job it follows is final.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Response
 from flask.views import MethodView
 from marshmallow import Schema, ValidationError, fields, validate, validates
 
 from app.auth import job_scope
 from app.errors import abort, documents
-from app.gunicorn_json import ADOPT, STREAM
 from app.jobs import owned_job, services
+from app.live import resume_after, stream_response
 from app.schemas import Blueprint
-from app.stream_hub import StreamHub
-from app.stream_sinks import QueueSink
 from models import feed
 
 blp = Blueprint("streams", __name__, description="Live status: server-sent events")
@@ -36,60 +32,6 @@ blp = Blueprint("streams", __name__, description="Live status: server-sent event
 MAX_IDS = 1000
 IDS_PATTERN = r"^[0-9a-f]{32}(,[0-9a-f]{32})*$"
 EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
-
-
-def hub() -> StreamHub:
-    """The process's stream hub (made at first use)."""
-    found: StreamHub | None = current_app.extensions.get("aiorch_hub")
-    if found is None:
-        svc = services()
-        found = StreamHub(svc.db, keepalive=svc.settings.stream_keepalive, ahead=svc.settings.dispatch_ahead)
-        current_app.extensions["aiorch_hub"] = found
-    return found
-
-
-def resume_after() -> int | None:
-    """``Last-Event-ID`` (a browser's EventSource sends it when it reconnects) or
-    ``?last_event_id=``: the last event the client has."""
-    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
-    if raw is None or raw == "":
-        return None
-    if not raw.strip().isdigit() or len(raw) > 18:
-        abort(
-            400,
-            code="invalid_last_event_id",
-            message="Last-Event-ID must be an event id this API sent (a non-negative integer).",
-            details={"field": "Last-Event-ID"},
-        )
-    return int(raw)
-
-
-def stream_response(job_ids: list[str]) -> Response:
-    """Start the stream of ``job_ids`` (already checked to be the caller's)."""
-    after = resume_after()
-    streams = hub()
-    if request.environ.get(ADOPT):
-        # ``aiorch serve``: the worker hands the connection to the hub once this view returns.
-        request.environ[STREAM] = lambda sock: streams.adopt(sock, job_ids, after)
-        return Response(status=200, mimetype="text/event-stream")
-    sink = QueueSink()
-    stream = streams.open(job_ids, after, sink)
-
-    def body() -> Iterator[bytes]:
-        try:
-            while True:
-                chunk = sink.frames.get()
-                if chunk is None:
-                    return
-                yield chunk
-        finally:
-            streams.close(stream)
-
-    return Response(
-        body(),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
 
 
 class EventsArgs(Schema):
@@ -117,7 +59,7 @@ class JobEvents(MethodView):
     @documents(blp, 400, 401, 404)
     def get(self, job_id: str) -> Response:
         job = owned_job(job_id)
-        return stream_response([job.id])
+        return stream_response([job.id], resume_after())
 
 
 @blp.route("/v1/events")
@@ -156,4 +98,4 @@ class Events(MethodView):
                         details={"field": "ids", "missing": missing[:20]},
                     )
                 job_ids = list(dict.fromkeys([*job_ids, *asked]))
-        return stream_response(job_ids)
+        return stream_response(job_ids, resume_after())

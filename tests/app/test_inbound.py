@@ -291,9 +291,7 @@ def test_flowers_argv_carries_no_credentials(settings: Settings) -> None:
         flower_command(flower, "half,other-half")
 
 
-def test_flower_runs_with_its_password_only_in_its_environment(
-    settings: Settings, tmp_path: Path
-) -> None:
+def test_flower_runs_with_its_password_only_in_its_environment(settings: Settings, tmp_path: Path) -> None:
     port = free_port()
     password = "flower-pw-" + os.urandom(6).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIORCH_", "FLOWER_"))}
@@ -384,4 +382,3 @@ def test_a_celery_worker_process_writes_private_files(tmp_path: Path) -> None:
     assert out.strip() == "0o77"
     folders = [p for p in var.rglob("*") if p.is_dir()]
     assert folders and all(mode(p) == 0o700 for p in [var, *folders]), [(p, oct(mode(p))) for p in folders]
-

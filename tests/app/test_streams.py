@@ -71,6 +71,29 @@ def test_a_stream_sends_the_job_then_its_changes_and_ends_when_final(client: Fla
     response.close()
 
 
+def test_a_submit_that_accepts_an_event_stream_is_answered_with_its_jobs_stream(client: FlaskClient) -> None:
+    body = {"task": "upscale", "payload": {"image_url": IMG}}
+    streamed = {**ALICE, "Accept": "text/event-stream"}
+    response = client.post("/v1/jobs", json=body, headers=streamed)
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    seen = frames(response)
+    first = next(seen)
+    assert isinstance(first, dict) and first["status"] == "queued" and first["task"] == "upscale"
+    job_id = first["job_id"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=ALICE).json["status"] == "queued"  # a job like any
+    threading.Timer(0.1, lambda: client.post(f"/v1/jobs/{job_id}/cancel", headers=ALICE)).start()
+    rest = [f for f in seen if f != "keep-alive"]
+    assert [job["status"] for job in rest if isinstance(job, dict)] == ["cancelled"]
+    response.close()
+    # A refused submit is answered in JSON, naming the field; JSON stays the default answer.
+    bad = client.post("/v1/jobs", json={"task": "upscale", "payload": {}}, headers=streamed)
+    assert bad.status_code == 422 and bad.mimetype == "application/json"
+    assert "image_url" in json.dumps(bad.json["error"])
+    either = {**ALICE, "Accept": "application/json, text/event-stream;q=0.5"}
+    assert client.post("/v1/jobs", json=body, headers=either).status_code == 202
+    assert client.post("/v1/jobs", json=body, headers={**ALICE, "Accept": "*/*"}).status_code == 202
+
+
 def test_another_clients_job_is_404_like_a_missing_one(client: FlaskClient) -> None:
     job_id = submit(client)
     for path in (f"/v1/jobs/{job_id}/events", f"/v1/events?ids={job_id}"):

@@ -120,6 +120,44 @@ def test_another_clients_job_is_404_and_bad_arguments_are_4xx_json(platform: Pla
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "batch_not_found"
 
 
+def test_a_submit_that_accepts_an_event_stream_follows_its_job_in_the_same_request(
+    platform: Platform,
+) -> None:
+    """``POST /v1/jobs`` with ``Accept: text/event-stream``: the answer is the new job's stream,
+    written by the hub on the handed-over connection, to the final event; the request thread is
+    free meanwhile (the job is read by another request while its stream is open)."""
+    response = requests.post(
+        platform.base_url + "/v1/jobs",
+        json={"task": "debug_sleep", "payload": {"seconds": 0.6}},
+        headers={"X-API-Key": ALICE, "Accept": "text/event-stream"},
+        stream=True,
+        timeout=(5, 30),
+    )
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events: list[ServerEvent] = []
+    for event in parse_events(response.iter_content(chunk_size=None)):
+        events.append(event)
+        if len(events) == 1:  # the job exists and is readable while its stream is open
+            job_id = json.loads(event.data)["job_id"]
+            assert platform.job(ALICE, job_id)["status"] in ("queued", "running")
+            assert open_stream(platform, f"/v1/jobs/{job_id}/events", key=BOB).status_code == 404
+    jobs = jobs_of(events)
+    assert jobs[0]["status"] in ("queued", "running") and {j["job_id"] for j in jobs} == {job_id}
+    assert [j["status"] for j in jobs][-1] == "succeeded" and "running" in [j["status"] for j in jobs]
+    ids = [int(e.id) for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # A refused one is answered in JSON, naming the field, like any submit.
+    bad = requests.post(
+        platform.base_url + "/v1/jobs",
+        json={"task": "upscale", "payload": {"scale": 2}},
+        headers={"X-API-Key": ALICE, "Accept": "text/event-stream"},
+        timeout=10,
+    )
+    assert bad.status_code == 422 and bad.headers["Content-Type"].startswith("application/json")
+    assert "image_url" in bad.text
+
+
 def test_a_stream_of_many_jobs_ends_when_all_are_final(platform: Platform) -> None:
     ids = [platform.submit(ALICE, "debug_sleep", {"seconds": s}).json()["job_id"] for s in (0.2, 0.8, 0.4)]
     events, _ = read_all(open_stream(platform, f"/v1/events?ids={','.join(ids)}"))
