@@ -26,27 +26,45 @@ def follow(port: int, key: str, job_id: str, timeout: float = 20.0) -> list[tupl
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", f"/v1/jobs/{job_id}/events", headers={"X-API-Key": key})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"stream answered {response.status}: {response.read()[:200]!r}")
-        events: list[tuple[float, dict[str, Any]]] = []
-        while True:
-            line = response.readline()
-            if not line:
-                return events
-            if line.startswith(b"data: "):
-                job = json.loads(line[6:])
-                events.append((time.time() * 1000, job))
-                if job["status"] in FINAL:
-                    return events
+        return _events(conn.getresponse())
     finally:
         conn.close()
 
 
+def submit_and_follow(port: int, key: str, payload: dict[str, Any],
+                      timeout: float = 20.0) -> list[tuple[float, dict[str, Any]]]:
+    """``POST /v1/jobs`` with ``Accept: text/event-stream`` on a connection of its own (its answer
+    is the new job's stream, which ends the connection), read to its end as ``follow`` reads."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        body = json.dumps({"task": "upscale", "payload": payload})
+        conn.request("POST", "/v1/jobs", body=body, headers={
+            "X-API-Key": key, "Content-Type": "application/json", "Accept": "text/event-stream"})
+        return _events(conn.getresponse())
+    finally:
+        conn.close()
+
+
+def _events(response: http.client.HTTPResponse) -> list[tuple[float, dict[str, Any]]]:
+    if response.status != 200:
+        raise RuntimeError(f"stream answered {response.status}: {response.read()[:200]!r}")
+    events: list[tuple[float, dict[str, Any]]] = []
+    while True:
+        line = response.readline()
+        if not line:
+            return events
+        if line.startswith(b"data: "):
+            job = json.loads(line[6:])
+            events.append((time.time() * 1000, job))
+            if job["status"] in FINAL:
+                return events
+
+
 def part_stream_latency(http: Any, raw: Any, sup: Any, payload: dict[str, Any], n: int, key: str,
                         port: int) -> dict[str, Any]:
-    """``n`` tiny jobs, each submitted and followed on its stream until ``succeeded``, alternating
-    with the raw round trip (send, then poll the result backend every ``poll`` s)."""
+    """``n`` tiny jobs, each submitted and followed on its stream until ``succeeded``, in turn with
+    the raw round trip (send, then poll the result backend every ``poll`` s) and with a job
+    submitted and followed in one request (``submit_and_follow``)."""
     crashed = lambda: bool(sup.dead())  # noqa: E731
 
     def one() -> tuple[float, list[float]]:
@@ -65,26 +83,40 @@ def part_stream_latency(http: Any, raw: Any, sup: Any, payload: dict[str, Any], 
                 delays.append(seen_ms - moved_ms)
         return elapsed, delays
 
+    def in_one() -> float:
+        t0 = time.perf_counter()
+        events = submit_and_follow(port, key, payload)
+        elapsed = time.perf_counter() - t0
+        if not events or events[-1][1]["status"] != "succeeded":
+            raise RuntimeError(f"submitted and followed: ended {events[-1][1] if events else 'unseen'}")
+        return elapsed
+
     for _ in range(3):
         one()
+        in_one()
         raw.once(crashed)
-    jobs, raws, delays, failures = [], [], [], []
+    jobs, ones, raws, delays, failures = [], [], [], [], []
     for _ in range(n):
         round_trip = raw.once(crashed)
         if round_trip is not None:
             raws.append(round_trip)
         try:
             elapsed, job_delays = one()
+            ones.append(in_one())
         except RuntimeError as exc:
             failures.append(str(exc)[:300])
             continue
         jobs.append(elapsed)
         delays.extend(job_delays)
-    job_lat, raw_lat = summary_ms(jobs), summary_ms(raws)
+    job_lat, raw_lat, one_lat = summary_ms(jobs), summary_ms(raws), summary_ms(ones)
     return {
         "job_on_stream": job_lat,
         "raw_round_trip": raw_lat,
         "ratio_p50": round(job_lat["p50_ms"] / raw_lat["p50_ms"], 3) if jobs and raw_lat["p50_ms"] else None,
+        # The same job submitted with Accept: text/event-stream: its stream is the submit's answer.
+        "submit_and_follow": one_lat,
+        "submit_and_follow_ratio_p50": (round(one_lat["p50_ms"] / raw_lat["p50_ms"], 3)
+                                        if ones and raw_lat["p50_ms"] else None),
         # The move's own timestamp (started_at/finished_at, taken just before its COMMIT) to the
         # moment the reader parsed the event: commit, NOTIFY, the hub's read, the socket.
         "event_delay_ms": {"p50": percentile(delays, 50), "p99": percentile(delays, 99), "n": len(delays)},
