@@ -220,9 +220,12 @@ def new_job(
     )
 
 
-def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[str, Any], int]:
+def create_job(
+    body: dict[str, Any], idempotency_key: str | None, answer_first: bool = True
+) -> tuple[dict[str, Any], int]:
     """Validate, INSERT, COMMIT, then publish; the shared path of POST /v1/jobs and the blocking
-    endpoints. Returns (job object, HTTP status)."""
+    endpoints. Returns (job object, HTTP status). ``answer_first``: the publish may follow the
+    answer (``tasks.after_answer``); else it is made here, before the caller goes on."""
     svc = services()
     settings = svc.settings
     if idempotency_key is not None:  # the header's form first: a 400 whatever the body holds
@@ -275,7 +278,7 @@ def create_job(body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[
     # prepare queue, or straight to the run queue when nothing needs downloading (one hop fewer).
     # A job that got its slot is published just after this answer while the broker is known to
     # answer (``tasks.after_answer``: should it refuse, the job waits for its slot again).
-    if slotted and svc.after_answer.broker_answers():
+    if slotted and answer_first and svc.after_answer.broker_answers():
         job.dispatched_at = now  # what its turn wrote (``withdraw`` matches it)
         svc.after_answer.send(job)
         return {**created, "reused": False, **capped(asked, priority)}, 202
@@ -369,8 +372,12 @@ class Jobs(MethodView):
         With ``Accept: text/event-stream`` the answer is the new job's event stream (``200``), as
         ``GET /v1/jobs/{job_id}/events`` would send it from its first event: submit and follow in
         one request. A refused submit is answered in JSON as always."""
-        job, status = create_job(body, request.headers.get("Idempotency-Key"))
-        if wants_stream():
+        streamed = wants_stream()
+        # A stream's first event follows the publish: the job is on its way before the hub starts
+        # the stream (the publisher thread would wait for the GIL while this thread and the hub
+        # start it).
+        job, status = create_job(body, request.headers.get("Idempotency-Key"), answer_first=not streamed)
+        if streamed:
             return stream_response([job["job_id"]])
         response = job_response(job, status)
         response.headers.update(admission_headers())
