@@ -4,6 +4,7 @@ cancel is seen within one interval."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -270,3 +271,26 @@ def test_what_a_run_reports_beside_its_percentage_is_written_with_it_and_carried
             .order_by(JobEvent.seq)
         ).all()
         assert [e.data["progress_detail"]["step"] for e in events] == [40, 41]
+
+
+def test_runs_share_one_watcher_thread_and_one_let_go_is_never_looked_at_again(db: Database) -> None:
+    store = JobStore(db, max_attempts=3)
+    claims = [store.claim(make_job(db), redelivered=False) for _ in range(3)]
+    with JobControl(store, claims[0], interval=5):
+        pass  # the process's watcher is running from here on
+    threads = threading.active_count()
+    looks: list[list[float]] = []
+    controls = [JobControl(store, claim, interval=0.02) for claim in claims]
+    for control in controls:
+        looks.append(count_checks(control))
+    with contextlib.ExitStack() as running:
+        for control in controls:
+            running.enter_context(control)
+        time.sleep(0.3)
+        assert threading.active_count() == threads  # no thread per run
+    let_go = time.monotonic()
+    counts = [len(seen) for seen in looks]
+    assert all(n >= 3 for n in counts), counts  # each looked at about every 20 ms meanwhile
+    time.sleep(0.2)
+    assert [len(seen) for seen in looks] == counts  # and never after the run took it back
+    assert all(t < let_go for seen in looks for t in seen)
