@@ -14,17 +14,15 @@ from collections.abc import Iterator
 from flask import Response, current_app, request
 
 from app.errors import abort
-from app.gunicorn_json import ADOPT, STREAM
+from app.gunicorn_json import ADOPT, EVENT_STREAM, STREAM
 from app.services import Services
 from app.stream_hub import StreamHub
 from app.stream_sinks import QueueSink
 
-EVENT_STREAM_TYPE = "text/event-stream"
-
 
 def wants_stream() -> bool:
     """Whether the request's ``Accept`` prefers an event stream to JSON."""
-    return request.accept_mimetypes.best_match(["application/json", EVENT_STREAM_TYPE]) == EVENT_STREAM_TYPE
+    return request.accept_mimetypes.best_match(["application/json", EVENT_STREAM]) == EVENT_STREAM
 
 
 def hub() -> StreamHub:
@@ -60,7 +58,7 @@ def stream_response(job_ids: list[str], after: int | None = None) -> Response:
     if request.environ.get(ADOPT):
         # ``aiorch serve``: the worker hands the connection to the hub once this view returns.
         request.environ[STREAM] = lambda sock: streams.adopt(sock, job_ids, after)
-        return Response(status=200, mimetype="text/event-stream")
+        return Response(status=200, mimetype=EVENT_STREAM)
     sink = QueueSink()
     stream = streams.open(job_ids, after, sink)
 
@@ -76,6 +74,6 @@ def stream_response(job_ids: list[str], after: int | None = None) -> Response:
 
     return Response(
         body(),
-        mimetype="text/event-stream",
+        mimetype=EVENT_STREAM,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

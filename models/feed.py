@@ -100,7 +100,9 @@ def read_latest(db: Database, job_ids: Iterable[str]) -> list[Logged]:
     """``latest`` as a unit of work of its own, as ``read_after`` reads (a job whose log was
     pruned: its row, read in a session)."""
     ids = list(job_ids)
-    if not ids or not db.is_postgres:
+    if not ids:
+        return []
+    if not db.is_postgres:
         with db.reading() as session:
             return latest(session, ids)
     with db.statement() as cursor:

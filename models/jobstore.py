@@ -207,17 +207,13 @@ class JobStore:
         given: dict[str, Any] = {"new_token": token, "max_attempts": self.max_attempts}
         # A claim a database crash may lose is harmless: its job reads queued again, the lost
         # run's fenced finish matches nothing, and the sweep publishes the job again.
-        if self.db.is_postgres:  # the usual claim in two round trips; any other case below
-            moved = lifecycle.apply_alone(self.db, first, job_id, now, None, relaxed=True, **given)
-            if moved is not None:
-                self._done(moved)
-                return Claim(job_id, token, moved.job.attempts, moved.neighbours), moved.job
-        with self.db.session() as session:
-            moved = lifecycle.apply(session, first, job_id, now, None, relaxed=True, **given)
-            if moved is None and redelivered:
-                moved = lifecycle.apply(session, again, job_id, now, None, relaxed=True, **given)
-            if moved is None:
-                refusal, ended = self._refusal(session, job_id, redelivered, now)
+        moved = lifecycle.apply_alone(self.db, first, job_id, now, None, relaxed=True, **given)
+        if moved is None:  # a redelivery, or a refusal: read and decided in a transaction of their own
+            with self.db.session() as session:
+                if redelivered:
+                    moved = lifecycle.apply(session, again, job_id, now, None, relaxed=True, **given)
+                if moved is None:
+                    refusal, ended = self._refusal(session, job_id, redelivered, now)
         if moved is None:
             # Raised after the unit of work, so the final status written by _refusal is committed.
             self._done(ended)
@@ -313,12 +309,9 @@ class JobStore:
             "expires_at": expires if succeeded else None,
             "progress_detail": progress_detail,
         }
-        move = finish_move(status)
-        if self.db.is_postgres:  # two round trips on a bare cursor
-            moved = lifecycle.apply_alone(self.db, move, claim.job_id, now, claim.token, also=also, **values)
-        else:
-            with self.db.session() as session:
-                moved = lifecycle.apply(session, move, claim.job_id, now, claim.token, also=also, **values)
+        moved = lifecycle.apply_alone(
+            self.db, finish_move(status), claim.job_id, now, claim.token, also=also, **values
+        )
         if moved is not None:
             for stored in files:
                 stored.expires_at = expires

@@ -282,13 +282,16 @@ def apply_alone(
     relaxed: bool = False,
     **given: Any,
 ) -> Moved | None:
-    """(Postgres) ``apply`` as a unit of work of its own, on a bare pooled cursor
+    """``apply`` as a unit of work of its own. On Postgres on a bare pooled cursor
     (``Database.statement``) in two round trips: ``BEGIN`` with the UPDATE, then everything that
     goes with it and ``COMMIT``. Through a session the same unit took four (``BEGIN``, the UPDATE,
     the event, ``COMMIT``) and the session's own bookkeeping: a job's claim and its final write
     are on the path from its submit to the event that says it succeeded. Errors come out as
     SQLAlchemy's; any failure rolls the transaction back before the connection goes back to the
-    pool."""
+    pool. Elsewhere (SQLite) ``apply`` in a session of its own."""
+    if not db.is_postgres:
+        with db.session() as session:
+            return apply(session, move, job_id, now, fence, also=also, relaxed=relaxed, **given)
     params = _params(move, job_id, now, fence, given)
     begun = _Begun.of(move.name, db.engine.dialect)
     with db.statement() as cursor:

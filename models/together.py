@@ -135,8 +135,8 @@ class Together:
         return None if row is None else dict(row)
 
     def _execute(self, statement: bytes) -> Any:
-        # Through SQLAlchemy (its events see the statement, its errors wrap psycopg2's), executed
-        # without parameters: nothing in the quoted values is read as a placeholder.
+        # Executed without parameters: nothing in the quoted values is read as a placeholder. In a
+        # session, through SQLAlchemy (its events see the statement, its errors wrap psycopg2's).
         if self.session is None:
             self.cursor.execute(statement)  # the caller's cursor (``gathered_on``)
             return None
