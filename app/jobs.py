@@ -34,6 +34,7 @@ from app.schemas import (
 )
 from app.services import Services
 from config import Settings
+from models import feed
 from models.db import Database, utcnow
 from models.dispatch import insert_in_turn
 from models.jobs import Job, WebhookDelivery
@@ -74,6 +75,12 @@ def owned_job(job_id: str) -> Job:
     return owned(job_id, services().store.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None)
 
 
+def check_owned(job_id: str) -> None:
+    """``owned_job``'s 404 without reading the job: only its client is read (a stream's view)."""
+    owner = feed.owner_of(services().db, job_id) if JOB_ID_RE.fullmatch(job_id) else None
+    _visible_or_404(job_id, owner)
+
+
 def owned_live_job(job_id: str) -> dict[str, Any]:
     """``owned_job``'s job as its live object (place in its queue and ETA while queued), read
     in one transaction: the poll's path."""
@@ -88,10 +95,16 @@ def owned_live_job(job_id: str) -> dict[str, Any]:
 
 def owned(job_id: str, job: Job | None) -> Job:
     """``job`` when the caller may see it, else 404."""
-    scope = job_scope()
-    if job is None or (scope is not None and job.client_id != scope):
-        abort(404, code="job_not_found", message=f"No job {job_id}.")
+    _visible_or_404(job_id, None if job is None else job.client_id)
+    assert job is not None
     return job
+
+
+def _visible_or_404(job_id: str, owner: str | None) -> None:
+    """404 unless job ``job_id`` exists (``owner``: its client) and the caller may see it."""
+    scope = job_scope()
+    if owner is None or (scope is not None and owner != scope):
+        abort(404, code="job_not_found", message=f"No job {job_id}.")
 
 
 PREDICTION_TTL = 2.0  # seconds an estimate is reused for more jobs of the same task

@@ -119,6 +119,11 @@ class StreamHub:
         self._listening: set[str] = set()  # the channels LISTENed on the listener connection
         self._unlisten_at: dict[str, float] = {}  # listened channels nobody watches: when they go
         self._watch_changed = False  # jobs were watched or let go since the channels were synced
+        # Events that came in their notifications (migration 0015), by job, since the last delivery;
+        # and the jobs whose log must be read all the same (named by id only, newly LISTENed, or due
+        # for the safety net's re-read).
+        self._carried: dict[str, list[feed.Logged]] = {}
+        self._must_read: set[str] = set()
         self._log_seen = -1  # the log's newest id at the last pass over places
         self._tail_after = 0
         self._next_net = 0.0
@@ -228,12 +233,13 @@ class StreamHub:
         woken |= self._sync_channels()
         now = time.monotonic()
         if self.dsn is None and self._watching():
-            woken |= self._tail()
+            woken |= self._read_anyway(self._tail())
         if self._watching() and now >= self._next_net:
             self._next_net = now + SAFETY_NET
-            woken |= set(self._streams) | set(self._waiters)
+            woken |= self._read_anyway(set(self._streams) | set(self._waiters))
         if woken:
             self._deliver(woken)
+        self._carried, self._must_read = {}, set()
         if self._queued and now >= self._next_positions:
             self._positions()
         self._keep_alive(now)
@@ -273,11 +279,26 @@ class StreamHub:
         return self._drain_notifies()
 
     def _drain_notifies(self) -> set[str]:
+        """The jobs named by the notifications that arrived. One that carries its event (a JSON
+        array ``[id, job_id, data]``, migration 0015) leaves it in ``_carried``, to be sent without
+        reading the log; one that names job ids (a comma-separated list) has them read."""
         conn = self._listener
         jobs: set[str] = set()
         while conn.notifies:
-            jobs.update(conn.notifies.pop(0).payload.split(","))
+            payload = conn.notifies.pop(0).payload
+            if payload.startswith("["):
+                event_id, job_id, data = json.loads(payload)
+                self._carried.setdefault(job_id, []).append((int(event_id), job_id, data))
+                jobs.add(job_id)
+            else:
+                jobs |= self._read_anyway(set(payload.split(",")))
         return jobs
+
+    def _read_anyway(self, job_ids: set[str]) -> set[str]:
+        """``job_ids``, marked to have their log read at this delivery even where events of theirs
+        came in notifications."""
+        self._must_read |= job_ids
+        return job_ids
 
     def _lost_listener(self, exc: Exception) -> None:
         log.warning("stream hub: listener lost its connection (%s); reconnecting", exc)
@@ -321,7 +342,9 @@ class StreamHub:
         for channel in gone:
             del self._unlisten_at[channel]
         self._listening = (self._listening | new) - gone
-        return self._drain_notifies() | {job_id for channel in new for job_id in by_channel[channel]}
+        return self._drain_notifies() | self._read_anyway(
+            {job_id for channel in new for job_id in by_channel[channel]}
+        )
 
     def _tail(self) -> set[str]:
         with self.db.reading() as session:
@@ -409,9 +432,17 @@ class StreamHub:
         watched = [job_id for job_id in job_ids if job_id in self._streams]
         if not watched:
             return
-        after = min(s.last[job_id] for job_id in watched for s in self._streams[job_id])
-        rows = feed.read_after(self.db, watched, after)
-        quiet = set(watched) - {job_id for _, job_id, _ in rows}
+        # A job whose events all came in their notifications is not read: each notification of a
+        # job's events arrives in the order they were committed, which is their order in its log.
+        unread = [job_id for job_id in watched if job_id in self._carried and job_id not in self._must_read]
+        read = [job_id for job_id in watched if job_id not in unread]
+        rows: list[feed.Logged] = []
+        if read:
+            after = min(s.last[job_id] for job_id in read for s in self._streams[job_id])
+            rows = feed.read_after(self.db, read, after)
+        if unread:
+            rows = sorted(rows + [e for job_id in unread for e in self._carried[job_id]], key=lambda e: e[0])
+        quiet = set(read) - {job_id for _, job_id, _ in rows}
         gone: set[str] = set()
         if quiet:
             with self.db.reading() as session:

@@ -246,6 +246,28 @@ def _record_turns(session: Session, queue: str, picked: list[Head], now: datetim
     )
 
 
+# Whether anyone waits on a queue: the index's walk (``ix_jobs_waiting``), to its first entry.
+_FIRST_WAITING = select(_c.id).where(WAITING).order_by(*CLIENT_ORDER).limit(1)
+_WAITS_SQL = (
+    f"SELECT 1 FROM jobs WHERE {WAITING_SQL} AND queue = %s"
+    " ORDER BY queue, client_id, priority DESC, created_at, id LIMIT 1"
+)
+
+
+def anyone_waits(db: Database, queue: str) -> bool:
+    """Whether a job waits for a slot of ``queue``: the look every run's end takes before filling
+    its slot (``tasks.scheduling.fill_slots``), made alone. On Postgres one statement on a bare
+    pooled cursor in autocommit, with no ``BEGIN``, no ``COMMIT`` and no session: at a run's end it
+    shares the machine with the delivery of that run's final event. A job that starts waiting just
+    after it is looked at is the submit's to hand on (``insert_in_turn`` says a dispatch is due)."""
+    if not db.is_postgres:
+        with db.reading() as session:
+            return session.execute(_FIRST_WAITING, {"queue": queue}).first() is not None
+    with db.statement() as cursor:
+        cursor.execute(_WAITS_SQL, (queue,))
+        return cursor.fetchone() is not None
+
+
 def take_turns(
     session: Session, queue: str, now: datetime, ahead: int, limits: Settings | None = None
 ) -> list[Job]:
@@ -253,8 +275,7 @@ def take_turns(
     jobs to publish once the caller has committed (see the module's docstring). ``limits``: the
     settings whose ``max_running_per_client`` (and each client's own ``max_running``) cap how many
     jobs a client has in flight across all queues (``models.client_limits``)."""
-    first = select(_c.id).where(WAITING).order_by(*CLIENT_ORDER).limit(1)  # the index's walk
-    if session.execute(first, {"queue": queue}).first() is None:
+    if session.execute(_FIRST_WAITING, {"queue": queue}).first() is None:
         return []  # nobody waits: no lock taken, nothing counted
     if on_postgres(session):
         lock = text("SELECT pg_advisory_xact_lock(hashtext(:key))")

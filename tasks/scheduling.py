@@ -41,7 +41,7 @@ def fill_slots(rt: Runtime, app: Any, queue: str) -> int:
     how many were sent. When the broker refuses a publish, that job and the ones not yet published
     wait again (``dispatch.withdraw``); a message lost after the broker took it is the re-publish
     sweep's, after ``AIORCH_REPUBLISH_AFTER``."""
-    if queue not in SLOTTED:
+    if queue not in SLOTTED or not dispatch.anyone_waits(rt.db, queue):
         return 0
     with rt.db.session() as session:
         jobs = dispatch.take_turns(session, queue, utcnow(), rt.settings.dispatch_ahead, rt.settings)

@@ -27,6 +27,7 @@ from models.migrate import upgrade
 from models.together import insert_rows
 from tests.conftest import KEYS
 from tests.support.factories import _job_values, make_job, make_job_event
+from tests.support.statements import sent_statements
 
 ALICE = {"X-API-Key": KEYS[0][1]}
 BOB = {"X-API-Key": KEYS[1][1]}
@@ -177,9 +178,14 @@ def heard_by(conn: Any, expected: int, timeout: float = 5.0) -> dict[str, list[s
         conn.poll()
         while conn.notifies:
             note = conn.notifies.pop(0)
-            for job_id in note.payload.split(","):
+            for job_id in named(note.payload):
                 heard.setdefault(job_id, []).append(note.channel)
     return heard
+
+
+def named(payload: str) -> list[str]:
+    """The jobs a notification names: the one whose event it carries, or its list of ids."""
+    return [json.loads(payload)[1]] if payload.startswith("[") else payload.split(",")
 
 
 def test_each_jobs_events_are_announced_on_the_channel_its_id_chooses(db: Database) -> None:
@@ -221,6 +227,71 @@ def test_each_jobs_events_are_announced_on_the_channel_its_id_chooses(db: Databa
         conn.close()
     assert heard == {job_id: [feed.channel_of(job_id)] for job_id in ids}
     assert len({feed.channel_of(job_id) for job_id in ids}) == 16
+
+
+def test_a_moves_notification_carries_its_event_unless_it_is_too_large(db: Database) -> None:
+    """A statement that logs one event on a channel (a move) sends that event in its notification
+    (``[id, job_id, data]``, as the log holds it); one too large for a notification's payload, or
+    several events on one channel in one statement, name their jobs instead."""
+    conn = listen_to_every_channel(db)
+    try:
+        job_id = new_id()
+        make_job_event(db, id=job_id)
+        assert JobStore(db, 3).cancel(job_id) == "cancelled"
+        payloads = notes(conn, 1)
+        with db.statement() as cursor:
+            cursor.execute("SELECT id, job_id, data FROM job_events WHERE job_id = %s AND seq = 2", (job_id,))
+            logged = list(cursor.fetchone())
+        assert [json.loads(p) for p in payloads] == [logged]
+
+        large, two = new_id(), [new_id(), new_id()]
+        while feed.channel_of(two[1]) != feed.channel_of(two[0]):
+            two[1] = new_id()
+        for made in (large, *two):
+            make_job_event(db, id=made)
+        row = {"seq": 2, "type": "job.progress", "created_at": utcnow()}
+        with db.session() as session:
+            insert_rows(session, JobEvent.__table__, [{**row, "job_id": large, "data": {"x": "y" * 8000}}])  # type: ignore[arg-type]
+        with db.session() as session:
+            insert_rows(session, JobEvent.__table__, [{**row, "job_id": j, "data": {"p": 1}} for j in two])  # type: ignore[arg-type]
+        got = notes(conn, 2)
+        assert got[0] == large  # its event would not fit: its id
+        assert sorted(got[1].split(",")) == sorted(two)  # two events on one channel: their ids
+    finally:
+        conn.close()
+
+
+def notes(conn: Any, expected: int, timeout: float = 5.0) -> list[str]:
+    """The payloads of the next ``expected`` notifications."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < expected and time.monotonic() < deadline:
+        select.select([conn], [], [], 0.1)
+        conn.poll()
+        got += [conn.notifies.pop(0).payload for _ in range(len(conn.notifies))]
+    return got
+
+
+def test_the_hub_sends_a_carried_event_without_reading_the_log(db: Database) -> None:
+    """A followed job's move reaches its stream from the notification alone: no read of the log."""
+    job_id = new_id()
+    make_job_event(db, id=job_id)
+    hub = StreamHub(db, keepalive=30)
+    sink = QueueSink()
+    hub.open([job_id], None, sink)
+    opened = sink.frames.get(timeout=5)
+    assert opened is not None and b'"status":"queued"' in opened
+    for _ in range(50):  # the channel is LISTENed, and the job read once more, before the move
+        if hub._listening and not hub._watch_changed:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    with sent_statements(db) as sent:
+        assert JobStore(db, 3).cancel(job_id) == "cancelled"
+        ended = sink.frames.get(timeout=5)
+    assert ended is not None and b'"status":"cancelled"' in ended and ended.startswith(b"id: ")
+    assert sink.frames.get(timeout=5) is None
+    assert not [s for s in sent if "FROM job_events" in s and s.lstrip().upper().startswith("SELECT")], sent
 
 
 def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Settings, db: Database) -> None:
@@ -297,7 +368,8 @@ def test_the_hub_listens_only_to_the_channels_of_what_it_watches(settings: Setti
 
 def test_a_stream_on_a_lingering_channel_opens_without_a_listen_or_a_second_read(db: Database) -> None:
     """A client that follows one job after another: the second job's channel, LISTENed for the
-    first, is still LISTENed; its stream starts with one read of the log, none after."""
+    first, is still LISTENed; its stream starts with one read of the log and is woken once more,
+    by its move."""
     first = new_id()
     while (second := new_id()) and feed.channel_of(second) != feed.channel_of(first):
         pass
@@ -322,8 +394,8 @@ def test_a_stream_on_a_lingering_channel_opens_without_a_listen_or_a_second_read
         ended = sink.frames.get(timeout=5)
         assert ended is not None and b'"status":"cancelled"' in ended
         assert sink.frames.get(timeout=5) is None  # the stream ended
-    # The first stream's job was read once more after its channel's LISTEN, then on its move's
-    # notification; the second only on its move's notification.
+    # The first stream's job was read once more after its channel's LISTEN, then woken by its
+    # move's notification (which carries the event); the second only by its move's notification.
     assert reads == [{first}, {first}, {second}]
     for _ in range(50):  # its end is synced on the hub's next turn: the channel lingers
         if feed.channel_of(first) in hub._unlisten_at:

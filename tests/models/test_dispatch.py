@@ -23,6 +23,7 @@ from models.migrate import upgrade
 from models.public import iso
 from models.state import JobStatus
 from tests.support.factories import make_job, new_job
+from tests.support.statements import sent_statements
 
 T0 = utcnow()
 
@@ -94,6 +95,28 @@ def test_take_turns_fills_the_free_slots_fairly_and_never_more(db: Database) -> 
         dispatch.forget(session, "w1@test")
     assert turn(db, queue, ahead=0) == []  # no worker: no slot
     assert turn(db, queue, ahead=3) == [a[2]]  # ``ahead`` beyond the workers' slots
+
+
+def test_a_runs_end_asks_whether_anyone_waits_in_one_statement(db: Database) -> None:
+    """``anyone_waits``, the look before a run's end fills its slot (``fill_slots``): a waiting job
+    is seen until it is sent; on Postgres the look is one statement, with no ``BEGIN`` or
+    ``COMMIT`` around it."""
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    with sent_statements(db) as sent:
+        assert dispatch.anyone_waits(db, queue) is False
+    if db.is_postgres:
+        assert len(sent) == 1 and sent[0].startswith("SELECT 1 FROM jobs WHERE"), sent
+    job = waiting_job(db, queue, "alice", 0)
+    assert dispatch.anyone_waits(db, queue) is True
+    assert dispatch.anyone_waits(db, f"{queue}.other") is False
+    with db.session() as session:
+        dispatch.register(session, "w6@test", {queue: 1}, utcnow())
+    try:
+        assert turn(db, queue) == [job]
+        assert dispatch.anyone_waits(db, queue) is False  # sent: it waits no more
+    finally:
+        with db.session() as session:
+            dispatch.forget(session, "w6@test")
 
 
 def test_a_new_job_is_sent_at_once_only_when_a_slot_is_free_and_nobody_waits(db: Database) -> None:
