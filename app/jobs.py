@@ -46,7 +46,7 @@ from models.reads import (
     job_by_idempotency_key,
     list_jobs,
 )
-from models.standing import read_live
+from models.standing import read_live_alone
 from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
 from tasks.catalog import TaskSpec
@@ -86,8 +86,7 @@ def owned_live_job(job_id: str) -> dict[str, Any]:
     in one transaction: the poll's path."""
     svc, found = services(), None
     if JOB_ID_RE.fullmatch(job_id):
-        with svc.db.reading() as session:
-            found = read_live(session, job_id, utcnow(), svc.settings.dispatch_ahead)
+        found = read_live_alone(svc.db, job_id, utcnow(), svc.settings.dispatch_ahead)
     owned(job_id, None if found is None else found[0])
     assert found is not None
     return found[1]

@@ -40,7 +40,7 @@ import psycopg2.extensions
 from app.stream_sinks import QueueSink, SocketSink
 from models import feed
 from models.db import Database, utcnow
-from models.standing import live_objects, read_live
+from models.standing import live_objects, read_live_alone
 from models.state import FINAL_STATUSES
 
 log = logging.getLogger("aiorch.streams")
@@ -387,18 +387,17 @@ class StreamHub:
         if not queued:
             return rows
         rows = list(rows)
-        with self.db.reading() as session:
-            lives = self._lives(session, queued, utcnow())
+        lives = self._lives(queued, utcnow())
         for job_id, body in lives.items():
             event_id, _, _ = rows[last[job_id]]
             rows[last[job_id]] = (event_id, job_id, body)
             stream.positions[job_id] = body["queue_position"]
         return rows
 
-    def _lives(self, session: Any, job_ids: list[str], now: Any) -> dict[str, dict[str, Any]]:
+    def _lives(self, job_ids: list[str], now: Any) -> dict[str, dict[str, Any]]:
         """The live objects of those of ``job_ids`` still queued, by id, each reused for
         ``POSITIONS_EVERY`` seconds (a thousand streams opened on one job cost one place, not a
-        thousand). A few are read with their places in one statement each (``read_live``, a
+        thousand). A few are read with their places in one statement each (``read_live_alone``, a
         poll's read: a stream's first word on its job); more are found together
         (``models.standing.standings``: a batch of 2,000 cost 8 s one by one)."""
         at = time.monotonic()
@@ -413,11 +412,12 @@ class StreamHub:
             else:
                 stale.append(job_id)
         if len(stale) <= FEW:
-            read = (read_live(session, job_id, now, self.ahead) for job_id in stale)
+            read = (read_live_alone(self.db, job_id, now, self.ahead) for job_id in stale)
             fresh = {job.id: body for job, body in filter(None, read) if job.status == "queued"}
         else:
-            jobs = feed.queued_rows(session, stale)
-            bodies_of = live_objects(session, jobs, now, self.ahead)
+            with self.db.reading() as session:
+                jobs = feed.queued_rows(session, stale)
+                bodies_of = live_objects(session, jobs, now, self.ahead)
             fresh = {job.id: body for job, body in zip(jobs, bodies_of, strict=True)}
         for job_id, body in fresh.items():
             self._live_cache[job_id] = (at, body)
@@ -485,10 +485,10 @@ class StreamHub:
         now = utcnow()
         with self.db.reading() as session:
             newest = feed.last_id(session)
-            if newest == self._log_seen:
-                return
-            self._log_seen = newest
-            places = self._lives(session, watched, now)
+        if newest == self._log_seen:
+            return
+        self._log_seen = newest
+        places = self._lives(watched, now)
         self._next_positions = next_positions(began, time.monotonic() - began)
         for job_id, body in places.items():
             for stream in list(self._streams.get(job_id, ())):

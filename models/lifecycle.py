@@ -197,10 +197,10 @@ def job_from(row: Any) -> Job:
     """A detached ``Job`` from a row of all the jobs table's columns (SELECT or RETURNING), built
     without the ORM's per-attribute bookkeeping (``Job.transient``): every poll and every move
     reads one, and none is ever added to a session."""
-    return _job_of(row._mapping)
+    return job_of(row._mapping)
 
 
-def _job_of(row: Mapping[Any, Any]) -> Job:
+def job_of(row: Mapping[Any, Any]) -> Job:
     return Job.transient(**{key: row[name] for name, key in _ATTRIBUTES.items()})
 
 
@@ -293,16 +293,14 @@ def apply_alone(
         with db.session() as session:
             return apply(session, move, job_id, now, fence, also=also, relaxed=relaxed, **given)
     params = _params(move, job_id, now, fence, given)
-    begun = _Begun.of(move.name, db.engine.dialect)
+    begun = _begun(move.name, db.engine.dialect)
     with db.statement() as cursor:
         try:
-            cursor.execute(begun.sql, begun.bind(params))
-            found = cursor.fetchone()
+            found = begun.fetch(cursor, params)
             if found is None:
                 cursor.execute("ROLLBACK")
                 return None
-            names = [column.name for column in cursor.description]
-            moved, event = _made(move, begun.mapping(names, found), now)
+            moved, event = _made(move, found, now)
             batch = Together.gathered_on(cursor, db.engine.dialect)
             _gather(batch, moved, event, also, relaxed)
             batch.statement("COMMIT")
@@ -338,7 +336,7 @@ def _is_final(move: Move) -> bool:
 
 def _made(move: Move, row: Mapping[Any, Any], now: datetime) -> tuple[Moved, dict[str, Any]]:
     """The move made, from its RETURNING row, and its event's row."""
-    job = _job_of(row)
+    job = job_of(row)
     event = event_row(move.event, job, now)
     notify = event["dispatched_at"] is None
     return Moved(move, job, move.event, notify, bool(row.get("neighbours", False))), event
@@ -362,20 +360,19 @@ def _gather(
 
 
 @dataclass(frozen=True)
-class _Begun:
-    """(Postgres) A move's statement for ``apply_alone``: ``BEGIN; UPDATE ... RETURNING ...`` as
-    psycopg2 text, its values bound as SQLAlchemy binds them (each type's own processor), its row's
-    times read back as ``UTCDateTime`` reads them. Built once per move and dialect."""
+class BareStatement:
+    """(Postgres) A SQLAlchemy statement over the jobs table for a bare cursor
+    (``Database.statement``): psycopg2 text, its values bound as SQLAlchemy binds them (each type's
+    own processor), a row's job times read back as ``UTCDateTime`` reads them. Compiled once."""
 
     sql: str
     compiled: Any
     processors: Mapping[str, Any]
 
     @classmethod
-    @functools.cache
-    def of(cls, name: str, dialect: Any) -> _Begun:
-        compiled = STATEMENTS[name].compile(dialect=dialect)
-        return cls("BEGIN; " + compiled.string, compiled, dict(compiled._bind_processors))
+    def compile(cls, statement: Any, dialect: Any, prefix: str = "") -> BareStatement:
+        compiled = statement.compile(dialect=dialect)
+        return cls(prefix + compiled.string, compiled, dict(compiled._bind_processors))
 
     def bind(self, params: dict[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = self.compiled.construct_params(params)
@@ -388,6 +385,18 @@ class _Begun:
         for name in _TIMES:
             row[name] = _UTC.process_result_value(row[name], None)
         return row
+
+    def fetch(self, cursor: Any, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Run it on ``cursor``; its first row as a mapping (None for no row)."""
+        cursor.execute(self.sql, self.bind(params))
+        found = cursor.fetchone()
+        return None if found is None else self.mapping([c.name for c in cursor.description], found)
+
+
+@functools.cache
+def _begun(name: str, dialect: Any) -> BareStatement:
+    """A move's statement for ``apply_alone``: ``BEGIN; UPDATE ... RETURNING ...``."""
+    return BareStatement.compile(STATEMENTS[name], dialect, "BEGIN; ")
 
 
 def create(session: Session, job: Job) -> dict[str, Any]:

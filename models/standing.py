@@ -18,8 +18,9 @@ job's place deep in a backlog costs a count of the jobs before it (about 50 ms a
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from sqlalchemy import Integer, String, Table, and_, bindparam, case, func, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
-from models.db import UTCDateTime
+from models.db import Database, UTCDateTime
 from models.dispatch import (
     CLIENT_ORDER,
     COUNT_BOUND,
@@ -45,7 +46,7 @@ from models.dispatch import (
     waiting_up_to,
 )
 from models.jobs import IN_FLIGHT_SQL, Job, QueueSlot
-from models.lifecycle import job_from
+from models.lifecycle import BareStatement, job_of
 from models.public import iso, job_object
 from models.state import JobStatus
 
@@ -162,11 +163,48 @@ def read_live(
     row = session.execute(_LIVE_JOB, {"job_id": job_id, "alive": alive_since(now)}).first()
     if row is None:
         return None
-    job = job_from(row)
-    if row.standing_slots is None:  # not queued and sent
-        return job, live_object(session, job, now, ahead)
-    place = Standing(int(row.standing_ahead or 0), int(row.standing_slots))
-    return job, with_place(job_object(job, now), job, place, now)
+    return _live(row._mapping, now, lambda job: live_object(session, job, now, ahead))
+
+
+def read_live_alone(
+    db: Database, job_id: str, now: datetime, ahead: int = 1
+) -> tuple[Job, dict[str, Any]] | None:
+    """``read_live`` as a unit of work of its own. On Postgres its statement on a bare pooled
+    cursor (``Database.statement``): a poll, and a stream's first word on a queued job, need no
+    ORM session, nor its ``BEGIN`` and ``ROLLBACK``; only a job still waiting for a slot has its
+    place played out in a reading session. Elsewhere (SQLite) ``read_live`` in a reading session."""
+    if not db.is_postgres:
+        with db.reading() as session:
+            return read_live(session, job_id, now, ahead)
+    with db.statement() as cursor:
+        row = _live_job(db.engine.dialect).fetch(cursor, {"job_id": job_id, "alive": alive_since(now)})
+    if row is None:
+        return None
+
+    def waiting(job: Job) -> dict[str, Any]:
+        with db.reading() as session:
+            return live_object(session, job, now, ahead)
+
+    return _live(row, now, waiting)
+
+
+@functools.cache
+def _live_job(dialect: Any) -> BareStatement:
+    return BareStatement.compile(_LIVE_JOB, dialect)
+
+
+def _live(
+    row: Mapping[Any, Any], now: datetime, waiting: Callable[[Job], dict[str, Any]]
+) -> tuple[Job, dict[str, Any]]:
+    """The job of a ``_LIVE_JOB`` row and its live object; ``waiting`` gives that of a job still
+    waiting for its slot (its place is played out)."""
+    job = job_of(row)
+    if row["standing_slots"] is not None:  # queued and sent: its place came with its row
+        place = Standing(int(row["standing_ahead"] or 0), int(row["standing_slots"]))
+        return job, with_place(job_object(job, now), job, place, now)
+    if job.status != JobStatus.QUEUED.value:
+        return job, job_object(job, now)  # no place to give
+    return job, waiting(job)
 
 
 def play_order(

@@ -354,6 +354,19 @@ def test_a_polls_read_places_each_job_as_standing_does(db: Database) -> None:
                 assert body["queue_position"] == expected.position, job_id
                 assert body["eta_utc"] == iso(expected.eta(now, job.predict_time))
         assert standing.read_live(session, uuid.uuid4().hex, now) is None
+    # The same read as a unit of work of its own (a poll's, a stream's first word): the same
+    # objects; on Postgres one statement on a bare cursor, unless the job still waits for a slot.
+    for job_id in [*sent, *waiting, running]:
+        with db.session() as session:
+            in_session = standing.read_live(session, job_id, now, ahead=1)
+        with sent_statements(db) as statements:
+            alone = standing.read_live_alone(db, job_id, now, ahead=1)
+        assert alone is not None and in_session is not None
+        assert alone[1] == in_session[1] and alone[0].id == job_id, job_id
+        if db.is_postgres and job_id not in waiting:
+            assert len(statements) == 1, statements
+    assert standing.read_live_alone(db, uuid.uuid4().hex, now) is None
+    with db.session() as session:
         dispatch.forget(session, "w5@test")
     # The sent jobs by priority, then the time they were sent: bob's and alice's 5s, then the 0s.
     with db.session() as session:
