@@ -4,8 +4,8 @@ Each call runs the thread-safe ``Client``'s own method in a worker thread (``asy
 so both share one implementation: the same retries, ``Retry-After`` handling, typed errors,
 streams and downloads. Many calls may be in flight at once (``asyncio.gather``); each holds a
 thread of the default executor while it waits, so a coroutine that follows thousands of jobs should
-``watch`` them together rather than ``wait`` on each. The iterators (``watch``, ``list``) are async
-iterators fetching their next item in a thread.
+``watch`` them together rather than ``wait`` on each. The iterators (``watch``,
+``submit_and_follow``, ``list``) are async iterators fetching their next item in a thread.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class AsyncClient:
     upload_many = _in_thread("upload_many")
     download = _in_thread("download")
     watch = _iterated("watch")
+    submit_and_follow = _iterated("submit_and_follow")
     list = _iterated("list")
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, overload
 
 from aiorch.environment import default_key, default_url
-from aiorch.errors import JobFailed, WaitTimeout
+from aiorch.errors import JobFailed, TransportError, WaitTimeout
 from aiorch.transport import Transport
-from aiorch.watch import FINAL, POLL_IDS, EventSupport, JobWatcher
+from aiorch.watch import FINAL, POLL_IDS, STREAM_READ_TIMEOUT, EventSupport, JobWatcher, job_events
 
 Job = dict[str, Any]
 JobRef = str | Job
@@ -108,16 +108,44 @@ class Client:
         idempotency_key: str | None = None,
     ) -> Job:
         """Create a job (``POST /v1/jobs``); the job object, ``queued`` (or ``reused``)."""
-        body: dict[str, Any] = {"task": task, "payload": payload or {}}
-        if webhook_url is not None:
-            body["webhook_url"] = webhook_url
-        if priority is not None:
-            body["priority"] = priority
-        if metadata is not None:
-            body["metadata"] = metadata
-        headers = {"Idempotency-Key": idempotency_key or _new_key()}
+        body, headers = _submission(task, payload, webhook_url, priority, metadata, idempotency_key)
         job: Job = self.transport.json("POST", "/v1/jobs", json=body, headers=headers)
         return job
+
+    def submit_and_follow(
+        self,
+        task: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        webhook_url: str | None = None,
+        priority: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Iterator[Job]:
+        """Create a job and follow it in the same request (``POST /v1/jobs`` with ``Accept:
+        text/event-stream``): the new job's first object, then every change as it happens, to its
+        final object. A server that answers the submit with JSON (no such streams), or a stream that
+        breaks before its job ends, goes on with ``watch`` from there."""
+        body, headers = _submission(task, payload, webhook_url, priority, metadata, idempotency_key)
+        headers.update({"Accept": "text/event-stream", "Accept-Encoding": "identity"})
+        response = self.transport.request(
+            "POST", "/v1/jobs", json=body, headers=headers, stream=True,
+            timeout=(self.transport.timeout, STREAM_READ_TIMEOUT),
+        )  # fmt: skip
+        last: Job | None = None
+        try:
+            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                for last in job_events(response):
+                    yield last
+            else:
+                last = response.json()
+                yield last
+        finally:
+            response.close()
+        if last is None:
+            raise TransportError("POST /v1/jobs: the stream ended before its job's first event")
+        if last.get("status") not in FINAL:
+            yield from (change for change in self.watch(last) if change != last)
 
     def submit_many(
         self, jobs: Iterable[dict[str, Any]], *, batch_id: str | None = None, chunk_size: int = BATCH_LIMIT
@@ -225,8 +253,14 @@ class Client:
         timeout: float | None = None,
         **options: Any,
     ) -> Job:
-        """Submit, wait, and return the final job; ``JobFailed`` unless it succeeded."""
-        job = self.wait(self.submit(task, payload, **options), timeout=timeout)
+        """Submit, wait, and return the final job; ``JobFailed`` unless it succeeded. Without a
+        ``timeout`` the job is followed in its submit's own request (``submit_and_follow``)."""
+        if timeout is None:
+            job: Job = {}
+            for change in self.submit_and_follow(task, payload, **options):
+                job = change
+        else:
+            job = self.wait(self.submit(task, payload, **options), timeout=timeout)
         if job.get("status") != "succeeded":
             raise JobFailed(job)
         return job
@@ -406,3 +440,22 @@ def _now() -> float:
 
 def _just_after(iso: str) -> str:
     return (datetime.fromisoformat(iso) + timedelta(microseconds=1)).isoformat()
+
+
+def _submission(
+    task: str,
+    payload: dict[str, Any] | None,
+    webhook_url: str | None,
+    priority: int | None,
+    metadata: dict[str, Any] | None,
+    idempotency_key: str | None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A ``POST /v1/jobs`` body and its headers (an idempotency key, the caller's or a new one)."""
+    body: dict[str, Any] = {"task": task, "payload": payload or {}}
+    if webhook_url is not None:
+        body["webhook_url"] = webhook_url
+    if priority is not None:
+        body["priority"] = priority
+    if metadata is not None:
+        body["metadata"] = metadata
+    return body, {"Idempotency-Key": idempotency_key or _new_key()}

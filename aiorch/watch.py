@@ -69,6 +69,20 @@ def parse_events(chunks: Iterable[bytes]) -> Iterator[ServerEvent]:
                 last_id = value
 
 
+def job_events(response: requests.Response) -> Iterator[Job]:
+    """The job objects of a stream's ``job`` events, to the first final one; a stream that breaks
+    (or is closed under its reader) just ends."""
+    try:
+        for event in parse_events(_chunks(response)):
+            if event.event == "job":
+                job: Job = json.loads(event.data)
+                yield job
+                if job.get("status") in FINAL:
+                    return
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError, AttributeError):
+        return
+
+
 class EventSupport:
     """Whether the server streams events: None until a stream was tried, then True or False."""
 

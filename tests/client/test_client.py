@@ -422,6 +422,49 @@ def test_run_raises_job_failed_with_the_final_job(api: Any) -> None:
     assert caught.value.job["status"] == "failed"
 
 
+def test_submit_and_follow_reads_the_new_jobs_stream_from_its_submit(api: Any) -> None:
+    """``POST /v1/jobs`` with ``Accept: text/event-stream``: the stream is the submit's answer, so
+    nothing else is asked; ``run`` without a timeout goes the same way."""
+    one = hex_id(1)
+    steps = [job(one), job(one, "running", progress=50), job(one, "succeeded", progress=100)]
+
+    def route(seen: Seen) -> Any:
+        if seen.path == "/v1/jobs" and seen.method == "POST":
+            assert seen.headers["Accept"] == "text/event-stream"
+            return 200, {"Content-Type": "text/event-stream"}, stream_of(*steps)
+        return error(500, "unexpected")
+
+    server = api(route)
+    client = fast_client(server)
+    assert list(client.submit_and_follow("upscale", {"scale": 2})) == steps
+    assert client.run("upscale", {"scale": 2})["status"] == "succeeded"
+    posts = server.calls("/v1/jobs")
+    assert [s.path for s in server.seen] == ["/v1/jobs", "/v1/jobs"]
+    assert posts[0].json() == {"task": "upscale", "payload": {"scale": 2}}
+    assert len({s.headers["Idempotency-Key"] for s in posts}) == 2
+
+
+def test_submit_and_follow_goes_on_with_watch_after_a_json_answer_or_a_broken_stream(api: Any) -> None:
+    one, two = hex_id(1), hex_id(2)
+    final = {one: job(one, "succeeded"), two: job(two, "failed", error={"code": "x", "message": "y"})}
+
+    def route(seen: Seen) -> Any:
+        if seen.path == "/v1/jobs" and seen.method == "POST":
+            if seen.json()["payload"]["n"] == 1:
+                return 202, {}, job(one)  # a server without such streams
+            return 200, {"Content-Type": "text/event-stream"}, stream_of(job(two), job(two, "running"))
+        if seen.path == "/v1/events":
+            return 200, {"Content-Type": "text/event-stream"}, stream_of(final[seen.query["ids"][0]])
+        return error(500, "unexpected")
+
+    server = api(route)
+    client = fast_client(server)
+    assert [c["status"] for c in client.submit_and_follow("upscale", {"n": 1})] == ["queued", "succeeded"]
+    # The stream ended before its job did: the rest comes from a stream of its own, once.
+    assert [c["status"] for c in client.submit_and_follow("upscale", {"n": 2})] == ["queued", "running", "failed"]
+    assert len(server.calls("/v1/jobs")) == 2 and len(server.calls("/v1/events")) == 2
+
+
 # -- bulk, paging, cancel ---------------------------------------------------------------------------
 
 

@@ -324,3 +324,23 @@ def test_the_async_client_uploads_submits_follows_and_downloads_jobs_concurrentl
     assert {job["job_id"] for job in seen["newest"]} <= set(ids) and len(seen["newest"]) == 2
     for (path,) in seen["saved"]:
         assert Image.open(path).size == (48, 48)
+
+
+def test_a_job_submitted_and_followed_in_one_request_is_seen_to_its_end(
+    platform: Platform, astronaut_png: Path, tmp_path: Path
+) -> None:
+    """``submit_and_follow`` against the real API (its stream handed to the stream hub): the new
+    job's first object, its changes in order, its final object; ``run`` without a timeout too."""
+    (image,) = tiny_images(astronaut_png, tmp_path, 1)
+    order = ["queued", "running", "succeeded"]
+    with Client(platform.base_url, ALICE) as client:
+        asset = client.upload(image)
+        payload = {"image_url": f"asset://{asset['asset_id']}", **UPSCALE}
+        changes = list(client.submit_and_follow("upscale", payload))
+        statuses = [change["status"] for change in changes]
+        assert statuses[-1] == "succeeded" and statuses[0] in ("queued", "running"), statuses
+        assert statuses == sorted(statuses, key=order.index), statuses
+        assert len({change["job_id"] for change in changes}) == 1
+        assert client.get(changes[0])["status"] == "succeeded"
+        ran = client.run("upscale", payload)
+        assert ran["status"] == "succeeded" and ran["job_id"] != changes[0]["job_id"]
