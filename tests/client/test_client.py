@@ -461,7 +461,8 @@ def test_submit_and_follow_goes_on_with_watch_after_a_json_answer_or_a_broken_st
     client = fast_client(server)
     assert [c["status"] for c in client.submit_and_follow("upscale", {"n": 1})] == ["queued", "succeeded"]
     # The stream ended before its job did: the rest comes from a stream of its own, once.
-    assert [c["status"] for c in client.submit_and_follow("upscale", {"n": 2})] == ["queued", "running", "failed"]
+    followed = [c["status"] for c in client.submit_and_follow("upscale", {"n": 2})]
+    assert followed == ["queued", "running", "failed"]
     assert len(server.calls("/v1/jobs")) == 2 and len(server.calls("/v1/events")) == 2
 
 
