@@ -33,6 +33,7 @@ from app.schemas import (
     check_webhook_url,
 )
 from app.services import Services
+from app.stream_hub import Opening
 from config import Settings
 from models import feed
 from models.db import Database, utcnow
@@ -46,7 +47,7 @@ from models.reads import (
     job_by_idempotency_key,
     list_jobs,
 )
-from models.standing import read_live_alone
+from models.standing import read_live_alone, read_opening
 from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
 from tasks.catalog import TaskSpec
@@ -78,7 +79,18 @@ def owned_job(job_id: str) -> Job:
 def check_owned(job_id: str) -> None:
     """``owned_job``'s 404 without reading the job: only its client is read (a stream's view)."""
     owner = feed.owner_of(services().db, job_id) if JOB_ID_RE.fullmatch(job_id) else None
-    _visible_or_404(job_id, owner)
+    visible_or_404(job_id, owner)
+
+
+def opening_of(job_id: str) -> Opening:
+    """The caller's job's first word on a stream of its own, or ``owned_job``'s 404: the check,
+    the log's newest event and the job's place, read together (``read_opening``)."""
+    svc, since, found = services(), time.monotonic(), None
+    if JOB_ID_RE.fullmatch(job_id):
+        found = read_opening(svc.db, job_id, utcnow(), svc.settings.dispatch_ahead)
+    visible_or_404(job_id, None if found is None else found[0])
+    assert found is not None
+    return Opening([(found[1], job_id, found[2])], since)
 
 
 def owned_live_job(job_id: str) -> dict[str, Any]:
@@ -94,12 +106,12 @@ def owned_live_job(job_id: str) -> dict[str, Any]:
 
 def owned(job_id: str, job: Job | None) -> Job:
     """``job`` when the caller may see it, else 404."""
-    _visible_or_404(job_id, None if job is None else job.client_id)
+    visible_or_404(job_id, None if job is None else job.client_id)
     assert job is not None
     return job
 
 
-def _visible_or_404(job_id: str, owner: str | None) -> None:
+def visible_or_404(job_id: str, owner: str | None) -> None:
     """404 unless job ``job_id`` exists (``owner``: its client) and the caller may see it."""
     scope = job_scope()
     if owner is None or (scope is not None and owner != scope):

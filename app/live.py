@@ -16,7 +16,7 @@ from flask import Response, current_app, request
 from app.errors import abort
 from app.gunicorn_json import ADOPT, EVENT_STREAM, STREAM
 from app.services import Services
-from app.stream_hub import StreamHub
+from app.stream_hub import Opening, StreamHub
 from app.stream_sinks import QueueSink
 
 
@@ -51,16 +51,17 @@ def resume_after() -> int | None:
     return int(raw)
 
 
-def stream_response(job_ids: list[str], after: int | None = None) -> Response:
+def stream_response(job_ids: list[str], after: int | None = None, opening: Opening | None = None) -> Response:
     """Start the stream of ``job_ids`` (already checked to be the caller's), from their current
-    objects, or from the events after ``after`` (``resume_after``)."""
+    objects (``opening``, when the view read them), or from the events after ``after``
+    (``resume_after``)."""
     streams = hub()
     if request.environ.get(ADOPT):
         # ``aiorch serve``: the worker hands the connection to the hub once this view returns.
-        request.environ[STREAM] = lambda sock: streams.adopt(sock, job_ids, after)
+        request.environ[STREAM] = lambda sock: streams.adopt(sock, job_ids, after, opening)
         return Response(status=200, mimetype=EVENT_STREAM)
     sink = QueueSink()
-    stream = streams.open(job_ids, after, sink)
+    stream = streams.open(job_ids, after, sink, opening)
 
     def body() -> Iterator[bytes]:
         try:

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import selectors
 import socket
@@ -53,6 +54,7 @@ LIVE_CACHE_PRUNE = 1000  # cached live objects past which the expired ones are d
 FEW = 4  # queued jobs whose places are read one statement each; more are found together
 TAIL_INTERVAL = 0.01  # seconds between reads of the log's tail on SQLite, while anyone watches
 KEEPALIVE = b": keep-alive\n\n"
+RECENT = 5.0  # seconds the newest notified event of each job is remembered (``Opening``)
 
 
 def next_positions(began: float, spent: float) -> float:
@@ -79,6 +81,17 @@ def is_final(job: dict[str, Any]) -> bool:
     return job.get("status") in FINAL_STATUSES
 
 
+@dataclass(frozen=True)
+class Opening:
+    """A stream's first word, read by its view before the stream came here (``read_opening``: the
+    caller's check, the log and the place in one statement): the rows to send first, and when
+    that read began (``time.monotonic()``). A job notified since then is read once more, so an
+    event that committed between that read and the stream's start here is not lost."""
+
+    rows: list[feed.Logged]
+    read_since: float
+
+
 @dataclass(eq=False)  # one stream is itself: compared and hashed by identity
 class Stream:
     """One open stream: the jobs it follows and the id of the last event sent for each."""
@@ -86,6 +99,7 @@ class Stream:
     job_ids: list[str]
     resume_after: int | None  # Last-Event-ID: send only events after it, no first snapshot
     sink: SocketSink | QueueSink
+    opening: Opening | None = None
     last: dict[str, int] = field(default_factory=dict)
     final: set[str] = field(default_factory=set)
     next_keepalive: float = 0.0
@@ -124,6 +138,11 @@ class StreamHub:
         # for the safety net's re-read).
         self._carried: dict[str, list[feed.Logged]] = {}
         self._must_read: set[str] = set()
+        # Each job's newest notified event id (inf: named by id only) and when it was heard, for
+        # ``RECENT`` seconds at least; and the jobs of streams opened since that must be read.
+        self._recent: dict[str, tuple[float, float]] = {}
+        self._forget_recent_at = 0.0
+        self._late: set[str] = set()
         self._log_seen = -1  # the log's newest id at the last pass over places
         self._tail_after = 0
         self._next_net = 0.0
@@ -135,9 +154,16 @@ class StreamHub:
         self._next_check = 0.0
 
     # -- called from request threads ---------------------------------------------------------
-    def open(self, job_ids: list[str], resume_after: int | None, sink: SocketSink | QueueSink) -> Stream:
-        """Start streaming ``job_ids`` (already checked to be the caller's) into ``sink``."""
-        stream = Stream(job_ids, resume_after, sink)
+    def open(
+        self,
+        job_ids: list[str],
+        resume_after: int | None,
+        sink: SocketSink | QueueSink,
+        opening: Opening | None = None,
+    ) -> Stream:
+        """Start streaming ``job_ids`` (already checked to be the caller's) into ``sink``, from
+        ``opening`` when the view read the first word itself."""
+        stream = Stream(job_ids, resume_after, sink, opening)
         self._call(lambda: self._start(stream))
         return stream
 
@@ -145,9 +171,11 @@ class StreamHub:
         """The reader of a queue stream went away."""
         self._call(lambda: self._forget(stream))
 
-    def adopt(self, sock: socket.socket, job_ids: list[str], resume_after: int | None) -> None:
+    def adopt(
+        self, sock: socket.socket, job_ids: list[str], resume_after: int | None, opening: Opening | None
+    ) -> None:
         """Take over a connection (the server forgets it) and stream ``job_ids`` on it."""
-        self.open(job_ids, resume_after, SocketSink(sock))
+        self.open(job_ids, resume_after, SocketSink(sock), opening)
 
     def wait(self, job_id: str, is_done: Callable[[], bool], timeout: float) -> bool:
         """Block this thread until ``is_done()`` holds or ``timeout`` passes (True when done),
@@ -230,8 +258,14 @@ class StreamHub:
                 self._on_socket(key.data, mask)
         while self._commands:
             self._commands.popleft()()
+        if self._late:
+            woken |= self._read_anyway(self._late)
+            self._late = set()
         woken |= self._sync_channels()
         now = time.monotonic()
+        if now >= self._forget_recent_at:
+            self._recent = {job_id: at for job_id, at in self._recent.items() if now - at[0] < RECENT}
+            self._forget_recent_at = now + RECENT
         if self.dsn is None and self._watching():
             woken |= self._read_anyway(self._tail())
         if self._watching() and now >= self._next_net:
@@ -284,14 +318,18 @@ class StreamHub:
         reading the log; one that names job ids (a comma-separated list) has them read."""
         conn = self._listener
         jobs: set[str] = set()
+        now = time.monotonic()
         while conn.notifies:
             payload = conn.notifies.pop(0).payload
             if payload.startswith("["):
                 event_id, job_id, data = json.loads(payload)
                 self._carried.setdefault(job_id, []).append((int(event_id), job_id, data))
+                self._recent[job_id] = (now, max(int(event_id), self._recent.get(job_id, (0, 0))[1]))
                 jobs.add(job_id)
             else:
-                jobs |= self._read_anyway(set(payload.split(",")))
+                named = set(payload.split(","))
+                self._recent.update(dict.fromkeys(named, (now, math.inf)))
+                jobs |= self._read_anyway(named)
         return jobs
 
     def _read_anyway(self, job_ids: set[str]) -> set[str]:
@@ -356,7 +394,13 @@ class StreamHub:
     def _start(self, stream: Stream) -> None:
         """Register the stream and send what it has not seen: each job's current object, or on
         resume the events after Last-Event-ID."""
-        if stream.resume_after is None:
+        if stream.opening is not None:
+            rows = stream.opening.rows
+            self._late |= self._notified_since(stream.opening)
+            for _, job_id, job in rows:
+                if job.get("queue_position") is not None:
+                    stream.positions[job_id] = job["queue_position"]
+        elif stream.resume_after is None:
             rows = self._placed(stream, feed.read_latest(self.db, stream.job_ids))
         else:
             rows = self._placed(stream, feed.read_after(self.db, stream.job_ids, stream.resume_after))
@@ -377,6 +421,19 @@ class StreamHub:
                 if is_final(job) and stream.last[job_id] >= event_id:
                     stream.final.add(job_id)
             self._end_if_done(stream)
+
+    def _notified_since(self, opening: Opening) -> set[str]:
+        """The jobs of ``opening`` notified of an event newer than its rows since its read began
+        (all of them, should that be too long ago to tell)."""
+        newest = {job_id: event_id for event_id, job_id, _ in opening.rows}
+        if time.monotonic() - opening.read_since > RECENT / 2:
+            return set(newest)
+        heard = ((job_id, self._recent.get(job_id)) for job_id in newest)
+        return {
+            job_id
+            for job_id, seen in heard
+            if seen is not None and seen[0] >= opening.read_since and seen[1] > newest[job_id]
+        }
 
     def _placed(self, stream: Stream, rows: list[feed.Logged]) -> list[feed.Logged]:
         """``rows`` with the last object of each job that is still queued replaced by its live

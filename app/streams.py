@@ -22,7 +22,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates
 
 from app.auth import job_scope
 from app.errors import abort, documents
-from app.jobs import check_owned, services
+from app.jobs import check_owned, opening_of, services
 from app.live import resume_after, stream_response
 from app.schemas import Blueprint
 from models import feed
@@ -58,8 +58,11 @@ class JobEvents(MethodView):
     )
     @documents(blp, 400, 401, 404)
     def get(self, job_id: str) -> Response:
-        check_owned(job_id)
-        return stream_response([job_id], resume_after())
+        after = resume_after()
+        if after is not None:
+            check_owned(job_id)
+            return stream_response([job_id], after)
+        return stream_response([job_id], opening=opening_of(job_id))
 
 
 @blp.route("/v1/events")

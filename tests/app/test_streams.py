@@ -16,10 +16,10 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app
-from app.stream_hub import POSITIONS_EVERY, POSITIONS_SHARE, StreamHub, next_positions
+from app.stream_hub import POSITIONS_EVERY, POSITIONS_SHARE, Opening, StreamHub, next_positions
 from app.stream_sinks import QueueSink
 from config import Settings
-from models import feed, lifecycle
+from models import feed, lifecycle, standing
 from models.db import Database, utcnow
 from models.jobs import Job, JobEvent
 from models.jobstore import JobStore, new_id
@@ -402,3 +402,59 @@ def test_a_stream_on_a_lingering_channel_opens_without_a_listen_or_a_second_read
             break
         time.sleep(0.05)
     assert hub._listening == {feed.channel_of(first)} and feed.channel_of(first) in hub._unlisten_at
+
+
+def test_a_streams_opening_reads_the_check_the_log_and_the_place_in_one_statement(db: Database) -> None:
+    """``read_opening``: the job's client, its newest event's id and its object (the live one, with
+    its place, while queued; else the event's), one statement on a bare cursor."""
+    job_id = new_id()
+    created = make_job_event(db, id=job_id, client_id="alice", dispatched_at=utcnow())
+    with sent_statements(db) as sent:
+        opened = standing.read_opening(db, job_id, utcnow())
+    assert len(sent) == 1, sent
+    assert opened is not None
+    client, event_id, body = opened
+    with db.reading() as session:
+        live = standing.read_live(session, job_id, utcnow())
+    assert live is not None
+    assert (client, event_id) == ("alice", created)
+    assert body["status"] == "queued" and body["queue_position"] == live[1]["queue_position"] is not None
+    assert JobStore(db, 3).cancel(job_id) == "cancelled"
+    opened = standing.read_opening(db, job_id, utcnow())
+    assert opened is not None
+    (newest,) = [row for row in feed.read_latest(db, [job_id])]
+    assert opened == ("alice", newest[0], newest[2]) and newest[0] > created
+    assert standing.read_opening(db, new_id(), utcnow()) is None
+
+
+def test_an_event_heard_between_a_views_read_and_its_streams_start_is_not_lost(db: Database) -> None:
+    """A view reads a stream's first word itself (``Opening``); an event that commits after that
+    read and is heard by the hub before the stream starts there is read once more and sent."""
+    job_id = new_id()
+    while (neighbour := new_id()) and feed.channel_of(neighbour) != feed.channel_of(job_id):
+        pass
+    make_job_event(db, id=job_id)
+    make_job_event(db, id=neighbour)
+    hub = StreamHub(db, keepalive=30)
+    kept = QueueSink()
+    hub.open([neighbour], None, kept)  # keeps the channel LISTENed: the move below is heard
+    assert kept.frames.get(timeout=5) is not None
+    for _ in range(50):
+        if hub._listening and not hub._watch_changed:
+            break
+        time.sleep(0.05)
+    since = time.monotonic()
+    opened = standing.read_opening(db, job_id, utcnow())
+    assert opened is not None
+    assert JobStore(db, 3).cancel(job_id) == "cancelled"
+    for _ in range(100):  # the hub heard it, before any stream of this job was there
+        if job_id in hub._recent:
+            break
+        time.sleep(0.02)
+    assert job_id in hub._recent
+    sink = QueueSink()
+    hub.open([job_id], None, sink, Opening([(opened[1], job_id, opened[2])], since))
+    first, then = sink.frames.get(timeout=2), sink.frames.get(timeout=2)  # the safety net is 5 s away
+    assert first is not None and b'"status":"queued"' in first
+    assert then is not None and b'"status":"cancelled"' in then
+    assert sink.frames.get(timeout=2) is None
