@@ -245,11 +245,17 @@ def new_job(
 
 
 def create_job(
-    body: dict[str, Any], idempotency_key: str | None, answer_first: bool = True
+    body: dict[str, Any],
+    idempotency_key: str | None,
+    answer_first: bool = True,
+    first: list[feed.Logged] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Validate, INSERT, COMMIT, then publish; the shared path of POST /v1/jobs and the blocking
     endpoints. Returns (job object, HTTP status). ``answer_first``: the publish may follow the
-    answer (``tasks.after_answer``); else it is made here, before the caller goes on."""
+    answer (``tasks.after_answer``); else it is made here, before the caller goes on. ``first``:
+    where a job created here and sent at once puts its first event (id, job id, object), when its
+    submit's statement gave that id (a stream's first word, ``POST`` with ``Accept:
+    text/event-stream``)."""
     svc = services()
     settings = svc.settings
     if idempotency_key is not None:  # the header's form first: a 400 whatever the body holds
@@ -283,7 +289,11 @@ def create_job(
         if slotted:  # INSERT, first event and turn: one statement on Postgres, in autocommit
             limits = client_limits(svc, g.client_id)
             ahead = settings.dispatch_ahead
-            created, granted, due = insert_in_turn(svc.db, job, now, ahead, limits.max_running)
+            created, granted, due, event_id = insert_in_turn(svc.db, job, now, ahead, limits.max_running)
+            if first is not None and event_id is not None and granted:
+                # Its first event, as the log holds it; a job left waiting for its turn is read
+                # with its place instead (it may wait long: its place is its news).
+                first.append((event_id, job.id, created))
         else:
             with svc.db.writing() as session:
                 created = insert_job(session, job)  # the INSERT and its first event
@@ -396,13 +406,16 @@ class Jobs(MethodView):
         With ``Accept: text/event-stream`` the answer is the new job's event stream (``200``), as
         ``GET /v1/jobs/{job_id}/events`` would send it from its first event: submit and follow in
         one request. A refused submit is answered in JSON as always."""
-        streamed = wants_stream()
+        streamed, since = wants_stream(), time.monotonic()
         # A stream's first event follows the publish: the job is on its way before the hub starts
         # the stream (the publisher thread would wait for the GIL while this thread and the hub
-        # start it).
-        job, status = create_job(body, request.headers.get("Idempotency-Key"), answer_first=not streamed)
+        # start it). Its first word is the job's first event, from the submit's own statement.
+        first: list[feed.Logged] = []
+        job, status = create_job(
+            body, request.headers.get("Idempotency-Key"), answer_first=not streamed, first=first
+        )
         if streamed:
-            return stream_response([job["job_id"]])
+            return stream_response([job["job_id"]], opening=Opening(first, since) if first else None)
         response = job_response(job, status)
         response.headers.update(admission_headers())
         return response

@@ -319,15 +319,19 @@ _TURN = f"""
 """
 _GOES = "turn.free > 0 AND NOT turn.others AND NOT turn.capped"
 _SENT_IF_GOES = f"(SELECT CASE WHEN {_GOES} THEN turn.now END FROM turn)"
-_TURN_ANSWER = f"SELECT {_GOES} AS granted, turn.free, turn.others, turn.capped FROM turn"
+# w1: the new job's event, as ``lifecycle.create_in`` gathers it (its id, for a stream's first word).
+_TURN_ANSWER = (
+    f"SELECT {_GOES} AS granted, turn.free, turn.others, turn.capped,"
+    " (SELECT id FROM w1) AS event_id FROM turn"
+)
 
 
 def insert_in_turn(
     db: Database, job: Job, now: datetime, ahead: int, max_running: int = 0
-) -> tuple[dict[str, Any], bool, bool]:
+) -> tuple[dict[str, Any], bool, bool, int | None]:
     """A submit's write: INSERT the new job (``lifecycle.create``) and give it its own turn
     (``grant_new``'s rules), as a unit of work of its own. Returns ``(job object, granted, a
-    dispatch is due)``.
+    dispatch is due, the id of its first event)`` (that id on Postgres only).
 
     On Postgres one statement does both, on a bare cursor in autocommit (``Database.statement``):
     the turn is decided in a common table expression and the job's row is written with
@@ -336,7 +340,7 @@ def insert_in_turn(
     if not db.is_postgres:
         with db.writing() as session:
             body = create(session, job)
-            return (body, *grant_new(session, job, now, ahead, max_running))
+            return (body, *grant_new(session, job, now, ahead, max_running), None)
     params = {"queue": job.queue, "alive": alive_since(now), "ahead": ahead, "cap": max_running}
     params.update(client=job.client_id, now=now)
     with db.statement() as cursor:
@@ -345,7 +349,8 @@ def insert_in_turn(
         body = create_in(batch, job)
         row = batch.send_within("turn", _TURN, params, _TURN_ANSWER)
     assert row is not None  # one row, always
-    return body, bool(row["granted"]), bool(row["free"] > 0 and row["others"] and not row["capped"])
+    due = bool(row["free"] > 0 and row["others"] and not row["capped"])
+    return body, bool(row["granted"]), due, int(row["event_id"])
 
 
 def grant_new(

@@ -422,7 +422,7 @@ def create_in(batch: Together, job: Job) -> dict[str, Any]:
     is then one statement). Returns the job object."""
     row, event, body = _first_rows(job)
     batch.insert(_jobs, [row])
-    batch.insert(_events, [event])
+    batch.insert(_events, [event], "RETURNING id")  # w1 of ``send_within``: the event's id
     return body
 
 

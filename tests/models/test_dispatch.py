@@ -155,7 +155,7 @@ def test_a_submit_takes_its_turn_in_its_own_insert_by_grant_new_s_rules(db: Data
     def submit(queue: str, client: str, n: int, ahead: int, max_running: int = 0) -> tuple[bool, bool]:
         at = T0 + timedelta(milliseconds=n)
         job = new_job(queue=queue, client_id=client, dispatched_at=None, created_at=at, queued_at=at)
-        body, granted, due = dispatch.insert_in_turn(db, job, utcnow(), ahead, max_running)
+        body, granted, due, _ = dispatch.insert_in_turn(db, job, utcnow(), ahead, max_running)
         assert body["job_id"] == job.id and body["status"] == "queued"
         with db.session() as session:
             row = session.get(Job, job.id)

@@ -29,7 +29,7 @@ def queue(db: Database) -> Iterator[str]:
 
 def submit(db: Database, queue: str) -> tuple[str, bool, bool]:
     job = new_job(queue=queue, client_id=f"c-{uuid.uuid4().hex[:6]}", dispatched_at=None)
-    body, granted, due = dispatch.insert_in_turn(db, job, utcnow(), 0)
+    body, granted, due, _ = dispatch.insert_in_turn(db, job, utcnow(), 0)
     assert body["job_id"] == job.id
     with db.session() as session:
         row = session.get(Job, job.id)
