@@ -112,6 +112,8 @@ def create_celery(settings: Settings) -> Celery:
         # started and succeeded).
         worker_send_task_events=True,
         task_send_sent_event=False,
+        # ... published without waiting for the broker's confirm (``tasks.consumer``).
+        worker_consumer="tasks.consumer:Consumer",
         enable_utc=True,
         timezone="UTC",
         beat_schedule={
