@@ -26,6 +26,7 @@ from models.jobstore import ClaimRefused, JobStore
 from models.state import JobStatus
 from tasks import revocation
 from tasks.celery_app import DELIVER, POLL_REMOTE, PREPARE, RUN, SUBMIT_REMOTE, create_celery, task_message
+from tasks.consumer import Consumer
 from tasks.outputs import record_outcome
 from tasks.prepare import prepare_job
 from tasks.run import JobControl, run_job
@@ -50,6 +51,26 @@ def job_row(db: Database, job_id: str) -> Any:
     job = JobStore(db).get(job_id)
     assert job is not None
     return job
+
+
+def test_a_workers_monitoring_events_go_without_a_confirm_and_its_jobs_messages_with_one(app: Celery) -> None:
+    """The worker's event connection (``tasks.consumer``, the consumer Celery builds for this app)
+    asks for no publisher confirm; every other connection of the app keeps the one it has."""
+    assert app.conf.worker_consumer == "tasks.consumer:Consumer"
+    consumer = Consumer.__new__(Consumer)  # what its Events bootstep asks of it needs no more
+    consumer.app = app
+    consumer.ensure_connected = lambda conn: conn  # type: ignore[method-assign]
+    events = consumer.connection_for_write()
+    jobs = app.connection_for_write()
+    try:
+        assert events.transport_options.get("confirm_publish") is False
+        assert jobs.transport_options.get("confirm_publish") is True  # RabbitMQ: each job's message
+        assert {k: v for k, v in events.transport_options.items() if k != "confirm_publish"} == {
+            k: v for k, v in jobs.transport_options.items() if k != "confirm_publish"
+        }
+    finally:
+        events.release()
+        jobs.release()
 
 
 # -- task ids ----------------------------------------------------------------------------------------
