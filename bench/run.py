@@ -111,8 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only-bulk", action="store_true", help="run part 1b only (a smoke test of it)")
     parser.add_argument("--streams", type=int, default=1000,
                         help="SSE streams held open in part 1c (default 1000; 0 skips it)")
-    parser.add_argument("--stream-jobs", type=int, default=30,
-                        help="tiny jobs followed on their SSE stream in part 4 (default 30)")
+    parser.add_argument("--stream-jobs", type=int, default=60,
+                        help="tiny jobs followed on their SSE stream in part 4 (default 60)")
     parser.add_argument("--batch-jobs", type=int, default=2000,
                         help="tiny jobs of part 5's `aiorch batch run` against a bare script (0 skips it)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results", help="where the JSON goes")
