@@ -38,32 +38,19 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from app.stream_places import POSITIONS_EVERY, LivePlaces, next_positions
 from app.stream_sinks import QueueSink, SocketSink
 from models import feed
 from models.db import Database, utcnow
-from models.standing import live_objects, read_live_alone
 from models.state import FINAL_STATUSES
 
 log = logging.getLogger("aiorch.streams")
 
 SAFETY_NET = 5.0  # seconds between re-reads of watched jobs on Postgres
 CHANNEL_LINGER = 30.0  # seconds a channel stays LISTENed after the last job watched on it went
-POSITIONS_EVERY = 0.5  # seconds between recomputations of followed queued jobs' places
-POSITIONS_SHARE = 0.05  # at most this share of the hub's time goes to them (see ``next_positions``)
-LIVE_CACHE_PRUNE = 1000  # cached live objects past which the expired ones are dropped
-FEW = 4  # queued jobs whose places are read one statement each; more are found together
 TAIL_INTERVAL = 0.01  # seconds between reads of the log's tail on SQLite, while anyone watches
 KEEPALIVE = b": keep-alive\n\n"
 RECENT = 5.0  # seconds the newest notified event of each job is remembered (``Opening``)
-
-
-def next_positions(began: float, spent: float) -> float:
-    """When the followed queued jobs' places are next recomputed, after a pass that began at
-    ``began`` and took ``spent`` seconds: ``POSITIONS_EVERY`` later, or later still so that places
-    take at most ``POSITIONS_SHARE`` of the hub's time. A place deep in a backlog is a count of the
-    jobs before it (50 ms at 100,000 deep): the events of every stream in the process wait while
-    the hub counts, and so do the API's request threads, for the GIL."""
-    return began + max(POSITIONS_EVERY, spent / POSITIONS_SHARE)
 
 
 def frame(event_id: int, job: dict[str, Any]) -> bytes:
@@ -113,7 +100,6 @@ class StreamHub:
         self.db = db
         self.linger = linger
         self.keepalive = keepalive
-        self.ahead = ahead  # AIORCH_DISPATCH_AHEAD, for the places of queued jobs
         self.dsn: str | None = None
         if db.is_postgres:
             self.dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -147,7 +133,7 @@ class StreamHub:
         self._tail_after = 0
         self._next_net = 0.0
         self._queued: set[str] = set()  # followed jobs last seen queued (their place may change)
-        self._live_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._places = LivePlaces(db, ahead)  # AIORCH_DISPATCH_AHEAD counts in them
         self._next_positions = 0.0
         # How often keep-alives are looked at; each is sent up to this much early, never late.
         self._check = min(1.0, keepalive / 4)
@@ -444,42 +430,12 @@ class StreamHub:
         if not queued:
             return rows
         rows = list(rows)
-        lives = self._lives(queued, utcnow())
+        lives = self._places.of(queued, utcnow())
         for job_id, body in lives.items():
             event_id, _, _ = rows[last[job_id]]
             rows[last[job_id]] = (event_id, job_id, body)
             stream.positions[job_id] = body["queue_position"]
         return rows
-
-    def _lives(self, job_ids: list[str], now: Any) -> dict[str, dict[str, Any]]:
-        """The live objects of those of ``job_ids`` still queued, by id, each reused for
-        ``POSITIONS_EVERY`` seconds (a thousand streams opened on one job cost one place, not a
-        thousand). A few are read with their places in one statement each (``read_live_alone``, a
-        poll's read: a stream's first word on its job); more are found together
-        (``models.standing.standings``: a batch of 2,000 cost 8 s one by one)."""
-        at = time.monotonic()
-        if len(self._live_cache) > LIVE_CACHE_PRUNE:  # what is too old to be reused goes
-            self._live_cache = {k: v for k, v in self._live_cache.items() if at - v[0] < POSITIONS_EVERY}
-        bodies: dict[str, dict[str, Any]] = {}
-        stale = []
-        for job_id in job_ids:
-            cached = self._live_cache.get(job_id)
-            if cached is not None and at - cached[0] < POSITIONS_EVERY:
-                bodies[job_id] = cached[1]
-            else:
-                stale.append(job_id)
-        if len(stale) <= FEW:
-            read = (read_live_alone(self.db, job_id, now, self.ahead) for job_id in stale)
-            fresh = {job.id: body for job, body in filter(None, read) if job.status == "queued"}
-        else:
-            with self.db.reading() as session:
-                jobs = feed.queued_rows(session, stale)
-                bodies_of = live_objects(session, jobs, now, self.ahead)
-            fresh = {job.id: body for job, body in zip(jobs, bodies_of, strict=True)}
-        for job_id, body in fresh.items():
-            self._live_cache[job_id] = (at, body)
-            bodies[job_id] = body
-        return bodies
 
     def _deliver(self, job_ids: set[str]) -> None:
         with self._lock:
@@ -545,7 +501,7 @@ class StreamHub:
         if newest == self._log_seen:
             return
         self._log_seen = newest
-        places = self._lives(watched, now)
+        places = self._places.of(watched, now)
         self._next_positions = next_positions(began, time.monotonic() - began)
         for job_id, body in places.items():
             for stream in list(self._streams.get(job_id, ())):
@@ -572,7 +528,7 @@ class StreamHub:
                 self._streams.pop(job_id, None)
                 self._watch_changed = True
                 self._queued.discard(job_id)
-                self._live_cache.pop(job_id, None)
+                self._places.forget(job_id)
         if isinstance(stream.sink, SocketSink):
             if lingering:  # the end is still being written: keep only its socket's writes going
                 self._selector.modify(stream.sink.sock, selectors.EVENT_WRITE, stream)

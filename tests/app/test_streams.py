@@ -16,7 +16,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from app import create_app
-from app.stream_hub import POSITIONS_EVERY, POSITIONS_SHARE, Opening, StreamHub, next_positions
+from app.stream_hub import Opening, StreamHub
+from app.stream_places import POSITIONS_EVERY, POSITIONS_SHARE, next_positions
 from app.stream_sinks import QueueSink
 from config import Settings
 from models import feed, lifecycle, standing
@@ -27,6 +28,7 @@ from models.migrate import upgrade
 from models.together import insert_rows
 from tests.conftest import KEYS
 from tests.support.factories import _job_values, make_job, make_job_event
+from tests.support.services import fresh_database
 from tests.support.statements import sent_statements
 
 ALICE = {"X-API-Key": KEYS[0][1]}
@@ -78,7 +80,16 @@ def test_a_stream_sends_the_job_then_its_changes_and_ends_when_final(client: Fla
     response.close()
 
 
-def test_a_submit_that_accepts_an_event_stream_is_answered_with_its_jobs_stream(client: FlaskClient) -> None:
+def test_a_submit_that_accepts_an_event_stream_is_answered_with_its_jobs_stream(settings: Settings) -> None:
+    # A database of its own: its queue's slot is free (no other test's jobs), so the job is sent at once.
+    app = create_app(settings.with_overrides(stream_keepalive=0.2, database_url=fresh_database(settings)))
+    try:
+        submit_and_follow(app.test_client())
+    finally:
+        app.extensions["aiorch"].db.dispose()
+
+
+def submit_and_follow(client: FlaskClient) -> None:
     body = {"task": "upscale", "payload": {"image_url": IMG}}
     streamed = {**ALICE, "Accept": "text/event-stream"}
     with sent_statements(client.application.extensions["aiorch"].db) as sent:
@@ -156,10 +167,10 @@ def test_a_closed_stream_leaves_nothing_of_its_jobs_in_the_hub(settings: Setting
     hub.close(stream)
     deadline = threading.Event()
     for _ in range(50):  # the hub's thread forgets it on its next turn
-        if not (set(job_ids) & (set(hub._streams) | hub._queued | set(hub._live_cache))):
+        if not (set(job_ids) & (set(hub._streams) | hub._queued | set(hub._places._cache))):
             break
         deadline.wait(0.1)
-    assert not set(job_ids) & (set(hub._streams) | hub._queued | set(hub._live_cache))
+    assert not set(job_ids) & (set(hub._streams) | hub._queued | set(hub._places._cache))
     db.dispose()
 
 
