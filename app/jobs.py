@@ -47,7 +47,7 @@ from models.reads import (
     job_by_idempotency_key,
     list_jobs,
 )
-from models.standing import read_live_alone, read_opening
+from models.standing import read_live_alone
 from models.state import FINAL_STATUSES, JobStatus
 from tasks import catalog
 from tasks.catalog import TaskSpec
@@ -82,15 +82,16 @@ def check_owned(job_id: str) -> None:
     visible_or_404(job_id, owner)
 
 
-def opening_of(job_id: str) -> Opening:
-    """The caller's job's first word on a stream of its own, or ``owned_job``'s 404: the check,
-    the log's newest event and the job's place, read together (``read_opening``)."""
-    svc, since, found = services(), time.monotonic(), None
+def opening_of(job_id: str) -> Opening | None:
+    """The caller's job's first word on a stream of its own, or ``owned_job``'s 404: the check and
+    the log's newest event, read together (``feed.read_opening``; None where the log was pruned:
+    the hub reads the job's row)."""
+    since, found = time.monotonic(), None
     if JOB_ID_RE.fullmatch(job_id):
-        found = read_opening(svc.db, job_id, utcnow(), svc.settings.dispatch_ahead)
+        found = feed.read_opening(services().db, job_id)
     visible_or_404(job_id, None if found is None else found[0])
     assert found is not None
-    return Opening([(found[1], job_id, found[2])], since)
+    return None if found[1] is None else Opening([found[1]], since, placed=False)
 
 
 def owned_live_job(job_id: str) -> dict[str, Any]:

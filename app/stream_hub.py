@@ -77,6 +77,7 @@ class Opening:
 
     rows: list[feed.Logged]
     read_since: float
+    placed: bool = True  # False: a queued job's place is still to be added (``_placed``)
 
 
 @dataclass(eq=False)  # one stream is itself: compared and hashed by identity
@@ -382,10 +383,9 @@ class StreamHub:
         resume the events after Last-Event-ID."""
         if stream.opening is not None:
             rows = stream.opening.rows
+            if not stream.opening.placed:
+                rows = self._placed(stream, rows)
             self._late |= self._notified_since(stream.opening)
-            for _, job_id, job in rows:
-                if job.get("queue_position") is not None:
-                    stream.positions[job_id] = job["queue_position"]
         elif stream.resume_after is None:
             rows = self._placed(stream, feed.read_latest(self.db, stream.job_ids))
         else:

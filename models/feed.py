@@ -128,6 +128,31 @@ def owner_of(db: Database, job_id: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+_OPENING_SQL = (
+    "SELECT j.client_id, e.id, e.data FROM jobs j LEFT JOIN LATERAL (SELECT id, data FROM job_events "
+    "WHERE job_id = j.id ORDER BY seq DESC LIMIT 1) AS e ON true WHERE j.id = %s"
+)
+
+
+def read_opening(db: Database, job_id: str) -> tuple[str, Logged | None] | None:
+    """A stream's first read of one job, as a unit of work of its own: the job's client (for the
+    caller's check) and its newest event (None where its log was pruned); None: no such job. On
+    Postgres one statement on a bare pooled cursor, where the check and the log's read were two
+    (a queued job's place is the stream hub's to add: it keeps places a while, so a thousand
+    streams opened on one job deep in a backlog count its place once)."""
+    if not db.is_postgres:
+        with db.reading() as session:
+            owner = session.execute(select(_j.client_id).where(_j.id == job_id)).scalar()
+            found = [row for row in latest(session, [job_id]) if row[0]] if owner is not None else []
+        return None if owner is None else (owner, found[0] if found else None)
+    with db.statement() as cursor:
+        cursor.execute(_OPENING_SQL, (job_id,))
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    return str(row[0]), None if row[1] is None else (int(row[1]), job_id, row[2])
+
+
 def events_after(session: Session, job_ids: Iterable[str], after: int) -> list[Logged]:
     """``(id, job_id, job object)`` of the jobs' events with an id above ``after``, in id order."""
     ids = list(job_ids)

@@ -45,7 +45,7 @@ from models.dispatch import (
     waiting_heads,
     waiting_up_to,
 )
-from models.jobs import IN_FLIGHT_SQL, Job, JobEvent, QueueSlot
+from models.jobs import IN_FLIGHT_SQL, Job, QueueSlot
 from models.lifecycle import BareStatement, job_of
 from models.public import iso, job_object
 from models.state import JobStatus
@@ -107,18 +107,6 @@ _LIVE_JOB = select(
         else_=None,
     ).label("standing_ahead"),
 ).where(_c.id == bindparam("job_id", type_=String()))
-# A stream's first read of a job (``read_opening``): ``_LIVE_JOB`` and the job's newest event.
-_events: Table = JobEvent.__table__  # type: ignore[assignment]
-
-
-def _newest(column: Any) -> Any:
-    newest = select(column).where(_events.c.job_id == _c.id).order_by(_events.c.seq.desc()).limit(1)
-    return newest.scalar_subquery()
-
-
-_OPENING = _LIVE_JOB.add_columns(
-    _newest(_events.c.id).label("event_id"), _newest(_events.c.data).label("event")
-)
 # The clients of the jobs holding a slot, in the order they will free it: running ones by start,
 # then the ones sent and not started by the time they were sent.
 _FLYING_IN_ORDER = (
@@ -196,43 +184,6 @@ def read_live_alone(
 @functools.cache
 def _live_job(dialect: Any) -> BareStatement:
     return BareStatement.compile(_LIVE_JOB, dialect)
-
-
-@functools.cache
-def _opening(dialect: Any) -> BareStatement:
-    return BareStatement.compile(_OPENING, dialect)
-
-
-def read_opening(
-    db: Database, job_id: str, now: datetime, ahead: int = 1
-) -> tuple[str, int, dict[str, Any]] | None:
-    """A stream's first read of one job, as a unit of work of its own: the job's client (for the
-    caller's check), the id of its newest event, and its object then: the live object (place,
-    ETA) while it is queued, else that event's (``app.stream_hub``'s first word on a job). On
-    Postgres one statement on a bare cursor, where the check, the log's read and the place were
-    three; a job still waiting for its slot has its place played out in a reading session, and a
-    job whose log was pruned is its row's object with id 0. None: no such job."""
-    params = {"job_id": job_id, "alive": alive_since(now)}
-    if not db.is_postgres:
-        with db.reading() as session:
-            row = session.execute(_OPENING, params).first()
-            if row is None:
-                return None
-            return _opened(row._mapping, now, lambda job: live_object(session, job, now, ahead))
-    with db.statement() as cursor:
-        found = _opening(db.engine.dialect).fetch(cursor, params)
-    return None if found is None else _opened(found, now, _waiting_in(db, now, ahead))
-
-
-def _opened(
-    row: Mapping[Any, Any], now: datetime, waiting: Callable[[Job], dict[str, Any]]
-) -> tuple[str, int, dict[str, Any]]:
-    job, body = _live(row, now, waiting)
-    if row["event_id"] is None:  # its log was pruned: its row, with id 0 (``feed.latest``)
-        return job.client_id, 0, body
-    if job.status != JobStatus.QUEUED.value:
-        body = row["event"]  # the object its newest event logged, as a stream sends it
-    return job.client_id, int(row["event_id"]), body
 
 
 def _waiting_in(db: Database, now: datetime, ahead: int) -> Callable[[Job], dict[str, Any]]:

@@ -20,7 +20,7 @@ from app.stream_hub import Opening, StreamHub
 from app.stream_places import POSITIONS_EVERY, POSITIONS_SHARE, next_positions
 from app.stream_sinks import QueueSink
 from config import Settings
-from models import feed, lifecycle, standing
+from models import feed, lifecycle
 from models.db import Database, utcnow
 from models.jobs import Job, JobEvent
 from models.jobstore import JobStore, new_id
@@ -425,27 +425,29 @@ def test_a_stream_on_a_lingering_channel_opens_without_a_listen_or_a_second_read
     assert hub._listening == {feed.channel_of(first)} and feed.channel_of(first) in hub._unlisten_at
 
 
-def test_a_streams_opening_reads_the_check_the_log_and_the_place_in_one_statement(db: Database) -> None:
-    """``read_opening``: the job's client, its newest event's id and its object (the live one, with
-    its place, while queued; else the event's), one statement on a bare cursor."""
+def test_a_streams_opening_reads_the_check_and_the_log_in_one_statement(db: Database) -> None:
+    """``feed.read_opening``: the job's client and its newest event, one statement on a bare
+    cursor; the hub adds a queued job's place, read once for many streams on the job."""
     job_id = new_id()
     created = make_job_event(db, id=job_id, client_id="alice", dispatched_at=utcnow())
     with sent_statements(db) as sent:
-        opened = standing.read_opening(db, job_id, utcnow())
+        opened = feed.read_opening(db, job_id)
     assert len(sent) == 1, sent
-    assert opened is not None
-    client, event_id, body = opened
-    with db.reading() as session:
-        live = standing.read_live(session, job_id, utcnow())
-    assert live is not None
-    assert (client, event_id) == ("alice", created)
-    assert body["status"] == "queued" and body["queue_position"] == live[1]["queue_position"] is not None
+    assert opened is not None and opened[1] is not None
+    assert opened[0] == "alice" and opened[1][:2] == (created, job_id) and opened[1][2]["status"] == "queued"
+    hub = StreamHub(db, keepalive=30)
+    with sent_statements(db) as sent:
+        for _ in range(3):
+            sink = QueueSink()
+            hub.open([job_id], None, sink, Opening([opened[1]], time.monotonic(), placed=False))
+            first = sink.frames.get(timeout=5)
+            assert first is not None and b'"queue_position":null' not in first, first  # its place
+    assert len([s for s in sent if "standing_slots" in s]) == 1, sent  # its place, read once
     assert JobStore(db, 3).cancel(job_id) == "cancelled"
-    opened = standing.read_opening(db, job_id, utcnow())
-    assert opened is not None
-    (newest,) = [row for row in feed.read_latest(db, [job_id])]
-    assert opened == ("alice", newest[0], newest[2]) and newest[0] > created
-    assert standing.read_opening(db, new_id(), utcnow()) is None
+    opened = feed.read_opening(db, job_id)
+    (newest,) = feed.read_latest(db, [job_id])
+    assert opened == ("alice", newest) and newest[0] > created
+    assert feed.read_opening(db, new_id()) is None
 
 
 def test_an_event_heard_between_a_views_read_and_its_streams_start_is_not_lost(db: Database) -> None:
@@ -465,8 +467,8 @@ def test_an_event_heard_between_a_views_read_and_its_streams_start_is_not_lost(d
             break
         time.sleep(0.05)
     since = time.monotonic()
-    opened = standing.read_opening(db, job_id, utcnow())
-    assert opened is not None
+    opened = feed.read_opening(db, job_id)
+    assert opened is not None and opened[1] is not None
     assert JobStore(db, 3).cancel(job_id) == "cancelled"
     for _ in range(100):  # the hub heard it, before any stream of this job was there
         if job_id in hub._recent:
@@ -474,7 +476,7 @@ def test_an_event_heard_between_a_views_read_and_its_streams_start_is_not_lost(d
         time.sleep(0.02)
     assert job_id in hub._recent
     sink = QueueSink()
-    hub.open([job_id], None, sink, Opening([(opened[1], job_id, opened[2])], since))
+    hub.open([job_id], None, sink, Opening([opened[1]], since, placed=False))
     first, then = sink.frames.get(timeout=2), sink.frames.get(timeout=2)  # the safety net is 5 s away
     assert first is not None and b'"status":"queued"' in first
     assert then is not None and b'"status":"cancelled"' in then
