@@ -76,12 +76,6 @@ def owned_job(job_id: str) -> Job:
     return owned(job_id, services().store.get(job_id) if JOB_ID_RE.fullmatch(job_id) else None)
 
 
-def check_owned(job_id: str) -> None:
-    """``owned_job``'s 404 without reading the job: only its client is read (a stream's view)."""
-    owner = feed.owner_of(services().db, job_id) if JOB_ID_RE.fullmatch(job_id) else None
-    visible_or_404(job_id, owner)
-
-
 def opening_of(job_id: str) -> Opening | None:
     """The caller's job's first word on a stream of its own, or ``owned_job``'s 404: the check and
     the log's newest event, read together (``feed.read_opening``; None where the log was pruned:

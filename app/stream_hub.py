@@ -70,10 +70,11 @@ def is_final(job: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class Opening:
-    """A stream's first word, read by its view before the stream came here (``read_opening``: the
-    caller's check, the log and the place in one statement): the rows to send first, and when
-    that read began (``time.monotonic()``). A job notified since then is read once more, so an
-    event that committed between that read and the stream's start here is not lost."""
+    """A stream's first word, read before the stream came here (by its view, ``feed.read_opening``:
+    the caller's check and the newest event in one statement; or by a followed submit, its first
+    event): the rows to send first, and when that read began (``time.monotonic()``). A job notified
+    since then is read once more, so an event that committed between that read and the stream's
+    start here is not lost."""
 
     rows: list[feed.Logged]
     read_since: float

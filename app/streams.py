@@ -22,7 +22,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates
 
 from app.auth import job_scope
 from app.errors import abort, documents
-from app.jobs import check_owned, opening_of, services
+from app.jobs import opening_of, services
 from app.live import resume_after, stream_response
 from app.schemas import Blueprint
 from models import feed
@@ -58,11 +58,10 @@ class JobEvents(MethodView):
     )
     @documents(blp, 400, 401, 404)
     def get(self, job_id: str) -> Response:
+        opening = opening_of(job_id)  # its 404 first, as for any read of the job
         after = resume_after()
-        if after is not None:
-            check_owned(job_id)
-            return stream_response([job_id], after)
-        return stream_response([job_id], opening=opening_of(job_id))
+        # A resumed stream starts from the events after Last-Event-ID, read by the hub.
+        return stream_response([job_id], after, None if after is not None else opening)
 
 
 @blp.route("/v1/events")

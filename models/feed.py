@@ -115,19 +115,6 @@ def read_latest(db: Database, job_ids: Iterable[str]) -> list[Logged]:
         return _rows_of(session, [job_id for job_id in ids if job_id not in logged]) + found
 
 
-def owner_of(db: Database, job_id: str) -> str | None:
-    """The client of job ``job_id``, or None where there is no such job: a stream's check that its
-    caller may follow the job, which needs no more of the row. On Postgres one statement on a bare
-    pooled cursor (``read_after``'s reason), elsewhere in a reading session."""
-    if not db.is_postgres:
-        with db.reading() as session:
-            return session.execute(select(_j.client_id).where(_j.id == job_id)).scalar()
-    with db.statement() as cursor:
-        cursor.execute("SELECT client_id FROM jobs WHERE id = %s", (job_id,))
-        row = cursor.fetchone()
-    return None if row is None else str(row[0])
-
-
 _OPENING_SQL = (
     "SELECT j.client_id, e.id, e.data FROM jobs j LEFT JOIN LATERAL (SELECT id, data FROM job_events "
     "WHERE job_id = j.id ORDER BY seq DESC LIMIT 1) AS e ON true WHERE j.id = %s"
